@@ -1,0 +1,275 @@
+"""The build pipeline: rootfs -> package source -> ownership -> plan -> tar -> blobs/image.
+
+Faces (CLI, daemon) call `build()`; nothing here knows about them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from . import __version__
+from .arch import oci_platform
+from .blobstore import BlobDir
+from .config import BuildSettings
+from .errors import PkglayerError
+from .history import History, LayerRecord, load_history, save_history
+from .oci import ImageConfig, ImageResult, parse_oci_ref, write_image
+from .ownership import Ownership, scan
+from .plan import PlannedLayer, plan_layers
+from .rootfs import Rootfs
+from .sources import open_source
+from .tarwriter import MEDIA_TYPES, TAR_FORMAT, Member, content_key, layer_members, write_layer
+
+log = logging.getLogger(__name__)
+
+#: progress(phase, done, total): called from worker threads as layers finish
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class ImageOptions:
+    env: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    workdir: str | None = None
+    user: str | None = None
+
+
+@dataclass
+class LayerOutcome:
+    record: LayerRecord
+    reused: bool
+    files: int
+
+
+@dataclass
+class BuildResult:
+    ownership: Ownership
+    layers: list[LayerOutcome]
+    architecture: str
+    image: ImageResult | None = None
+    oci_ref: str | None = None
+    history_path: str | None = None
+    rejected_inputs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def written(self) -> int:
+        return sum(1 for o in self.layers if not o.reused)
+
+    @property
+    def reused(self) -> int:
+        return sum(1 for o in self.layers if o.reused)
+
+
+def scan_rootfs(rootfs: Rootfs, settings: BuildSettings) -> Ownership:
+    source = open_source(rootfs)
+    log.info(
+        "reading %s", f"{source.format} database" if source else "rootfs without a package database"
+    )
+    return scan(
+        rootfs,
+        source,
+        excludes=settings.all_excludes,
+        drop_xattrs=settings.drop_xattrs,
+        one_file_system=settings.one_file_system,
+        jobs=settings.jobs,
+    )
+
+
+def _rfc3339(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build(
+    rootfs_path: str,
+    settings: BuildSettings,
+    oci_ref: str | None = None,
+    layers_dir: str | None = None,
+    image: ImageOptions | None = None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    if not oci_ref and not layers_dir:
+        raise PkglayerError("nothing to do: give --output oci:DIR[:TAG] and/or --layers DIR")
+    settings = settings.validated()
+    started = time.monotonic()
+    oci_dir, oci_tag = parse_oci_ref(oci_ref) if oci_ref else (None, None)
+
+    # Read everything that can be wrong before writing anything.
+    prior: History | None = None
+    inputs: list[BlobDir] = []
+    if layers_dir:
+        if not os.path.isdir(layers_dir):
+            os.makedirs(layers_dir, exist_ok=True)
+        prior = load_history(os.path.join(layers_dir, "history.json"))
+        if os.path.isdir(os.path.join(layers_dir, "input")):
+            inputs.append(BlobDir(os.path.join(layers_dir, "input")))
+
+    with Rootfs(rootfs_path) as rootfs:
+        ownership = scan_rootfs(rootfs, settings)
+        arch, variant = oci_platform(ownership.architecture, rootfs)
+        plan = plan_layers(ownership, settings.max_layers)
+        log.info(
+            "%d packages, %d objects -> %d layers",
+            len(ownership.packages), len(ownership.objects), len(plan),
+        )
+
+        output = BlobDir(os.path.join(layers_dir, "output") if layers_dir else oci_dir, create=True)
+        members = {
+            layer.name: layer_members(
+                (o for h in layer.homes for o in ownership.homes[h]),
+                ownership.objects,
+                settings.source_date_epoch,
+            )
+            for layer in plan
+        }
+        keys = {name: content_key(ms) for name, ms in members.items()}
+
+        outcomes, rejected = _reuse_or_write(
+            rootfs, plan, members, keys, prior, inputs, output, settings, progress
+        )
+
+    result = BuildResult(
+        ownership=ownership, layers=outcomes, architecture=arch, rejected_inputs=rejected
+    )
+    records = [o.record for o in outcomes]
+    created = _rfc3339(settings.source_date_epoch)
+    if oci_dir:
+        opts = image or ImageOptions()
+        env = opts.env or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+        config = ImageConfig(
+            architecture=arch,
+            os="linux",
+            variant=variant,
+            env=env,
+            cmd=opts.cmd,
+            entrypoint=opts.entrypoint,
+            labels=opts.labels,
+            workdir=opts.workdir,
+            user=opts.user,
+            created=created,
+        )
+        result.image = write_image(oci_dir, oci_tag, records, config, [output, *inputs])
+        result.oci_ref = f"oci:{oci_dir}:{oci_tag}"
+    if layers_dir:
+        history = History(
+            layers=tuple(records),
+            architecture=arch,
+            os="linux",
+            generator=f"pkglayer {__version__}",
+            tar_format=TAR_FORMAT,
+        )
+        result.history_path = os.path.join(layers_dir, "history.json")
+        save_history(result.history_path, history)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _reuse_or_write(
+    rootfs: Rootfs,
+    plan: list[PlannedLayer],
+    members: dict[str, list[Member]],
+    keys: dict[str, str],
+    prior: History | None,
+    inputs: list[BlobDir],
+    output: BlobDir,
+    settings: BuildSettings,
+    progress: Progress | None,
+) -> tuple[list[LayerOutcome], list[str]]:
+    spec = settings.compression_spec
+    media_type = MEDIA_TYPES[settings.compression]
+    candidates: dict[str, LayerRecord] = {}
+    if prior is not None:
+        for rec in prior.layers:
+            if rec.compression == spec and rec.media_type == media_type:
+                candidates.setdefault(rec.content_key, rec)
+
+    def verified_source(rec: LayerRecord) -> bool:
+        return any(d.has(rec.digest) and d.verify(rec.digest) for d in (*inputs, output))
+
+    rejected: list[str] = []
+    outcomes: dict[str, LayerOutcome] = {}
+    to_write: list[PlannedLayer] = []
+    done = 0
+    total = len(plan)
+    with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
+        checks = {
+            layer.name: pool.submit(verified_source, candidates[keys[layer.name]])
+            for layer in plan
+            if keys[layer.name] in candidates
+        }
+        for layer in plan:
+            key = keys[layer.name]
+            check = checks.get(layer.name)
+            if check is not None and check.result():
+                rec = candidates[key]
+                outcomes[layer.name] = LayerOutcome(
+                    record=LayerRecord(
+                        name=layer.name,
+                        packages=layer.packages,
+                        content_key=key,
+                        digest=rec.digest,
+                        diff_id=rec.diff_id,
+                        size=rec.size,
+                        media_type=rec.media_type,
+                        compression=rec.compression,
+                    ),
+                    reused=True,
+                    files=len(members[layer.name]),
+                )
+                done += 1
+                if progress:
+                    progress("layers", done, total)
+                continue
+            if check is not None:
+                msg = f"input blob {candidates[key].digest} for layer {layer.name} is missing or does not match its digest; rebuilding the layer"
+                log.warning("%s", msg)
+                rejected.append(msg)
+            to_write.append(layer)
+
+        level = settings.gzip_level if settings.compression == "gzip" else settings.zstd_level
+
+        def write_one(layer: PlannedLayer) -> LayerOutcome:
+            with output.writer() as w:
+                diff_id, _ = write_layer(rootfs, members[layer.name], settings.compression, level, w)
+                digest, size = w.commit()
+            return LayerOutcome(
+                record=LayerRecord(
+                    name=layer.name,
+                    packages=layer.packages,
+                    content_key=keys[layer.name],
+                    digest=digest,
+                    diff_id=diff_id,
+                    size=size,
+                    media_type=media_type,
+                    compression=spec,
+                ),
+                reused=False,
+                files=len(members[layer.name]),
+            )
+
+        # Largest first, so the last layers to finish are small ones and the cores stay busy.
+        futures = {
+            pool.submit(write_one, layer): layer
+            for layer in sorted(to_write, key=lambda layer: (-layer.size, layer.name))
+        }
+        try:
+            for fut in as_completed(futures):
+                outcome = fut.result()
+                outcomes[outcome.record.name] = outcome
+                done += 1
+                if progress:
+                    progress("layers", done, total)
+        except BaseException:
+            # Don't start more layers after a failure; running ones drop their temp files.
+            for fut in futures:
+                fut.cancel()
+            raise
+    return [outcomes[layer.name] for layer in plan], rejected

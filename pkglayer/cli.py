@@ -1,0 +1,343 @@
+"""The `pkglayer` command: a thin face over the pipeline in `pkglayer.build`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from dataclasses import replace
+from typing import Any
+
+from . import __version__
+from .config import COMPRESSIONS, BuildSettings, load_settings
+from .errors import PkglayerError
+
+log = logging.getLogger("pkglayer")
+
+_DESCRIPTION = """\
+Turn a distribution root filesystem (rpm or dpkg) into an OCI image whose layers follow
+its packages: one byte-deterministic layer per package, plus top layers for modified
+files, files owned by no package, and the package database. Unchanged layers from a
+previous build are reused instead of written again.
+"""
+
+_BUILD_EPILOG = """\
+examples:
+  pkglayer build ./rootfs --output oci:./image:latest
+  pkglayer build ./rootfs --layers /layers            # the /layers protocol (history.json)
+  pkglayer build ./rootfs --layers /layers --output oci:./image:v2 --compression zstd
+"""
+
+
+def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
+    settings = load_settings(args.config)
+    changes: dict[str, Any] = {}
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if args.source_date_epoch is not None:
+        changes["source_date_epoch"] = args.source_date_epoch
+    elif epoch:
+        try:
+            changes["source_date_epoch"] = int(epoch)
+        except ValueError:
+            raise PkglayerError(f"SOURCE_DATE_EPOCH must be an integer, not {epoch!r}") from None
+    if args.exclude:
+        changes["extra_excludes"] = settings.extra_excludes + tuple(args.exclude)
+    if args.jobs is not None:
+        changes["jobs"] = args.jobs
+    for name in ("compression", "max_layers"):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    level = getattr(args, "level", None)
+    if level is not None:
+        comp = changes.get("compression", settings.compression)
+        changes["gzip_level" if comp == "gzip" else "zstd_level"] = level
+    return replace(settings, **changes).validated()
+
+
+def _key_value(text: str, what: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise PkglayerError(f"{what} must look like KEY=VALUE, not {text!r}")
+    return key, value
+
+
+def _command_words(text: str | None, what: str) -> list[str] | None:
+    """A JSON array (exec form, as in a Containerfile) or a shell-quoted string."""
+    if text is None:
+        return None
+    if text.lstrip().startswith("["):
+        try:
+            words = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PkglayerError(f"{what}: not a JSON array of strings: {e}") from None
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise PkglayerError(f"{what}: not a JSON array of strings")
+        return words
+    return shlex.split(text)
+
+
+class _ProgressReporter:
+    """A bar on a terminal; occasional log lines otherwise (journal, CI logs)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.last_logged = -1
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if sys.stderr.isatty():
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=phase, unit="layer", leave=False, file=sys.stderr)
+            self.bar.update(done - self.bar.n)
+        else:
+            tenth = done * 10 // max(total, 1)
+            if tenth != self.last_logged:
+                self.last_logged = tenth
+                log.info("%s: %d/%d", phase, done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _scan_summary(own) -> dict[str, Any]:
+    from .ownership import SPECIAL_HOMES
+
+    packages = []
+    for key, pkg in sorted(own.packages.items()):
+        objs = own.homes.get(key, [])
+        packages.append(
+            {
+                "key": key,
+                "name": pkg.name,
+                "version": pkg.version,
+                "release": pkg.release,
+                "epoch": pkg.epoch,
+                "arch": pkg.arch,
+                "source": pkg.source,
+                "files": len(objs),
+                "bytes": own.home_bytes(key),
+                "missing": len(own.missing.get(key, [])),
+            }
+        )
+    return {
+        "format": own.source_format,
+        "architecture": own.architecture,
+        "packages": packages,
+        "homes": {
+            h: {"files": len(own.homes.get(h, [])), "bytes": own.home_bytes(h)} for h in SPECIAL_HOMES
+        },
+        "modified": own.modified,
+        "unowned": own.unowned,
+        "excluded": own.excluded,
+        "skipped": [{"path": p, "reason": r} for p, r in own.skipped],
+        "shared": own.shared,
+        "counts": {
+            "packages": len(own.packages),
+            "objects": len(own.objects),
+            "modified": len(own.modified),
+            "unowned": len(own.unowned),
+            "excluded": len(own.excluded),
+            "skipped": len(own.skipped),
+            "missing": sum(len(v) for v in own.missing.values()),
+        },
+    }
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from .build import scan_rootfs
+    from .rootfs import Rootfs
+
+    settings = _settings_from_args(args)
+    with Rootfs(args.rootfs) as rootfs:
+        summary = _scan_summary(scan_rootfs(rootfs, settings))
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    c = summary["counts"]
+    print(f"format: {summary['format'] or 'none (no package database)'}, architecture: {summary['architecture']}")
+    print(f"{'package':<50} {'files':>7} {'bytes':>10}")
+    for p in summary["packages"]:
+        print(f"{p['key']:<50} {p['files']:>7} {_human(p['bytes']):>10}")
+    for home, v in summary["homes"].items():
+        print(f"[{home}]{'':<{49 - len(home)}}{v['files']:>7} {_human(v['bytes']):>10}")
+    print(
+        f"{c['packages']} packages, {c['objects']} objects; {c['modified']} modified, "
+        f"{c['unowned']} unowned, {c['excluded']} excluded, {c['missing']} listed but absent"
+    )
+    for path in summary["modified"]:
+        print(f"modified: /{path}")
+    for path in summary["excluded"]:
+        print(f"excluded: /{path}")
+    for item in summary["skipped"]:
+        print(f"skipped: /{item['path']}: {item['reason']}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import ImageOptions, build
+
+    settings = _settings_from_args(args)
+    image = ImageOptions(
+        env=list(args.env or []),
+        labels=dict(_key_value(v, "--label") for v in args.label or []),
+        cmd=_command_words(args.cmd, "--cmd"),
+        entrypoint=_command_words(args.entrypoint, "--entrypoint"),
+        workdir=args.workdir,
+        user=args.user,
+    )
+    for e in image.env:
+        _key_value(e, "--env")
+    reporter = _ProgressReporter(enabled=not args.quiet)
+    try:
+        result = build(
+            args.rootfs,
+            settings,
+            oci_ref=args.output,
+            layers_dir=args.layers,
+            image=image,
+            progress=reporter,
+        )
+    finally:
+        reporter.close()
+    layers = [
+        {
+            "name": o.record.name,
+            "packages": list(o.record.packages),
+            "reused": o.reused,
+            "digest": o.record.digest,
+            "diffID": o.record.diff_id,
+            "contentKey": o.record.content_key,
+            "size": o.record.size,
+            "mediaType": o.record.media_type,
+        }
+        for o in result.layers
+    ]
+    if args.json:
+        out = {
+            "layers": layers,
+            "written": result.written,
+            "reused": result.reused,
+            "architecture": result.architecture,
+            "image": result.oci_ref,
+            "manifestDigest": result.image.manifest_digest if result.image else None,
+            "history": result.history_path,
+            "warnings": result.rejected_inputs,
+            "seconds": round(result.seconds, 3),
+        }
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not args.quiet:
+        for layer in layers:
+            state = "reused " if layer["reused"] else "written"
+            print(f"{state} {layer['digest'][7:19]} {_human(layer['size']):>10}  {layer['name']}")
+    total = sum(layer["size"] for layer in layers)
+    print(
+        f"{len(layers)} layers ({result.written} written, {result.reused} reused), "
+        f"{_human(total)} compressed, {result.seconds:.1f} s"
+    )
+    if result.image:
+        print(f"image {result.oci_ref} manifest {result.image.manifest_digest}")
+    if result.history_path:
+        print(f"history {result.history_path}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rootfs", help="root filesystem directory to read (never modified)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings (default: /etc/pkglayer/pkglayer.toml if present)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="also leave out paths matching GLOB (rootfs-relative, ** allowed); repeatable")
+    p.add_argument("--jobs", "-j", type=int, metavar="N", help="worker threads (default: number of CPUs)")
+    p.add_argument("--source-date-epoch", type=int, metavar="SECONDS", help="timestamp for directories and image metadata (default: $SOURCE_DATE_EPOCH or 0)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or per-layer lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is happening")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pkglayer",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pkglayer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser(
+        "build",
+        help="write an OCI image and/or /layers blobs from a rootfs",
+        description="Write one layer per package (within --max-layers), reusing unchanged layers.",
+        epilog=_BUILD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(b)
+    out = b.add_argument_group("output (at least one)")
+    out.add_argument("--output", "-o", metavar="oci:DIR[:TAG]", help="write an OCI image layout (tag defaults to latest)")
+    out.add_argument("--layers", metavar="DIR", help="/layers protocol: read DIR/history.json and DIR/input/blobs, write new blobs to DIR/output/blobs and a new DIR/history.json")
+    lay = b.add_argument_group("layers")
+    lay.add_argument("--compression", choices=COMPRESSIONS, help="layer compression (default gzip, the most compatible)")
+    lay.add_argument("--level", type=int, metavar="N", help="compression level (default gzip 6, zstd 3)")
+    lay.add_argument("--max-layers", type=int, metavar="N", help="layer budget, top layers included (default 100)")
+    img = b.add_argument_group("image config")
+    img.add_argument("--label", action="append", metavar="KEY=VALUE", help="image label; repeatable")
+    img.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment variable; repeatable (default PATH only)")
+    img.add_argument("--cmd", metavar="CMD", help='default command: JSON array (\'["/bin/sh"]\') or a shell-quoted string')
+    img.add_argument("--entrypoint", metavar="CMD", help="entrypoint, same forms as --cmd")
+    img.add_argument("--workdir", metavar="DIR", help="working directory")
+    img.add_argument("--user", metavar="USER", help="user[:group] to run as")
+    b.set_defaults(func=cmd_build)
+
+    s = sub.add_parser(
+        "scan",
+        help="report packages, bytes per package, modified/unowned/excluded paths",
+        description="Read the package database and walk the rootfs; write nothing.",
+    )
+    _common(s)
+    s.set_defaults(func=cmd_scan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if (args.verbose or not args.quiet) else logging.WARNING,
+        format="pkglayer: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("pkglayer").setLevel(logging.WARNING if args.quiet or args.json else logging.INFO)
+    try:
+        return args.func(args)
+    except PkglayerError as e:
+        print(f"pkglayer: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        print(f"pkglayer: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pkglayer: interrupted; no partial blob was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Build settings: built-in defaults, overridden by a TOML file, overridden by the command line.
+
+`conf/pkglayer.toml` in the repository spells out the same defaults with comments; a test
+keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+
+COMPRESSIONS = ("gzip", "zstd")
+
+DEFAULT_EXCLUDES = (
+    # package-manager caches and downloaded indexes: rebuilt on demand, change every run
+    "var/cache/apt/**",
+    "var/lib/apt/lists/**",
+    "var/cache/dnf/**",
+    "var/cache/yum/**",
+    "var/cache/ldconfig/aux-cache",
+    # scratch space
+    "tmp/**",
+    "var/tmp/**",
+    # kernel API filesystems, in case the rootfs has them mounted or populated
+    "proc/**",
+    "sys/**",
+    # sqlite side files of the rpm database: opening it creates them, they hold no data of their own
+    "**/rpmdb.sqlite-shm",
+    "**/rpmdb.sqlite-wal",
+    # Berkeley DB environment files of old rpm databases
+    "**/rpm/__db.*",
+)
+
+# Host-specific labels and overlay bookkeeping must not leak into layers;
+# security.capability and user.* are content and are kept.
+DEFAULT_DROP_XATTRS = ("security.selinux", "security.ima", "security.evm", "trusted.*")
+
+SYSTEM_CONFIG = "/etc/pkglayer/pkglayer.toml"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    compression: str = "gzip"
+    gzip_level: int = 6
+    zstd_level: int = 3
+    max_layers: int = 100
+    excludes: tuple[str, ...] = DEFAULT_EXCLUDES
+    extra_excludes: tuple[str, ...] = ()
+    drop_xattrs: tuple[str, ...] = DEFAULT_DROP_XATTRS
+    # mtime given to every directory entry and to image timestamps (SOURCE_DATE_EPOCH)
+    source_date_epoch: int = 0
+    one_file_system: bool = True
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    @property
+    def all_excludes(self) -> tuple[str, ...]:
+        return self.excludes + self.extra_excludes
+
+    @property
+    def compression_spec(self) -> str:
+        """Names compression and level: a blob is reused only for the same spec."""
+        level = self.gzip_level if self.compression == "gzip" else self.zstd_level
+        return f"{self.compression}-{level}"
+
+    def validated(self) -> BuildSettings:
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(
+                f"unknown compression {self.compression!r} (choose {' or '.join(COMPRESSIONS)})"
+            )
+        if not 1 <= self.gzip_level <= 9:
+            raise ConfigError(f"gzip level must be 1..9, not {self.gzip_level}")
+        if not 1 <= self.zstd_level <= 19:
+            raise ConfigError(f"zstd level must be 1..19, not {self.zstd_level}")
+        if not 4 <= self.max_layers <= 127:
+            raise ConfigError(
+                f"max-layers must be between 4 and 127 (container runtimes fail above ~125), "
+                f"not {self.max_layers}"
+            )
+        if self.jobs < 1:
+            raise ConfigError("jobs must be at least 1")
+        if self.source_date_epoch < 0:
+            raise ConfigError("source-date-epoch must not be negative")
+        return self
+
+
+_TOML_KEYS = {
+    "compression": str,
+    "gzip-level": int,
+    "zstd-level": int,
+    "max-layers": int,
+    "excludes": list,
+    "extra-excludes": list,
+    "drop-xattrs": list,
+    "source-date-epoch": int,
+    "one-file-system": bool,
+    "jobs": int,
+}
+
+
+def load_settings(path: str | None = None, base: BuildSettings | None = None) -> BuildSettings:
+    """Settings from the [build] table of a TOML file. Without a path, the system file is
+    read if it exists. Unknown keys are an error: a typo must not silently do nothing."""
+    settings = base or BuildSettings()
+    if path is None:
+        if not os.path.exists(SYSTEM_CONFIG):
+            return settings
+        path = SYSTEM_CONFIG
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    table = data.get("build", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [build] must be a table")
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        want = _TOML_KEYS.get(key)
+        if want is None:
+            raise ConfigError(f"{path}: unknown setting build.{key}")
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: build.{key} must be a {want.__name__}")
+        if want is list:
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: build.{key} must be a list of strings")
+            value = tuple(value)
+        changes[key.replace("-", "_")] = value
+    names = {f.name for f in fields(BuildSettings)}
+    assert set(changes) <= names
+    return replace(settings, **changes)

@@ -1,0 +1,262 @@
+"""Give every object of the rootfs exactly one home.
+
+A home is a package key, or one of the special homes: files owned by no package, files a
+package installed but that were changed since, and the package database itself. The
+rootfs is walked once, never following a symlink; regular files are hashed once (sha256
+for content keys, plus the database's own digest when it differs) so that edited files
+can be told apart from pristine ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from wcmatch import glob
+
+from .errors import RootfsError
+from .rootfs import Rootfs
+from .sources import FileRecord, Package, PackageSource
+
+log = logging.getLogger(__name__)
+
+HOME_UNOWNED = "unowned"
+HOME_MODIFIED = "modified"
+HOME_PKGDB = "pkgdb"
+# Bottom to top: the database changes on every package transaction, so it goes last.
+SPECIAL_HOMES = (HOME_UNOWNED, HOME_MODIFIED, HOME_PKGDB)
+
+_READ_CHUNK = 1024 * 1024
+
+
+@dataclass
+class FsObject:
+    """One object of the rootfs, with what a layer needs to reproduce it."""
+
+    path: str
+    st: os.stat_result
+    home: str = HOME_UNOWNED
+    linkname: str | None = None
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    sha256: str | None = None
+
+
+@dataclass
+class Ownership:
+    rootfs: Rootfs
+    source_format: str | None
+    architecture: str | None
+    packages: dict[str, Package]
+    objects: dict[str, FsObject]
+    homes: dict[str, list[FsObject]]
+    excluded: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    shared: dict[str, list[str]] = field(default_factory=dict)
+
+    def home_bytes(self, home: str) -> int:
+        return sum(o.st.st_size for o in self.homes.get(home, ()) if stat.S_ISREG(o.st.st_mode))
+
+    @property
+    def unowned(self) -> list[str]:
+        return [o.path for o in self.homes.get(HOME_UNOWNED, ())]
+
+
+def _rel(path: str) -> str:
+    return path.lstrip("/")
+
+
+def _owner_map(
+    rootfs: Rootfs, packages: list[Package]
+) -> tuple[dict[str, tuple[Package, FileRecord]], dict[str, list[str]]]:
+    """Map real rootfs paths to (package, record).
+
+    Listed paths are resolved through the rootfs's own directory symlinks, because
+    merged-/usr systems list /lib/... while the file lives in /usr/lib/... A path listed
+    by several packages goes to the first by (name, arch): stable across upgrades.
+    """
+    owners: dict[str, tuple[Package, FileRecord]] = {}
+    shared: dict[str, list[str]] = {}
+    for pkg in sorted(packages, key=lambda p: (p.name, p.arch, p.key)):
+        for rec in pkg.files:
+            rel = _rel(rec.path)
+            if not rel:
+                continue
+            real = rootfs.resolve(rel, follow_final=False)
+            first = owners.get(real)
+            if first is None:
+                owners[real] = (pkg, rec)
+            elif first[0] is not pkg and not (rec.mode is not None and stat.S_ISDIR(rec.mode)):
+                shared.setdefault(real, [first[0].key]).append(pkg.key)
+    return owners, shared
+
+
+def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str]) -> bool:
+    st = obj.st
+    if stat.S_ISDIR(st.st_mode):
+        return False  # directory attributes are normalised, never a package difference
+    if rec.mode is not None:
+        if stat.S_IFMT(rec.mode) != stat.S_IFMT(st.st_mode):
+            return True
+        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(rec.mode) != stat.S_IMODE(st.st_mode):
+            return True
+    if stat.S_ISLNK(st.st_mode):
+        return rec.linkto is not None and rec.linkto != obj.linkname
+    if stat.S_ISREG(st.st_mode):
+        if rec.digest and rec.digest_algo:
+            if digests.get(rec.digest_algo) != rec.digest.lower():
+                return True
+        if rec.mtime is not None and rec.mtime != int(st.st_mtime):
+            return True
+    return False
+
+
+def _hash_file(rootfs: Rootfs, obj: FsObject, algos: tuple[str, ...]) -> dict[str, str]:
+    hashers = {a: hashlib.new(a) for a in algos}
+    try:
+        fd = rootfs.open_fd(obj.path, resolve=False)
+    except FileNotFoundError:
+        raise RootfsError(f"/{obj.path} disappeared while being read") from None
+    try:
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size) != (obj.st.st_ino, obj.st.st_size):
+            raise RootfsError(f"/{obj.path} changed while being read")
+        while True:
+            chunk = os.read(fd, _READ_CHUNK)
+            if not chunk:
+                break
+            for h in hashers.values():
+                h.update(chunk)
+    finally:
+        os.close(fd)
+    return {a: h.hexdigest() for a, h in hashers.items()}
+
+
+def scan(
+    rootfs: Rootfs,
+    source: PackageSource | None,
+    excludes: Iterable[str],
+    drop_xattrs: Iterable[str],
+    one_file_system: bool = True,
+    jobs: int = 1,
+) -> Ownership:
+    packages = source.packages() if source else []
+    owners, shared = _owner_map(rootfs, packages)
+    db_paths = [rootfs.resolve(p) for p in source.database_paths()] if source else []
+    excluded_matcher = glob.compile(list(excludes), flags=glob.GLOBSTAR | glob.DOTGLOB)
+    drop_matcher = glob.compile(list(drop_xattrs), flags=glob.DOTGLOB) if drop_xattrs else None
+
+    excluded: list[str] = []
+    skipped: list[tuple[str, str]] = []
+
+    def prune(path: str, is_dir: bool) -> bool:
+        if excluded_matcher.match(path):
+            excluded.append(path)
+            return True
+        return False
+
+    objects: dict[str, FsObject] = {}
+    for entry in rootfs.walk(prune=prune, one_file_system=one_file_system):
+        mode = entry.st.st_mode
+        if stat.S_ISSOCK(mode):
+            skipped.append((entry.path, "socket (tar cannot store sockets)"))
+            continue
+        if stat.S_ISDIR(mode) and one_file_system and entry.st.st_dev != rootfs.dev:
+            skipped.append((entry.path, "mount point: contents on another filesystem not included"))
+        obj = FsObject(entry.path, entry.st)
+        if stat.S_ISLNK(mode):
+            obj.linkname = rootfs.readlink(entry.path)
+        xattrs = rootfs.getxattrs(entry.path)
+        if xattrs:
+            obj.xattrs = tuple(
+                sorted((k, v) for k, v in xattrs.items() if not (drop_matcher and drop_matcher.match(k)))
+            )
+        objects[entry.path] = obj
+
+    # Hash every regular file once, with sha256 and whatever the database recorded.
+    work: list[tuple[FsObject, tuple[str, ...]]] = []
+    for obj in objects.values():
+        if stat.S_ISREG(obj.st.st_mode):
+            algos = {"sha256"}
+            owner = owners.get(obj.path)
+            if owner and owner[1].digest_algo:
+                algos.add(owner[1].digest_algo)
+            work.append((obj, tuple(sorted(algos))))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(lambda w: _hash_file(rootfs, w[0], w[1]), work))
+    digests_of: dict[str, dict[str, str]] = {}
+    for (obj, _), digests in zip(work, results):
+        obj.sha256 = digests["sha256"]
+        digests_of[obj.path] = digests
+
+    modified: list[str] = []
+    for obj in objects.values():
+        if any(obj.path == d or obj.path.startswith(d + "/") for d in db_paths):
+            obj.home = HOME_PKGDB
+            continue
+        owner = owners.get(obj.path)
+        if owner is None:
+            continue
+        pkg, rec = owner
+        if rec.ghost:
+            continue  # a %ghost file's content is the system's, not the package's
+        if _is_modified(obj, rec, digests_of.get(obj.path, {})):
+            obj.home = HOME_MODIFIED
+            modified.append(obj.path)
+        else:
+            obj.home = pkg.key
+
+    _keep_hardlinks_together(objects.values())
+
+    missing: dict[str, list[str]] = defaultdict(list)
+    for real, (pkg, rec) in owners.items():
+        if real not in objects and not rec.ghost and not any(
+            real == e or real.startswith(e + "/") for e in excluded
+        ):
+            missing[pkg.key].append(real)
+
+    homes: dict[str, list[FsObject]] = defaultdict(list)
+    for obj in objects.values():
+        homes[obj.home].append(obj)
+
+    return Ownership(
+        rootfs=rootfs,
+        source_format=source.format if source else None,
+        architecture=source.architecture() if source else None,
+        packages={p.key: p for p in packages},
+        objects=objects,
+        homes=dict(homes),
+        excluded=sorted(excluded),
+        skipped=sorted(skipped),
+        modified=sorted(modified),
+        missing={k: sorted(v) for k, v in sorted(missing.items())},
+        shared=dict(sorted(shared.items())),
+    )
+
+
+def _home_rank(home: str) -> tuple[int, str]:
+    if home in SPECIAL_HOMES:
+        return (1 + SPECIAL_HOMES.index(home), home)
+    return (0, home)
+
+
+def _keep_hardlinks_together(objects: Iterable[FsObject]) -> None:
+    """A hard-link set split over layers breaks podman's overlay driver; move a split set
+    to the highest of its homes (special homes above packages)."""
+    sets: dict[tuple[int, int], list[FsObject]] = defaultdict(list)
+    for obj in objects:
+        if stat.S_ISREG(obj.st.st_mode) and obj.st.st_nlink > 1:
+            sets[(obj.st.st_dev, obj.st.st_ino)].append(obj)
+    for members in sets.values():
+        homes = {m.home for m in members}
+        if len(homes) > 1:
+            top = max(homes, key=_home_rank)
+            for m in members:
+                m.home = top

@@ -1,0 +1,289 @@
+"""Read-only access to a root filesystem that never leaves it.
+
+Paths are rootfs-relative strings without a leading slash ("usr/bin/bash"; "" is the
+root itself). Symlinks are resolved the way a chroot would see them: an absolute target
+restarts at the rootfs, ".." stops at the rootfs. Every open walks the path one component
+at a time with O_NOFOLLOW, so a link swapped in while we read fails instead of escaping.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .errors import RootfsError
+
+_MAX_SYMLINKS = 40  # same limit as the kernel's path walk
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One filesystem object found by the walk."""
+
+    path: str
+    st: os.stat_result
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+def split(path: str) -> list[str]:
+    return [p for p in path.split("/") if p and p != "."]
+
+
+class Rootfs:
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.path.abspath(os.fspath(path))
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise RootfsError(f"rootfs {self.path} does not exist") from None
+        except OSError as e:
+            raise RootfsError(f"rootfs {self.path}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise RootfsError(f"rootfs {self.path} is not a directory")
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise RootfsError(f"rootfs {self.path}: {e.strerror}") from None
+        self.dev = st.st_dev
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Rootfs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- path resolution ---------------------------------------------------------------
+
+    def lstat(self, relpath: str) -> os.stat_result:
+        """lstat of a path whose parent directories are real directories (no resolution)."""
+        comps = split(relpath)
+        if not comps:
+            return os.stat(self._fd)
+        fd = self._open_dirs(comps[:-1])
+        try:
+            return os.stat(comps[-1], dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+
+    def resolve(self, relpath: str, follow_final: bool = True) -> str:
+        """Resolve symlinks inside the rootfs; the result names no symlink except
+        possibly the final component when follow_final is False."""
+        comps = split(relpath)
+        if not comps:
+            return ""
+        if follow_final:
+            return self._resolve(tuple(comps))
+        parent = self._resolve(tuple(comps[:-1]))
+        last = comps[-1]
+        if last == "..":
+            return self._resolve(tuple(split(parent) + [".."]))
+        return f"{parent}/{last}" if parent else last
+
+    @functools.lru_cache(maxsize=65536)
+    def _resolve(self, comps: tuple[str, ...]) -> str:
+        todo = list(comps)
+        done: list[str] = []
+        links = 0
+        while todo:
+            name = todo.pop(0)
+            if name == "..":
+                if done:
+                    done.pop()
+                continue
+            candidate = "/".join([*done, name])
+            try:
+                st = os.lstat(os.path.join(self.path, candidate))
+            except FileNotFoundError:
+                # Nothing there: the rest of the path cannot contain links either.
+                done.append(name)
+                done.extend(c for c in todo)
+                todo = []
+                return "/".join(_normalise(done))
+            except NotADirectoryError:
+                done.append(name)
+                done.extend(todo)
+                return "/".join(_normalise(done))
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise RootfsError(f"too many levels of symbolic links in /{'/'.join(comps)}")
+                target = os.readlink(os.path.join(self.path, candidate))
+                if target.startswith("/"):
+                    done = []
+                todo = split(target) + todo
+                continue
+            done.append(name)
+        return "/".join(done)
+
+    # -- opening -----------------------------------------------------------------------
+
+    def _open_dirs(self, comps: list[str]) -> int:
+        """Open a directory below the root, component by component, never following a link."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._fd)
+        try:
+            for c in comps:
+                nfd = os.open(
+                    c, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def open_fd(self, relpath: str, resolve: bool = True) -> int:
+        """Open a regular file for reading. With resolve, in-root symlinks are followed
+        (chroot semantics); without, the path must contain no symlink at all."""
+        rel = self.resolve(relpath) if resolve else relpath
+        comps = split(rel)
+        if not comps:
+            raise RootfsError("cannot open the rootfs itself as a file")
+        try:
+            dfd = self._open_dirs(comps[:-1])
+            try:
+                fd = os.open(
+                    comps[-1],
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    dir_fd=dfd,
+                )
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise RootfsError(f"/{relpath} changed into a symlink while being read") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise RootfsError(f"/{relpath} is not a regular file")
+        return fd
+
+    def open(self, relpath: str, resolve: bool = True):
+        return os.fdopen(self.open_fd(relpath, resolve), "rb", buffering=1024 * 1024)
+
+    def read_bytes(self, relpath: str, max_size: int | None = None) -> bytes:
+        with self.open(relpath) as f:
+            if max_size is not None:
+                data = f.read(max_size + 1)
+                if len(data) > max_size:
+                    raise RootfsError(f"/{relpath} is larger than {max_size} bytes")
+                return data
+            return f.read()
+
+    def exists(self, relpath: str) -> bool:
+        try:
+            os.lstat(os.path.join(self.path, self.resolve(relpath)))
+            return True
+        except OSError:
+            return False
+
+    def is_file(self, relpath: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(os.path.join(self.path, self.resolve(relpath))).st_mode)
+        except OSError:
+            return False
+
+    def listdir(self, relpath: str) -> list[str]:
+        rel = self.resolve(relpath)
+        try:
+            fd = self._open_dirs(split(rel))
+        except OSError:
+            return []
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def readlink(self, relpath: str) -> str:
+        comps = split(relpath)
+        fd = self._open_dirs(comps[:-1])
+        try:
+            return os.readlink(comps[-1], dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def getxattrs(self, relpath: str) -> dict[str, bytes]:
+        """Extended attributes of the object itself (not of a link target)."""
+        full = os.path.join(self.path, relpath)
+        try:
+            names = os.listxattr(full, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.ENODATA):
+                return {}
+            raise
+        out = {}
+        for n in names:
+            try:
+                out[n] = os.getxattr(full, n, follow_symlinks=False)
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    raise
+        return out
+
+    # -- walking -----------------------------------------------------------------------
+
+    def walk(
+        self,
+        prune: Callable[[str, bool], bool] | None = None,
+        one_file_system: bool = True,
+    ) -> Iterator[Entry]:
+        """Every object below the root, parents before children, never following a symlink.
+
+        prune(path, is_dir) returning True drops the entry (and, for a directory, what is
+        below it). With one_file_system, directories on another device (a mounted /proc,
+        say) are yielded but not entered.
+        """
+        stack = [""]
+        while stack:
+            d = stack.pop()
+            try:
+                with os.scandir(os.path.join(self.path, d) if d else self.path) as it:
+                    children = sorted(it, key=lambda e: e.name, reverse=True)
+            except FileNotFoundError:
+                raise RootfsError(f"/{d} disappeared while being read") from None
+            except PermissionError as e:
+                raise RootfsError(f"/{d}: {e.strerror}") from None
+            subdirs = []
+            for de in reversed(children):
+                path = f"{d}/{de.name}" if d else de.name
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # vanished between readdir and stat: it is not part of the tree
+                isdir = stat.S_ISDIR(st.st_mode)
+                if prune is not None and prune(path, isdir):
+                    continue
+                yield Entry(path, st)
+                if isdir and not (one_file_system and st.st_dev != self.dev):
+                    subdirs.append(path)
+            stack.extend(reversed(subdirs))
+
+
+def _normalise(comps: list[str]) -> list[str]:
+    out: list[str] = []
+    for c in comps:
+        if c == "..":
+            if out:
+                out.pop()
+        elif c and c != ".":
+            out.append(c)
+    return out

@@ -1,0 +1,80 @@
+"""The interface every package-database reader implements.
+
+A reader turns a rootfs's package database into `Package` records. It reads through
+`Rootfs` only and must not change the rootfs. Adding a format (apk, pacman...) means one
+new module with a `PackageSource` subclass, listed in `pkglayer.sources.SOURCES`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from ..rootfs import Rootfs
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A path as the package database records it.
+
+    `path` is absolute as the database says it ("/lib/x86_64-linux-gnu/libc.so.6"), after
+    any database-level renaming such as dpkg diversions; resolving merged-/usr symlinks
+    is the ownership stage's job. Fields the format does not record are None.
+    """
+
+    path: str
+    digest: str | None = None  # hex digest of the content the package installed
+    digest_algo: str | None = None  # hashlib name: "md5", "sha256", ...
+    mode: int | None = None  # full st_mode recorded by the database
+    linkto: str | None = None  # symlink target recorded by the database
+    mtime: int | None = None
+    config: bool = False  # %config / dpkg conffile
+    ghost: bool = False  # rpm %ghost: listed, but its content is not the package's
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str  # upstream version (rpm) or the full Debian version without epoch
+    arch: str
+    epoch: str | None = None
+    release: str | None = None  # rpm release; None for dpkg (the revision is in version)
+    source: str | None = None  # source package (deb Source:, SRPM name)
+    size: int = 0  # installed size the database records, in bytes
+    files: tuple[FileRecord, ...] = field(default=(), repr=False)
+
+    @property
+    def key(self) -> str:
+        """Stable name of this exact build: name-[epoch:]version[-release]-arch."""
+        evr = f"{self.epoch}:{self.version}" if self.epoch not in (None, "", "0") else self.version
+        if self.release:
+            evr = f"{evr}-{self.release}"
+        return f"{self.name}-{evr}-{self.arch}"
+
+
+class PackageSource(ABC):
+    """A package database found in a rootfs."""
+
+    #: short format name shown to users ("rpm", "dpkg")
+    format: str = ""
+
+    def __init__(self, rootfs: Rootfs):
+        self.rootfs = rootfs
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, rootfs: Rootfs) -> bool:
+        """True when this format's database is present in the rootfs."""
+
+    @abstractmethod
+    def packages(self) -> list[Package]:
+        """All installed packages, sorted by key. Raises DatabaseError on a corrupt database."""
+
+    @abstractmethod
+    def database_paths(self) -> list[str]:
+        """Rootfs-relative paths (directories or files) that hold the database itself.
+        They go to the package-database layer, not to any package."""
+
+    @abstractmethod
+    def architecture(self) -> str | None:
+        """Native architecture in the distribution's own spelling ("amd64", "x86_64")."""

@@ -1,0 +1,239 @@
+"""Reader for dpkg's database (Debian, Ubuntu and derivatives).
+
+What dpkg records, and where:
+- `var/lib/dpkg/status`: one deb822 paragraph per package (name, version, state,
+  conffiles with their md5);
+- `var/lib/dpkg/info/PKG[:ARCH].list`: every path the package installed, one a line;
+  `.md5sums` beside it: md5 of the regular files except (usually) conffiles;
+- `var/lib/dpkg/diversions`: paths moved aside so another package can install there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from debian.deb822 import Packages
+
+from ..errors import DatabaseError, RootfsError
+from ..rootfs import Rootfs
+from .base import FileRecord, Package, PackageSource
+
+ADMINDIR = "var/lib/dpkg"
+STATUS = f"{ADMINDIR}/status"
+INFO = f"{ADMINDIR}/info"
+DIVERSIONS = f"{ADMINDIR}/diversions"
+
+# States whose files are not on disk (config-files: only conffiles are left, and dpkg
+# no longer lists them in a .list; not-installed: a leftover selection).
+_ABSENT_STATES = {"not-installed", "config-files"}
+_FIELD = re.compile(r"[^\s:#-][^\s:]*:")
+_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+def _decode(data: bytes) -> str:
+    # dpkg stores bytes; names that are not UTF-8 must survive the round trip to the disk.
+    return data.decode("utf-8", "surrogateescape")
+
+
+class DpkgSource(PackageSource):
+    format = "dpkg"
+
+    def __init__(self, rootfs: Rootfs):
+        super().__init__(rootfs)
+        self._installed: list[dict[str, str]] | None = None
+
+    @classmethod
+    def detect(cls, rootfs: Rootfs) -> bool:
+        return rootfs.is_file(STATUS)
+
+    def database_paths(self) -> list[str]:
+        return [ADMINDIR]
+
+    def architecture(self) -> str | None:
+        installed = self._status()
+        for para in installed:
+            if para["Package"] == "dpkg":
+                return para["Architecture"]
+        counts = Counter(p["Architecture"] for p in installed if p["Architecture"] != "all")
+        if not counts:
+            return None
+        # Highest count; ties broken by name so the answer does not depend on file order.
+        return min(counts, key=lambda a: (-counts[a], a))
+
+    def packages(self) -> list[Package]:
+        installed = self._status()
+        diversions = self._diversions()
+        info = set(self.rootfs.listdir(INFO))
+        pkgs = [self._package(para, info, diversions) for para in installed]
+        return sorted(pkgs, key=lambda p: p.key)
+
+    # -- status ------------------------------------------------------------------------
+
+    def _status(self) -> list[dict[str, str]]:
+        """Paragraphs of packages whose files are on disk, checked for the fields we need."""
+        if self._installed is None:
+            self._installed = self._parse_status()
+        return self._installed
+
+    def _parse_status(self) -> list[dict[str, str]]:
+        try:
+            data = self.rootfs.read_bytes(STATUS)
+        except (OSError, RootfsError) as e:
+            raise DatabaseError(f"{STATUS}: cannot read: {e}") from None
+        if b"\0" in data:
+            raise DatabaseError(f"{STATUS}: binary data, not a dpkg status file")
+        lines = _decode(data).split("\n")
+        starts = _paragraph_starts(lines)
+        paras = list(Packages.iter_paragraphs([ln + "\n" for ln in lines], use_apt_pkg=False))
+        if len(paras) != len(starts):
+            raise DatabaseError(f"{STATUS}: not a dpkg status file (unparsable paragraphs)")
+        installed = []
+        for start, para in zip(starts, paras):
+            where = f"{STATUS}: line {start}"
+            if "Package" not in para:
+                raise DatabaseError(f"{where}: paragraph without a Package field")
+            words = para.get("Status", "").split()
+            if len(words) != 3:
+                raise DatabaseError(f"{where}: package {para['Package']} has no valid Status field")
+            if words[2] in _ABSENT_STATES:
+                continue  # such entries may legitimately lack Version and Architecture
+            for fld in ("Version", "Architecture"):
+                if not para.get(fld):
+                    raise DatabaseError(f"{where}: package {para['Package']} has no {fld} field")
+            installed.append(dict(para))
+        return installed
+
+    # -- per package -------------------------------------------------------------------
+
+    def _package(
+        self, para: dict[str, str], info: set[str], diversions: dict[str, tuple[str, str]]
+    ) -> Package:
+        name, arch = para["Package"], para["Architecture"]
+        epoch, sep, version = para["Version"].partition(":")
+        if not sep:
+            epoch, version = "", epoch
+        source = para.get("Source", "").split(" ", 1)[0] or name
+        size = para.get("Installed-Size", "").strip()
+
+        # Multi-Arch: same packages are stored as PKG:ARCH, the others as plain PKG.
+        base = f"{name}:{arch}" if f"{name}:{arch}.list" in info else name
+        if f"{base}.list" not in info:
+            raise DatabaseError(f"{INFO}/{name}.list: missing for installed package {name}:{arch}")
+        listed = self._read_info(f"{base}.list")
+        md5s = self._md5sums(f"{base}.md5sums") if f"{base}.md5sums" in info else {}
+        conffiles = _conffiles(para.get("Conffiles", ""))
+
+        files = []
+        for path in listed.split("\n"):
+            if not path or path == "/.":
+                continue
+            # Digests are recorded under the listed path, even when it is diverted.
+            digest = md5s.get(path.lstrip("/"))
+            config = path in conffiles
+            if config:
+                cdigest, obsolete = conffiles[path]
+                digest = cdigest or digest
+            diverted = diversions.get(path)
+            if diverted is not None and diverted[1] != name:
+                path = diverted[0]  # another package (or the admin) took the listed path
+            if config and obsolete:
+                # The package no longer ships it: what is on disk is an old version (or
+                # the admin's edit) that dpkg keeps until purge. The path stays the
+                # package's, but its content is not this package's: flag it as a ghost.
+                files.append(FileRecord(path=path, config=True, ghost=True))
+                continue
+            files.append(
+                FileRecord(
+                    path=path,
+                    digest=digest,
+                    digest_algo="md5" if digest else None,
+                    config=config,
+                )
+            )
+        return Package(
+            name=name,
+            version=version,
+            arch=arch,
+            epoch=epoch or None,
+            release=None,
+            source=source,
+            size=int(size) * 1024 if size.isdigit() else 0,
+            files=tuple(files),
+        )
+
+    def _read_info(self, name: str) -> str:
+        try:
+            return _decode(self.rootfs.read_bytes(f"{INFO}/{name}"))
+        except (OSError, RootfsError) as e:
+            raise DatabaseError(f"{INFO}/{name}: cannot read: {e}") from None
+
+    def _md5sums(self, name: str) -> dict[str, str]:
+        """Relative path → md5. Lines that are not `md5  path` are ignored: the digests
+        are advisory, and a damaged md5sums file should not stop a build."""
+        out = {}
+        for line in self._read_info(name).split("\n"):
+            if len(line) > 34 and _MD5.fullmatch(line[:32]) and line[32:34] == "  ":
+                out[line[34:].lstrip("/")] = line[:32]
+        return out
+
+    def _diversions(self) -> dict[str, tuple[str, str]]:
+        """Original path → (diverted-to path, diverting package; ":" for a local diversion)."""
+        try:
+            data = self.rootfs.read_bytes(DIVERSIONS)
+        except FileNotFoundError:
+            return {}
+        except (OSError, RootfsError) as e:
+            raise DatabaseError(f"{DIVERSIONS}: cannot read: {e}") from None
+        lines = _decode(data).split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if len(lines) % 3:
+            raise DatabaseError(f"{DIVERSIONS}: {len(lines)} lines, not a multiple of 3")
+        out = {}
+        for i in range(0, len(lines), 3):
+            orig, to, pkg = lines[i : i + 3]
+            if not orig.startswith("/") or not to.startswith("/") or not pkg:
+                raise DatabaseError(f"{DIVERSIONS}: line {i + 1}: malformed diversion entry")
+            out[orig] = (to, pkg)
+        return out
+
+
+def _paragraph_starts(lines: list[str]) -> list[int]:
+    """1-based first line of each paragraph, after checking every line is a field or a
+    continuation. deb822 silently skips lines it does not understand, which would turn a
+    garbage file into an empty (valid) database."""
+    starts = []
+    in_para = False
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            in_para = False
+        elif line[0] in " \t":
+            if not in_para:
+                raise DatabaseError(f"{STATUS}: line {n}: continuation line outside a field")
+        elif _FIELD.match(line):
+            if not in_para:
+                starts.append(n)
+                in_para = True
+        else:
+            raise DatabaseError(f"{STATUS}: line {n}: not a dpkg status file")
+    return starts
+
+
+def _conffiles(field: str) -> dict[str, tuple[str | None, bool]]:
+    """Path → (md5 or None, obsolete) from a status Conffiles field.
+
+    Lines are ` /path md5 [obsolete] [remove-on-upgrade]`; the path may hold spaces, so
+    split from the right. The md5 is "newconffile" while a package is half-installed.
+    """
+    out: dict[str, tuple[str | None, bool]] = {}
+    for line in field.split("\n"):
+        words = line.strip().split(" ")
+        flags = set()
+        while len(words) > 2 and words[-1] in ("obsolete", "remove-on-upgrade"):
+            flags.add(words.pop())
+        if len(words) < 2:
+            continue
+        path, md5 = " ".join(words[:-1]), words[-1]
+        out[path] = (md5 if _MD5.fullmatch(md5) else None, "obsolete" in flags)
+    return out

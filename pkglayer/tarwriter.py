@@ -1,0 +1,260 @@
+"""Byte-deterministic layer tarballs.
+
+A layer is a list of `Member`s, a pure function of the objects assigned to it: entries
+sorted by path bytes, every parent directory written explicitly with the same attributes
+in every layer, directory mtimes set to one fixed value, numeric ids with empty names,
+hard links inside the layer only. The tar bytes depend on nothing else, so a content key
+over the members (plus `TAR_FORMAT`) identifies the uncompressed layer exactly, before
+any of it is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tarfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import zstandard
+
+from .errors import RootfsError
+from .ownership import FsObject
+from .rootfs import Rootfs
+
+# Bump whenever the bytes written for the same members change: it is part of every
+# content key, so old blobs are never reused for a different tar encoding.
+TAR_FORMAT = 1
+
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_FLUSH = 1024 * 1024
+
+MEDIA_TYPES = {
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+}
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    type: bytes  # tarfile.REGTYPE, DIRTYPE, SYMTYPE, LNKTYPE, CHRTYPE, BLKTYPE, FIFOTYPE
+    mode: int  # permission bits only
+    uid: int
+    gid: int
+    mtime: int
+    size: int = 0
+    linkname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    sha256: str = ""  # of the data of a regular file
+    source: FsObject | None = None  # where the data comes from (regular files)
+
+    def key_line(self) -> str:
+        xa = ",".join(f"{k}={v.hex()}" for k, v in self.xattrs)
+        return (
+            f"{self.name.encode('utf-8', 'surrogateescape').hex()}\0{self.type.decode()}\0"
+            f"{self.mode:o}\0{self.uid}\0{self.gid}\0{self.mtime}\0{self.size}\0"
+            f"{self.linkname.encode('utf-8', 'surrogateescape').hex()}\0"
+            f"{self.devmajor}\0{self.devminor}\0{xa}\0{self.sha256}\n"
+        )
+
+    def tarinfo(self) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(self.name)
+        ti.type = self.type
+        ti.mode = self.mode
+        ti.uid, ti.gid = self.uid, self.gid
+        ti.uname = ti.gname = ""
+        ti.mtime = self.mtime
+        ti.size = self.size if self.type == tarfile.REGTYPE else 0
+        ti.linkname = self.linkname
+        if self.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            ti.devmajor, ti.devminor = self.devmajor, self.devminor
+        if self.xattrs:
+            ti.pax_headers = {
+                f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in self.xattrs
+            }
+        return ti
+
+
+def _sort_key(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def _member(obj: FsObject, dir_mtime: int) -> Member:
+    st = obj.st
+    mode = st.st_mode
+    common = dict(
+        name=obj.path,
+        mode=stat.S_IMODE(mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        xattrs=obj.xattrs,
+    )
+    if stat.S_ISDIR(mode):
+        return Member(type=tarfile.DIRTYPE, mtime=dir_mtime, **common)
+    mtime = int(st.st_mtime)
+    if stat.S_ISREG(mode):
+        assert obj.sha256 is not None
+        return Member(
+            type=tarfile.REGTYPE, mtime=mtime, size=st.st_size, sha256=obj.sha256, source=obj, **common
+        )
+    if stat.S_ISLNK(mode):
+        return Member(type=tarfile.SYMTYPE, mtime=mtime, linkname=obj.linkname or "", **common)
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return Member(
+            type=tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE,
+            mtime=mtime,
+            devmajor=os.major(st.st_rdev),
+            devminor=os.minor(st.st_rdev),
+            **common,
+        )
+    if stat.S_ISFIFO(mode):
+        return Member(type=tarfile.FIFOTYPE, mtime=mtime, **common)
+    raise RootfsError(f"/{obj.path}: cannot store file type {stat.S_IFMT(mode):o} in a layer")
+
+
+def layer_members(
+    objects: Iterable[FsObject], all_objects: dict[str, FsObject], dir_mtime: int
+) -> list[Member]:
+    """The members of one layer: its objects plus every parent directory, sorted."""
+    chosen: dict[str, FsObject] = {}
+    for obj in objects:
+        chosen[obj.path] = obj
+        parent = obj.path.rpartition("/")[0]
+        while parent and parent not in chosen:
+            chosen[parent] = all_objects[parent]
+            parent = parent.rpartition("/")[0]
+    members: list[Member] = []
+    first_of_inode: dict[tuple[int, int], str] = {}
+    for path in sorted(chosen, key=_sort_key):
+        obj = chosen[path]
+        m = _member(obj, dir_mtime)
+        if m.type == tarfile.REGTYPE and obj.st.st_nlink > 1:
+            ino = (obj.st.st_dev, obj.st.st_ino)
+            first = first_of_inode.get(ino)
+            if first is None:
+                first_of_inode[ino] = path
+            else:
+                m = Member(
+                    name=m.name, type=tarfile.LNKTYPE, mode=m.mode, uid=m.uid, gid=m.gid,
+                    mtime=m.mtime, linkname=first, xattrs=m.xattrs,
+                )
+        members.append(m)
+    return members
+
+
+def content_key(members: Iterable[Member]) -> str:
+    """sha256 over everything that decides the tar bytes (see module docstring)."""
+    h = hashlib.sha256(f"pkglayer-tar-format-{TAR_FORMAT}\n".encode())
+    for m in members:
+        h.update(m.key_line().encode())
+    return "sha256:" + h.hexdigest()
+
+
+def uncompressed_size(members: Iterable[Member]) -> int:
+    return sum(m.size for m in members if m.type == tarfile.REGTYPE)
+
+
+class _Compressor:
+    """Streams tar bytes into a compressor, hashing the tar (diff_id) on the way."""
+
+    def __init__(self, compression: str, level: int, out):
+        self.out = out
+        self.tar_hash = hashlib.sha256()
+        self.tar_size = 0
+        if compression == "gzip":
+            # wbits 31: gzip container with mtime 0 and no file name, so bytes are reproducible
+            self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
+        elif compression == "zstd":
+            # threads=0 (in-process, single-threaded) is the reproducible mode; layers
+            # are compressed in parallel instead.
+            self._c = zstandard.ZstdCompressor(level=level, threads=0).compressobj()
+        else:
+            raise ValueError(compression)
+        self._buf = bytearray()
+
+    @property
+    def offset(self) -> int:
+        return self.tar_size + len(self._buf)
+
+    def write(self, data) -> None:
+        self._buf += data
+        if len(self._buf) >= _FLUSH:
+            self._flush()
+
+    def write_large(self, data) -> None:
+        self._flush()
+        self._push(data)
+
+    def _push(self, data) -> None:
+        self.tar_hash.update(data)
+        self.tar_size += len(data)
+        out = self._c.compress(data)
+        if out:
+            self.out.write(out)
+
+    def _flush(self) -> None:
+        if self._buf:
+            self._push(bytes(self._buf))
+            self._buf.clear()
+
+    def finish(self) -> None:
+        self._flush()
+        self.out.write(self._c.flush())
+
+
+def write_layer(
+    rootfs: Rootfs, members: list[Member], compression: str, level: int, out
+) -> tuple[str, int]:
+    """Write the layer to `out` (a binary writer). Returns (diff_id, uncompressed size).
+
+    Each file is checked against what the scan saw (inode, size, mtime, ctime): a file
+    changed since then would make the content key lie, so the build stops instead.
+    """
+    c = _Compressor(compression, level, out)
+    for m in members:
+        c.write(m.tarinfo().tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if m.type == tarfile.REGTYPE and m.size:
+            _copy_file(rootfs, m, c)
+            pad = -m.size % _BLOCK
+            if pad:
+                c.write(b"\0" * pad)
+    # End of archive: two zero blocks, padded to a full record like tarfile and GNU tar.
+    end = 2 * _BLOCK
+    total = c.offset + end
+    c.write(b"\0" * (end + (-total % _RECORD)))
+    c.finish()
+    return "sha256:" + c.tar_hash.hexdigest(), c.tar_size
+
+
+def _copy_file(rootfs: Rootfs, m: Member, c: _Compressor) -> None:
+    obj = m.source
+    assert obj is not None
+    try:
+        fd = rootfs.open_fd(obj.path, resolve=False)
+    except FileNotFoundError:
+        raise RootfsError(f"/{obj.path} disappeared during the build; nothing was written, rerun") from None
+    try:
+        st = os.fstat(fd)
+        seen = obj.st
+        if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+            seen.st_ino, seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns
+        ):
+            raise RootfsError(f"/{obj.path} changed during the build; nothing was written, rerun")
+        remaining = m.size
+        while remaining:
+            chunk = os.read(fd, min(_FLUSH, remaining))
+            if not chunk:
+                raise RootfsError(f"/{obj.path} shrank during the build; nothing was written, rerun")
+            remaining -= len(chunk)
+            if len(chunk) >= 64 * 1024:
+                c.write_large(chunk)
+            else:
+                c.write(chunk)
+    finally:
+        os.close(fd)

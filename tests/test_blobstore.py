@@ -1,0 +1,241 @@
+"""BlobDir / BlobWriter against real files, real processes and a real full filesystem."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pkglayer.blobstore import TMP_DIR, BlobDir, is_digest
+from pkglayer.errors import HistoryError, PkglayerError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def blob_names(bd: BlobDir) -> list[str]:
+    return sorted(os.listdir(bd.blobs))
+
+
+def tmp_names(bd: BlobDir) -> list[str]:
+    return sorted(os.listdir(bd.tmp))
+
+
+def test_is_digest() -> None:
+    assert is_digest("sha256:" + "a" * 64)
+    for bad in ["sha256:" + "A" * 64, "sha256:" + "a" * 63, "sha512:" + "a" * 64, "sha256:" + "a" * 64 + "\n", 5]:
+        assert not is_digest(bad)
+
+
+def test_add_bytes_roundtrip(tmp_path) -> None:
+    bd = BlobDir(tmp_path / "d", create=True)
+    digest, size = bd.add_bytes(b"hello")
+    assert (digest, size) == (sha(b"hello"), 5)
+    assert bd.has(digest) and bd.verify(digest)
+    with open(bd.path(digest), "rb") as f:
+        assert f.read() == b"hello"
+    assert os.stat(bd.path(digest)).st_mode & 0o777 == 0o444
+    assert bd.add_bytes(b"hello") == (digest, 5)  # no-op the second time
+    assert tmp_names(bd) == []
+
+
+def test_path_rejects_bad_digests(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    for bad in ["sha256:../../etc/passwd", "sha256:" + "0" * 63, "md5:abc", ""]:
+        with pytest.raises(HistoryError):
+            bd.path(bad)
+
+
+def test_missing_root_without_create(tmp_path) -> None:
+    with pytest.raises(PkglayerError, match="does not exist"):
+        BlobDir(tmp_path / "nope")
+    empty = BlobDir(tmp_path)  # exists, but has no blobs/sha256 yet
+    assert not empty.has(sha(b"x")) and not empty.verify(sha(b"x"))
+
+
+def test_writer_streams_and_commits(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    chunks = [os.urandom(100_000) for _ in range(30)]
+    with bd.writer() as w:
+        for c in chunks:
+            w.write(c)
+        assert blob_names(bd) == []  # nothing under the final name before commit
+        digest, size = w.commit()
+    assert digest == sha(b"".join(chunks)) and size == 3_000_000
+    assert bd.verify(digest) and tmp_names(bd) == []
+
+
+def test_writer_without_commit_leaves_nothing(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    with pytest.raises(KeyboardInterrupt):
+        with bd.writer() as w:
+            w.write(b"partial")
+            raise KeyboardInterrupt
+    assert blob_names(bd) == [] and tmp_names(bd) == []
+
+
+def test_commit_expected_digest_mismatch(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    with bd.writer() as w:
+        w.write(b"abc")
+        with pytest.raises(PkglayerError, match="expected"):
+            w.commit(expected_digest=sha(b"abd"))
+    assert blob_names(bd) == [] and tmp_names(bd) == []
+
+
+def test_commit_repairs_corrupt_existing_blob(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    digest, _ = bd.add_bytes(b"good")
+    os.chmod(bd.path(digest), 0o644)
+    with open(bd.path(digest), "wb") as f:
+        f.write(b"evil")
+    assert bd.has(digest) and not bd.verify(digest)
+    bd.add_bytes(b"good")
+    assert bd.verify(digest)
+
+
+def test_verify_false_on_tampered_and_symlinked_blobs(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    digest, _ = bd.add_bytes(b"content")
+    os.chmod(bd.path(digest), 0o644)
+    with open(bd.path(digest), "r+b") as f:
+        f.write(b"C")
+    assert not bd.verify(digest)
+
+    with open("/etc/shadow", "rb") as f:
+        shadow_digest = sha(f.read())
+    os.symlink("/etc/shadow", bd.path(shadow_digest))
+    assert not bd.has(shadow_digest)
+    assert not bd.verify(shadow_digest)
+
+    fifo_digest = sha(b"fifo")
+    os.mkfifo(bd.path(fifo_digest))
+    assert not bd.has(fifo_digest) and not bd.verify(fifo_digest)  # and does not block
+
+
+def test_import_blob_hard_links_on_same_fs(tmp_path) -> None:
+    src = BlobDir(tmp_path / "in", create=True)
+    dst = BlobDir(tmp_path / "out", create=True)
+    digest, _ = src.add_bytes(b"layer data")
+    dst.import_blob(src, digest)
+    assert dst.verify(digest)
+    assert os.stat(dst.path(digest)).st_ino == os.stat(src.path(digest)).st_ino
+    dst.import_blob(src, digest)  # already present: no-op
+    assert tmp_names(dst) == []
+
+
+def test_import_blob_copies_across_filesystems(tmp_path, tmpfs) -> None:
+    src = BlobDir(tmp_path / "in", create=True)
+    dst = BlobDir(tmpfs, create=True)
+    digest, _ = src.add_bytes(b"cross-device")
+    dst.import_blob(src, digest)
+    assert dst.verify(digest)
+    assert os.stat(dst.path(digest)).st_dev != os.stat(src.path(digest)).st_dev
+
+
+def test_import_blob_rejects_corrupt_missing_and_symlinked_sources(tmp_path) -> None:
+    src = BlobDir(tmp_path / "in", create=True)
+    dst = BlobDir(tmp_path / "out", create=True)
+    digest, _ = src.add_bytes(b"original")
+    os.chmod(src.path(digest), 0o644)
+    with open(src.path(digest), "wb") as f:
+        f.write(b"tampered")
+    with pytest.raises(PkglayerError, match="corrupt"):
+        dst.import_blob(src, digest)
+    with pytest.raises(PkglayerError, match="missing"):
+        dst.import_blob(src, sha(b"absent"))
+    with open("/etc/shadow", "rb") as f:
+        shadow_digest = sha(f.read())
+    os.symlink("/etc/shadow", src.path(shadow_digest))
+    with pytest.raises(PkglayerError, match="not a regular file"):
+        dst.import_blob(src, shadow_digest)
+    assert blob_names(dst) == [] and tmp_names(dst) == []
+
+
+_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    from pkglayer.blobstore import BlobDir
+    w = BlobDir({root!r}, create=True).writer()
+    w.write(b"x" * 500_000)
+    w._file.flush()
+    print("half", flush=True)
+    sys.stdin.readline()  # wait to be killed
+    """
+)
+
+
+def test_writer_killed_mid_write_then_rerun(tmp_path) -> None:
+    root = str(tmp_path / "layout")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD.format(repo=REPO, root=root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"half\n"
+        bd = BlobDir(root)
+        assert len(tmp_names(bd)) == 1  # the half-written temp file
+        assert bd.remove_stale_temps() == []  # its writer is alive and holds the lock
+        assert len(tmp_names(bd)) == 1
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    bd = BlobDir(root)
+    assert blob_names(bd) == []  # nothing was published
+    assert len(tmp_names(bd)) == 1
+    bd = BlobDir(root, create=True)  # a rerun cleans up after the dead writer
+    assert tmp_names(bd) == []
+    digest, size = bd.add_bytes(b"x" * 1_000_000)
+    assert bd.verify(digest) and size == 1_000_000
+
+
+def test_stale_link_temps_removed_only_when_old(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    young = os.path.join(bd.tmp, "link-" + "a" * 32 + ".tmp")
+    old = os.path.join(bd.tmp, "link-" + "b" * 32 + ".tmp")
+    foreign = os.path.join(bd.tmp, "somebody-elses-file")
+    for p in (young, old, foreign):
+        open(p, "w").close()
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    os.utime(foreign, (two_hours_ago, two_hours_ago))
+    assert bd.remove_stale_temps() == [os.path.basename(old)]
+    assert sorted(os.listdir(bd.tmp)) == sorted([os.path.basename(young), "somebody-elses-file"])
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real 1 MiB tmpfs, unmounted afterwards."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_enospc_gives_clear_error_and_no_temp(tmpfs) -> None:
+    bd = BlobDir(tmpfs, create=True)
+    with pytest.raises(PkglayerError, match=r"^no space left on device while writing blob to .*tmpfs"):
+        with bd.writer() as w:
+            for _ in range(32):
+                w.write(os.urandom(64 * 1024))  # 2 MiB in all
+            w.commit()
+    assert blob_names(bd) == [] and tmp_names(bd) == []
+    assert BlobDir(tmpfs).add_bytes(b"small")[1] == 5  # the directory still works
+    assert TMP_DIR in os.listdir(tmpfs)
