@@ -129,7 +129,7 @@ class BlobDir:
             self._ensure_dirs()
             self.remove_stale_temps()
         elif not os.path.isdir(self.root):
-            raise PkglayerError(f"blob directory {self.root} does not exist")
+            raise PkglayerError(f"blob directory {self.root} does not exist or is not a directory")
 
     def __repr__(self) -> str:
         return f"BlobDir({self.root!r})"
@@ -293,7 +293,11 @@ class BlobWriter:
     def _create_locked(self) -> tuple[str, int]:
         while True:
             path = os.path.join(self._dir.tmp, f"blob-{secrets.token_hex(16)}.tmp")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                err = _space_error(e, self._dir.root)
+                raise err or PkglayerError(f"cannot create a temp file in {self._dir.tmp}: {e.strerror}") from e
             fcntl.flock(fd, fcntl.LOCK_EX)
             # A cleaner may have taken the lock between our create and flock, and removed
             # the file: then start over with a new name.

@@ -173,6 +173,8 @@ def _json_type(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, float):
+        return "a number"
     return _KIND_NAMES.get(type(value), type(value).__name__)
 
 

@@ -167,8 +167,7 @@ _CHILD = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     from pkglayer.blobstore import BlobDir
     w = BlobDir({root!r}, create=True).writer()
-    w.write(b"x" * 500_000)
-    w._file.flush()
+    w.write(b"x" * 1_500_000)  # more than the 1 MiB write buffer: some of it reaches the file
     print("half", flush=True)
     sys.stdin.readline()  # wait to be killed
     """
@@ -186,6 +185,7 @@ def test_writer_killed_mid_write_then_rerun(tmp_path) -> None:
         assert child.stdout is not None and child.stdout.readline() == b"half\n"
         bd = BlobDir(root)
         assert len(tmp_names(bd)) == 1  # the half-written temp file
+        assert os.path.getsize(os.path.join(bd.tmp, tmp_names(bd)[0])) > 0
         assert bd.remove_stale_temps() == []  # its writer is alive and holds the lock
         assert len(tmp_names(bd)) == 1
         child.send_signal(signal.SIGKILL)
@@ -199,8 +199,8 @@ def test_writer_killed_mid_write_then_rerun(tmp_path) -> None:
     assert len(tmp_names(bd)) == 1
     bd = BlobDir(root, create=True)  # a rerun cleans up after the dead writer
     assert tmp_names(bd) == []
-    digest, size = bd.add_bytes(b"x" * 1_000_000)
-    assert bd.verify(digest) and size == 1_000_000
+    digest, size = bd.add_bytes(b"x" * 3_000_000)
+    assert bd.verify(digest) and size == 3_000_000
 
 
 def test_stale_link_temps_removed_only_when_old(tmp_path) -> None:

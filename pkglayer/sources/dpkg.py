@@ -27,7 +27,13 @@ DIVERSIONS = f"{ADMINDIR}/diversions"
 # States whose files are not on disk (config-files: only conffiles are left, and dpkg
 # no longer lists them in a .list; not-installed: a leftover selection).
 _ABSENT_STATES = {"not-installed", "config-files"}
-_FIELD = re.compile(r"[^\s:#-][^\s:]*:")
+# The fields this reader uses; the rest of each paragraph is dropped early.
+_FIELDS = {"Package", "Status", "Version", "Architecture", "Source", "Installed-Size", "Conffiles"}
+# A line that is neither a continuation, a "Field:" line nor blank.
+_BAD_LINE = re.compile(rb"^(?![ \t]|[^\s:#-][^\s:]*:|[ \t]*$)", re.M)
+# A continuation line at the start of the file or right after a blank line.
+_ORPHAN_CONTINUATION = re.compile(rb"(?:\A|^[ \t]*\n)(?=[ \t]+\S)", re.M)
+_PARAGRAPH_START = re.compile(rb"(?:\A|^[ \t]*\n)(?=\S)", re.M)
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
 
@@ -83,25 +89,25 @@ class DpkgSource(PackageSource):
             raise DatabaseError(f"{STATUS}: cannot read: {e}") from None
         if b"\0" in data:
             raise DatabaseError(f"{STATUS}: binary data, not a dpkg status file")
-        lines = _decode(data).split("\n")
-        starts = _paragraph_starts(lines)
-        paras = list(Packages.iter_paragraphs([ln + "\n" for ln in lines], use_apt_pkg=False))
+        starts = _paragraph_starts(data)
+        # deb822 decodes strictly; latin-1 never fails and is undone field by field
+        # below, so names that are not UTF-8 keep their bytes (as surrogates).
+        # (No `fields=` filter: deb822 stops at the first paragraph that comes out empty.)
+        paras = list(
+            Packages.iter_paragraphs(
+                data.splitlines(keepends=True), use_apt_pkg=False, encoding="latin-1"
+            )
+        )
         if len(paras) != len(starts):
             raise DatabaseError(f"{STATUS}: not a dpkg status file (unparsable paragraphs)")
         installed = []
         for start, para in zip(starts, paras):
-            where = f"{STATUS}: line {start}"
-            if "Package" not in para:
-                raise DatabaseError(f"{where}: paragraph without a Package field")
-            words = para.get("Status", "").split()
-            if len(words) != 3:
-                raise DatabaseError(f"{where}: package {para['Package']} has no valid Status field")
-            if words[2] in _ABSENT_STATES:
-                continue  # such entries may legitimately lack Version and Architecture
-            for fld in ("Version", "Architecture"):
-                if not para.get(fld):
-                    raise DatabaseError(f"{where}: package {para['Package']} has no {fld} field")
-            installed.append(dict(para))
+            fields = {k: _decode(v.encode("latin-1")) for k, v in para.items() if k in _FIELDS}
+            problem = _check_paragraph(fields)
+            if problem:
+                raise DatabaseError(f"{STATUS}: line {_line(data, start)}: {problem}")
+            if fields["Status"].split()[2] not in _ABSENT_STATES:
+                installed.append(fields)
         return installed
 
     # -- per package -------------------------------------------------------------------
@@ -129,15 +135,13 @@ class DpkgSource(PackageSource):
             if not path or path == "/.":
                 continue
             # Digests are recorded under the listed path, even when it is diverted.
-            digest = md5s.get(path.lstrip("/"))
             config = path in conffiles
-            if config:
-                cdigest, obsolete = conffiles[path]
-                digest = cdigest or digest
+            conf_digest, obsolete = conffiles.get(path, (None, False))
+            digest = conf_digest or md5s.get(path.lstrip("/"))
             diverted = diversions.get(path)
             if diverted is not None and diverted[1] != name:
                 path = diverted[0]  # another package (or the admin) took the listed path
-            if config and obsolete:
+            if obsolete:
                 # The package no longer ships it: what is on disk is an old version (or
                 # the admin's edit) that dpkg keeps until purge. The path stays the
                 # package's, but its content is not this package's: flag it as a ghost.
@@ -199,25 +203,37 @@ class DpkgSource(PackageSource):
         return out
 
 
-def _paragraph_starts(lines: list[str]) -> list[int]:
-    """1-based first line of each paragraph, after checking every line is a field or a
-    continuation. deb822 silently skips lines it does not understand, which would turn a
-    garbage file into an empty (valid) database."""
-    starts = []
-    in_para = False
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            in_para = False
-        elif line[0] in " \t":
-            if not in_para:
-                raise DatabaseError(f"{STATUS}: line {n}: continuation line outside a field")
-        elif _FIELD.match(line):
-            if not in_para:
-                starts.append(n)
-                in_para = True
-        else:
-            raise DatabaseError(f"{STATUS}: line {n}: not a dpkg status file")
-    return starts
+def _paragraph_starts(data: bytes) -> list[int]:
+    """Offset of each paragraph's first line, after checking every line is a field, a
+    continuation or blank. deb822 silently skips lines it does not understand, which
+    would turn a garbage file into an empty (valid) database."""
+    bad = _BAD_LINE.search(data)
+    if bad:
+        raise DatabaseError(f"{STATUS}: line {_line(data, bad.start())}: not a dpkg status file")
+    orphan = _ORPHAN_CONTINUATION.search(data)
+    if orphan:
+        where = f"{STATUS}: line {_line(data, orphan.end())}"
+        raise DatabaseError(f"{where}: continuation line outside a field")
+    return [m.end() for m in _PARAGRAPH_START.finditer(data)]
+
+
+def _check_paragraph(fields: dict[str, str]) -> str | None:
+    """What is wrong with a status paragraph, if anything."""
+    if "Package" not in fields:
+        return "paragraph without a Package field"
+    words = fields.get("Status", "").split()
+    if len(words) != 3:
+        return f"package {fields['Package']} has no valid Status field"
+    if words[2] in _ABSENT_STATES:
+        return None  # such entries may legitimately lack Version and Architecture
+    for name in ("Version", "Architecture"):
+        if not fields.get(name):
+            return f"package {fields['Package']} has no {name} field"
+    return None
+
+
+def _line(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
 
 
 def _conffiles(field: str) -> dict[str, tuple[str | None, bool]]:

@@ -30,9 +30,6 @@ LOCATIONS = ("usr/lib/sysimage/rpm", "var/lib/rpm", "usr/share/rpm")
 # Database file → kind; a directory holding several (left over from a conversion) is
 # read with the first.
 DB_FILES = (("rpmdb.sqlite", "sqlite"), ("Packages", "bdb"), ("Packages.db", "ndb"))
-# Files that belong to the database as rpm opened it on its host, not to its content:
-# the sqlite shared-memory index and Berkeley DB environment regions.
-_HOST_STATE_PREFIXES = ("__db.", ".rpm.lock", ".dbenv.lock")
 
 # RPMTAG_FILEDIGESTALGO values (PGPHASHALGO_*) → hashlib names.
 DIGEST_ALGOS = {1: "md5", 2: "sha1", 8: "sha256", 9: "sha384", 10: "sha512", 11: "sha224"}
@@ -89,7 +86,7 @@ class RpmSource(PackageSource):
         if kind == "ndb":
             raise DatabaseError(f"{where}: ndb rpm databases are not supported here")
         with tempfile.TemporaryDirectory(prefix="pkglayer-rpmdb-") as tmp:
-            self._copy_db(dbdir, kind, tmp)
+            self._copy_db(dbdir, dbfile, tmp)
             copy = os.path.join(tmp, dbfile)
             rows = _check_sqlite(copy, where) if kind == "sqlite" else _check_bdb(copy, where)
             with _rpm_db(tmp, "sqlite" if kind == "sqlite" else "bdb_ro") as ts:
@@ -108,15 +105,11 @@ class RpmSource(PackageSource):
             )
         return sorted(pkgs, key=lambda p: p.key)
 
-    def _copy_db(self, dbdir: str, kind: str, dest: str) -> None:
-        if kind == "sqlite":
-            # Committed transactions may still sit in the WAL; the -shm is host state.
-            names = [n for n in ("rpmdb.sqlite", "rpmdb.sqlite-wal") if n == "rpmdb.sqlite"
-                     or self.rootfs.is_file(f"{dbdir}/{n}")]
-        else:
-            # Berkeley DB: Packages plus its index files, without the environment.
-            names = [n for n in self.rootfs.listdir(dbdir)
-                     if not n.startswith(_HOST_STATE_PREFIXES) and self.rootfs.is_file(f"{dbdir}/{n}")]
+    def _copy_db(self, dbdir: str, dbfile: str, dest: str) -> None:
+        # Committed sqlite transactions may still sit in the WAL; the -shm is host state.
+        # Berkeley DB: rpm iterates Packages without its index files (it just warns).
+        wal = f"{dbfile}-wal"
+        names = [dbfile] + ([wal] if self.rootfs.is_file(f"{dbdir}/{wal}") else [])
         for name in names:
             try:
                 with self.rootfs.open(f"{dbdir}/{name}") as src, open(

@@ -1,0 +1,56 @@
+"""Session fixtures: real, cached root filesystems (see tests/rootfs_factory.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests import rootfs_factory as factory
+
+_TOOLS = ("debootstrap", "chroot", "getcap", "alien", "rpm", "rpmbuild")
+
+
+def _require_builder() -> None:
+    # Building trees needs root (chroot, device nodes, ownership, capabilities).
+    if os.geteuid() != 0:
+        pytest.skip("real rootfs fixtures need root")
+    missing = [t for t in _TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"real rootfs fixtures need {', '.join(missing)}")
+
+
+@pytest.fixture(scope="session")
+def deb_rootfs() -> Path:
+    """Debian bookworm minbase + iputils-ping (ping has security.capability). Read-only."""
+    _require_builder()
+    return factory.deb_rootfs()
+
+
+@pytest.fixture(scope="session")
+def deb_upgrade_pair() -> factory.UpgradePair:
+    """Minbase at point-release versions, and a copy with one bookworm-security upgrade."""
+    _require_builder()
+    return factory.deb_upgrade_pair()
+
+
+@pytest.fixture(scope="session")
+def rpm_rootfs() -> Path:
+    """Alien-converted minbase RPMs + pkglayer-demo/extra, Fedora-style rpmdb. Read-only."""
+    _require_builder()
+    return factory.rpm_rootfs()
+
+
+@pytest.fixture(scope="session")
+def rpm_upgrade_pair() -> factory.UpgradePair:
+    """rpm_rootfs and a copy with pkglayer-demo upgraded 1.0-1 -> 1.0-2."""
+    _require_builder()
+    return factory.rpm_upgrade_pair()
+
+
+@pytest.fixture(scope="session")
+def rpm_specs_dir() -> Path:
+    """tests/specs: spec files for factory.build_rpm(spec, version, release, outdir)."""
+    return factory.SPECS_DIR

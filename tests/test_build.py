@@ -1,0 +1,451 @@
+"""End-to-end properties of `pkglayer build` on real rootfs trees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from pkglayer import build as build_mod
+from pkglayer.blobstore import BlobDir
+from pkglayer.config import BuildSettings
+from pkglayer.errors import RootfsError
+from pkglayer.ownership import scan
+from pkglayer.rootfs import Rootfs
+from pkglayer.sources import open_source
+from pkglayer.tarwriter import layer_members, write_layer
+from tests.rootfs_factory import copy_tree
+
+PKGLAYER = [sys.executable, "-m", "pkglayer"]
+TOP = {"unowned", "modified", "pkgdb"}
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*PKGLAYER, *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pkglayer {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def build_json(rootfs: Path, *args: str) -> dict:
+    return json.loads(run_cli("build", str(rootfs), "--json", "-q", *args).stdout)
+
+
+def layer_digests(result: dict) -> dict[str, str]:
+    return {layer["name"]: layer["digest"] for layer in result["layers"]}
+
+
+def blob_files(d: Path) -> set[str]:
+    p = d / "blobs" / "sha256"
+    return {f.name for f in p.iterdir()} if p.exists() else set()
+
+
+def promote_outputs(layers: Path) -> None:
+    """What a build system does between builds: last output becomes next input."""
+    src = layers / "output" / "blobs" / "sha256"
+    dst = layers / "input" / "blobs" / "sha256"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        os.replace(f, dst / f.name)
+
+
+def read_layer(layout: Path, digest: str) -> tarfile.TarFile:
+    data = (layout / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
+    import io
+
+    return tarfile.open(fileobj=io.BytesIO(zlib.decompress(data, 31)), mode="r:")
+
+
+# -- determinism -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_two_builds_give_the_same_manifest(deb_rootfs: Path, tmp_path: Path, compression: str) -> None:
+    a = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/a:t", "--compression", compression)
+    b = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/b:t", "--compression", compression, "-j", "1")
+    assert a["manifestDigest"] == b["manifestDigest"]
+    assert blob_files(tmp_path / "a") == blob_files(tmp_path / "b")
+    assert len(a["layers"]) > 80  # one per package: minbase has ~90 packages
+
+
+def test_same_package_in_two_trees_gives_the_same_layer(
+    deb_rootfs: Path, deb_upgrade_pair, tmp_path: Path
+) -> None:
+    # deb_rootfs and the pair's old tree come from two separate debootstrap runs.
+    a = layer_digests(build_json(deb_rootfs, "--output", f"oci:{tmp_path}/a:t"))
+    b = layer_digests(build_json(deb_upgrade_pair.old, "--output", f"oci:{tmp_path}/b:t"))
+    common = (set(a) & set(b)) - TOP
+    assert len(common) > 70
+    differing = sorted(n for n in common if a[n] != b[n])
+    assert differing == []
+
+
+def test_layers_are_deterministic_tars(deb_rootfs: Path, tmp_path: Path) -> None:
+    result = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/img:t")
+    dirs: dict[str, tuple] = {}
+    for layer in result["layers"]:
+        with read_layer(tmp_path / "img", layer["digest"]) as tf:
+            names = [m.name for m in tf.getmembers()]
+            assert names == sorted(names, key=lambda n: n.encode("utf-8", "surrogateescape"))
+            for m in tf.getmembers():
+                assert m.uname == "" and m.gname == ""
+                assert "security.selinux" not in " ".join(m.pax_headers)
+                parent = m.name.rpartition("/")[0]
+                assert not parent or parent in names, f"{m.name} without parent in {layer['name']}"
+                if m.isdir():
+                    attrs = (m.mode, m.uid, m.gid, m.mtime, tuple(sorted(m.pax_headers.items())))
+                    # a directory repeated in several layers must look the same in each
+                    assert dirs.setdefault(m.name, attrs) == attrs, m.name
+                    assert m.mtime == 0
+
+
+def test_capability_xattr_kept(deb_rootfs: Path, tmp_path: Path) -> None:
+    result = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/img:t")
+    ping = next(layer for layer in result["layers"] if layer["name"].startswith("iputils-ping-"))
+    with read_layer(tmp_path / "img", ping["digest"]) as tf:
+        m = tf.getmember("usr/bin/ping")
+    want = os.getxattr(deb_rootfs / "usr/bin/ping", "security.capability")
+    assert m.pax_headers["SCHILY.xattr.security.capability"].encode("utf-8", "surrogateescape") == want
+
+
+# -- reuse across builds (/layers protocol) ---------------------------------------------
+
+
+def _rebuild_counting_tars(monkeypatch, rootfs: Path, layers: Path) -> tuple[build_mod.BuildResult, list[str]]:
+    tarred: list[str] = []
+    real = build_mod.write_layer
+
+    def counting(rootfs_, members, *a, **kw):
+        tarred.append(members[-1].name if members else "")
+        return real(rootfs_, members, *a, **kw)
+
+    monkeypatch.setattr(build_mod, "write_layer", counting)
+    result = build_mod.build(str(rootfs), BuildSettings(), layers_dir=str(layers))
+    return result, tarred
+
+
+@pytest.mark.parametrize("pair_name", ["deb_upgrade_pair", "rpm_upgrade_pair"])
+def test_upgrade_rewrites_only_the_upgraded_package(
+    request, monkeypatch, tmp_path: Path, pair_name: str
+) -> None:
+    pair = request.getfixturevalue(pair_name)
+    layers = tmp_path / "layers"
+    first = build_json(pair.old, "--layers", str(layers))
+    assert first["reused"] == 0
+    promote_outputs(layers)
+
+    result, tarred = _rebuild_counting_tars(monkeypatch, pair.new, layers)
+    written = {o.record.name for o in result.layers if not o.reused}
+    reused = {o.record.name for o in result.layers if o.reused}
+    upgraded_names = set(pair.upgraded)
+    new_keys = {o.record.name for o in result.layers if any(o.record.name.startswith(n + "-") for n in upgraded_names)}
+    assert upgraded_names and new_keys
+    # only the upgraded packages and top layers were tarred again, and exactly once each
+    assert written - TOP == new_keys, (written, upgraded_names)
+    assert len(tarred) == len(written)
+    assert "pkgdb" in written  # the database did change
+    assert len(reused) == len(result.layers) - len(written) > 50
+    # new blobs only for what was written; the history lists the whole image in order
+    assert blob_files(layers / "output") == {o.record.digest[7:] for o in result.layers if not o.reused}
+    history = json.loads((layers / "history.json").read_text())
+    assert [entry["name"] for entry in history["layers"]] == [o.record.name for o in result.layers]
+    assert history["schemaVersion"] == 1
+
+
+def test_rebuild_of_unchanged_tree_writes_nothing(deb_rootfs: Path, tmp_path: Path) -> None:
+    layers = tmp_path / "layers"
+    first = build_json(deb_rootfs, "--layers", str(layers), "--output", f"oci:{tmp_path}/a:t")
+    promote_outputs(layers)
+    second = build_json(deb_rootfs, "--layers", str(layers), "--output", f"oci:{tmp_path}/b:t")
+    assert second["written"] == 0 and second["reused"] == len(first["layers"])
+    assert blob_files(layers / "output") == set()
+    assert second["manifestDigest"] == first["manifestDigest"]
+
+
+def test_in_place_edit_with_same_size_and_mtime_changes_the_key(deb_rootfs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    layers = tmp_path / "layers"
+    build_json(root, "--layers", str(layers))
+    promote_outputs(layers)
+    target = root / "usr/share/base-passwd/group.master"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[0] ^= 0x20  # same size
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    second = build_json(root, "--layers", str(layers))
+    assert "modified" in {layer["name"] for layer in second["layers"] if not layer["reused"]}
+
+
+# -- modified files ---------------------------------------------------------------------
+
+
+def test_edited_conffile_goes_to_the_modified_layer(deb_rootfs: Path, tmp_path: Path) -> None:
+    pristine = layer_digests(build_json(deb_rootfs, "--output", f"oci:{tmp_path}/a:t"))
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    with open(root / "etc/login.defs", "a") as f:
+        f.write("# local edit\n")
+    result = build_json(root, "--output", f"oci:{tmp_path}/b:t")
+    edited = layer_digests(result)
+    login = next(n for n in edited if n.startswith("login-"))
+    assert edited[login] == pristine[login]
+    modified = next(layer for layer in result["layers"] if layer["name"] == "modified")
+    with read_layer(tmp_path / "b", modified["digest"]) as tf:
+        assert tf.extractfile("etc/login.defs").read().endswith(b"# local edit\n")
+    scan_out = json.loads(run_cli("scan", str(root), "--json").stdout)
+    assert scan_out["modified"] == ["etc/login.defs"]
+
+
+def test_edited_rpm_config_file_goes_to_the_modified_layer(rpm_rootfs: Path, tmp_path: Path) -> None:
+    pristine = layer_digests(build_json(rpm_rootfs, "--output", f"oci:{tmp_path}/a:t"))
+    root = tmp_path / "root"
+    copy_tree(rpm_rootfs, root)
+    scan_before = json.loads(run_cli("scan", str(root), "--json").stdout)
+    assert scan_before["modified"] == []
+    demo = next(p for p in scan_before["packages"] if p["name"] == "pkglayer-demo")
+    conf = next(
+        f for f in subprocess.run(
+            ["rpm", "--root", str(root), "--dbpath", "/usr/lib/sysimage/rpm", "-qc", "pkglayer-demo"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+    )
+    with open(root / conf.lstrip("/"), "a") as f:
+        f.write("edited=1\n")
+    edited = layer_digests(build_json(root, "--output", f"oci:{tmp_path}/b:t"))
+    assert edited[demo["key"]] == pristine[demo["key"]]
+    assert edited["modified"]
+    assert json.loads(run_cli("scan", str(root), "--json").stdout)["modified"] == [conf.lstrip("/")]
+
+
+# -- layer budget, hard links, no database ----------------------------------------------
+
+
+def test_layer_budget_merges_the_smallest_packages(deb_rootfs: Path, tmp_path: Path) -> None:
+    full = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/a:t")
+    small = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/b:t", "--max-layers", "12")
+    assert len(small["layers"]) == 12
+    everything = [p for layer in full["layers"] for p in layer["packages"]]
+    grouped = [p for layer in small["layers"] for p in layer["packages"]]
+    assert sorted(grouped) == sorted(everything)  # every package exactly once
+    sizes = {layer["name"]: layer["size"] for layer in full["layers"]}
+    singles = [layer["name"] for layer in small["layers"] if len(layer["packages"]) == 1]
+    biggest = sorted((n for n in sizes if n not in TOP), key=sizes.get, reverse=True)[:3]
+    assert set(biggest) <= set(singles)
+
+
+def test_hard_link_sets_never_cross_layers(deb_rootfs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    os.link(root / "usr/bin/dpkg", root / "usr/local/bin/dpkg-hardlink")
+    result = build_json(root, "--output", f"oci:{tmp_path}/img:t")
+    holders = []
+    for layer in result["layers"]:
+        with read_layer(tmp_path / "img", layer["digest"]) as tf:
+            names = set(tf.getnames())
+            if {"usr/bin/dpkg", "usr/local/bin/dpkg-hardlink"} & names:
+                holders.append((layer["name"], names))
+    assert len(holders) == 1
+    assert {"usr/bin/dpkg", "usr/local/bin/dpkg-hardlink"} <= holders[0][1]
+
+
+def test_rootfs_without_database_is_all_unowned(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin/tool").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "etc").mkdir()
+    (root / "etc/config").write_text("x=1\n")
+    (root / "tmp").mkdir()
+    (root / "tmp/scratch").write_text("gone")
+    scan_out = json.loads(run_cli("scan", str(root), "--json").stdout)
+    assert scan_out["format"] is None and scan_out["packages"] == []
+    assert sorted(scan_out["unowned"]) == ["bin", "bin/tool", "etc", "etc/config", "tmp"]
+    assert scan_out["excluded"] == ["tmp/scratch"]
+    result = build_json(root, "--output", f"oci:{tmp_path}/img:t")
+    assert [layer["name"] for layer in result["layers"]] == ["unowned"]
+
+
+# -- hostile and broken input -----------------------------------------------------------
+
+
+def _no_blobs_written(d: Path) -> bool:
+    return not blob_files(d)
+
+
+def test_missing_rootfs_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_cli("build", str(tmp_path / "nope"), "--output", f"oci:{tmp_path}/img", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"pkglayer: error: rootfs {tmp_path}/nope does not exist"
+
+
+def test_unknown_compression_is_rejected(deb_rootfs: Path, tmp_path: Path) -> None:
+    proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/i", "--compression", "lz4", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'lz4'" in proc.stderr
+    conf = tmp_path / "c.toml"
+    conf.write_text('[build]\ncompression = "lz4"\n')
+    proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/i", "--config", str(conf), check=False)
+    assert proc.returncode == 1 and "unknown compression 'lz4'" in proc.stderr
+    assert _no_blobs_written(tmp_path / "i")
+
+
+def test_garbage_dpkg_status_is_a_clear_error(deb_rootfs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    (root / "var/lib/dpkg/status").write_bytes(os.urandom(4096))
+    proc = run_cli("build", str(root), "--output", f"oci:{tmp_path}/img", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("pkglayer: error: ") and "status" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert _no_blobs_written(tmp_path / "img")
+
+
+def test_truncated_rpmdb_is_a_clear_error(rpm_rootfs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    copy_tree(rpm_rootfs, root)
+    db = root / "usr/lib/sysimage/rpm/rpmdb.sqlite"
+    with open(db, "r+b") as f:
+        f.truncate(db.stat().st_size // 3)
+    before = sorted(os.listdir(db.parent))
+    proc = run_cli("build", str(root), "--output", f"oci:{tmp_path}/img", check=False)
+    assert proc.returncode == 1
+    assert "corrupt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(db.parent)) == before  # no -shm/-wal created in the rootfs
+    assert not (root / "root/.rpmdb").exists()
+    assert _no_blobs_written(tmp_path / "img")
+
+
+@pytest.mark.parametrize(
+    "history, message",
+    [
+        ({"schemaVersion": 1, "layers": [{"name": "../../etc/passwd"}]}, "name"),
+        ("not json", "JSON"),
+        ({"schemaVersion": 99, "layers": []}, "99"),
+    ],
+)
+def test_hostile_history_is_a_clear_error(deb_rootfs: Path, tmp_path: Path, history, message: str) -> None:
+    layers = tmp_path / "layers"
+    layers.mkdir()
+    text = history if isinstance(history, str) else json.dumps(history)
+    (layers / "history.json").write_text(text)
+    proc = run_cli("build", str(deb_rootfs), "--layers", str(layers), check=False)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert _no_blobs_written(layers / "output")
+
+
+def test_input_blob_not_matching_its_digest_is_rebuilt(deb_rootfs: Path, tmp_path: Path) -> None:
+    layers = tmp_path / "layers"
+    first = build_json(deb_rootfs, "--layers", str(layers))
+    promote_outputs(layers)
+    victim = next(layer for layer in first["layers"] if layer["name"].startswith("bash-"))
+    blob = layers / "input/blobs/sha256" / victim["digest"][7:]
+    blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
+    # and another history entry points at a blob that is a symlink to a host file
+    other = next(layer for layer in first["layers"] if layer["name"].startswith("dash-"))
+    link = layers / "input/blobs/sha256" / other["digest"][7:]
+    link.unlink()
+    link.symlink_to("/etc/shadow")
+    second = build_json(deb_rootfs, "--layers", str(layers))
+    written = {layer["name"] for layer in second["layers"] if not layer["reused"]}
+    assert written == {victim["name"], other["name"]}
+    assert len(second["warnings"]) == 2
+    # the rebuilt blobs are the true ones
+    assert layer_digests(second)[victim["name"]] == victim["digest"]
+
+
+def test_symlinks_out_of_the_rootfs_are_stored_not_followed(deb_rootfs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    (root / "etc/evil-abs").symlink_to("/etc/shadow")
+    (root / "etc/evil-rel").symlink_to("../../../../../../etc/shadow")
+    # the package database itself replaced by a link to the host: read in-root instead
+    os.rename(root / "var/lib/dpkg/status", root / "var/lib/dpkg/status.real")
+    (root / "var/lib/dpkg/status").symlink_to("/var/lib/dpkg/status.real")
+    host_secret = Path("/etc/shadow").read_bytes()
+    result = build_json(root, "--output", f"oci:{tmp_path}/img:t")
+    found = {}
+    for layer in result["layers"]:
+        with read_layer(tmp_path / "img", layer["digest"]) as tf:
+            for m in tf.getmembers():
+                if m.name in ("etc/evil-abs", "etc/evil-rel"):
+                    found[m.name] = (m.issym(), m.linkname)
+                if m.isfile() and m.size == len(host_secret) and m.name == "etc/shadow":
+                    assert tf.extractfile(m).read() == (root / "etc/shadow").read_bytes()
+    assert found == {
+        "etc/evil-abs": (True, "/etc/shadow"),
+        "etc/evil-rel": (True, "../../../../../../etc/shadow"),
+    }
+    assert len(result["layers"]) > 80  # the database was read through the in-root link
+
+
+def test_file_changed_after_scan_stops_the_layer(deb_rootfs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    settings = BuildSettings()
+    with Rootfs(root) as rootfs:
+        own = scan(rootfs, open_source(rootfs), settings.all_excludes, settings.drop_xattrs)
+        key = next(k for k in own.homes if k.startswith("bash-"))
+        members = layer_members(own.homes[key], own.objects, 0)
+        with open(root / "usr/bin/bash", "r+b") as f:
+            f.write(b"\x7fELF")  # same bytes, but a write: ctime changes
+        out = BlobDir(tmp_path / "blobs", create=True)
+        with pytest.raises(RootfsError, match="changed during the build"):
+            with out.writer() as w:
+                write_layer(rootfs, members, "gzip", 6, w)
+                w.commit()
+        os.unlink(root / "usr/bin/bash")
+        with pytest.raises(RootfsError, match="disappeared"):
+            with out.writer() as w:
+                write_layer(rootfs, members, "gzip", 6, w)
+                w.commit()
+    assert blob_files(tmp_path / "blobs") == set()
+
+
+def test_killed_build_leaves_no_partial_blob_and_rerun_completes(deb_rootfs: Path, tmp_path: Path) -> None:
+    layout = tmp_path / "img"
+    proc = subprocess.Popen(
+        [*PKGLAYER, "build", str(deb_rootfs), "--output", f"oci:{layout}:t", "-q", "-j", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(blob_files(layout)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert blob_files(layout), "the build was killed before writing any blob"
+    for name in blob_files(layout):
+        data = (layout / "blobs/sha256" / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == name
+    assert not (layout / "index.json").exists()
+    rerun = build_json(deb_rootfs, "--output", f"oci:{layout}:t")
+    clean = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/clean:t")
+    assert rerun["manifestDigest"] == clean["manifestDigest"]
+
+
+def test_full_disk_is_a_clear_error_without_partial_blobs(deb_rootfs: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)], check=True)
+    try:
+        proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{mnt}/img:t", check=False)
+        assert proc.returncode == 1
+        assert "no space left" in proc.stderr.lower()
+        for name in blob_files(mnt / "img"):
+            data = (mnt / "img/blobs/sha256" / name).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == name
+        leftovers = [p for p in (mnt / "img").rglob("*") if p.is_file() and "blobs" not in p.parts]
+        assert leftovers == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    shutil.rmtree(mnt, ignore_errors=True)

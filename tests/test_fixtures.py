@@ -1,0 +1,88 @@
+"""Smoke tests: each cached real rootfs has the facts the rest of the suite relies on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests import rootfs_factory as factory
+
+CAP_XATTR = "security.capability"
+
+
+def test_deb_rootfs(deb_rootfs: Path) -> None:
+    assert (deb_rootfs / "var/lib/dpkg/status").is_file()
+    assert "iputils-ping" in factory.dpkg_versions(deb_rootfs)
+    assert os.getxattr(deb_rootfs / "usr/bin/ping", CAP_XATTR, follow_symlinks=False)
+    assert (deb_rootfs / "usr/bin").is_dir() and (deb_rootfs / "bin").is_symlink()
+
+
+def test_deb_upgrade_pair(deb_upgrade_pair: factory.UpgradePair) -> None:
+    pair = deb_upgrade_pair
+    assert pair.upgraded, "no package differs"
+    for name, (old, new) in pair.upgraded.items():
+        assert old and new and old != new, (name, old, new)
+        assert name not in ("iputils-ping",)
+    old, new = factory.dpkg_versions(pair.old), factory.dpkg_versions(pair.new)
+    assert {n for n in old if old[n] != new.get(n)} == set(pair.upgraded)
+    assert len(old) == len(new)
+
+
+def test_rpm_rootfs(rpm_rootfs: Path) -> None:
+    db = rpm_rootfs / "usr/lib/sysimage/rpm"
+    assert (db / "rpmdb.sqlite").is_file()
+    assert os.readlink(rpm_rootfs / "var/lib/rpm") == "../../usr/lib/sysimage/rpm"
+    assert not (rpm_rootfs / "root/.rpmdb").exists()
+    assert factory.rpm_query(rpm_rootfs, "pkglayer-demo").strip() == "pkglayer-demo-1.0-1.noarch"
+    versions = factory.rpm_versions(rpm_rootfs)
+    assert {"bash", "coreutils", "pkglayer-extra"} <= versions.keys()
+
+    share = rpm_rootfs / "usr/share/pkglayer-demo"
+    assert (share / "hardlink-a").stat().st_ino == (share / "hardlink-b").stat().st_ino
+    assert os.readlink(share / "data-link") == "data.txt"
+    assert (share / "empty").stat().st_size == 0
+    assert (rpm_rootfs / "var/lib/pkglayer-demo").is_dir()
+    assert (rpm_rootfs / "etc/pkglayer-demo.conf").is_file()
+    assert os.getxattr(rpm_rootfs / "usr/bin/pkglayer-ping", CAP_XATTR)
+    # %ghost and --excludedocs: listed in the database, absent on disk.
+    listed = factory.rpm_query(rpm_rootfs, "-l", "pkglayer-demo").split()
+    for path in ("/var/log/pkglayer-demo.log", "/usr/share/doc/pkglayer-demo/README"):
+        assert path in listed
+        assert not (rpm_rootfs / path.lstrip("/")).exists()
+
+
+def test_rpm_query_leaves_tree_alone(rpm_rootfs: Path) -> None:
+    db = rpm_rootfs / "usr/lib/sysimage/rpm"
+    before = {p.name: p.stat().st_mtime_ns for p in db.iterdir()}
+    factory.rpm_versions(rpm_rootfs)
+    assert {p.name: p.stat().st_mtime_ns for p in db.iterdir()} == before
+
+
+def test_rpm_upgrade_pair(rpm_upgrade_pair: factory.UpgradePair) -> None:
+    pair = rpm_upgrade_pair
+    assert pair.upgraded == {"pkglayer-demo": ("1.0-1", "1.0-2")}
+    data = "usr/share/pkglayer-demo/data.txt"
+    assert (pair.old / data).read_text() != (pair.new / data).read_text()
+    assert (pair.old / "etc/pkglayer-demo.conf").read_bytes() == (
+        pair.new / "etc/pkglayer-demo.conf"
+    ).read_bytes()
+
+
+def test_copy_tree_keeps_caps_and_links(deb_rootfs: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "copy"
+    factory.copy_tree(deb_rootfs, dst)
+    assert os.getxattr(dst / "usr/bin/ping", CAP_XATTR) == os.getxattr(
+        deb_rootfs / "usr/bin/ping", CAP_XATTR
+    )
+    assert os.readlink(dst / "bin") == os.readlink(deb_rootfs / "bin")
+
+
+def test_build_rpm_is_reproducible(rpm_specs_dir: Path, tmp_path: Path) -> None:
+    spec = rpm_specs_dir / "pkglayer-extra.spec"
+    a = factory.build_rpm(spec, "2.0", "7", tmp_path / "a")
+    b = factory.build_rpm(spec, "2.0", "7", tmp_path / "b")
+    assert a.name == "pkglayer-extra-2.0-7.noarch.rpm"
+    assert a.read_bytes() == b.read_bytes()
+    out = subprocess.run(["rpm", "-qp", a], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "pkglayer-extra-2.0-7.noarch"
