@@ -22,6 +22,7 @@ from .history import History, LayerRecord, load_history, save_history
 from .oci import ImageConfig, ImageResult, parse_oci_ref, write_image
 from .ownership import Ownership, scan
 from .plan import PlannedLayer, plan_layers
+from .pristine import is_pristine_layer
 from .rootfs import Rootfs
 from .sources import open_source
 from .tarwriter import MEDIA_TYPES, TAR_FORMAT, Member, content_key, layer_members, write_layer
@@ -133,7 +134,7 @@ def build(
         keys = {name: content_key(ms) for name, ms in members.items()}
 
         outcomes, rejected = _reuse_or_write(
-            rootfs, plan, members, keys, prior, inputs, output, settings, progress
+            rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress
         )
 
     result = BuildResult(
@@ -174,6 +175,7 @@ def build(
 
 def _reuse_or_write(
     rootfs: Rootfs,
+    ownership: Ownership,
     plan: list[PlannedLayer],
     members: dict[str, list[Member]],
     keys: dict[str, str],
@@ -185,14 +187,42 @@ def _reuse_or_write(
 ) -> tuple[list[LayerOutcome], list[str]]:
     spec = settings.compression_spec
     media_type = MEDIA_TYPES[settings.compression]
-    candidates: dict[str, LayerRecord] = {}
+    by_key: dict[str, LayerRecord] = {}
+    by_packages: dict[tuple[str, ...], list[LayerRecord]] = {}
     if prior is not None:
         for rec in prior.layers:
             if rec.compression == spec and rec.media_type == media_type:
-                candidates.setdefault(rec.content_key, rec)
+                by_key.setdefault(rec.content_key, rec)
+                if rec.packages:
+                    by_packages.setdefault(rec.packages, []).append(rec)
+    sources = (*inputs, output)
 
-    def verified_source(rec: LayerRecord) -> bool:
-        return any(d.has(rec.digest) and d.verify(rec.digest) for d in (*inputs, output))
+    def source_of(rec: LayerRecord) -> BlobDir | None:
+        return next((d for d in sources if d.has(rec.digest) and d.verify(rec.digest)), None)
+
+    def find_reusable(layer: PlannedLayer) -> tuple[LayerRecord | None, str | None]:
+        """A prior blob for this layer, or why a candidate was turned down."""
+        exact = by_key.get(keys[layer.name])
+        if exact is not None:
+            if source_of(exact) is not None:
+                return exact, None
+            return None, (
+                f"input blob {exact.digest} for layer {layer.name} is missing or does not "
+                "match its digest; rebuilding the layer"
+            )
+        edited = ownership.modified_by_package.get(layer.packages[0]) if len(layer.packages) == 1 else None
+        if edited:
+            expected = layer_members(
+                [*ownership.homes.get(layer.homes[0], []), *(obj for obj, _ in edited)],
+                ownership.objects,
+                settings.source_date_epoch,
+            )
+            wanted = {obj.path: (obj, rec) for obj, rec in edited}
+            for rec in by_packages.get(layer.packages, []):
+                src = source_of(rec)
+                if src is not None and is_pristine_layer(src, rec, expected, wanted):
+                    return rec, None
+        return None, None
 
     rejected: list[str] = []
     outcomes: dict[str, LayerOutcome] = {}
@@ -200,21 +230,15 @@ def _reuse_or_write(
     done = 0
     total = len(plan)
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
-        checks = {
-            layer.name: pool.submit(verified_source, candidates[keys[layer.name]])
-            for layer in plan
-            if keys[layer.name] in candidates
-        }
+        checks = {layer.name: pool.submit(find_reusable, layer) for layer in plan}
         for layer in plan:
-            key = keys[layer.name]
-            check = checks.get(layer.name)
-            if check is not None and check.result():
-                rec = candidates[key]
+            rec, why_not = checks[layer.name].result()
+            if rec is not None:
                 outcomes[layer.name] = LayerOutcome(
                     record=LayerRecord(
                         name=layer.name,
                         packages=layer.packages,
-                        content_key=key,
+                        content_key=rec.content_key,
                         digest=rec.digest,
                         diff_id=rec.diff_id,
                         size=rec.size,
@@ -228,10 +252,9 @@ def _reuse_or_write(
                 if progress:
                     progress("layers", done, total)
                 continue
-            if check is not None:
-                msg = f"input blob {candidates[key].digest} for layer {layer.name} is missing or does not match its digest; rebuilding the layer"
-                log.warning("%s", msg)
-                rejected.append(msg)
+            if why_not:
+                log.warning("%s", why_not)
+                rejected.append(why_not)
             to_write.append(layer)
 
         level = settings.gzip_level if settings.compression == "gzip" else settings.zstd_level

@@ -205,7 +205,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     for e in image.env:
         _key_value(e, "--env")
-    reporter = _ProgressReporter(enabled=not args.quiet)
+    reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
     try:
         result = build(
             args.rootfs,
@@ -318,13 +318,13 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    # Plain "pkglayer: message" lines: readable on a terminal and in the journal,
+    # which adds its own timestamps.
     logging.basicConfig(
-        level=logging.INFO if (args.verbose or not args.quiet) else logging.WARNING,
+        level=logging.INFO if args.verbose else logging.WARNING,
         format="pkglayer: %(message)s",
         stream=sys.stderr,
     )
-    if not args.verbose:
-        logging.getLogger("pkglayer").setLevel(logging.WARNING if args.quiet or args.json else logging.INFO)
     try:
         return args.func(args)
     except PkglayerError as e:

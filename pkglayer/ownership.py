@@ -58,6 +58,9 @@ class Ownership:
     excluded: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     modified: list[str] = field(default_factory=list)
+    # package key -> its files that were changed since installation, with what the
+    # database recorded for them (used to recognise a prior pristine layer)
+    modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = field(default_factory=dict)
     missing: dict[str, list[str]] = field(default_factory=dict)
     shared: dict[str, list[str]] = field(default_factory=dict)
 
@@ -197,6 +200,7 @@ def scan(
         digests_of[obj.path] = digests
 
     modified: list[str] = []
+    modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = defaultdict(list)
     for obj in objects.values():
         if any(obj.path == d or obj.path.startswith(d + "/") for d in db_paths):
             obj.home = HOME_PKGDB
@@ -210,6 +214,7 @@ def scan(
         if _is_modified(obj, rec, digests_of.get(obj.path, {})):
             obj.home = HOME_MODIFIED
             modified.append(obj.path)
+            modified_by_package[pkg.key].append((obj, rec))
         else:
             obj.home = pkg.key
 
@@ -236,6 +241,7 @@ def scan(
         excluded=sorted(excluded),
         skipped=sorted(skipped),
         modified=sorted(modified),
+        modified_by_package=dict(modified_by_package),
         missing={k: sorted(v) for k, v in sorted(missing.items())},
         shared=dict(sorted(shared.items())),
     )

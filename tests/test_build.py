@@ -192,24 +192,68 @@ def test_in_place_edit_with_same_size_and_mtime_changes_the_key(deb_rootfs: Path
 
 
 def test_edited_conffile_goes_to_the_modified_layer(deb_rootfs: Path, tmp_path: Path) -> None:
-    pristine = layer_digests(build_json(deb_rootfs, "--output", f"oci:{tmp_path}/a:t"))
+    layers = tmp_path / "layers"
+    pristine = layer_digests(build_json(deb_rootfs, "--layers", str(layers)))
+    promote_outputs(layers)
     root = tmp_path / "root"
     copy_tree(deb_rootfs, root)
     with open(root / "etc/login.defs", "a") as f:
         f.write("# local edit\n")
-    result = build_json(root, "--output", f"oci:{tmp_path}/b:t")
+    assert json.loads(run_cli("scan", str(root), "--json").stdout)["modified"] == ["etc/login.defs"]
+
+    result = build_json(root, "--layers", str(layers), "--output", f"oci:{tmp_path}/img:t")
     edited = layer_digests(result)
     login = next(n for n in edited if n.startswith("login-"))
+    # the package layer is the pristine one (its blob from the earlier build, checked
+    # member by member against the database), the edit sits in the layer above it
     assert edited[login] == pristine[login]
-    modified = next(layer for layer in result["layers"] if layer["name"] == "modified")
-    with read_layer(tmp_path / "b", modified["digest"]) as tf:
+    assert {layer["name"] for layer in result["layers"] if not layer["reused"]} <= TOP
+    with read_layer(tmp_path / "img", edited[login]) as tf:
+        assert not tf.extractfile("etc/login.defs").read().endswith(b"# local edit\n")
+    with read_layer(tmp_path / "img", edited["modified"]) as tf:
+        assert tf.getnames()[-1] == "etc/login.defs"
         assert tf.extractfile("etc/login.defs").read().endswith(b"# local edit\n")
-    scan_out = json.loads(run_cli("scan", str(root), "--json").stdout)
-    assert scan_out["modified"] == ["etc/login.defs"]
+
+    # with no earlier build to take the pristine bytes from, the package layer leaves
+    # the edited file out rather than ship the edit twice
+    alone = build_json(root, "--output", f"oci:{tmp_path}/alone:t")
+    with read_layer(tmp_path / "alone", layer_digests(alone)[login]) as tf:
+        assert "etc/login.defs" not in tf.getnames()
+
+
+def test_a_tampered_prior_layer_is_not_taken_as_pristine(deb_rootfs: Path, tmp_path: Path) -> None:
+    """A prior blob that does not hold the package's pristine content is not reused."""
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    with open(root / "etc/login.defs", "a") as f:
+        f.write("# first edit\n")
+    layers = tmp_path / "layers"
+    build_json(root, "--layers", str(layers))  # login layer written without login.defs
+    promote_outputs(layers)
+    with open(root / "etc/login.defs", "a") as f:
+        f.write("# second edit\n")
+    second = build_json(root, "--layers", str(layers))
+    login = next(layer for layer in second["layers"] if layer["name"].startswith("login-"))
+    assert login["reused"]  # same content key: the file is still left out
+    # now forge a history that claims a different blob is login's pristine layer
+    history = json.loads((layers / "history.json").read_text())
+    bash = next(layer for layer in history["layers"] if layer["name"].startswith("bash-"))
+    for layer in history["layers"]:
+        if layer["name"].startswith("login-"):
+            for k in ("digest", "diffID", "size"):
+                layer[k] = bash[k]
+            layer["contentKey"] = "sha256:" + "0" * 64
+    (layers / "history.json").write_text(json.dumps(history))
+    promote_outputs(layers)
+    third = build_json(root, "--layers", str(layers))
+    login3 = next(layer for layer in third["layers"] if layer["name"].startswith("login-"))
+    assert not login3["reused"] and login3["digest"] == login["digest"]
 
 
 def test_edited_rpm_config_file_goes_to_the_modified_layer(rpm_rootfs: Path, tmp_path: Path) -> None:
-    pristine = layer_digests(build_json(rpm_rootfs, "--output", f"oci:{tmp_path}/a:t"))
+    layers = tmp_path / "layers"
+    pristine = layer_digests(build_json(rpm_rootfs, "--layers", str(layers)))
+    promote_outputs(layers)
     root = tmp_path / "root"
     copy_tree(rpm_rootfs, root)
     scan_before = json.loads(run_cli("scan", str(root), "--json").stdout)
@@ -223,7 +267,7 @@ def test_edited_rpm_config_file_goes_to_the_modified_layer(rpm_rootfs: Path, tmp
     )
     with open(root / conf.lstrip("/"), "a") as f:
         f.write("edited=1\n")
-    edited = layer_digests(build_json(root, "--output", f"oci:{tmp_path}/b:t"))
+    edited = layer_digests(build_json(root, "--layers", str(layers)))
     assert edited[demo["key"]] == pristine[demo["key"]]
     assert edited["modified"]
     assert json.loads(run_cli("scan", str(root), "--json").stdout)["modified"] == [conf.lstrip("/")]
@@ -239,10 +283,12 @@ def test_layer_budget_merges_the_smallest_packages(deb_rootfs: Path, tmp_path: P
     everything = [p for layer in full["layers"] for p in layer["packages"]]
     grouped = [p for layer in small["layers"] for p in layer["packages"]]
     assert sorted(grouped) == sorted(everything)  # every package exactly once
-    sizes = {layer["name"]: layer["size"] for layer in full["layers"]}
-    singles = [layer["name"] for layer in small["layers"] if len(layer["packages"]) == 1]
-    biggest = sorted((n for n in sizes if n not in TOP), key=sizes.get, reverse=True)[:3]
-    assert set(biggest) <= set(singles)
+    # the smallest are merged first, so the largest package keeps a layer of its own
+    scan_out = json.loads(run_cli("scan", str(deb_rootfs), "--json").stdout)
+    largest = max(scan_out["packages"], key=lambda p: p["bytes"])["key"]
+    assert [largest] in [layer["packages"] for layer in small["layers"]]
+    smallest = min(scan_out["packages"], key=lambda p: p["bytes"])["key"]
+    assert [smallest] not in [layer["packages"] for layer in small["layers"]]
 
 
 def test_hard_link_sets_never_cross_layers(deb_rootfs: Path, tmp_path: Path) -> None:
@@ -328,15 +374,22 @@ def test_truncated_rpmdb_is_a_clear_error(rpm_rootfs: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "history, message",
     [
-        ({"schemaVersion": 1, "layers": [{"name": "../../etc/passwd"}]}, "name"),
+        ("../../etc/passwd", "name"),
         ("not json", "JSON"),
-        ({"schemaVersion": 99, "layers": []}, "99"),
+        ("version 99", "99"),
     ],
 )
-def test_hostile_history_is_a_clear_error(deb_rootfs: Path, tmp_path: Path, history, message: str) -> None:
+def test_hostile_history_is_a_clear_error(deb_rootfs: Path, tmp_path: Path, history: str, message: str) -> None:
     layers = tmp_path / "layers"
-    layers.mkdir()
-    text = history if isinstance(history, str) else json.dumps(history)
+    valid = build_json(deb_rootfs, "--layers", str(layers))
+    promote_outputs(layers)
+    text = (layers / "history.json").read_text()
+    if history == "not json":
+        text = text[: len(text) // 2]
+    elif history == "version 99":
+        text = text.replace('"schemaVersion": 1', '"schemaVersion": 99')
+    else:
+        text = text.replace(valid["layers"][0]["name"], history)
     (layers / "history.json").write_text(text)
     proc = run_cli("build", str(deb_rootfs), "--layers", str(layers), check=False)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr

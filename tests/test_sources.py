@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sqlite3
 import struct
@@ -20,7 +21,6 @@ from pkglayer.sources import open_source
 from pkglayer.sources.base import Package
 from pkglayer.sources.dpkg import DpkgSource
 from pkglayer.sources.rpmdb import RpmSource
-from tests.rootfs_factory import copy_tree
 
 RPMDB = "usr/lib/sysimage/rpm"
 
@@ -118,9 +118,11 @@ def test_dpkg_obsolete_conffile_is_a_ghost(dpkg_db: Path) -> None:
     assert bashrc.config and bashrc.ghost and bashrc.digest is None
 
 
-def test_dpkg_diversion_moves_the_path(deb_rootfs: Path, tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    copy_tree(deb_rootfs, root)
+def test_dpkg_diversion_moves_the_path(deb_rootfs: Path, dpkg_db: Path) -> None:
+    root = dpkg_db  # plus the one file dpkg-divert moves, under merged /usr as in Debian
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "bin").symlink_to("usr/bin")
+    shutil.copy2(deb_rootfs / "usr/bin/sed", root / "usr/bin/sed")
     subprocess.run(
         ["dpkg-divert", f"--root={root}", "--local", "--rename",
          "--divert", "/bin/sed.distrib", "--add", "/bin/sed"],
@@ -176,6 +178,17 @@ def test_dpkg_empty_status_and_absent_states(dpkg_db: Path) -> None:
     assert src.architecture() == "amd64"
 
 
+def test_dpkg_names_that_are_not_utf8(dpkg_db: Path) -> None:
+    raw = b"/usr/share/caf\xe9"  # latin-1, as an old package might ship it
+    with open(dpkg_db / "var/lib/dpkg/info/bash.list", "ab") as f:
+        f.write(raw + b"\n")
+    with open(dpkg_db / "var/lib/dpkg/info/bash.md5sums", "ab") as f:
+        f.write(b"0123456789abcdef0123456789abcdef  " + raw[1:] + b"\n")
+    bash = _by_name(DpkgSource(Rootfs(dpkg_db)).packages())["bash"]
+    odd = next(f for f in bash.files if os.fsencode(f.path) == raw)
+    assert odd.digest == "0123456789abcdef0123456789abcdef"
+
+
 def test_dpkg_missing_list_and_bad_diversions(dpkg_db: Path) -> None:
     admin = dpkg_db / "var/lib/dpkg"
     (admin / "diversions").write_text("/bin/a\n/bin/a.real\n")
@@ -197,7 +210,9 @@ def _rpm_qa(dbdir: Path, tmp_path: Path) -> list[str]:
     fmt = "%{NAME}-%|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}-%|ARCH?{%{ARCH}}:{noarch}|\\n"
     out = subprocess.run(["rpm", "--dbpath", str(copy), "-qa", "--qf", fmt],
                          check=True, capture_output=True, text=True).stdout
-    return sorted(k for k in out.splitlines() if not k.startswith("gpg-pubkey-"))
+    # Package.key leaves out a zero epoch, %{EPOCH} does not.
+    keys = (re.sub(r"^(.*?)-0:", r"\1-", k, count=1) for k in out.splitlines())
+    return sorted(k for k in keys if not k.startswith("gpg-pubkey-"))
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
@@ -211,13 +226,6 @@ def _snapshot(root: Path) -> dict[str, tuple]:
             content = _digest(Path(p), "sha256") if rel.startswith(RPMDB + "/") else None
             out[rel] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
     return out
-
-
-def _move_db(root: Path, location: str) -> None:
-    """Make `location` a real directory holding the database, with no other copy."""
-    (root / "var/lib/rpm").unlink()
-    (root / location).parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(root / RPMDB, root / location)
 
 
 def test_rpm_reads_every_installed_package(rpm_rootfs: Path, tmp_path: Path) -> None:
@@ -266,8 +274,7 @@ def test_rpm_reading_leaves_rootfs_and_process_untouched(rpm_rootfs: Path) -> No
 @pytest.mark.parametrize("location", ["var/lib/rpm", "usr/share/rpm"])
 def test_rpm_other_locations(rpm_rootfs: Path, tmp_path: Path, location: str) -> None:
     root = tmp_path / "root"
-    copy_tree(rpm_rootfs, root)
-    _move_db(root, location)
+    shutil.copytree(rpm_rootfs / RPMDB, root / location, ignore=shutil.ignore_patterns("*-shm"))
     src = RpmSource(Rootfs(root))
     assert RpmSource.detect(Rootfs(root))
     assert src.database_paths() == [location]

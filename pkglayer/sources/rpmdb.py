@@ -89,15 +89,15 @@ class RpmSource(PackageSource):
             self._copy_db(dbdir, dbfile, tmp)
             copy = os.path.join(tmp, dbfile)
             rows = _check_sqlite(copy, where) if kind == "sqlite" else _check_bdb(copy, where)
+            headers = 0  # gpg-pubkey included, to compare with the row count
+            pkgs = []
             with _rpm_db(tmp, "sqlite" if kind == "sqlite" else "bdb_ro") as ts:
                 try:
-                    headers = 0
-                    pkgs = []
                     for h in ts.dbMatch():
                         headers += 1
                         if h[rpm.RPMTAG_NAME] != "gpg-pubkey":
                             pkgs.append(_package(h))
-                except rpm.error as e:
+                except (rpm.error, ValueError) as e:  # ValueError: file arrays of unequal length
                     raise DatabaseError(f"{where}: corrupt rpm database ({e})") from None
         if rows is not None and headers != rows:
             raise DatabaseError(
@@ -211,15 +211,17 @@ def _files(h: rpm.hdr) -> Iterator[FileRecord]:
     if not names:
         return
     algo = DIGEST_ALGOS.get(h[rpm.RPMTAG_FILEDIGESTALGO] or 1)
-    states = h[rpm.RPMTAG_FILESTATES] or [RPMFILE_STATE_NORMAL] * len(names)
+    # Headers may omit an array whose entries are all empty; zip must not stop short.
+    blank = [""] * len(names)
     for name, digest, mode, linkto, mtime, fflags, state in zip(
         names,
-        h[rpm.RPMTAG_FILEDIGESTS],
+        h[rpm.RPMTAG_FILEDIGESTS] or blank,
         h[rpm.RPMTAG_FILEMODES],
-        h[rpm.RPMTAG_FILELINKTOS],
+        h[rpm.RPMTAG_FILELINKTOS] or blank,
         h[rpm.RPMTAG_FILEMTIMES],
         h[rpm.RPMTAG_FILEFLAGS],
-        states,
+        h[rpm.RPMTAG_FILESTATES] or [RPMFILE_STATE_NORMAL] * len(names),
+        strict=True,
     ):
         if state != RPMFILE_STATE_NORMAL:
             continue

@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""Benchmark pkglayer against single-layer tar baselines on one real rootfs.
+
+On the same tree, in the same run, with a warm page cache, it times (median of --runs):
+
+  tar+pigz    tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - -C ROOT . | pigz -p N > out
+  tar+zstd    the same | zstd -3 -T N > out
+  gzip full   pkglayer build ROOT --output oci:EMPTY/img:latest
+  zstd full   the same with --compression zstd
+  reuse       pkglayer build ROOT --layers L   (L already holds a full build: every layer reused)
+
+N is the number of CPUs (pkglayer's default worker count). pkglayer runs as the installed
+CLI in a subprocess, so interpreter start-up is counted, as the shell baselines count
+theirs. The baselines read the whole tree; pkglayer leaves out its default excludes
+(apt caches and lists, tmp, ...): both sizes are printed.
+
+Run as root (the tree has root-only files):
+  bench/bench.py                       # the cached large Debian tree of tests/rootfs_factory.py
+  bench/bench.py --rootfs /some/rootfs --runs 5 --json
+  bench/bench.py --doc docs/benchmark.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TAR = "tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner{excludes} -cf - -C {root} ."
+
+# (name, numerator, denominator, target): PASS when numerator/denominator <= target.
+# The first three are the project's targets (baselines over the whole tree); the last two
+# compare with baselines over the same files as the layers (pkglayer's excludes left out).
+TARGETS = [
+    ("pkglayer-gzip / pigz", "gzip full", "tar+pigz", 1.2),
+    ("pkglayer-zstd / zstd", "zstd full", "tar+zstd", 1.5),
+    ("reuse / pkglayer-gzip full", "reuse", "gzip full", 0.1),
+    ("pkglayer-gzip / pigz same files", "gzip full", "tar+pigz same", 1.2),
+    ("pkglayer-zstd / zstd same files", "zstd full", "tar+zstd same", 1.5),
+]
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def large_deb_rootfs() -> Path:
+    path = REPO / "tests" / "rootfs_factory.py"
+    spec = importlib.util.spec_from_file_location("rootfs_factory", path)
+    if spec is None or spec.loader is None or not path.exists():
+        sys.exit(f"bench: no --rootfs given and {path} is missing")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["rootfs_factory"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.large_deb_rootfs()
+
+
+def find_pkglayer(explicit: str | None) -> str:
+    for candidate in (explicit, REPO / ".venv" / "bin" / "pkglayer", Path(sys.executable).parent / "pkglayer"):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("pkglayer")
+    if not found:
+        sys.exit("bench: no pkglayer CLI found: run scripts/setup.sh or pass --pkglayer")
+    return found
+
+
+def tree_bytes(path: str) -> tuple[int, int]:
+    """(apparent bytes of regular files, number of entries) under path, not following links."""
+    total = count = 0
+    st = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return (st.st_size if os.path.isfile(path) and not os.path.islink(path) else 0), 1
+    for dirpath, dirnames, filenames in os.walk(path):
+        count += len(dirnames) + len(filenames)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if not os.path.islink(p):
+                total += st.st_size
+    return total, count + 1
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, str, float]:
+    """Run cmd; return (wall seconds, stdout, CPU seconds of it and all its descendants)."""
+    cpu0 = _children_cpu()
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd,
+        shell=shell,
+        executable="/bin/bash" if shell else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seconds = time.perf_counter() - start
+    cpu = _children_cpu() - cpu0
+    if proc.returncode != 0:
+        shown = cmd if isinstance(cmd, str) else shlex.join(cmd)
+        sys.exit(f"bench: {shown} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout, cpu
+
+
+def machine() -> dict[str, str | int]:
+    model = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count() or 1, "cpu": model, "memory": mem, "kernel": platform.release()}
+
+
+def tool_versions(pkglayer: str) -> dict[str, str]:
+    def first_line(cmd: list[str]) -> str:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            return "missing"
+        return (p.stdout or p.stderr).strip().splitlines()[0] if (p.stdout or p.stderr).strip() else "?"
+
+    return {
+        "pkglayer": first_line([pkglayer, "--version"]),
+        "tar": first_line(["tar", "--version"]),
+        "pigz": first_line(["pigz", "--version"]),
+        "zstd": first_line(["zstd", "--version"]),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rootfs", help="tree to benchmark (default: large_deb_rootfs() of tests/rootfs_factory.py)")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs of each command; the median is reported (default 3)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout instead of a table")
+    ap.add_argument("--pkglayer", help="pkglayer executable (default: REPO/.venv/bin/pkglayer, then PATH)")
+    ap.add_argument("--workdir", help="scratch directory for outputs (default: a new one in /var/tmp, removed afterwards)")
+    ap.add_argument("--doc", metavar="FILE", help="also write the results as Markdown to FILE (e.g. docs/benchmark.md)")
+    args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+
+    root = os.path.abspath(args.rootfs) if args.rootfs else str(large_deb_rootfs())
+    if not os.path.isdir(root):
+        sys.exit(f"bench: {root} is not a directory")
+    pkglayer = find_pkglayer(args.pkglayer)
+    ncpu = os.cpu_count() or 1
+    own_work = args.workdir is None
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="pkglayer-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    q = shlex.quote
+    tar = TAR.format(root=q(root), excludes="")
+
+    try:
+        log(f"tree {root}: measuring size and pkglayer's excludes")
+        size, entries = tree_bytes(root)
+        _, scan_out, _ = run_timed([pkglayer, "scan", root, "--json"])
+        scan = json.loads(scan_out)
+        excluded_bytes = sum(tree_bytes(os.path.join(root, p))[0] for p in scan["excluded"])
+        layered_bytes = sum(p["bytes"] for p in scan["packages"]) + sum(h["bytes"] for h in scan["homes"].values())
+
+        log("warming the page cache (one untimed tar pass)")
+        run_timed(f"set -o pipefail; {tar} | cat >/dev/null", shell=True)
+        # The same tar without what pkglayer excludes: the same files as its layers.
+        # (--exclude is positional in GNU tar: it must come before the operands)
+        tar_same = TAR.format(
+            root=q(root),
+            excludes=" --anchored" + "".join(f" --exclude={q('./' + p)}" for p in scan["excluded"]),
+        )
+
+        log("untimed full --layers build, the base of the reuse runs")
+        layers = work / "layers"
+        _, out, _ = run_timed([pkglayer, "build", root, "--layers", str(layers), "--json", "-q"])
+        first_layers = json.loads(out)
+
+        commands: dict[str, tuple[list[str] | str, bool]] = {}
+        names = ("tar+pigz", "tar+zstd", "tar+pigz same", "tar+zstd same", "gzip full", "zstd full", "reuse")
+        times: dict[str, list[float]] = {k: [] for k in names}
+        cpus: dict[str, list[float]] = {k: [] for k in names}
+        load_before = open("/proc/loadavg").read().split()[:3]
+        gzip_digests: list[str] = []
+        results: dict[str, dict] = {}
+        # Round-robin over the commands, so slow drift of the machine hits all of them alike.
+        for i in range(args.runs):
+            log(f"run {i + 1}/{args.runs}")
+            out_dir = work / f"run{i}"
+            out_dir.mkdir()
+            commands = {
+                "tar+pigz": (f"set -o pipefail; {tar} | pigz -p {ncpu} > {q(str(out_dir / 'tree.tar.gz'))}", True),
+                "tar+zstd": (f"set -o pipefail; {tar} | zstd -q -3 -T{ncpu} > {q(str(out_dir / 'tree.tar.zst'))}", True),
+                "tar+pigz same": (f"set -o pipefail; {tar_same} | pigz -p {ncpu} > {q(str(out_dir / 'same.tar.gz'))}", True),
+                "tar+zstd same": (f"set -o pipefail; {tar_same} | zstd -q -3 -T{ncpu} > {q(str(out_dir / 'same.tar.zst'))}", True),
+                "gzip full": ([pkglayer, "build", root, "--output", f"oci:{out_dir / 'gzip'}:latest", "--json", "-q"], False),
+                "zstd full": ([pkglayer, "build", root, "--output", f"oci:{out_dir / 'zstd'}:latest",
+                               "--compression", "zstd", "--json", "-q"], False),
+                "reuse": ([pkglayer, "build", root, "--layers", str(layers), "--json", "-q"], False),
+            }
+            for name, (cmd, shell) in commands.items():
+                seconds, out, cpu = run_timed(cmd, shell=shell)
+                times[name].append(seconds)
+                cpus[name].append(cpu)
+                if not shell:
+                    results[name] = json.loads(out)
+                    if name == "gzip full":
+                        gzip_digests.append(results[name]["manifestDigest"])
+            sizes = {
+                "tar+pigz": (out_dir / "tree.tar.gz").stat().st_size,
+                "tar+zstd": (out_dir / "tree.tar.zst").stat().st_size,
+                "tar+pigz same": (out_dir / "same.tar.gz").stat().st_size,
+                "tar+zstd same": (out_dir / "same.tar.zst").stat().st_size,
+                "gzip full": sum(layer["size"] for layer in results["gzip full"]["layers"]),
+                "zstd full": sum(layer["size"] for layer in results["zstd full"]["layers"]),
+            }
+            shutil.rmtree(out_dir)
+        load_after = open("/proc/loadavg").read().split()[:3]
+        if len(gzip_digests) < 2:
+            log("one more gzip build for the determinism check")
+            out_dir = work / "extra"
+            _, out, _ = run_timed([pkglayer, "build", root, "--output", f"oci:{out_dir}:latest", "--json", "-q"])
+            gzip_digests.append(json.loads(out)["manifestDigest"])
+            shutil.rmtree(out_dir)
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    median_cpu = {k: statistics.median(v) for k, v in cpus.items()}
+    ratios = []
+    for label, num, den, target in TARGETS:
+        value = median[num] / median[den]
+        ratios.append({"ratio": label, "value": round(value, 3), "target": target, "pass": value <= target})
+    reuse = results["reuse"]
+    n_layers = len(reuse["layers"])
+    checks = {
+        "layers": n_layers,
+        "layers_first_build_written": first_layers["written"],
+        "reused_on_rebuild": reuse["reused"],
+        "all_reused": reuse["reused"] == n_layers and reuse["written"] == 0,
+        "gzip_manifest_digests": gzip_digests,
+        "deterministic": len(set(gzip_digests)) == 1,
+    }
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "tools": tool_versions(pkglayer),
+        "rootfs": root,
+        "tree": {
+            "bytes": size,
+            "entries": entries,
+            "excluded_bytes": excluded_bytes,
+            "excluded_paths": len(scan["excluded"]),
+            "layered_bytes": layered_bytes,
+            "packages": scan["counts"]["packages"],
+        },
+        "runs": args.runs,
+        "commands": {
+            k: (v[0] if isinstance(v[0], str) else shlex.join(v[0])).replace(str(work), "$WORK")
+            for k, v in commands.items()
+        },
+        "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "median_seconds": {k: round(v, 3) for k, v in median.items()},
+        "median_cpu_seconds": {k: round(v, 3) for k, v in median_cpu.items()},
+        "loadavg_before_after": [load_before, load_after],
+        "output_bytes": sizes,
+        "ratios": ratios,
+        "checks": checks,
+    }
+
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render_text(report))
+    if args.doc:
+        Path(args.doc).write_text(render_markdown(report))
+        log(f"wrote {args.doc}")
+    return 0 if checks["all_reused"] and checks["deterministic"] else 1
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render_text(r: dict) -> str:
+    t = r["tree"]
+    lines = [
+        f"machine: {r['machine']['nproc']} x {r['machine']['cpu']}, {r['machine']['memory']}",
+        f"tree: {r['rootfs']}: {_mb(t['bytes'])} in {t['entries']} entries, {t['packages']} packages; "
+        f"pkglayer excludes {_mb(t['excluded_bytes'])} ({t['excluded_paths']} paths), layers {_mb(t['layered_bytes'])}",
+        f"median of {r['runs']} run(s), warm cache; load average before/after: "
+        f"{' '.join(r['loadavg_before_after'][0])} / {' '.join(r['loadavg_before_after'][1])}",
+        f"  {'command':<14} {'median s':>9} {'CPU s':>7} {'output':>10}   runs (s)",
+    ]
+    for name, sec in r["median_seconds"].items():
+        out = r["output_bytes"].get(name)
+        lines.append(
+            f"  {name:<14} {sec:>9.2f} {r['median_cpu_seconds'][name]:>7.2f} {(_mb(out) if out else '-'):>10}   "
+            + " ".join(f"{s:.2f}" for s in r["seconds"][name])
+        )
+    lines.append("ratios:")
+    for x in r["ratios"]:
+        lines.append(f"  {x['ratio']:<33} {x['value']:>6.3f}  target <= {x['target']:<4} {'PASS' if x['pass'] else 'MISS'}")
+    c = r["checks"]
+    lines.append(f"layers: {c['layers']}; reused on rebuild: {c['reused_on_rebuild']} "
+                 f"({'all' if c['all_reused'] else 'NOT all'})")
+    lines.append(f"gzip manifest digests: {', '.join(c['gzip_manifest_digests'])} "
+                 f"({'identical: deterministic' if c['deterministic'] else 'DIFFER: not deterministic'})")
+    return "\n".join(lines)
+
+
+def render_markdown(r: dict) -> str:
+    t, m, c = r["tree"], r["machine"], r["checks"]
+    rows = "\n".join(
+        f"| {name} | `{r['commands'][name]}` | {sec:.2f} | {r['median_cpu_seconds'][name]:.2f} "
+        f"| {' / '.join(f'{s:.2f}' for s in r['seconds'][name])} "
+        f"| {_mb(r['output_bytes'][name]) if name in r['output_bytes'] else '-'} |"
+        for name, sec in r["median_seconds"].items()
+    )
+    ratio_rows = "\n".join(
+        f"| {x['ratio']} | {x['value']:.3f} | ≤ {x['target']} | {'PASS' if x['pass'] else 'MISS'} |"
+        for x in r["ratios"]
+    )
+    tools = ", ".join(f"{v}" for v in r["tools"].values())
+    return f"""# Benchmark
+
+Produced by `bench/bench.py --runs {r['runs']} --doc docs/benchmark.md` on {r['date']}.
+
+## Method
+
+One tree, one run of the script, warm page cache (one untimed `tar` pass first). Each command
+runs {r['runs']} time(s), round-robin, and the median wall time is reported. pkglayer runs as the
+installed CLI in a subprocess, so Python start-up is counted, as the shell baselines count
+theirs. CPU s is user+system time of the command and all its children (from
+`getrusage(RUSAGE_CHILDREN)`), which other load on the machine disturbs less than wall time.
+"… same" rows run the baseline over the same files as the layers (`--anchored --exclude` of
+every path pkglayer excluded). Outputs go to an empty directory on the same filesystem (`/var/tmp`). The baselines
+write one compressed tar of the *whole* tree; pkglayer leaves out its default excludes (apt
+caches and lists, `tmp`, ...), listed below. pkglayer fsyncs every blob it commits; the
+baselines do not sync. The reuse run is `pkglayer build --layers L` after an untimed full
+build into `L`: every layer must be reused (each reused blob is still re-hashed to verify it).
+
+## Machine
+
+- CPUs: {m['nproc']} x {m['cpu']}; memory {m['memory']}; kernel {m['kernel']}
+- Load average (1/5/15 min) before and after the timed runs: {' '.join(r['loadavg_before_after'][0])} /
+  {' '.join(r['loadavg_before_after'][1])} (other work on the machine slows everything down)
+- Tools: {tools}
+- Tree: `{r['rootfs']}` — {_mb(t['bytes'])} of regular files in {t['entries']} entries,
+  {t['packages']} packages; pkglayer excludes {_mb(t['excluded_bytes'])} ({t['excluded_paths']} paths),
+  and its layers hold {_mb(t['layered_bytes'])}.
+
+## Results
+
+| what | command | median wall s | median CPU s | runs (wall s) | output |
+|---|---|---|---|---|---|
+{rows}
+
+| ratio | value | target | |
+|---|---|---|---|
+{ratio_rows}
+
+- Layers: {c['layers']}; reused on rebuild: {c['reused_on_rebuild']} ({'all' if c['all_reused'] else 'NOT all'}).
+- Manifest digests of the gzip builds: {', '.join(f'`{d}`' for d in c['gzip_manifest_digests'])}
+  ({'identical' if c['deterministic'] else 'DIFFERENT'}).
+
+`$WORK` is the scratch directory; `N` in `pigz -p`/`zstd -T` is the CPU count.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
