@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+ANALYSIS = "## Analysis"
 REPO = Path(__file__).resolve().parent.parent
 TAR = "tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner{excludes} -cf - -C {root} ."
 
@@ -69,7 +70,11 @@ def large_deb_rootfs() -> Path:
 
 
 def find_pkglayer(explicit: str | None) -> str:
-    for candidate in (explicit, REPO / ".venv" / "bin" / "pkglayer", Path(sys.executable).parent / "pkglayer"):
+    for candidate in (
+        explicit,
+        REPO / ".venv" / "bin" / "pkglayer",
+        Path(sys.executable).parent / "pkglayer",
+    ):
         if candidate and os.access(candidate, os.X_OK):
             return str(candidate)
     found = shutil.which("pkglayer")
@@ -99,6 +104,20 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _shorten(cmd: list[str] | str, work: Path, root: str, pkglayer: str, excl: str) -> str:
+    """A command as shown in reports: $WORK, ROOT, 'pkglayer' and EXCLUDES for the long parts."""
+    text = cmd if isinstance(cmd, str) else shlex.join(cmd)
+    text = text.replace("set -o pipefail; ", "")
+    if excl:
+        text = text.replace(excl, " --exclude=./EXCLUDED...")
+    return (
+        text.replace(str(work), "$WORK")
+        .replace(shlex.quote(root), "ROOT")
+        .replace(root, "ROOT")
+        .replace(pkglayer, "pkglayer")
+    )
+
+
 def run_timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, str, float]:
     """Run cmd; return (wall seconds, stdout, CPU seconds of it and all its descendants)."""
     cpu0 = _children_cpu()
@@ -107,9 +126,9 @@ def run_timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, str, fl
         cmd,
         shell=shell,
         executable="/bin/bash" if shell else None,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        check=False,
     )
     seconds = time.perf_counter() - start
     cpu = _children_cpu() - cpu0
@@ -119,33 +138,44 @@ def run_timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, str, fl
     return seconds, proc.stdout, cpu
 
 
+def _proc_field(path: str, prefix: str) -> str | None:
+    """The value after ':' on the first line of a /proc file starting with prefix."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def loadavg() -> list[str]:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
 def machine() -> dict[str, str | int]:
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count() or 1, "cpu": model, "memory": mem, "kernel": platform.release()}
+    model = _proc_field("/proc/cpuinfo", "model name") or "unknown"
+    mem_kb = _proc_field("/proc/meminfo", "MemTotal")
+    mem = f"{int(mem_kb.split()[0]) / 1024 / 1024:.1f} GiB" if mem_kb else "?"
+    return {
+        "nproc": os.cpu_count() or 1,
+        "cpu": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "niceness": os.nice(0),
+    }
 
 
 def tool_versions(pkglayer: str) -> dict[str, str]:
     def first_line(cmd: list[str]) -> str:
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except FileNotFoundError:
             return "missing"
-        return (p.stdout or p.stderr).strip().splitlines()[0] if (p.stdout or p.stderr).strip() else "?"
+        text = (p.stdout or p.stderr).strip()
+        return text.splitlines()[0].strip("* ") if text else "?"
 
     return {
         "pkglayer": first_line([pkglayer, "--version"]),
@@ -157,12 +187,22 @@ def tool_versions(pkglayer: str) -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rootfs", help="tree to benchmark (default: large_deb_rootfs() of tests/rootfs_factory.py)")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs of each command; the median is reported (default 3)")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout instead of a table")
+    ap.add_argument(
+        "--rootfs", help="tree to benchmark (default: large_deb_rootfs() of tests/rootfs_factory.py)"
+    )
+    ap.add_argument(
+        "--runs", type=int, default=3, help="timed runs of each command; the median is reported (default 3)"
+    )
+    ap.add_argument(
+        "--json", action="store_true", help="print the results as JSON on stdout instead of a table"
+    )
     ap.add_argument("--pkglayer", help="pkglayer executable (default: REPO/.venv/bin/pkglayer, then PATH)")
-    ap.add_argument("--workdir", help="scratch directory for outputs (default: a new one in /var/tmp, removed afterwards)")
-    ap.add_argument("--doc", metavar="FILE", help="also write the results as Markdown to FILE (e.g. docs/benchmark.md)")
+    ap.add_argument(
+        "--workdir", help="scratch directory for outputs (default: a new one in /var/tmp, removed afterwards)"
+    )
+    ap.add_argument(
+        "--doc", metavar="FILE", help="also write the results as Markdown to FILE (e.g. docs/benchmark.md)"
+    )
     args = ap.parse_args()
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -177,6 +217,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     q = shlex.quote
     tar = TAR.format(root=q(root), excludes="")
+    excl = ""
 
     try:
         log(f"tree {root}: measuring size and pkglayer's excludes")
@@ -184,16 +225,16 @@ def main() -> int:
         _, scan_out, _ = run_timed([pkglayer, "scan", root, "--json"])
         scan = json.loads(scan_out)
         excluded_bytes = sum(tree_bytes(os.path.join(root, p))[0] for p in scan["excluded"])
-        layered_bytes = sum(p["bytes"] for p in scan["packages"]) + sum(h["bytes"] for h in scan["homes"].values())
+        layered_bytes = sum(p["bytes"] for p in scan["packages"]) + sum(
+            h["bytes"] for h in scan["homes"].values()
+        )
 
         log("warming the page cache (one untimed tar pass)")
         run_timed(f"set -o pipefail; {tar} | cat >/dev/null", shell=True)
         # The same tar without what pkglayer excludes: the same files as its layers.
         # (--exclude is positional in GNU tar: it must come before the operands)
-        tar_same = TAR.format(
-            root=q(root),
-            excludes=" --anchored" + "".join(f" --exclude={q('./' + p)}" for p in scan["excluded"]),
-        )
+        excl = "".join(f" --exclude={q('./' + p)}" for p in scan["excluded"])
+        tar_same = TAR.format(root=q(root), excludes=" --anchored" + excl)
 
         log("untimed full --layers build, the base of the reuse runs")
         layers = work / "layers"
@@ -204,7 +245,7 @@ def main() -> int:
         names = ("tar+pigz", "tar+zstd", "tar+pigz same", "tar+zstd same", "gzip full", "zstd full", "reuse")
         times: dict[str, list[float]] = {k: [] for k in names}
         cpus: dict[str, list[float]] = {k: [] for k in names}
-        load_before = open("/proc/loadavg").read().split()[:3]
+        load_before = loadavg()
         gzip_digests: list[str] = []
         results: dict[str, dict] = {}
         # Round-robin over the commands, so slow drift of the machine hits all of them alike.
@@ -213,13 +254,40 @@ def main() -> int:
             out_dir = work / f"run{i}"
             out_dir.mkdir()
             commands = {
-                "tar+pigz": (f"set -o pipefail; {tar} | pigz -p {ncpu} > {q(str(out_dir / 'tree.tar.gz'))}", True),
-                "tar+zstd": (f"set -o pipefail; {tar} | zstd -q -3 -T{ncpu} > {q(str(out_dir / 'tree.tar.zst'))}", True),
-                "tar+pigz same": (f"set -o pipefail; {tar_same} | pigz -p {ncpu} > {q(str(out_dir / 'same.tar.gz'))}", True),
-                "tar+zstd same": (f"set -o pipefail; {tar_same} | zstd -q -3 -T{ncpu} > {q(str(out_dir / 'same.tar.zst'))}", True),
-                "gzip full": ([pkglayer, "build", root, "--output", f"oci:{out_dir / 'gzip'}:latest", "--json", "-q"], False),
-                "zstd full": ([pkglayer, "build", root, "--output", f"oci:{out_dir / 'zstd'}:latest",
-                               "--compression", "zstd", "--json", "-q"], False),
+                "tar+pigz": (
+                    f"set -o pipefail; {tar} | pigz -p {ncpu} > {q(str(out_dir / 'tree.tar.gz'))}",
+                    True,
+                ),
+                "tar+zstd": (
+                    f"set -o pipefail; {tar} | zstd -q -3 -T{ncpu} > {q(str(out_dir / 'tree.tar.zst'))}",
+                    True,
+                ),
+                "tar+pigz same": (
+                    f"set -o pipefail; {tar_same} | pigz -p {ncpu} > {q(str(out_dir / 'same.tar.gz'))}",
+                    True,
+                ),
+                "tar+zstd same": (
+                    f"set -o pipefail; {tar_same} | zstd -q -3 -T{ncpu} > {q(str(out_dir / 'same.tar.zst'))}",
+                    True,
+                ),
+                "gzip full": (
+                    [pkglayer, "build", root, "--output", f"oci:{out_dir / 'gzip'}:latest", "--json", "-q"],
+                    False,
+                ),
+                "zstd full": (
+                    [
+                        pkglayer,
+                        "build",
+                        root,
+                        "--output",
+                        f"oci:{out_dir / 'zstd'}:latest",
+                        "--compression",
+                        "zstd",
+                        "--json",
+                        "-q",
+                    ],
+                    False,
+                ),
                 "reuse": ([pkglayer, "build", root, "--layers", str(layers), "--json", "-q"], False),
             }
             for name, (cmd, shell) in commands.items():
@@ -239,11 +307,13 @@ def main() -> int:
                 "zstd full": sum(layer["size"] for layer in results["zstd full"]["layers"]),
             }
             shutil.rmtree(out_dir)
-        load_after = open("/proc/loadavg").read().split()[:3]
+        load_after = loadavg()
         if len(gzip_digests) < 2:
             log("one more gzip build for the determinism check")
             out_dir = work / "extra"
-            _, out, _ = run_timed([pkglayer, "build", root, "--output", f"oci:{out_dir}:latest", "--json", "-q"])
+            _, out, _ = run_timed(
+                [pkglayer, "build", root, "--output", f"oci:{out_dir}:latest", "--json", "-q"]
+            )
             gzip_digests.append(json.loads(out)["manifestDigest"])
             shutil.rmtree(out_dir)
     finally:
@@ -255,7 +325,15 @@ def main() -> int:
     ratios = []
     for label, num, den, target in TARGETS:
         value = median[num] / median[den]
-        ratios.append({"ratio": label, "value": round(value, 3), "target": target, "pass": value <= target})
+        ratios.append(
+            {
+                "ratio": label,
+                "value": round(value, 3),
+                "cpu_value": round(median_cpu[num] / median_cpu[den], 3) if median_cpu[den] else None,
+                "target": target,
+                "pass": value <= target,
+            }
+        )
     reuse = results["reuse"]
     n_layers = len(reuse["layers"])
     checks = {
@@ -267,7 +345,8 @@ def main() -> int:
         "deterministic": len(set(gzip_digests)) == 1,
     }
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "invocation": shlex.join(["bench/bench.py", *sys.argv[1:]]),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "tools": tool_versions(pkglayer),
         "rootfs": root,
@@ -280,10 +359,8 @@ def main() -> int:
             "packages": scan["counts"]["packages"],
         },
         "runs": args.runs,
-        "commands": {
-            k: (v[0] if isinstance(v[0], str) else shlex.join(v[0])).replace(str(work), "$WORK")
-            for k, v in commands.items()
-        },
+        "commands": {k: _shorten(v[0], work, root, pkglayer, excl) for k, v in commands.items()},
+        "excluded_paths": scan["excluded"],
         "seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "median_seconds": {k: round(v, 3) for k, v in median.items()},
         "median_cpu_seconds": {k: round(v, 3) for k, v in median_cpu.items()},
@@ -299,7 +376,13 @@ def main() -> int:
     else:
         print(render_text(report))
     if args.doc:
-        Path(args.doc).write_text(render_markdown(report))
+        doc = Path(args.doc)
+        text = render_markdown(report)
+        # A hand-written "## Analysis" section (profiles, conclusions) survives reruns.
+        old = doc.read_text() if doc.exists() else ""
+        if ANALYSIS in old:
+            text += "\n" + old[old.index(ANALYSIS) :]
+        doc.write_text(text)
         log(f"wrote {args.doc}")
     return 0 if checks["all_reused"] and checks["deterministic"] else 1
 
@@ -312,10 +395,15 @@ def render_text(r: dict) -> str:
     t = r["tree"]
     lines = [
         f"machine: {r['machine']['nproc']} x {r['machine']['cpu']}, {r['machine']['memory']}",
-        f"tree: {r['rootfs']}: {_mb(t['bytes'])} in {t['entries']} entries, {t['packages']} packages; "
-        f"pkglayer excludes {_mb(t['excluded_bytes'])} ({t['excluded_paths']} paths), layers {_mb(t['layered_bytes'])}",
-        f"median of {r['runs']} run(s), warm cache; load average before/after: "
-        f"{' '.join(r['loadavg_before_after'][0])} / {' '.join(r['loadavg_before_after'][1])}",
+        (
+            f"tree: {r['rootfs']}: {_mb(t['bytes'])} in {t['entries']} entries, {t['packages']} packages; "
+            f"pkglayer excludes {_mb(t['excluded_bytes'])} ({t['excluded_paths']} paths), "
+            f"layers {_mb(t['layered_bytes'])}"
+        ),
+        (
+            f"median of {r['runs']} run(s), warm cache; load average before/after: "
+            f"{' '.join(r['loadavg_before_after'][0])} / {' '.join(r['loadavg_before_after'][1])}"
+        ),
         f"  {'command':<14} {'median s':>9} {'CPU s':>7} {'output':>10}   runs (s)",
     ]
     for name, sec in r["median_seconds"].items():
@@ -326,12 +414,19 @@ def render_text(r: dict) -> str:
         )
     lines.append("ratios:")
     for x in r["ratios"]:
-        lines.append(f"  {x['ratio']:<33} {x['value']:>6.3f}  target <= {x['target']:<4} {'PASS' if x['pass'] else 'MISS'}")
+        lines.append(
+            f"  {x['ratio']:<33} {x['value']:>6.3f}  target <= {x['target']:<4} {'PASS' if x['pass'] else 'MISS'}"
+            f"   (CPU-time ratio {x['cpu_value']:.3f})"
+        )
     c = r["checks"]
-    lines.append(f"layers: {c['layers']}; reused on rebuild: {c['reused_on_rebuild']} "
-                 f"({'all' if c['all_reused'] else 'NOT all'})")
-    lines.append(f"gzip manifest digests: {', '.join(c['gzip_manifest_digests'])} "
-                 f"({'identical: deterministic' if c['deterministic'] else 'DIFFER: not deterministic'})")
+    lines.append(
+        f"layers: {c['layers']}; reused on rebuild: {c['reused_on_rebuild']} "
+        f"({'all' if c['all_reused'] else 'NOT all'})"
+    )
+    lines.append(
+        f"gzip manifest digests: {', '.join(c['gzip_manifest_digests'])} "
+        f"({'identical: deterministic' if c['deterministic'] else 'DIFFER: not deterministic'})"
+    )
     return "\n".join(lines)
 
 
@@ -344,18 +439,19 @@ def render_markdown(r: dict) -> str:
         for name, sec in r["median_seconds"].items()
     )
     ratio_rows = "\n".join(
-        f"| {x['ratio']} | {x['value']:.3f} | ≤ {x['target']} | {'PASS' if x['pass'] else 'MISS'} |"
+        f"| {x['ratio']} | {x['value']:.3f} | ≤ {x['target']} | {'PASS' if x['pass'] else 'MISS'} | {x['cpu_value']:.3f} |"
         for x in r["ratios"]
     )
     tools = ", ".join(f"{v}" for v in r["tools"].values())
     return f"""# Benchmark
 
-Produced by `bench/bench.py --runs {r['runs']} --doc docs/benchmark.md` on {r['date']}.
+Produced by `{r["invocation"]}` on {r["date"]}
+(niceness {m["niceness"]}).
 
 ## Method
 
 One tree, one run of the script, warm page cache (one untimed `tar` pass first). Each command
-runs {r['runs']} time(s), round-robin, and the median wall time is reported. pkglayer runs as the
+runs {r["runs"]} time(s), round-robin, and the median wall time is reported. pkglayer runs as the
 installed CLI in a subprocess, so Python start-up is counted, as the shell baselines count
 theirs. CPU s is user+system time of the command and all its children (from
 `getrusage(RUSAGE_CHILDREN)`), which other load on the machine disturbs less than wall time.
@@ -368,13 +464,13 @@ build into `L`: every layer must be reused (each reused blob is still re-hashed 
 
 ## Machine
 
-- CPUs: {m['nproc']} x {m['cpu']}; memory {m['memory']}; kernel {m['kernel']}
-- Load average (1/5/15 min) before and after the timed runs: {' '.join(r['loadavg_before_after'][0])} /
-  {' '.join(r['loadavg_before_after'][1])} (other work on the machine slows everything down)
+- CPUs: {m["nproc"]} x {m["cpu"]}; memory {m["memory"]}; kernel {m["kernel"]}
+- Load average (1/5/15 min) before and after the timed runs: {" ".join(r["loadavg_before_after"][0])} /
+  {" ".join(r["loadavg_before_after"][1])} (other work on the machine slows everything down)
 - Tools: {tools}
-- Tree: `{r['rootfs']}` — {_mb(t['bytes'])} of regular files in {t['entries']} entries,
-  {t['packages']} packages; pkglayer excludes {_mb(t['excluded_bytes'])} ({t['excluded_paths']} paths),
-  and its layers hold {_mb(t['layered_bytes'])}.
+- Tree: `{r["rootfs"]}` — {_mb(t["bytes"])} of regular files in {t["entries"]} entries,
+  {t["packages"]} packages; pkglayer excludes {_mb(t["excluded_bytes"])} ({t["excluded_paths"]} paths),
+  and its layers hold {_mb(t["layered_bytes"])}.
 
 ## Results
 
@@ -382,15 +478,16 @@ build into `L`: every layer must be reused (each reused blob is still re-hashed 
 |---|---|---|---|---|---|
 {rows}
 
-| ratio | value | target | |
-|---|---|---|---|
+| ratio (wall) | value | target | | CPU-time ratio |
+|---|---|---|---|---|
 {ratio_rows}
 
-- Layers: {c['layers']}; reused on rebuild: {c['reused_on_rebuild']} ({'all' if c['all_reused'] else 'NOT all'}).
-- Manifest digests of the gzip builds: {', '.join(f'`{d}`' for d in c['gzip_manifest_digests'])}
-  ({'identical' if c['deterministic'] else 'DIFFERENT'}).
+- Layers: {c["layers"]}; reused on rebuild: {c["reused_on_rebuild"]} ({"all" if c["all_reused"] else "NOT all"}).
+- Manifest digests of the gzip builds: {", ".join(f"`{d}`" for d in c["gzip_manifest_digests"])}
+  ({"identical" if c["deterministic"] else "DIFFERENT"}).
 
-`$WORK` is the scratch directory; `N` in `pigz -p`/`zstd -T` is the CPU count.
+`ROOT` is the tree, `$WORK` the scratch directory; `EXCLUDED...` stands for one
+`--exclude=./PATH` per path pkglayer excluded: {", ".join(f"`{p}`" for p in r["excluded_paths"])}.
 """
 
 

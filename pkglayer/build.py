@@ -19,7 +19,7 @@ from .blobstore import BlobDir
 from .config import BuildSettings
 from .errors import PkglayerError
 from .history import History, LayerRecord, load_history, save_history
-from .oci import ImageConfig, ImageResult, parse_oci_ref, write_image
+from .oci import ImageConfig, ImageResult, parse_oci_ref, prior_layers, write_image
 from .ownership import Ownership, scan
 from .plan import PlannedLayer, plan_layers
 from .pristine import is_pristine_layer
@@ -71,7 +71,7 @@ class BuildResult:
 
 
 def scan_rootfs(rootfs: Rootfs, settings: BuildSettings) -> Ownership:
-    source = open_source(rootfs)
+    source = open_source(rootfs, settings.package_format)
     log.info(
         "reading %s", f"{source.format} database" if source else "rootfs without a package database"
     )
@@ -104,14 +104,23 @@ def build(
     oci_dir, oci_tag = parse_oci_ref(oci_ref) if oci_ref else (None, None)
 
     # Read everything that can be wrong before writing anything.
-    prior: History | None = None
+    prior: list[LayerRecord] = []
     inputs: list[BlobDir] = []
     if layers_dir:
         if not os.path.isdir(layers_dir):
             os.makedirs(layers_dir, exist_ok=True)
-        prior = load_history(os.path.join(layers_dir, "history.json"))
+        history = load_history(os.path.join(layers_dir, "history.json"))
+        if history is not None:
+            prior.extend(history.layers)
         if os.path.isdir(os.path.join(layers_dir, "input")):
             inputs.append(BlobDir(os.path.join(layers_dir, "input")))
+
+    if oci_dir and os.path.isdir(oci_dir):
+        # Writing over an earlier build of this tag: its blobs are candidates too.
+        earlier = prior_layers(oci_dir, oci_tag)
+        if earlier:
+            inputs.append(BlobDir(oci_dir))
+            prior.extend(earlier)
 
     with Rootfs(rootfs_path) as rootfs:
         ownership = scan_rootfs(rootfs, settings)
@@ -179,7 +188,7 @@ def _reuse_or_write(
     plan: list[PlannedLayer],
     members: dict[str, list[Member]],
     keys: dict[str, str],
-    prior: History | None,
+    prior: list[LayerRecord],
     inputs: list[BlobDir],
     output: BlobDir,
     settings: BuildSettings,
@@ -189,12 +198,11 @@ def _reuse_or_write(
     media_type = MEDIA_TYPES[settings.compression]
     by_key: dict[str, LayerRecord] = {}
     by_packages: dict[tuple[str, ...], list[LayerRecord]] = {}
-    if prior is not None:
-        for rec in prior.layers:
-            if rec.compression == spec and rec.media_type == media_type:
-                by_key.setdefault(rec.content_key, rec)
-                if rec.packages:
-                    by_packages.setdefault(rec.packages, []).append(rec)
+    for rec in prior:
+        if rec.compression == spec and rec.media_type == media_type:
+            by_key.setdefault(rec.content_key, rec)
+            if rec.packages:
+                by_packages.setdefault(rec.packages, []).append(rec)
     sources = (*inputs, output)
 
     def source_of(rec: LayerRecord) -> BlobDir | None:

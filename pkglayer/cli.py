@@ -14,6 +14,7 @@ from typing import Any
 from . import __version__
 from .config import COMPRESSIONS, BuildSettings, load_settings
 from .errors import PkglayerError
+from .sources import source_formats
 
 log = logging.getLogger("pkglayer")
 
@@ -47,6 +48,8 @@ def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
         changes["extra_excludes"] = settings.extra_excludes + tuple(args.exclude)
     if args.jobs is not None:
         changes["jobs"] = args.jobs
+    if args.format is not None:
+        changes["package_format"] = args.format
     for name in ("compression", "max_layers"):
         value = getattr(args, name, None)
         if value is not None:
@@ -265,6 +268,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("rootfs", help="root filesystem directory to read (never modified)")
     p.add_argument("--config", metavar="FILE", help="TOML settings (default: /etc/pkglayer/pkglayer.toml if present)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="also leave out paths matching GLOB (rootfs-relative, ** allowed); repeatable")
+    p.add_argument("--format", choices=[*source_formats(), "none"], help="package database to read when the rootfs has several (default: detect; none: treat every file as unowned)")
     p.add_argument("--jobs", "-j", type=int, metavar="N", help="worker threads (default: number of CPUs)")
     p.add_argument("--source-date-epoch", type=int, metavar="SECONDS", help="timestamp for directories and image metadata (default: $SOURCE_DATE_EPOCH or 0)")
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")

@@ -54,6 +54,8 @@ class BuildSettings:
     # mtime given to every directory entry and to image timestamps (SOURCE_DATE_EPOCH)
     source_date_epoch: int = 0
     one_file_system: bool = True
+    # package database format to read; None detects it ("rpm", "dpkg", "none")
+    package_format: str | None = None
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property

@@ -28,6 +28,7 @@ INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYER_NAME = "org.pkglayer.layer.name"
 CONTENT_KEY = "org.pkglayer.content-key"
+COMPRESSION = "org.pkglayer.compression"
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 MAX_INDEX_BYTES = 64 << 20
 
@@ -123,7 +124,11 @@ def write_image(
                 "mediaType": layer.media_type,
                 "digest": layer.digest,
                 "size": layer.size,
-                "annotations": {LAYER_NAME: layer.name, CONTENT_KEY: layer.content_key},
+                "annotations": {
+                    LAYER_NAME: layer.name,
+                    CONTENT_KEY: layer.content_key,
+                    COMPRESSION: layer.compression,
+                },
             }
             for layer in layers
         ],
@@ -139,6 +144,57 @@ def write_image(
     }
     _update_index(layout_dir, tag, descriptor)
     return ImageResult(manifest_digest=manifest_digest, config_digest=config_digest, manifest_size=manifest_size)
+
+
+def prior_layers(layout_dir: str | os.PathLike[str], tag: str) -> list[LayerRecord]:
+    """Layers of the image tagged `tag` in an existing layout, as a previous pkglayer
+    build annotated them; [] when there is none. Used to reuse blobs when a build
+    writes over its own earlier output. Blobs are verified before any reuse."""
+    layout_dir = os.fspath(layout_dir)
+    if not os.path.exists(os.path.join(layout_dir, "index.json")):
+        return []
+    index = _read_index(os.path.join(layout_dir, "index.json"))
+    blobs = BlobDir(layout_dir)
+    entry = next(
+        (
+            e for e in index["manifests"]
+            if isinstance(e, dict) and (e.get("annotations") or {}).get(REF_NAME) == tag
+        ),
+        None,
+    )
+    try:
+        if entry is None or not blobs.verify(entry["digest"]):
+            return []
+        manifest = json.loads(_read_blob(blobs, entry["digest"]))
+        if not blobs.verify(manifest["config"]["digest"]):
+            return []
+        diff_ids = json.loads(_read_blob(blobs, manifest["config"]["digest"]))["rootfs"]["diff_ids"]
+        records = []
+        for desc, diff_id in zip(manifest["layers"], diff_ids, strict=True):
+            notes = desc.get("annotations") or {}
+            if CONTENT_KEY not in notes:
+                return []  # not written by pkglayer
+            records.append(
+                LayerRecord(
+                    name=notes[LAYER_NAME],
+                    packages=(),
+                    content_key=notes[CONTENT_KEY],
+                    digest=desc["digest"],
+                    diff_id=diff_id,
+                    size=desc["size"],
+                    media_type=desc["mediaType"],
+                    compression=notes.get(COMPRESSION, ""),
+                )
+            )
+        return records
+    except (KeyError, TypeError, ValueError, PkglayerError):
+        return []  # anything unexpected: build without reuse rather than trust it
+
+
+def _read_blob(blobs: BlobDir, digest: str, limit: int = MAX_INDEX_BYTES) -> bytes:
+    fd = os.open(blobs.path(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit)
 
 
 def _import_layer(dest: BlobDir, layer: LayerRecord, sources: Sequence[BlobDir]) -> None:

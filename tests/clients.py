@@ -36,7 +36,7 @@ def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 900, **kwargs: o
     """Run a command and return its stdout; on failure raise with its stderr."""
     argv = [os.fspath(c) for c in cmd]
     proc = subprocess.run(  # type: ignore[call-overload]
-        argv, capture_output=True, text=True, timeout=timeout, **kwargs
+        argv, check=False, capture_output=True, text=True, timeout=timeout, **kwargs
     )
     if proc.returncode != 0:
         raise RuntimeError(
@@ -356,23 +356,24 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "http": {"addr": address},
     }
     (work / "config.yml").write_text(json.dumps(config))
-    log = open(work / "registry.log", "wb")
-    proc = subprocess.Popen([exe, "serve", str(work / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not _registry_answers(f"http://{address}/v2/"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"docker-registry did not come up on {address}:\n"
-                    + (work / "registry.log").read_text(errors="replace")[-4000:]
-                )
-            time.sleep(0.1)
-        yield address
-    finally:
-        proc.terminate()
+    with open(work / "registry.log", "wb") as log:
+        proc = subprocess.Popen(
+            [exe, "serve", str(work / "config.yml")], stdout=log, stderr=subprocess.STDOUT
+        )
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + 30
+            while not _registry_answers(f"http://{address}/v2/"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"docker-registry did not come up on {address}:\n"
+                        + (work / "registry.log").read_text(errors="replace")[-4000:]
+                    )
+                time.sleep(0.1)
+            yield address
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

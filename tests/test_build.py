@@ -172,6 +172,15 @@ def test_rebuild_of_unchanged_tree_writes_nothing(deb_rootfs: Path, tmp_path: Pa
     assert second["manifestDigest"] == first["manifestDigest"]
 
 
+def test_rebuild_into_the_same_oci_layout_reuses_its_blobs(deb_rootfs: Path, tmp_path: Path) -> None:
+    first = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/img:t")
+    blob = tmp_path / "img/blobs/sha256" / first["layers"][0]["digest"][7:]
+    inode = blob.stat().st_ino
+    second = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/img:t")
+    assert second["written"] == 0 and second["manifestDigest"] == first["manifestDigest"]
+    assert blob.stat().st_ino == inode  # not rewritten
+
+
 def test_in_place_edit_with_same_size_and_mtime_changes_the_key(deb_rootfs: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     copy_tree(deb_rootfs, root)

@@ -4,6 +4,9 @@ podman (containers-storage), skopeo and a distribution registry.
 Slow (podman's vfs driver copies every layer: about a minute per image) and needs root.
 """
 
+# Fixtures are imported by name and then used as parameters of the same name.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import gzip
@@ -162,7 +165,8 @@ def test_umoci_round_trip_deb(deb_image: Image, tmp_path: Path) -> None:
     assert "usr/bin/ping" in cov.capabilities
     assert cov.setuid, "minbase has setuid binaries (su, passwd, mount)"
     assert cov.hardlink_sets, "minbase has hard links (gunzip/uncompress, perl)"
-    assert cov.devices >= 1 and cov.devices + cov.fifos == _special_files(deb_image.rootfs, [])
+    assert cov.devices >= 1
+    assert cov.devices + cov.fifos == _special_files(deb_image.rootfs, summary["excluded"])
 
 
 def test_umoci_round_trip_rpm(rpm_image: Image, tmp_path: Path) -> None:

@@ -18,7 +18,10 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import rpm
+from ..lazy import lazy_import
+
+# The bindings take ~80 ms to import; a dpkg build never needs them.
+rpm = lazy_import("rpm")
 
 from ..errors import DatabaseError, RootfsError
 from ..rootfs import Rootfs
