@@ -266,11 +266,28 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("rootfs", help="root filesystem directory to read (never modified)")
-    p.add_argument("--config", metavar="FILE", help="TOML settings (default: /etc/pkglayer/pkglayer.toml if present)")
-    p.add_argument("--exclude", action="append", metavar="GLOB", help="also leave out paths matching GLOB (rootfs-relative, ** allowed); repeatable")
-    p.add_argument("--format", choices=[*source_formats(), "none"], help="package database to read when the rootfs has several (default: detect; none: treat every file as unowned)")
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML settings (default: /etc/pkglayer/pkglayer.toml if present)"
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="also leave out paths matching GLOB (rootfs-relative, ** allowed); repeatable",
+    )
+    p.add_argument(
+        "--format",
+        choices=[*source_formats(), "none"],
+        help="package database to read when the rootfs has several "
+        "(default: detect; none: treat every file as unowned)",
+    )
     p.add_argument("--jobs", "-j", type=int, metavar="N", help="worker threads (default: number of CPUs)")
-    p.add_argument("--source-date-epoch", type=int, metavar="SECONDS", help="timestamp for directories and image metadata (default: $SOURCE_DATE_EPOCH or 0)")
+    p.add_argument(
+        "--source-date-epoch",
+        type=int,
+        metavar="SECONDS",
+        help="timestamp for directories and image metadata (default: $SOURCE_DATE_EPOCH or 0)",
+    )
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or per-layer lines")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is happening")
@@ -294,16 +311,31 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _common(b)
     out = b.add_argument_group("output (at least one)")
-    out.add_argument("--output", "-o", metavar="oci:DIR[:TAG]", help="write an OCI image layout (tag defaults to latest)")
-    out.add_argument("--layers", metavar="DIR", help="/layers protocol: read DIR/history.json and DIR/input/blobs, write new blobs to DIR/output/blobs and a new DIR/history.json")
+    out.add_argument(
+        "--output", "-o", metavar="oci:DIR[:TAG]", help="write an OCI image layout (tag defaults to latest)"
+    )
+    out.add_argument(
+        "--layers",
+        metavar="DIR",
+        help="/layers protocol: read DIR/history.json and DIR/input/blobs, write new blobs "
+        "to DIR/output/blobs and a new DIR/history.json",
+    )
     lay = b.add_argument_group("layers")
-    lay.add_argument("--compression", choices=COMPRESSIONS, help="layer compression (default gzip, the most compatible)")
+    lay.add_argument(
+        "--compression", choices=COMPRESSIONS, help="layer compression (default gzip, the most compatible)"
+    )
     lay.add_argument("--level", type=int, metavar="N", help="compression level (default gzip 6, zstd 3)")
-    lay.add_argument("--max-layers", type=int, metavar="N", help="layer budget, top layers included (default 100)")
+    lay.add_argument(
+        "--max-layers", type=int, metavar="N", help="layer budget, top layers included (default 100)"
+    )
     img = b.add_argument_group("image config")
     img.add_argument("--label", action="append", metavar="KEY=VALUE", help="image label; repeatable")
-    img.add_argument("--env", action="append", metavar="KEY=VALUE", help="environment variable; repeatable (default PATH only)")
-    img.add_argument("--cmd", metavar="CMD", help='default command: JSON array (\'["/bin/sh"]\') or a shell-quoted string')
+    img.add_argument(
+        "--env", action="append", metavar="KEY=VALUE", help="environment variable; repeatable (default PATH only)"
+    )
+    img.add_argument(
+        "--cmd", metavar="CMD", help='default command: JSON array (\'["/bin/sh"]\') or a shell-quoted string'
+    )
     img.add_argument("--entrypoint", metavar="CMD", help="entrypoint, same forms as --cmd")
     img.add_argument("--workdir", metavar="DIR", help="working directory")
     img.add_argument("--user", metavar="USER", help="user[:group] to run as")

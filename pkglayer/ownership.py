@@ -113,9 +113,8 @@ def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str]) -> boo
     if stat.S_ISLNK(st.st_mode):
         return rec.linkto is not None and rec.linkto != obj.linkname
     if stat.S_ISREG(st.st_mode):
-        if rec.digest and rec.digest_algo:
-            if digests.get(rec.digest_algo) != rec.digest.lower():
-                return True
+        if rec.digest and rec.digest_algo and digests.get(rec.digest_algo) != rec.digest.lower():
+            return True
         if rec.mtime is not None and rec.mtime != int(st.st_mtime):
             return True
     return False

@@ -18,14 +18,13 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ..errors import DatabaseError, RootfsError
 from ..lazy import lazy_import
+from ..rootfs import Rootfs
+from .base import FileRecord, Package, PackageSource
 
 # The bindings take ~80 ms to import; a dpkg build never needs them.
 rpm = lazy_import("rpm")
-
-from ..errors import DatabaseError, RootfsError
-from ..rootfs import Rootfs
-from .base import FileRecord, Package, PackageSource
 
 # Where distributions keep the database, in the order rpm-based systems look for it:
 # Fedora >= 36, older Fedora/RHEL/SUSE, ostree systems.
