@@ -18,6 +18,7 @@ from .arch import oci_platform
 from .blobstore import BlobDir
 from .config import BuildSettings
 from .errors import PkglayerError
+from .hashcache import HashCache
 from .history import History, LayerRecord, load_history, save_history
 from .oci import ImageConfig, ImageResult, parse_oci_ref, prior_layers, write_image
 from .ownership import Ownership, scan
@@ -70,7 +71,9 @@ class BuildResult:
         return sum(1 for o in self.layers if o.reused)
 
 
-def scan_rootfs(rootfs: Rootfs, settings: BuildSettings) -> Ownership:
+def scan_rootfs(
+    rootfs: Rootfs, settings: BuildSettings, hash_content: bool = False, cache: HashCache | None = None
+) -> Ownership:
     source = open_source(rootfs, settings.package_format)
     log.info(
         "reading %s", f"{source.format} database" if source else "rootfs without a package database"
@@ -82,6 +85,8 @@ def scan_rootfs(rootfs: Rootfs, settings: BuildSettings) -> Ownership:
         drop_xattrs=settings.drop_xattrs,
         one_file_system=settings.one_file_system,
         jobs=settings.jobs,
+        hash_content=hash_content,
+        cache=cache,
     )
 
 
@@ -123,7 +128,10 @@ def build(
             prior.extend(earlier)
 
     with Rootfs(rootfs_path) as rootfs:
-        ownership = scan_rootfs(rootfs, settings)
+        cache = HashCache(settings.hash_cache_path)
+        cache.load(rootfs.dev)
+        # Content keys are needed before writing only when there is something to reuse.
+        ownership = scan_rootfs(rootfs, settings, hash_content=bool(prior), cache=cache)
         arch, variant = oci_platform(ownership.architecture, rootfs)
         plan = plan_layers(ownership, settings.max_layers)
         log.info(
@@ -142,9 +150,14 @@ def build(
         }
         keys = {name: content_key(ms) for name, ms in members.items()}
 
+        write_started = time.time()
         outcomes, rejected = _reuse_or_write(
             rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress
         )
+        for obj in ownership.objects.values():
+            if obj.sha256:
+                cache.put(obj.st, {"sha256": obj.sha256}, write_started)
+        cache.save()
 
     result = BuildResult(
         ownership=ownership, layers=outcomes, architecture=arch, rejected_inputs=rejected
@@ -187,7 +200,7 @@ def _reuse_or_write(
     ownership: Ownership,
     plan: list[PlannedLayer],
     members: dict[str, list[Member]],
-    keys: dict[str, str],
+    keys: dict[str, str | None],
     prior: list[LayerRecord],
     inputs: list[BlobDir],
     output: BlobDir,
@@ -210,7 +223,10 @@ def _reuse_or_write(
 
     def find_reusable(layer: PlannedLayer) -> tuple[LayerRecord | None, str | None]:
         """A prior blob for this layer, or why a candidate was turned down."""
-        exact = by_key.get(keys[layer.name])
+        key = keys[layer.name]
+        if key is None:
+            return None, None
+        exact = by_key.get(key)
         if exact is not None:
             if source_of(exact) is not None:
                 return exact, None
@@ -271,11 +287,13 @@ def _reuse_or_write(
             with output.writer() as w:
                 diff_id, _ = write_layer(rootfs, members[layer.name], settings.compression, level, w)
                 digest, size = w.commit()
+            key = keys[layer.name] or content_key(members[layer.name])
+            assert key is not None  # every file was hashed while writing
             return LayerOutcome(
                 record=LayerRecord(
                     name=layer.name,
                     packages=layer.packages,
-                    content_key=keys[layer.name],
+                    content_key=key,
                     digest=digest,
                     diff_id=diff_id,
                     size=size,

@@ -50,6 +50,8 @@ def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
         changes["jobs"] = args.jobs
     if args.format is not None:
         changes["package_format"] = args.format
+    if args.no_hash_cache:
+        changes["hash_cache"] = ""
     for name in ("compression", "max_layers"):
         value = getattr(args, name, None)
         if value is not None:
@@ -165,11 +167,15 @@ def _scan_summary(own) -> dict[str, Any]:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from .build import scan_rootfs
+    from .hashcache import HashCache
     from .rootfs import Rootfs
 
     settings = _settings_from_args(args)
     with Rootfs(args.rootfs) as rootfs:
-        summary = _scan_summary(scan_rootfs(rootfs, settings))
+        cache = HashCache(settings.hash_cache_path)
+        cache.load(rootfs.dev)
+        summary = _scan_summary(scan_rootfs(rootfs, settings, cache=cache))
+        cache.save()
     if args.json:
         json.dump(summary, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -280,6 +286,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=[*source_formats(), "none"],
         help="package database to read when the rootfs has several "
         "(default: detect; none: treat every file as unowned)",
+    )
+    p.add_argument(
+        "--no-hash-cache",
+        action="store_true",
+        help="hash every file anew instead of trusting the digest cache (inode, size, mtime, ctime)",
     )
     p.add_argument("--jobs", "-j", type=int, metavar="N", help="worker threads (default: number of CPUs)")
     p.add_argument(

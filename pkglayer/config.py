@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError
+from .hashcache import default_path
 
 COMPRESSIONS = ("gzip", "zstd")
 
@@ -56,11 +57,19 @@ class BuildSettings:
     one_file_system: bool = True
     # package database format to read; None detects it ("rpm", "dpkg", "none")
     package_format: str | None = None
+    # file-digest cache (see hashcache.py): None = the per-user default, "" = none
+    hash_cache: str | None = None
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
     def all_excludes(self) -> tuple[str, ...]:
         return self.excludes + self.extra_excludes
+
+    @property
+    def hash_cache_path(self) -> str | None:
+        if self.hash_cache is None:
+            return default_path()
+        return self.hash_cache or None
 
     @property
     def compression_spec(self) -> str:
@@ -99,6 +108,7 @@ _TOML_KEYS = {
     "drop-xattrs": list,
     "source-date-epoch": int,
     "one-file-system": bool,
+    "hash-cache": str,
     "jobs": int,
 }
 

@@ -2,9 +2,8 @@
 
 A home is a package key, or one of the special homes: files owned by no package, files a
 package installed but that were changed since, and the package database itself. The
-rootfs is walked once, never following a symlink; regular files are hashed once (sha256
-for content keys, plus the database's own digest when it differs) so that edited files
-can be told apart from pristine ones.
+rootfs is walked once, never following a symlink. Package files are hashed with the
+database's own digest so that edited files can be told apart from pristine ones.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from wcmatch import glob
 
 from .errors import RootfsError
-from .rootfs import Rootfs
+from .hashcache import HashCache
+from .rootfs import FileOpener, Rootfs
 from .sources import FileRecord, Package, PackageSource
 
 log = logging.getLogger(__name__)
@@ -120,25 +121,53 @@ def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str]) -> boo
     return False
 
 
-def _hash_file(rootfs: Rootfs, obj: FsObject, algos: tuple[str, ...]) -> dict[str, str]:
-    hashers = {a: hashlib.new(a) for a in algos}
-    try:
-        fd = rootfs.open_fd(obj.path, resolve=False)
-    except FileNotFoundError:
-        raise RootfsError(f"/{obj.path} disappeared while being read") from None
-    try:
-        st = os.fstat(fd)
-        if (st.st_ino, st.st_size) != (obj.st.st_ino, obj.st.st_size):
-            raise RootfsError(f"/{obj.path} changed while being read")
-        while True:
-            chunk = os.read(fd, _READ_CHUNK)
-            if not chunk:
-                break
-            for h in hashers.values():
-                h.update(chunk)
-    finally:
-        os.close(fd)
-    return {a: h.hexdigest() for a, h in hashers.items()}
+def _hash_chunk(
+    rootfs: Rootfs, chunk: list[tuple[FsObject, tuple[str, ...]]]
+) -> list[dict[str, str]]:
+    out = []
+    with FileOpener(rootfs) as opener:
+        for obj, algos in chunk:
+            hashers = [hashlib.new(a) for a in algos]
+            try:
+                fd = opener.open_fd(obj.path)
+            except FileNotFoundError:
+                raise RootfsError(f"/{obj.path} disappeared while being read") from None
+            try:
+                st = os.fstat(fd)
+                if (st.st_ino, st.st_size) != (obj.st.st_ino, obj.st.st_size):
+                    raise RootfsError(f"/{obj.path} changed while being read")
+                while chunk_data := os.read(fd, _READ_CHUNK):
+                    for h in hashers:
+                        h.update(chunk_data)
+            finally:
+                os.close(fd)
+            out.append({a: h.hexdigest() for a, h in zip(algos, hashers)})
+    return out
+
+
+def _hash_files(
+    rootfs: Rootfs, work: list[tuple[FsObject, tuple[str, ...]]], cache: HashCache, jobs: int
+) -> dict[str, dict[str, str]]:
+    """Digests of the files in `work`, from the cache where it is still valid."""
+    digests_of: dict[str, dict[str, str]] = {}
+    todo = []
+    for obj, algos in work:
+        cached = cache.get(obj.st, algos)
+        if cached is None:
+            todo.append((obj, algos))
+        else:
+            digests_of[obj.path] = cached
+    hashed_at = time.time()
+    # Contiguous runs of sorted paths share directories (see FileOpener); many small
+    # chunks keep both workers busy to the end.
+    todo.sort(key=lambda w: w[0].path)
+    chunks = [todo[i : i + 256] for i in range(0, len(todo), 256)]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for chunk, results in zip(chunks, pool.map(lambda c: _hash_chunk(rootfs, c), chunks)):
+            for (obj, _), digests in zip(chunk, results):
+                digests_of[obj.path] = digests
+                cache.put(obj.st, digests, hashed_at)
+    return digests_of
 
 
 def scan(
@@ -148,6 +177,8 @@ def scan(
     drop_xattrs: Iterable[str],
     one_file_system: bool = True,
     jobs: int = 1,
+    hash_content: bool = True,
+    cache: HashCache | None = None,
 ) -> Ownership:
     packages = source.packages() if source else []
     owners, shared = _owner_map(rootfs, packages)
@@ -182,21 +213,21 @@ def scan(
             )
         objects[entry.path] = obj
 
-    # Hash every regular file once, with sha256 and whatever the database recorded.
+    # Hash what must be known before layers are written: the database's digest of each
+    # package file (to spot edits) and, when earlier layers may be reused, the sha256
+    # that content keys are made of. Otherwise the sha256 is taken while writing.
     work: list[tuple[FsObject, tuple[str, ...]]] = []
     for obj in objects.values():
         if stat.S_ISREG(obj.st.st_mode):
-            algos = {"sha256"}
+            algos = {"sha256"} if hash_content else set()
             owner = owners.get(obj.path)
-            if owner and owner[1].digest_algo:
+            if owner and owner[1].digest_algo and owner[1].digest:
                 algos.add(owner[1].digest_algo)
-            work.append((obj, tuple(sorted(algos))))
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda w: _hash_file(rootfs, w[0], w[1]), work))
-    digests_of: dict[str, dict[str, str]] = {}
-    for (obj, _), digests in zip(work, results):
-        obj.sha256 = digests["sha256"]
-        digests_of[obj.path] = digests
+            if algos:
+                work.append((obj, tuple(sorted(algos))))
+    digests_of = _hash_files(rootfs, work, cache or HashCache(None), jobs)
+    for path, digests in digests_of.items():
+        objects[path].sha256 = digests.get("sha256")
 
     modified: list[str] = []
     modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = defaultdict(list)

@@ -22,7 +22,7 @@ import zstandard
 
 from .errors import RootfsError
 from .ownership import FsObject
-from .rootfs import Rootfs
+from .rootfs import FileOpener, Rootfs
 
 # Bump whenever the bytes written for the same members change: it is part of every
 # content key, so old blobs are never reused for a different tar encoding.
@@ -51,8 +51,14 @@ class Member:
     devmajor: int = 0
     devminor: int = 0
     xattrs: tuple[tuple[str, bytes], ...] = ()
-    sha256: str = ""  # of the data of a regular file
+    sha256: str = ""  # of the data of a regular file, when not taken from `source`
     source: FsObject | None = None  # where the data comes from (regular files)
+
+    @property
+    def data_sha256(self) -> str:
+        if self.source is not None and self.source.sha256:
+            return self.source.sha256
+        return self.sha256
 
     def key_line(self) -> str:
         xa = ",".join(f"{k}={v.hex()}" for k, v in self.xattrs)
@@ -60,7 +66,7 @@ class Member:
             f"{self.name.encode('utf-8', 'surrogateescape').hex()}\0{self.type.decode()}\0"
             f"{self.mode:o}\0{self.uid}\0{self.gid}\0{self.mtime}\0{self.size}\0"
             f"{self.linkname.encode('utf-8', 'surrogateescape').hex()}\0"
-            f"{self.devmajor}\0{self.devminor}\0{xa}\0{self.sha256}\n"
+            f"{self.devmajor}\0{self.devminor}\0{xa}\0{self.data_sha256}\n"
         )
 
     def tarinfo(self) -> tarfile.TarInfo:
@@ -99,10 +105,7 @@ def _member(obj: FsObject, dir_mtime: int) -> Member:
         return Member(type=tarfile.DIRTYPE, mtime=dir_mtime, **common)
     mtime = int(st.st_mtime)
     if stat.S_ISREG(mode):
-        assert obj.sha256 is not None
-        return Member(
-            type=tarfile.REGTYPE, mtime=mtime, size=st.st_size, sha256=obj.sha256, source=obj, **common
-        )
+        return Member(type=tarfile.REGTYPE, mtime=mtime, size=st.st_size, source=obj, **common)
     if stat.S_ISLNK(mode):
         return Member(type=tarfile.SYMTYPE, mtime=mtime, linkname=obj.linkname or "", **common)
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -148,10 +151,13 @@ def layer_members(
     return members
 
 
-def content_key(members: Iterable[Member]) -> str:
-    """sha256 over everything that decides the tar bytes (see module docstring)."""
+def content_key(members: Iterable[Member]) -> str | None:
+    """sha256 over everything that decides the tar bytes (see module docstring); None
+    while some file's data has not been hashed yet (write_layer hashes it)."""
     h = hashlib.sha256(f"pkglayer-tar-format-{TAR_FORMAT}\n".encode())
     for m in members:
+        if m.type == tarfile.REGTYPE and not m.data_sha256:
+            return None
         h.update(m.key_line().encode())
     return "sha256:" + h.hexdigest()
 
@@ -213,17 +219,22 @@ def write_layer(
 ) -> tuple[str, int]:
     """Write the layer to `out` (a binary writer). Returns (diff_id, uncompressed size).
 
-    Each file is checked against what the scan saw (inode, size, mtime, ctime): a file
-    changed since then would make the content key lie, so the build stops instead.
+    Files not hashed yet are hashed on the way (their FsObject.sha256 is set), so the
+    content key can be taken afterwards. Each file is checked against what the scan saw
+    (inode, size, mtime, ctime): a file changed since then would make the content key
+    lie, so the build stops instead.
     """
     c = _Compressor(compression, level, out)
-    for m in members:
-        c.write(m.tarinfo().tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        if m.type == tarfile.REGTYPE and m.size:
-            _copy_file(rootfs, m, c)
-            pad = -m.size % _BLOCK
-            if pad:
-                c.write(b"\0" * pad)
+    with FileOpener(rootfs) as opener:
+        for m in members:
+            c.write(m.tarinfo().tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            if m.type == tarfile.REGTYPE and m.size:
+                _copy_file(opener, m, c)
+                pad = -m.size % _BLOCK
+                if pad:
+                    c.write(b"\0" * pad)
+            elif m.type == tarfile.REGTYPE and m.source is not None and not m.source.sha256:
+                m.source.sha256 = _EMPTY_SHA256
     # End of archive: two zero blocks, padded to a full record like tarfile and GNU tar.
     end = 2 * _BLOCK
     total = c.offset + end
@@ -232,13 +243,17 @@ def write_layer(
     return "sha256:" + c.tar_hash.hexdigest(), c.tar_size
 
 
-def _copy_file(rootfs: Rootfs, m: Member, c: _Compressor) -> None:
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def _copy_file(opener: FileOpener, m: Member, c: _Compressor) -> None:
     obj = m.source
     assert obj is not None
     try:
-        fd = rootfs.open_fd(obj.path, resolve=False)
+        fd = opener.open_fd(obj.path)
     except FileNotFoundError:
         raise RootfsError(f"/{obj.path} disappeared during the build; nothing was written, rerun") from None
+    hasher = None if obj.sha256 else hashlib.sha256()
     try:
         st = os.fstat(fd)
         seen = obj.st
@@ -252,9 +267,13 @@ def _copy_file(rootfs: Rootfs, m: Member, c: _Compressor) -> None:
             if not chunk:
                 raise RootfsError(f"/{obj.path} shrank during the build; nothing was written, rerun")
             remaining -= len(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
             if len(chunk) >= 64 * 1024:
                 c.write_large(chunk)
             else:
                 c.write(chunk)
     finally:
         os.close(fd)
+    if hasher is not None:
+        obj.sha256 = hasher.hexdigest()

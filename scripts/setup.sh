@@ -25,10 +25,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   podman, runc           | docker-registry: local registry for push tests
 #   pigz, zstd: benchmark baselines | getcap/setcap: libcap2-bin | getfattr/setfattr: attr
 #   fakeroot               | newuidmap: uidmap (podman/buildah) | ca-certificates: https
+#   db5.3_load: db5.3-util (test of an old Berkeley DB rpm database)
 packages=(
     python3-rpm rpm alien debootstrap
     umoci skopeo podman buildah runc oci-image-tool docker-registry
-    pigz zstd tar libcap2-bin attr fakeroot uidmap ca-certificates
+    pigz zstd tar libcap2-bin attr fakeroot uidmap ca-certificates db5.3-util
 )
 
 [[ $(id -u) -eq 0 ]] || die "run as root (apt-get, debootstrap, chroot and podman need it)"

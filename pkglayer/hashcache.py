@@ -1,0 +1,103 @@
+"""A cache of file digests keyed by what a write would change, the way git's index is.
+
+An entry is used only while the file's device, inode, size, mtime and ctime are all
+unchanged. ctime cannot be set from user space, so an edit in place that restores size
+and mtime still misses the cache. Files whose ctime is less than `_RACY_SECONDS` older
+than the moment they were hashed are not cached: a write in the same clock tick would
+not change ctime ("racy git").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from contextlib import closing
+
+log = logging.getLogger(__name__)
+
+_RACY_SECONDS = 2
+_FORGET_AFTER_DAYS = 30
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS digests (
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, algo TEXT NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    digest TEXT NOT NULL, seen INTEGER NOT NULL,
+    PRIMARY KEY (dev, ino, algo)
+) WITHOUT ROWID
+"""
+
+Stamp = tuple[int, int, int]  # size, mtime_ns, ctime_ns
+
+
+def default_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pkglayer", "file-digests.sqlite")
+
+
+class HashCache:
+    def __init__(self, path: str | None):
+        """path None: a cache that remembers nothing (--no-hash-cache)."""
+        self.path = path
+        self._entries: dict[tuple[int, str], tuple[Stamp, str]] = {}
+        self._new: list[tuple[int, int, str, Stamp, str]] = []
+        self.hits = 0
+
+    def load(self, dev: int) -> None:
+        """Read the entries of one filesystem. A cache that can't be read is ignored:
+        it only ever saves work."""
+        if not self.path or not os.path.exists(self.path):
+            return
+        try:
+            with closing(_connect(self.path)) as db:
+                rows = db.execute(
+                    "SELECT ino, algo, size, mtime_ns, ctime_ns, digest FROM digests WHERE dev = ?", (dev,)
+                ).fetchall()
+        except sqlite3.Error as e:
+            log.warning("ignoring unreadable hash cache %s: %s", self.path, e)
+            return
+        self._entries = {(ino, algo): ((size, m, c), digest) for ino, algo, size, m, c, digest in rows}
+
+    def get(self, st: os.stat_result, algos: Iterable[str]) -> dict[str, str] | None:
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        found = {}
+        for algo in algos:
+            entry = self._entries.get((st.st_ino, algo))
+            if entry is None or entry[0] != stamp:
+                return None
+            found[algo] = entry[1]
+        self.hits += 1
+        return found
+
+    def put(self, st: os.stat_result, digests: dict[str, str], hashed_at: float) -> None:
+        if not self.path or st.st_ctime_ns >= (hashed_at - _RACY_SECONDS) * 1e9:
+            return
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        for algo, digest in digests.items():
+            if self._entries.get((st.st_ino, algo)) != (stamp, digest):
+                self._new.append((st.st_dev, st.st_ino, algo, stamp, digest))
+
+    def save(self) -> None:
+        if not self.path or not self._new:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            now = int(time.time())
+            with closing(_connect(self.path)) as db, db:
+                db.execute(_SCHEMA)
+                db.executemany(
+                    "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(dev, ino, algo, *stamp, digest, now) for dev, ino, algo, stamp, digest in self._new],
+                )
+                db.execute("DELETE FROM digests WHERE seen < ?", (now - _FORGET_AFTER_DAYS * 86400,))
+        except (OSError, sqlite3.Error) as e:
+            log.warning("could not update hash cache %s: %s", self.path, e)
+        self._new.clear()
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db
