@@ -422,13 +422,13 @@ def render_text(r: dict) -> str:
     for name, sec in r["median_seconds"].items():
         out = r["output_bytes"].get(name)
         lines.append(
-            f"  {name:<14} {sec:>9.2f} {r['median_cpu_seconds'][name]:>7.2f} {(_mb(out) if out else '-'):>10}   "
+            f"  {name:<16} {sec:>9.2f} {r['median_cpu_seconds'][name]:>7.2f} {(_mb(out) if out else '-'):>10}   "
             + " ".join(f"{s:.2f}" for s in r["seconds"][name])
         )
     lines.append("ratios:")
     for x in r["ratios"]:
         lines.append(
-            f"  {x['ratio']:<46} {x['value']:>6.3f}  " + _verdict(x, "target <= ")
+            f"  {x['ratio']:<46} {x['value']:>6.3f}  {_verdict(x, 'target <= ')}"
             f"   (CPU-time ratio {x['cpu_value']:.3f})"
         )
     c = r["checks"]

@@ -17,6 +17,7 @@ from . import __version__
 from .arch import oci_platform
 from .blobstore import BlobDir
 from .config import BuildSettings
+from .digests import CONTENT_HASH
 from .errors import PkglayerError
 from .hashcache import HashCache
 from .history import History, LayerRecord, load_history, save_history
@@ -129,7 +130,7 @@ def build(
 
     with Rootfs(rootfs_path) as rootfs:
         cache = HashCache(settings.hash_cache_path)
-        cache.load(rootfs.dev)
+        cache.load(rootfs.path)
         # Content keys are needed before writing only when there is something to reuse.
         ownership = scan_rootfs(rootfs, settings, hash_content=bool(prior), cache=cache)
         arch, variant = oci_platform(ownership.architecture, rootfs)
@@ -155,8 +156,8 @@ def build(
             rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress
         )
         for obj in ownership.objects.values():
-            if obj.sha256:
-                cache.put(obj.st, {"sha256": obj.sha256}, write_started)
+            if obj.content_hash:
+                cache.put(obj.st, {CONTENT_HASH: obj.content_hash}, write_started)
         cache.save()
 
     result = BuildResult(
@@ -179,7 +180,8 @@ def build(
             user=opts.user,
             created=created,
         )
-        result.image = write_image(oci_dir, oci_tag, records, config, [output, *inputs])
+        fresh = {o.record.digest for o in outcomes if not o.reused}
+        result.image = write_image(oci_dir, oci_tag, records, config, [output, *inputs], fresh=fresh)
         result.oci_ref = f"oci:{oci_dir}:{oci_tag}"
     if layers_dir:
         history = History(

@@ -173,7 +173,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     with Rootfs(args.rootfs) as rootfs:
         cache = HashCache(settings.hash_cache_path)
-        cache.load(rootfs.dev)
+        cache.load(rootfs.path)
         summary = _scan_summary(scan_rootfs(rootfs, settings, cache=cache))
         cache.save()
     if args.json:

@@ -20,16 +20,18 @@ log = logging.getLogger(__name__)
 
 _RACY_SECONDS = 2
 _FORGET_AFTER_DAYS = 30
+# Rows are grouped by tree (the rootfs path) so a build loads only its own tree's.
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS digests (
-    dev INTEGER NOT NULL, ino INTEGER NOT NULL, algo TEXT NOT NULL,
+    tree TEXT NOT NULL, ino INTEGER NOT NULL, algo TEXT NOT NULL, dev INTEGER NOT NULL,
     size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
     digest TEXT NOT NULL, seen INTEGER NOT NULL,
-    PRIMARY KEY (dev, ino, algo)
+    PRIMARY KEY (tree, ino, algo)
 ) WITHOUT ROWID
 """
 
-Stamp = tuple[int, int, int]  # size, mtime_ns, ctime_ns
+Stamp = tuple[int, int, int, int]  # dev, size, mtime_ns, ctime_ns
 
 
 def default_path() -> str:
@@ -42,26 +44,31 @@ class HashCache:
         """path None: a cache that remembers nothing (--no-hash-cache)."""
         self.path = path
         self._entries: dict[tuple[int, str], tuple[Stamp, str]] = {}
-        self._new: list[tuple[int, int, str, Stamp, str]] = []
+        self._new: list[tuple[int, str, Stamp, str]] = []
+        self._tree = ""
         self.hits = 0
 
-    def load(self, dev: int) -> None:
-        """Read the entries of one filesystem. A cache that can't be read is ignored:
-        it only ever saves work."""
+    def load(self, tree: str) -> None:
+        """Read the entries of one tree. A cache that can't be read is ignored: it only
+        ever saves work."""
+        self._tree = tree
         if not self.path or not os.path.exists(self.path):
             return
         try:
             with closing(_connect(self.path)) as db:
+                if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                    return
                 rows = db.execute(
-                    "SELECT ino, algo, size, mtime_ns, ctime_ns, digest FROM digests WHERE dev = ?", (dev,)
+                    "SELECT ino, algo, dev, size, mtime_ns, ctime_ns, digest FROM digests WHERE tree = ?",
+                    (tree,),
                 ).fetchall()
         except sqlite3.Error as e:
             log.warning("ignoring unreadable hash cache %s: %s", self.path, e)
             return
-        self._entries = {(ino, algo): ((size, m, c), digest) for ino, algo, size, m, c, digest in rows}
+        self._entries = {(ino, algo): ((dev, size, m, c), digest) for ino, algo, dev, size, m, c, digest in rows}
 
     def get(self, st: os.stat_result, algos: Iterable[str]) -> dict[str, str] | None:
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        stamp = (st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         found = {}
         for algo in algos:
             entry = self._entries.get((st.st_ino, algo))
@@ -74,10 +81,10 @@ class HashCache:
     def put(self, st: os.stat_result, digests: dict[str, str], hashed_at: float) -> None:
         if not self.path or st.st_ctime_ns >= (hashed_at - _RACY_SECONDS) * 1e9:
             return
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        stamp = (st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         for algo, digest in digests.items():
             if self._entries.get((st.st_ino, algo)) != (stamp, digest):
-                self._new.append((st.st_dev, st.st_ino, algo, stamp, digest))
+                self._new.append((st.st_ino, algo, stamp, digest))
 
     def save(self) -> None:
         if not self.path or not self._new:
@@ -86,10 +93,13 @@ class HashCache:
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             now = int(time.time())
             with closing(_connect(self.path)) as db, db:
+                if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                    db.execute("DROP TABLE IF EXISTS digests")
+                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                 db.execute(_SCHEMA)
                 db.executemany(
-                    "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(dev, ino, algo, *stamp, digest, now) for dev, ino, algo, stamp, digest in self._new],
+                    "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(self._tree, ino, algo, *stamp, digest, now) for ino, algo, stamp, digest in self._new],
                 )
                 db.execute("DELETE FROM digests WHERE seen < ?", (now - _FORGET_AFTER_DAYS * 86400,))
         except (OSError, sqlite3.Error) as e:

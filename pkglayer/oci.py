@@ -14,7 +14,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,14 +105,19 @@ def write_image(
     layers: Sequence[LayerRecord],
     config: ImageConfig,
     blob_sources: Sequence[BlobDir],
+    fresh: Collection[str] = (),
 ) -> ImageResult:
-    """Write an image tagged `tag` into the OCI layout `layout_dir` (created if missing)."""
+    """Write an image tagged `tag` into the OCI layout `layout_dir` (created if missing).
+
+    `fresh` names blobs this process has just written and hashed itself: when already in
+    the layout they are not read back to be verified again."""
     layout_dir = os.fspath(layout_dir)
     if not REF_RE.fullmatch(tag):
         raise PkglayerError(f"tag {tag!r} is not a valid OCI ref name")
     dest = BlobDir(layout_dir, create=True)
     for layer in layers:
-        _import_layer(dest, layer, blob_sources)
+        if not (layer.digest in fresh and dest.has(layer.digest)):
+            _import_layer(dest, layer, blob_sources)
 
     config_digest, config_size = dest.add_bytes(_canonical(_config_json(layers, config)))
     manifest = {

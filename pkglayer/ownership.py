@@ -8,18 +8,19 @@ database's own digest so that edited files can be told apart from pristine ones.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import re
 import stat
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from wcmatch import glob
 
+from .digests import CONTENT_HASH, new_hasher
 from .errors import RootfsError
 from .hashcache import HashCache
 from .rootfs import FileOpener, Rootfs
@@ -45,7 +46,7 @@ class FsObject:
     home: str = HOME_UNOWNED
     linkname: str | None = None
     xattrs: tuple[tuple[str, bytes], ...] = ()
-    sha256: str | None = None
+    content_hash: str | None = None  # CONTENT_HASH of a regular file's data
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _hash_chunk(
     out = []
     with FileOpener(rootfs) as opener:
         for obj, algos in chunk:
-            hashers = [hashlib.new(a) for a in algos]
+            hashers = [new_hasher(a) for a in algos]
             try:
                 fd = opener.open_fd(obj.path)
             except FileNotFoundError:
@@ -145,29 +146,48 @@ def _hash_chunk(
     return out
 
 
-def _hash_files(
-    rootfs: Rootfs, work: list[tuple[FsObject, tuple[str, ...]]], cache: HashCache, jobs: int
-) -> dict[str, dict[str, str]]:
-    """Digests of the files in `work`, from the cache where it is still valid."""
-    digests_of: dict[str, dict[str, str]] = {}
-    todo = []
-    for obj, algos in work:
-        cached = cache.get(obj.st, algos)
-        if cached is None:
-            todo.append((obj, algos))
-        else:
-            digests_of[obj.path] = cached
-    hashed_at = time.time()
-    # Contiguous runs of sorted paths share directories (see FileOpener); many small
-    # chunks keep both workers busy to the end.
-    todo.sort(key=lambda w: w[0].path)
-    chunks = [todo[i : i + 256] for i in range(0, len(todo), 256)]
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for chunk, results in zip(chunks, pool.map(lambda c: _hash_chunk(rootfs, c), chunks)):
-            for (obj, _), digests in zip(chunk, results):
-                digests_of[obj.path] = digests
-                cache.put(obj.st, digests, hashed_at)
-    return digests_of
+class _Hasher:
+    """Hashes files on worker threads while the walk goes on finding more.
+
+    Files are handed over in runs of `_CHUNK` in walk order: neighbours share directories
+    (see FileOpener), and many small runs keep every worker busy to the end.
+    """
+
+    _CHUNK = 128
+
+    def __init__(self, rootfs: Rootfs, cache: HashCache, jobs: int):
+        self.rootfs = rootfs
+        self.cache = cache
+        self.pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+        self.pending: list[tuple[FsObject, tuple[str, ...]]] = []
+        self.running: list[tuple[list[tuple[FsObject, tuple[str, ...]]], Future[list[dict[str, str]]]]] = []
+        self.digests_of: dict[str, dict[str, str]] = {}
+        self.started = time.time()
+
+    def add(self, obj: FsObject, algos: tuple[str, ...]) -> None:
+        cached = self.cache.get(obj.st, algos)
+        if cached is not None:
+            self.digests_of[obj.path] = cached
+            return
+        self.pending.append((obj, algos))
+        if len(self.pending) >= self._CHUNK:
+            self._submit()
+
+    def _submit(self) -> None:
+        chunk, self.pending = self.pending, []
+        self.running.append((chunk, self.pool.submit(_hash_chunk, self.rootfs, chunk)))
+
+    def results(self) -> dict[str, dict[str, str]]:
+        if self.pending:
+            self._submit()
+        try:
+            for chunk, fut in self.running:
+                for (obj, _), digests in zip(chunk, fut.result()):
+                    self.digests_of[obj.path] = digests
+                    self.cache.put(obj.st, digests, self.started)
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+        return self.digests_of
 
 
 def scan(
@@ -183,51 +203,50 @@ def scan(
     packages = source.packages() if source else []
     owners, shared = _owner_map(rootfs, packages)
     db_paths = [rootfs.resolve(p) for p in source.database_paths()] if source else []
-    excluded_matcher = glob.compile(list(excludes), flags=glob.GLOBSTAR | glob.DOTGLOB)
-    drop_matcher = glob.compile(list(drop_xattrs), flags=glob.DOTGLOB) if drop_xattrs else None
+    excluded_matcher = _glob_regex(excludes, glob.GLOBSTAR | glob.DOTGLOB)
+    drop_matcher = _glob_regex(drop_xattrs, glob.DOTGLOB)
 
     excluded: list[str] = []
     skipped: list[tuple[str, str]] = []
 
     def prune(path: str, is_dir: bool) -> bool:
-        if excluded_matcher.match(path):
+        if excluded_matcher.fullmatch(path):
             excluded.append(path)
             return True
         return False
 
+    # Hash, while walking, what must be known before layers are written: the database's
+    # digest of each package file (to spot edits) and, when earlier layers may be
+    # reused, the content hash that keys are made of (otherwise it is taken while
+    # writing).
+    hasher = _Hasher(rootfs, cache or HashCache(None), jobs)
     objects: dict[str, FsObject] = {}
-    for entry in rootfs.walk(prune=prune, one_file_system=one_file_system):
-        mode = entry.st.st_mode
-        if stat.S_ISSOCK(mode):
-            skipped.append((entry.path, "socket (tar cannot store sockets)"))
-            continue
-        if stat.S_ISDIR(mode) and one_file_system and entry.st.st_dev != rootfs.dev:
-            skipped.append((entry.path, "mount point: contents on another filesystem not included"))
-        obj = FsObject(entry.path, entry.st)
-        if stat.S_ISLNK(mode):
-            obj.linkname = rootfs.readlink(entry.path)
-        xattrs = rootfs.getxattrs(entry.path)
-        if xattrs:
-            obj.xattrs = tuple(
-                sorted((k, v) for k, v in xattrs.items() if not (drop_matcher and drop_matcher.match(k)))
-            )
-        objects[entry.path] = obj
-
-    # Hash what must be known before layers are written: the database's digest of each
-    # package file (to spot edits) and, when earlier layers may be reused, the sha256
-    # that content keys are made of. Otherwise the sha256 is taken while writing.
-    work: list[tuple[FsObject, tuple[str, ...]]] = []
-    for obj in objects.values():
-        if stat.S_ISREG(obj.st.st_mode):
-            algos = {"sha256"} if hash_content else set()
-            owner = owners.get(obj.path)
-            if owner and owner[1].digest_algo and owner[1].digest:
-                algos.add(owner[1].digest_algo)
-            if algos:
-                work.append((obj, tuple(sorted(algos))))
-    digests_of = _hash_files(rootfs, work, cache or HashCache(None), jobs)
+    try:
+        for entry in rootfs.walk(prune=prune, one_file_system=one_file_system):
+            mode = entry.st.st_mode
+            if stat.S_ISSOCK(mode):
+                skipped.append((entry.path, "socket (tar cannot store sockets)"))
+                continue
+            if stat.S_ISDIR(mode) and one_file_system and entry.st.st_dev != rootfs.dev:
+                skipped.append((entry.path, "mount point: contents on another filesystem not included"))
+            obj = FsObject(entry.path, entry.st)
+            if stat.S_ISLNK(mode):
+                obj.linkname = rootfs.readlink(entry.path)
+            elif stat.S_ISREG(mode):
+                algos = {CONTENT_HASH} if hash_content else set()
+                owner = owners.get(entry.path)
+                if owner and owner[1].digest_algo and owner[1].digest:
+                    algos.add(owner[1].digest_algo)
+                if algos:
+                    hasher.add(obj, tuple(sorted(algos)))
+            xattrs = rootfs.getxattrs(entry.path)
+            if xattrs:
+                obj.xattrs = tuple(sorted((k, v) for k, v in xattrs.items() if not drop_matcher.fullmatch(k)))
+            objects[entry.path] = obj
+    finally:
+        digests_of = hasher.results()
     for path, digests in digests_of.items():
-        objects[path].sha256 = digests.get("sha256")
+        objects[path].content_hash = digests.get(CONTENT_HASH)
 
     modified: list[str] = []
     modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = defaultdict(list)
@@ -275,6 +294,12 @@ def scan(
         missing={k: sorted(v) for k, v in sorted(missing.items())},
         shared=dict(sorted(shared.items())),
     )
+
+
+def _glob_regex(patterns: Iterable[str], flags: int) -> re.Pattern[str]:
+    """All patterns as one regex: one match per path instead of one per pattern."""
+    included, _ = glob.translate(list(patterns), flags=flags)
+    return re.compile("|".join(f"(?:{p})" for p in included) or "(?!)")
 
 
 def _home_rank(home: str) -> tuple[int, str]:

@@ -20,6 +20,7 @@ import tarfile
 import zstandard
 
 from .blobstore import BlobDir
+from .digests import CONTENT_HASH, new_hasher
 from .history import LayerRecord
 from .ownership import FsObject
 from .sources import FileRecord
@@ -43,7 +44,7 @@ class _HashingReader:
             pass
 
 
-def _prior_member(ti: tarfile.TarInfo, sha256: str) -> Member:
+def _prior_member(ti: tarfile.TarInfo, content_hash: str) -> Member:
     xattrs = tuple(
         sorted(
             (k[len("SCHILY.xattr."):], v.encode("utf-8", "surrogateescape"))
@@ -63,7 +64,7 @@ def _prior_member(ti: tarfile.TarInfo, sha256: str) -> Member:
         devmajor=ti.devmajor if ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE) else 0,
         devminor=ti.devminor if ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE) else 0,
         xattrs=xattrs,
-        sha256=sha256,
+        content_hash=content_hash,
     )
 
 
@@ -84,7 +85,7 @@ def is_pristine_layer(
     edited: dict[str, tuple[FsObject, FileRecord]],
 ) -> bool:
     """True when the prior blob is `expected` with pristine content at the edited paths."""
-    algos = {"sha256"} | {rec.digest_algo for _, rec in edited.values() if rec.digest_algo}
+    algos = {CONTENT_HASH} | {rec.digest_algo for _, rec in edited.values() if rec.digest_algo}
     try:
         fd = os.open(blobs.path(record.digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -108,7 +109,7 @@ def is_pristine_layer(
                         return False
                     digests: dict[str, str] = {}
                     if ti.type == tarfile.REGTYPE:
-                        hashers = {a: hashlib.new(a) for a in algos}
+                        hashers = {a: new_hasher(a) for a in algos}
                         data = tf.extractfile(ti)
                         assert data is not None
                         while chunk := data.read(1024 * 1024):
@@ -118,7 +119,7 @@ def is_pristine_layer(
                     if ti.name in edited:
                         if not _pristine(ti, digests, edited[ti.name][1]):
                             return False
-                    elif _prior_member(ti, digests.get("sha256", "")).key_line() != exp.key_line():
+                    elif _prior_member(ti, digests.get(CONTENT_HASH, "")).key_line() != exp.key_line():
                         return False
                 if next(want, None) is not None:
                     return False
