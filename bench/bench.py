@@ -473,8 +473,11 @@ theirs. CPU s is user+system time of the command and all its children (from
 every path pkglayer excluded). Outputs go to an empty directory on the same filesystem (`/var/tmp`). The baselines
 write one compressed tar of the *whole* tree; pkglayer leaves out its default excludes (apt
 caches and lists, `tmp`, ...), listed below. pkglayer fsyncs every blob it commits; the
-baselines do not sync. The reuse run is `pkglayer build --layers L` after an untimed full
-build into `L`: every layer must be reused (each reused blob is still re-hashed to verify it).
+baselines do not sync. Full builds run with `--no-hash-cache`, so every file is read and
+hashed. The reuse run is `pkglayer build --layers L` after an untimed full build into `L`,
+with the file-digest cache that build filled: every layer must be reused (each reused blob
+is still re-hashed to verify it); "reuse, no cache" is the same rebuild with
+`--no-hash-cache`.
 
 ## Machine
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -363,6 +364,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A build allocates one small object per file and entry and frees them all at the
+    # end: cyclic garbage collection passes over them cost ~5% and find nothing.
+    gc.disable()
     parser = make_parser()
     args = parser.parse_args(argv)
     # Plain "pkglayer: message" lines: readable on a terminal and in the journal,
