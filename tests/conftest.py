@@ -54,3 +54,16 @@ def rpm_upgrade_pair() -> factory.UpgradePair:
 def rpm_specs_dir() -> Path:
     """tests/specs: spec files for factory.build_rpm(spec, version, release, outdir)."""
     return factory.SPECS_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_digest_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Builds in the tests (in-process and CLI subprocesses) use a digest cache of their
+    own, not the user's ~/.cache/pkglayer."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
