@@ -511,3 +511,44 @@ def test_full_disk_is_a_clear_error_without_partial_blobs(deb_rootfs: Path, tmp_
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_image_config_options(deb_rootfs: Path, tmp_path: Path) -> None:
+    result = build_json(
+        deb_rootfs, "--output", f"oci:{tmp_path}/img:v1",
+        "--label", "org.opencontainers.image.title=demo", "--label", "empty=",
+        "--env", "LANG=C.UTF-8", "--env", "PATH=/usr/bin:/bin",
+        "--cmd", '["/bin/sh", "-c", "echo hi"]', "--entrypoint", "/usr/bin/env -i",
+        "--workdir", "/root", "--user", "0:0", "--source-date-epoch", "1700000000",
+    )
+    layout = tmp_path / "img"
+    index = json.loads((layout / "index.json").read_text())
+    assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "v1"
+    manifest = json.loads((layout / "blobs/sha256" / result["manifestDigest"][7:]).read_text())
+    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text())
+    assert config["architecture"] == "amd64" and config["os"] == "linux"
+    assert config["created"] == "2023-11-14T22:13:20Z"
+    c = config["config"]
+    assert c["Labels"] == {"org.opencontainers.image.title": "demo", "empty": ""}
+    assert c["Env"] == ["LANG=C.UTF-8", "PATH=/usr/bin:/bin"]
+    assert c["Cmd"] == ["/bin/sh", "-c", "echo hi"]
+    assert c["Entrypoint"] == ["/usr/bin/env", "-i"]
+    assert (c["WorkingDir"], c["User"]) == ("/root", "0:0")
+    assert len(config["history"]) == len(config["rootfs"]["diff_ids"]) == len(result["layers"])
+    bash = next(h for h in config["history"] if h["comment"].startswith("bash-"))
+    assert bash["created_by"] == f"pkglayer: {bash['comment']}"
+
+
+@pytest.mark.parametrize("bad", [["--label", "novalue"], ["--env", "=x"], ["--cmd", "[1, 2]"]])
+def test_bad_image_options_are_clear_errors(deb_rootfs: Path, tmp_path: Path, bad: list[str]) -> None:
+    proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/img", *bad, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("pkglayer: error: ")
+    assert _no_blobs_written(tmp_path / "img")
+
+
+def test_format_none_treats_everything_as_unowned(deb_rootfs: Path) -> None:
+    out = json.loads(run_cli("scan", str(deb_rootfs), "--json", "--format", "none").stdout)
+    assert out["packages"] == [] and out["homes"]["pkgdb"]["files"] == 0
+    assert "usr/bin/bash" in out["unowned"]
+    proc = run_cli("scan", str(deb_rootfs), "--format", "rpm", check=False)
+    assert proc.returncode == 1 and "no rpm database" in proc.stderr
