@@ -298,6 +298,9 @@ def main() -> int:
                 ),
             }
             for name, (cmd, shell) in commands.items():
+                # Flush what the previous command left dirty (untimed): otherwise it is
+                # written back during the next command, and pkglayer's fsyncs wait for it.
+                os.sync()
                 seconds, out, cpu = run_timed(cmd, shell=shell)
                 times[name].append(seconds)
                 cpus[name].append(cpu)
@@ -477,7 +480,8 @@ baselines do not sync. Full builds run with `--no-hash-cache`, so every file is 
 hashed. The reuse run is `pkglayer build --layers L` after an untimed full build into `L`,
 with the file-digest cache that build filled: every layer must be reused (each reused blob
 is still re-hashed to verify it); "reuse, no cache" is the same rebuild with
-`--no-hash-cache`.
+`--no-hash-cache`. An untimed `sync` runs before every timed command, so no command pays
+for writing back what the one before it left in the page cache.
 
 ## Machine
 

@@ -126,20 +126,25 @@ def _hash_chunk(
     rootfs: Rootfs, chunk: list[tuple[FsObject, tuple[str, ...]]]
 ) -> list[dict[str, str]]:
     out = []
+    buf = memoryview(bytearray(_READ_CHUNK))  # reused: no allocation per read
     with FileOpener(rootfs) as opener:
         for obj, algos in chunk:
             hashers = [new_hasher(a) for a in algos]
             try:
-                fd = opener.open_fd(obj.path)
+                fd, st = opener.open_fd(obj.path)
             except FileNotFoundError:
                 raise RootfsError(f"/{obj.path} disappeared while being read") from None
             try:
-                st = os.fstat(fd)
                 if (st.st_ino, st.st_size) != (obj.st.st_ino, obj.st.st_size):
                     raise RootfsError(f"/{obj.path} changed while being read")
-                while chunk_data := os.read(fd, _READ_CHUNK):
+                remaining = st.st_size
+                while remaining:
+                    n = os.readv(fd, [buf[: min(remaining, _READ_CHUNK)]])
+                    if not n:
+                        raise RootfsError(f"/{obj.path} shrank while being read")
+                    remaining -= n
                     for h in hashers:
-                        h.update(chunk_data)
+                        h.update(buf[:n])
             finally:
                 os.close(fd)
             out.append({a: h.hexdigest() for a, h in zip(algos, hashers)})

@@ -321,8 +321,9 @@ class FileOpener:
             os.close(self._dirs.popitem(last=False)[1])
         return fd
 
-    def open_fd(self, relpath: str) -> int:
-        """Open a regular file whose path contains no symlink (a path from the walk)."""
+    def open_fd(self, relpath: str) -> tuple[int, os.stat_result]:
+        """Open a regular file whose path contains no symlink (a path from the walk);
+        returns the descriptor and its fstat."""
         parent, _, name = relpath.rpartition("/")
         try:
             fd = os.open(
@@ -332,10 +333,11 @@ class FileOpener:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise RootfsError(f"/{relpath} changed into a symlink while being read") from None
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise RootfsError(f"/{relpath} is not a regular file any more")
-        return fd
+        return fd, st
 
 
 def _normalise(comps: list[str]) -> list[str]:

@@ -271,11 +271,12 @@ def write_layer(
     lie, so the build stops instead.
     """
     c = _Compressor(compression, level, out)
+    buf = memoryview(bytearray(_FLUSH))  # reused for every read of this layer
     with FileOpener(rootfs) as opener:
         for m in members:
             c.write(m.header())
             if m.type == tarfile.REGTYPE and m.size:
-                _copy_file(opener, m, c)
+                _copy_file(opener, m, c, buf)
                 pad = -m.size % _BLOCK
                 if pad:
                     c.write(b"\0" * pad)
@@ -292,16 +293,15 @@ def write_layer(
 _EMPTY_HASH = new_hasher(CONTENT_HASH).hexdigest()
 
 
-def _copy_file(opener: FileOpener, m: Member, c: _Compressor) -> None:
+def _copy_file(opener: FileOpener, m: Member, c: _Compressor, buf: memoryview) -> None:
     obj = m.source
     assert obj is not None
     try:
-        fd = opener.open_fd(obj.path)
+        fd, st = opener.open_fd(obj.path)
     except FileNotFoundError:
         raise RootfsError(f"/{obj.path} disappeared during the build; nothing was written, rerun") from None
     hasher = None if obj.content_hash else new_hasher(CONTENT_HASH)
     try:
-        st = os.fstat(fd)
         seen = obj.st
         if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
             seen.st_ino, seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns
@@ -309,13 +309,14 @@ def _copy_file(opener: FileOpener, m: Member, c: _Compressor) -> None:
             raise RootfsError(f"/{obj.path} changed during the build; nothing was written, rerun")
         remaining = m.size
         while remaining:
-            chunk = os.read(fd, min(_FLUSH, remaining))
-            if not chunk:
+            n = os.readv(fd, [buf[: min(len(buf), remaining)]])
+            if not n:
                 raise RootfsError(f"/{obj.path} shrank during the build; nothing was written, rerun")
-            remaining -= len(chunk)
+            remaining -= n
+            chunk = buf[:n]
             if hasher is not None:
                 hasher.update(chunk)
-            if len(chunk) >= 64 * 1024:
+            if n >= 64 * 1024:
                 c.write_large(chunk)
             else:
                 c.write(chunk)
