@@ -182,6 +182,9 @@ class _Hasher:
         chunk, self.pending = self.pending, []
         self.running.append((chunk, self.pool.submit(_hash_chunk, self.rootfs, chunk)))
 
+    def abandon(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
     def results(self) -> dict[str, dict[str, str]]:
         if self.pending:
             self._submit()
@@ -248,8 +251,10 @@ def scan(
             if xattrs:
                 obj.xattrs = tuple(sorted((k, v) for k, v in xattrs.items() if not drop_matcher.fullmatch(k)))
             objects[entry.path] = obj
-    finally:
-        digests_of = hasher.results()
+    except BaseException:
+        hasher.abandon()
+        raise
+    digests_of = hasher.results()
     for path, digests in digests_of.items():
         objects[path].content_hash = digests.get(CONTENT_HASH)
 
