@@ -160,23 +160,13 @@ class Rootfs:
             raise RootfsError("cannot open the rootfs itself as a file")
         try:
             dfd = self._open_dirs(comps[:-1])
-            try:
-                fd = os.open(
-                    comps[-1],
-                    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                    dir_fd=dfd,
-                )
-            finally:
-                os.close(dfd)
         except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise RootfsError(f"/{relpath} changed into a symlink while being read") from None
+            _raise_if_swapped(e, relpath)
             raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise RootfsError(f"/{relpath} is not a regular file")
-        return fd
+        try:
+            return _open_regular(comps[-1], dfd, relpath)[0]
+        finally:
+            os.close(dfd)
 
     def open(self, relpath: str, resolve: bool = True):
         return os.fdopen(self.open_fd(relpath, resolve), "rb", buffering=1024 * 1024)
@@ -326,18 +316,31 @@ class FileOpener:
         returns the descriptor and its fstat."""
         parent, _, name = relpath.rpartition("/")
         try:
-            fd = os.open(
-                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self._dir(parent)
-            )
+            dir_fd = self._dir(parent)
         except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise RootfsError(f"/{relpath} changed into a symlink while being read") from None
+            _raise_if_swapped(e, relpath)
             raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise RootfsError(f"/{relpath} is not a regular file any more")
-        return fd, st
+        return _open_regular(name, dir_fd, relpath)
+
+
+def _raise_if_swapped(e: OSError, relpath: str) -> None:
+    # O_NOFOLLOW/O_DIRECTORY refused a component: something became a symlink after the walk.
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        raise RootfsError(f"/{relpath} changed into a symlink while being read") from None
+
+
+def _open_regular(name: str, dir_fd: int, relpath: str) -> tuple[int, os.stat_result]:
+    """Open `name` in `dir_fd` without following a link; it must be a regular file."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        _raise_if_swapped(e, relpath)
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RootfsError(f"/{relpath} is not a regular file")
+    return fd, st
 
 
 def _normalise(comps: list[str]) -> list[str]:
