@@ -216,8 +216,9 @@ def _reuse_or_write(
     for rec in prior:
         if rec.compression == spec and rec.media_type == media_type:
             by_key.setdefault(rec.content_key, rec)
-            if rec.packages:
-                by_packages.setdefault(rec.packages, []).append(rec)
+            # An earlier image in the OCI layout records names only: a one-package
+            # layer is named after its package.
+            by_packages.setdefault(rec.packages or (rec.name,), []).append(rec)
     sources = (*inputs, output)
 
     def source_of(rec: LayerRecord) -> BlobDir | None:

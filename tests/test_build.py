@@ -552,3 +552,47 @@ def test_format_none_treats_everything_as_unowned(deb_rootfs: Path) -> None:
     assert "usr/bin/bash" in out["unowned"]
     proc = run_cli("scan", str(deb_rootfs), "--format", "rpm", check=False)
     assert proc.returncode == 1 and "no rpm database" in proc.stderr
+
+
+def test_sockets_mounts_and_odd_names(tmp_path: Path) -> None:
+    import socket
+
+    root = tmp_path / "root"
+    (root / "run").mkdir(parents=True)
+    (root / "mnt/data").mkdir(parents=True)
+    (root / "srv").mkdir()
+    odd = [b"srv/caf\xe9-latin1", b"srv/new\nline", ("srv/" + "d" * 150).encode()]
+    for name in odd:
+        with open(os.path.join(os.fsencode(root), name), "wb") as f:
+            f.write(b"odd")
+    (root / "srv/long-link").symlink_to("x" * 200)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "run/app.sock"))
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "mnt/data")], check=True)
+    try:
+        (root / "mnt/data/on-tmpfs").write_text("not part of the rootfs's filesystem")
+        scan_out = json.loads(run_cli("scan", str(root), "--json").stdout)
+        result = build_json(root, "--output", f"oci:{tmp_path}/img:t")
+    finally:
+        subprocess.run(["umount", str(root / "mnt/data")], check=True)
+        sock.close()
+    reasons = {item["path"]: item["reason"] for item in scan_out["skipped"]}
+    assert "socket" in reasons["run/app.sock"] and "mount point" in reasons["mnt/data"]
+    with read_layer(tmp_path / "img", result["layers"][0]["digest"]) as tf:
+        names = {os.fsencode(n) for n in tf.getnames()}
+        assert b"mnt/data" in names and b"mnt/data/on-tmpfs" not in names
+        assert b"run/app.sock" not in names
+        assert set(odd) <= names
+        assert tf.getmember("srv/long-link").linkname == "x" * 200
+
+
+def test_pristine_layer_from_the_earlier_image_in_the_same_layout(deb_rootfs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    first = layer_digests(build_json(root, "--output", f"oci:{tmp_path}/img:t"))
+    with open(root / "etc/login.defs", "a") as f:
+        f.write("# local edit\n")
+    second = build_json(root, "--output", f"oci:{tmp_path}/img:t")
+    login = next(n for n in first if n.startswith("login-"))
+    assert layer_digests(second)[login] == first[login]
+    assert {layer["name"] for layer in second["layers"] if not layer["reused"]} <= TOP
