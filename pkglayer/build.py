@@ -133,6 +133,7 @@ def build(
         cache.load(rootfs.path)
         # Content keys are needed before writing only when there is something to reuse.
         ownership = scan_rootfs(rootfs, settings, hash_content=bool(prior), cache=cache)
+        log.info("digest cache: %d files unchanged since they were last hashed", cache.hits)
         arch, variant = oci_platform(ownership.architecture, rootfs)
         plan = plan_layers(ownership, settings.max_layers)
         log.info(

@@ -58,9 +58,6 @@ class History:
     generator: str  # "pkglayer 0.1.0"
     tar_format: int  # version of pkglayer's tar format (part of content keys too)
 
-    def layer(self, name: str) -> LayerRecord | None:
-        return next((layer for layer in self.layers if layer.name == name), None)
-
 
 def load_history(path: str | os.PathLike[str]) -> History | None:
     """Read and validate history.json; None if the file does not exist.

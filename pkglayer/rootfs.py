@@ -73,17 +73,6 @@ class Rootfs:
 
     # -- path resolution ---------------------------------------------------------------
 
-    def lstat(self, relpath: str) -> os.stat_result:
-        """lstat of a path whose parent directories are real directories (no resolution)."""
-        comps = split(relpath)
-        if not comps:
-            return os.stat(self._fd)
-        fd = self._open_dirs(comps[:-1])
-        try:
-            return os.stat(comps[-1], dir_fd=fd, follow_symlinks=False)
-        finally:
-            os.close(fd)
-
     def resolve(self, relpath: str, follow_final: bool = True) -> str:
         """Resolve symlinks inside the rootfs; the result names no symlink except
         possibly the final component when follow_final is False."""

@@ -208,10 +208,6 @@ def content_key(members: Iterable[Member]) -> str | None:
     return "sha256:" + h.hexdigest()
 
 
-def uncompressed_size(members: Iterable[Member]) -> int:
-    return sum(m.size for m in members if m.type == tarfile.REGTYPE)
-
-
 class _Compressor:
     """Streams tar bytes into a compressor, hashing the tar (diff_id) on the way."""
 
