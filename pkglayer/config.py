@@ -29,9 +29,9 @@ DEFAULT_EXCLUDES = (
     # kernel API filesystems, in case the rootfs has them mounted or populated
     "proc/**",
     "sys/**",
-    # sqlite side files of the rpm database: opening it creates them, they hold no data of their own
+    # sqlite's shared-memory index of the rpm database: rebuilt on open, host-specific.
+    # (The -wal file is kept: it may hold committed transactions not yet checkpointed.)
     "**/rpmdb.sqlite-shm",
-    "**/rpmdb.sqlite-wal",
     # Berkeley DB environment files of old rpm databases
     "**/rpm/__db.*",
 )

@@ -596,3 +596,42 @@ def test_pristine_layer_from_the_earlier_image_in_the_same_layout(deb_rootfs: Pa
     login = next(n for n in first if n.startswith("login-"))
     assert layer_digests(second)[login] == first[login]
     assert {layer["name"] for layer in second["layers"] if not layer["reused"]} <= TOP
+
+
+def test_rpm_wal_with_committed_data_is_kept(rpm_rootfs: Path, tmp_path: Path) -> None:
+    """Committed transactions may sit in rpmdb.sqlite-wal: the layer must keep them."""
+    import sqlite3
+
+    root = tmp_path / "root"
+    copy_tree(rpm_rootfs, root)
+    dbdir = root / "usr/lib/sysimage/rpm"
+    script = (
+        "import os, sqlite3, sys\n"
+        "con = sqlite3.connect(sys.argv[1])\n"
+        "con.execute('PRAGMA journal_mode=WAL')\n"
+        "con.execute('PRAGMA wal_autocheckpoint=0')\n"
+        "con.execute(\"DELETE FROM Packages WHERE hnum IN (SELECT hnum FROM Name WHERE key='pkglayer-extra')\")\n"
+        "con.commit()\n"
+        "os._exit(0)  # no close, so no checkpoint\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(dbdir / "rpmdb.sqlite")], check=True)
+    assert (dbdir / "rpmdb.sqlite-wal").stat().st_size > 0
+    result = build_json(root, "--output", f"oci:{tmp_path}/img:t")
+    assert not any(p.startswith("pkglayer-extra-") for layer in result["layers"] for p in layer["packages"])
+    pkgdb = next(layer for layer in result["layers"] if layer["name"] == "pkgdb")
+    out = tmp_path / "db"
+    out.mkdir()
+    with read_layer(tmp_path / "img", pkgdb["digest"]) as tf:
+        names = tf.getnames()
+        assert "usr/lib/sysimage/rpm/rpmdb.sqlite-shm" not in names
+        for name in ("rpmdb.sqlite", "rpmdb.sqlite-wal"):
+            (out / name).write_bytes(tf.extractfile(f"usr/lib/sysimage/rpm/{name}").read())
+    def count(db: str) -> int:
+        con = sqlite3.connect(db, uri=True)
+        try:
+            return con.execute("SELECT count(*) FROM Packages").fetchone()[0]
+        finally:
+            con.close()
+
+    before = count(f"file:{rpm_rootfs / 'usr/lib/sysimage/rpm/rpmdb.sqlite'}?immutable=1")
+    assert count(str(out / "rpmdb.sqlite")) == before - 1  # the WAL's deletion is in the image

@@ -332,7 +332,6 @@ def test_rpm_reads_committed_wal(rpm_db: Path) -> None:
     assert "pkglayer-demo" in names and "pkglayer-extra" not in names
 
 
-@pytest.mark.skipif(shutil.which("db5.3_load") is None, reason="needs db5.3-util")
 def test_rpm_berkeley_db(rpm_rootfs: Path, tmp_path: Path) -> None:
     """A BDB `Packages` (RHEL <= 8) built from the same headers reads the same."""
     con = sqlite3.connect(f"file:{rpm_rootfs / RPMDB / 'rpmdb.sqlite'}?immutable=1", uri=True)
