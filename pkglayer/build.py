@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from .errors import PkglayerError
 from .hashcache import HashCache
 from .history import History, LayerRecord, load_history, save_history
 from .oci import ImageConfig, ImageResult, parse_oci_ref, prior_layers, write_image
-from .ownership import Ownership, scan
+from .ownership import Ownership, Progress, scan
 from .plan import PlannedLayer, plan_layers
 from .pristine import is_pristine_layer
 from .rootfs import Rootfs
@@ -31,8 +30,6 @@ from .tarwriter import MEDIA_TYPES, TAR_FORMAT, Member, content_key, layer_membe
 
 log = logging.getLogger(__name__)
 
-#: progress(phase, done, total): called from worker threads as layers finish
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -73,7 +70,11 @@ class BuildResult:
 
 
 def scan_rootfs(
-    rootfs: Rootfs, settings: BuildSettings, hash_content: bool = False, cache: HashCache | None = None
+    rootfs: Rootfs,
+    settings: BuildSettings,
+    hash_content: bool = False,
+    cache: HashCache | None = None,
+    progress: Progress | None = None,
 ) -> Ownership:
     source = open_source(rootfs, settings.package_format)
     log.info(
@@ -88,6 +89,7 @@ def scan_rootfs(
         jobs=settings.jobs,
         hash_content=hash_content,
         cache=cache,
+        progress=progress,
     )
 
 
@@ -132,7 +134,7 @@ def build(
         cache = HashCache(settings.hash_cache_path)
         cache.load(rootfs.path)
         # Content keys are needed before writing only when there is something to reuse.
-        ownership = scan_rootfs(rootfs, settings, hash_content=bool(prior), cache=cache)
+        ownership = scan_rootfs(rootfs, settings, hash_content=bool(prior), cache=cache, progress=progress)
         log.info("digest cache: %d files unchanged since they were last hashed", cache.hits)
         arch, variant = oci_platform(ownership.architecture, rootfs)
         plan = plan_layers(ownership, settings.max_layers)

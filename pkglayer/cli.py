@@ -87,21 +87,26 @@ def _command_words(text: str | None, what: str) -> list[str] | None:
 
 
 class _ProgressReporter:
-    """A bar on a terminal; occasional log lines otherwise (journal, CI logs)."""
+    """A bar per phase on a terminal; a log line per tenth otherwise (journal, CI logs)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.bar = None
+        self.phase = ""
         self.last_logged = -1
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if not self.enabled:
             return
+        if phase != self.phase:
+            self.close()
+            self.phase, self.last_logged = phase, -1
         if sys.stderr.isatty():
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc=phase, unit="layer", leave=False, file=sys.stderr)
+                unit = "layer" if phase == "layers" else "file"
+                self.bar = tqdm(total=total, desc=phase, unit=unit, leave=False, file=sys.stderr)
             self.bar.update(done - self.bar.n)
         else:
             tenth = done * 10 // max(total, 1)
@@ -112,6 +117,7 @@ class _ProgressReporter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _human(n: float) -> str:
@@ -175,7 +181,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     with Rootfs(args.rootfs) as rootfs:
         cache = HashCache(settings.hash_cache_path)
         cache.load(rootfs.path)
-        summary = _scan_summary(scan_rootfs(rootfs, settings, cache=cache))
+        reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
+        try:
+            summary = _scan_summary(scan_rootfs(rootfs, settings, cache=cache, progress=reporter))
+        finally:
+            reporter.close()
         cache.save()
     if args.json:
         json.dump(summary, sys.stdout, indent=2)

@@ -14,7 +14,7 @@ import re
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,6 +35,9 @@ HOME_PKGDB = "pkgdb"
 SPECIAL_HOMES = (HOME_UNOWNED, HOME_MODIFIED, HOME_PKGDB)
 
 _READ_CHUNK = 1024 * 1024
+
+#: progress(phase, done, total), as in pkglayer.build
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -185,14 +188,19 @@ class _Hasher:
     def abandon(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def results(self) -> dict[str, dict[str, str]]:
+    def results(self, progress: Progress | None = None) -> dict[str, dict[str, str]]:
         if self.pending:
             self._submit()
+        total = sum(len(chunk) for chunk, _ in self.running)
+        done = 0
         try:
             for chunk, fut in self.running:
                 for (obj, _), digests in zip(chunk, fut.result()):
                     self.digests_of[obj.path] = digests
                     self.cache.put(obj.st, digests, self.started)
+                done += len(chunk)
+                if progress:
+                    progress("hashing", done, total)
         finally:
             self.pool.shutdown(cancel_futures=True)
         return self.digests_of
@@ -207,6 +215,7 @@ def scan(
     jobs: int = 1,
     hash_content: bool = True,
     cache: HashCache | None = None,
+    progress: Progress | None = None,
 ) -> Ownership:
     packages = source.packages() if source else []
     owners, shared = _owner_map(rootfs, packages)
@@ -254,7 +263,7 @@ def scan(
     except BaseException:
         hasher.abandon()
         raise
-    digests_of = hasher.results()
+    digests_of = hasher.results(progress)
     for path, digests in digests_of.items():
         objects[path].content_hash = digests.get(CONTENT_HASH)
 

@@ -635,3 +635,12 @@ def test_rpm_wal_with_committed_data_is_kept(rpm_rootfs: Path, tmp_path: Path) -
 
     before = count(f"file:{rpm_rootfs / 'usr/lib/sysimage/rpm/rpmdb.sqlite'}?immutable=1")
     assert count(str(out / "rpmdb.sqlite")) == before - 1  # the WAL's deletion is in the image
+
+
+def test_progress_is_logged_for_journals(deb_rootfs: Path, tmp_path: Path) -> None:
+    proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/img:t", "-v", "--no-hash-cache")
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("pkglayer: hashing: ") for line in lines)
+    layer_lines = [line for line in lines if line.startswith("pkglayer: layers: ")]
+    assert len(layer_lines) >= 5 and layer_lines[-1].split()[-1].split("/")[0] == layer_lines[-1].split("/")[-1]
+    assert not any("\x1b" in line or "\r" in line for line in lines)  # plain lines, no terminal codes
