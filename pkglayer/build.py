@@ -104,7 +104,12 @@ def build(
     layers_dir: str | None = None,
     image: ImageOptions | None = None,
     progress: Progress | None = None,
+    prior_history: History | None = None,
 ) -> BuildResult:
+    """Layer `rootfs_path` into an OCI layout (`oci_ref`) and/or a /layers directory.
+
+    `prior_history` is an earlier build's plan (from --prior, or a registry): the planner
+    keeps its layer assignment stable, and its layers are reuse candidates."""
     if not oci_ref and not layers_dir:
         raise PkglayerError("nothing to do: give --output oci:DIR[:TAG] and/or --layers DIR")
     settings = settings.validated()
@@ -114,6 +119,8 @@ def build(
     # Read everything that can be wrong before writing anything.
     prior: list[LayerRecord] = []
     inputs: list[BlobDir] = []
+    if prior_history is not None:
+        prior.extend(prior_history.layers)
     if layers_dir:
         if not os.path.isdir(layers_dir):
             os.makedirs(layers_dir, exist_ok=True)

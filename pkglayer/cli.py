@@ -211,6 +211,18 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_prior(spec: str | None):
+    """--prior: an earlier build's plan (a history.json file)."""
+    if spec is None:
+        return None
+    from .history import load_history
+
+    history = load_history(spec)
+    if history is None:
+        raise PkglayerError(f"--prior {spec}: no such file")
+    return history
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import ImageOptions, build
 
@@ -234,6 +246,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             layers_dir=args.layers,
             image=image,
             progress=reporter,
+            prior_history=_load_prior(args.prior),
         )
     finally:
         reporter.close()
@@ -349,6 +362,11 @@ def make_parser() -> argparse.ArgumentParser:
     lay.add_argument("--level", type=int, metavar="N", help="compression level (default gzip 6, zstd 3)")
     lay.add_argument(
         "--max-layers", type=int, metavar="N", help="layer budget, top layers included (default 100)"
+    )
+    lay.add_argument(
+        "--prior",
+        metavar="SOURCE",
+        help="earlier build whose layer plan to keep stable: a history.json file",
     )
     img = b.add_argument_group("image config")
     img.add_argument("--label", action="append", metavar="KEY=VALUE", help="image label; repeatable")
