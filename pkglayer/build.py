@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,10 +20,11 @@ from .config import BuildSettings
 from .digests import CONTENT_HASH
 from .errors import PkglayerError
 from .hashcache import HashCache
-from .history import History, LayerRecord, load_history, save_history
+from .history import ComponentRecord, History, LayerRecord, load_history, save_history
 from .oci import ImageConfig, ImageResult, parse_oci_ref, prior_layers, write_image
 from .ownership import Ownership, Progress, scan
-from .plan import PlannedLayer, plan_layers
+from .components import Component, find_components, observe
+from .plan import Plan, PlannedLayer, plan_layers, prior_groups
 from .pristine import is_pristine_layer
 from .rootfs import Rootfs
 from .sources import open_source
@@ -52,6 +54,7 @@ class LayerOutcome:
 @dataclass
 class BuildResult:
     ownership: Ownership
+    plan: Plan
     layers: list[LayerOutcome]
     architecture: str
     image: ImageResult | None = None
@@ -93,6 +96,41 @@ def scan_rootfs(
     )
 
 
+def _plan(
+    ownership: Ownership,
+    settings: BuildSettings,
+    prior: Sequence[LayerRecord],
+    observed: Mapping[str, ComponentRecord],
+    replan: bool,
+) -> tuple[list[Component], Plan]:
+    components = find_components(ownership, observed)
+    plan = plan_layers(
+        components,
+        settings.max_layers,
+        prior_groups(prior, components),
+        horizon=settings.replan_horizon,
+        replan=replan,
+    )
+    return components, plan
+
+
+def plan_rootfs(
+    rootfs_path: str,
+    settings: BuildSettings,
+    prior_history: History | None = None,
+    replan: bool = False,
+    progress: Progress | None = None,
+) -> tuple[Ownership, list[Component], Plan]:
+    """Scan and plan without writing anything (`pkglayer plan`)."""
+    settings = settings.validated()
+    with Rootfs(rootfs_path) as rootfs:
+        ownership = scan_rootfs(rootfs, settings, progress=progress)
+    prior = prior_history.layers if prior_history else ()
+    observed = prior_history.components if prior_history else {}
+    components, plan = _plan(ownership, settings, prior, observed, replan)
+    return ownership, components, plan
+
+
 def _rfc3339(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -105,11 +143,14 @@ def build(
     image: ImageOptions | None = None,
     progress: Progress | None = None,
     prior_history: History | None = None,
+    replan: bool = False,
 ) -> BuildResult:
     """Layer `rootfs_path` into an OCI layout (`oci_ref`) and/or a /layers directory.
 
     `prior_history` is an earlier build's plan (from --prior, or a registry): the planner
-    keeps its layer assignment stable, and its layers are reuse candidates."""
+    keeps its layer assignment stable, and its layers are reuse candidates. Without it,
+    the history in `layers_dir`, else the earlier image of the tag, is the prior plan.
+    `replan` ignores the prior plan's assignment (its blobs are still reused)."""
     if not oci_ref and not layers_dir:
         raise PkglayerError("nothing to do: give --output oci:DIR[:TAG] and/or --layers DIR")
     settings = settings.validated()
@@ -119,6 +160,8 @@ def build(
     # Read everything that can be wrong before writing anything.
     prior: list[LayerRecord] = []
     inputs: list[BlobDir] = []
+    # The plan to keep stable: the first of --prior, the /layers history, the earlier image.
+    plan_source: History | None = prior_history
     if prior_history is not None:
         prior.extend(prior_history.layers)
     if layers_dir:
@@ -127,15 +170,18 @@ def build(
         history = load_history(os.path.join(layers_dir, "history.json"))
         if history is not None:
             prior.extend(history.layers)
+            plan_source = plan_source or history
         if os.path.isdir(os.path.join(layers_dir, "input")):
             inputs.append(BlobDir(os.path.join(layers_dir, "input")))
 
+    earlier: list[LayerRecord] = []
     if oci_dir and os.path.isdir(oci_dir):
         # Writing over an earlier build of this tag: its blobs are candidates too.
         earlier = prior_layers(oci_dir, oci_tag)
         if earlier:
             inputs.append(BlobDir(oci_dir))
             prior.extend(earlier)
+    plan_records = plan_source.layers if plan_source else tuple(earlier)
 
     with Rootfs(rootfs_path) as rootfs:
         cache = HashCache(settings.hash_cache_path)
@@ -144,10 +190,13 @@ def build(
         ownership = scan_rootfs(rootfs, settings, hash_content=bool(prior), cache=cache, progress=progress)
         log.info("digest cache: %d files unchanged since they were last hashed", cache.hits)
         arch, variant = oci_platform(ownership.architecture, rootfs)
-        plan = plan_layers(ownership, settings.max_layers)
+        observed = plan_source.components if plan_source else {}
+        components, the_plan = _plan(ownership, settings, plan_records, observed, replan)
+        plan = the_plan.layers
         log.info(
-            "%d packages, %d objects -> %d layers",
-            len(ownership.packages), len(ownership.objects), len(plan),
+            "%d packages in %d components, %d objects -> %d layers; %s",
+            len(ownership.packages), sum(not c.special for c in components), len(ownership.objects),
+            len(plan), the_plan.decision,
         )
 
         output = BlobDir(os.path.join(layers_dir, "output") if layers_dir else oci_dir, create=True)
@@ -171,7 +220,7 @@ def build(
         cache.save()
 
     result = BuildResult(
-        ownership=ownership, layers=outcomes, architecture=arch, rejected_inputs=rejected
+        ownership=ownership, plan=the_plan, layers=outcomes, architecture=arch, rejected_inputs=rejected
     )
     records = [o.record for o in outcomes]
     created = _rfc3339(settings.source_date_epoch)
@@ -200,6 +249,7 @@ def build(
             os="linux",
             generator=f"pkglayer {__version__}",
             tar_format=TAR_FORMAT,
+            components=observe(components, observed),
         )
         result.history_path = os.path.join(layers_dir, "history.json")
         save_history(result.history_path, history)
@@ -247,10 +297,10 @@ def _reuse_or_write(
                 f"input blob {exact.digest} for layer {layer.name} is missing or does not "
                 "match its digest; rebuilding the layer"
             )
-        edited = ownership.modified_by_package.get(layer.packages[0]) if len(layer.packages) == 1 else None
+        edited = [e for key in layer.packages for e in ownership.modified_by_package.get(key, ())]
         if edited:
             expected = layer_members(
-                [*ownership.homes.get(layer.homes[0], []), *(obj for obj, _ in edited)],
+                [*(o for h in layer.homes for o in ownership.homes.get(h, [])), *(obj for obj, _ in edited)],
                 ownership.objects,
                 settings.source_date_epoch,
             )
@@ -281,6 +331,7 @@ def _reuse_or_write(
                         size=rec.size,
                         media_type=rec.media_type,
                         compression=rec.compression,
+                        components=layer.components,
                     ),
                     reused=True,
                     files=len(members[layer.name]),
@@ -312,6 +363,7 @@ def _reuse_or_write(
                     size=size,
                     media_type=media_type,
                     compression=spec,
+                    components=layer.components,
                 ),
                 reused=False,
                 files=len(members[layer.name]),

@@ -48,7 +48,11 @@ class BuildSettings:
     compression: str = "gzip"
     gzip_level: int = 6
     zstd_level: int = 3
-    max_layers: int = 100
+    # 64 (as ostree chunking and chunkah): every runtime accepts it, and images built
+    # FROM this one keep ~60 layers of headroom below moby's failures around 122-125.
+    max_layers: int = 64
+    # builds over which moving components to a fresh plan must pay for itself
+    replan_horizon: int = 26
     excludes: tuple[str, ...] = DEFAULT_EXCLUDES
     extra_excludes: tuple[str, ...] = ()
     drop_xattrs: tuple[str, ...] = DEFAULT_DROP_XATTRS
@@ -91,6 +95,8 @@ class BuildSettings:
                 f"max-layers must be between 4 and 127 (container runtimes fail above ~125), "
                 f"not {self.max_layers}"
             )
+        if not 0 <= self.replan_horizon <= 10000:
+            raise ConfigError(f"replan-horizon must be between 0 and 10000 builds, not {self.replan_horizon}")
         if self.jobs < 1:
             raise ConfigError("jobs must be at least 1")
         if self.source_date_epoch < 0:
@@ -103,6 +109,7 @@ _TOML_KEYS = {
     "gzip-level": int,
     "zstd-level": int,
     "max-layers": int,
+    "replan-horizon": int,
     "excludes": list,
     "extra-excludes": list,
     "drop-xattrs": list,

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .blobstore import is_digest, write_file_atomic
@@ -25,8 +25,10 @@ SCHEMA_VERSION = 1
 MAX_HISTORY_BYTES = 64 << 20
 
 # Safe as a file name and in a config history comment: no "/", no leading "." or "-",
-# no NUL or whitespace. "^" is allowed because rpm versions use it ("1.0^20230101git").
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@^-]{0,254}")
+# no NUL or whitespace. "^" is allowed because rpm versions use it ("1.0^20230101git"),
+# "_" because rpm names do ("pam_krb5").
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@^_-]{0,254}")
+_MAX_COUNT = 2**31 - 1
 MEDIA_TYPES = {
     "application/vnd.oci.image.layer.v1.tar": "none",
     "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
@@ -48,6 +50,18 @@ class LayerRecord:
     size: int  # compressed blob size in bytes
     media_type: str  # application/vnd.oci.image.layer.v1.tar(+gzip|+zstd)
     compression: str  # "gzip-6", "zstd-3", "none"
+    # planner components (source packages) in this layer; () for top layers and for
+    # histories written before components were recorded
+    components: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    """What the planner remembers of one component between builds."""
+
+    packages: tuple[str, ...]  # package keys at the last build: a different set means it changed
+    builds: int  # builds that observed this component after its first
+    changes: int  # of those, builds in which its packages differed from the build before
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class History:
     os: str
     generator: str  # "pkglayer 0.1.0"
     tar_format: int  # version of pkglayer's tar format (part of content keys too)
+    components: dict[str, ComponentRecord] = field(default_factory=dict)
 
 
 def load_history(path: str | os.PathLike[str]) -> History | None:
@@ -132,9 +147,14 @@ def dumps_history(history: History) -> bytes:
                 "size": layer.size,
                 "mediaType": layer.media_type,
                 "compression": layer.compression,
+                "components": list(layer.components),
             }
             for layer in history.layers
         ],
+        "components": {
+            name: {"packages": list(rec.packages), "builds": rec.builds, "changes": rec.changes}
+            for name, rec in sorted(history.components.items())
+        },
     }
     return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -210,9 +230,52 @@ def _from_json(obj: object, source: str) -> History:
             raise HistoryError(f"{source}: layers[{index}]: duplicate layer name {layer.name!r}")
         seen.add(layer.name)
         layers.append(layer)
+    components = _components_from_json(obj.get("components", {}), source)
     return History(
-        layers=tuple(layers), architecture=architecture, os=os_name, generator=generator, tar_format=tar_format
+        layers=tuple(layers),
+        architecture=architecture,
+        os=os_name,
+        generator=generator,
+        tar_format=tar_format,
+        components=components,
     )
+
+
+def _names(raw: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    """An optional-or-required list of unique safe names."""
+    values = _field(raw, key, list, where)
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise HistoryError(f"{where}: {key}[{i}] must be a string, not {_json_type(value)}")
+        if not NAME_RE.fullmatch(value):
+            raise HistoryError(f"{where}: {key}[{i}] has unsafe value {_short(value)}")
+    if len(set(values)) != len(values):
+        raise HistoryError(f"{where}: field {key!r} lists a name more than once")
+    return tuple(values)
+
+
+def _components_from_json(raw: object, source: str) -> dict[str, ComponentRecord]:
+    """The optional top-level `components` map (added after schemaVersion 1 shipped:
+    older files lack it, and older readers ignore it)."""
+    if not isinstance(raw, dict):
+        raise HistoryError(f"{source}: field 'components' must be an object, not {_json_type(raw)}")
+    out: dict[str, ComponentRecord] = {}
+    for name, rec in raw.items():
+        where = f"{source}: components[{_short(name)}]"
+        if not NAME_RE.fullmatch(name):
+            raise HistoryError(f"{source}: component name {_short(name)} is unsafe")
+        if not isinstance(rec, dict):
+            raise HistoryError(f"{where}: must be a JSON object, not {_json_type(rec)}")
+        counts = {}
+        for key in ("builds", "changes"):
+            value = _field(rec, key, int, where)
+            if not 0 <= value <= _MAX_COUNT:
+                raise HistoryError(f"{where}: field {key!r} must be between 0 and {_MAX_COUNT}, not {value}")
+            counts[key] = value
+        if counts["changes"] > counts["builds"]:
+            raise HistoryError(f"{where}: more changes ({counts['changes']}) than builds ({counts['builds']})")
+        out[name] = ComponentRecord(packages=_names(rec, "packages", where), **counts)
+    return out
 
 
 def _layer_from_json(raw: object, where: str) -> LayerRecord:
@@ -222,14 +285,8 @@ def _layer_from_json(raw: object, where: str) -> LayerRecord:
     if not NAME_RE.fullmatch(name):
         raise HistoryError(f"{where}: field 'name' has unsafe value {_short(name)}")
     where = f"{where} ({name})"
-    packages = _field(raw, "packages", list, where)
-    for i, package in enumerate(packages):
-        if not isinstance(package, str):
-            raise HistoryError(f"{where}: packages[{i}] must be a string, not {_json_type(package)}")
-        if not NAME_RE.fullmatch(package):
-            raise HistoryError(f"{where}: packages[{i}] has unsafe value {_short(package)}")
-    if len(set(packages)) != len(packages):
-        raise HistoryError(f"{where}: field 'packages' lists a package more than once")
+    packages = _names(raw, "packages", where)
+    components = _names(raw, "components", where) if "components" in raw else ()
     digests = {}
     for key in ("contentKey", "digest", "diffID"):
         value = _field(raw, key, str, where)
@@ -258,4 +315,5 @@ def _layer_from_json(raw: object, where: str) -> LayerRecord:
         size=size,
         media_type=media_type,
         compression=compression,
+        components=components,
     )

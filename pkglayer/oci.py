@@ -20,7 +20,7 @@ from typing import Any
 
 from .blobstore import BlobDir, write_file_atomic
 from .errors import PkglayerError
-from .history import MEDIA_TYPES, LayerRecord
+from .history import MEDIA_TYPES, NAME_RE, LayerRecord
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -29,6 +29,10 @@ REF_NAME = "org.opencontainers.image.ref.name"
 LAYER_NAME = "org.pkglayer.layer.name"
 CONTENT_KEY = "org.pkglayer.content-key"
 COMPRESSION = "org.pkglayer.compression"
+# space-separated package keys and planner components of a layer: the prior plan
+# when a build writes over its own earlier image
+LAYER_PACKAGES = "org.pkglayer.layer.packages"
+LAYER_COMPONENTS = "org.pkglayer.layer.components"
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 MAX_INDEX_BYTES = 64 << 20
 
@@ -133,6 +137,8 @@ def write_image(
                     LAYER_NAME: layer.name,
                     CONTENT_KEY: layer.content_key,
                     COMPRESSION: layer.compression,
+                    LAYER_PACKAGES: " ".join(layer.packages),
+                    LAYER_COMPONENTS: " ".join(layer.components),
                 },
             }
             for layer in layers
@@ -182,7 +188,8 @@ def prior_layers(layout_dir: str | os.PathLike[str], tag: str) -> list[LayerReco
             records.append(
                 LayerRecord(
                     name=notes[LAYER_NAME],
-                    packages=(),
+                    packages=_names(notes.get(LAYER_PACKAGES, "")),
+                    components=_names(notes.get(LAYER_COMPONENTS, "")),
                     content_key=notes[CONTENT_KEY],
                     digest=desc["digest"],
                     diff_id=diff_id,
@@ -194,6 +201,13 @@ def prior_layers(layout_dir: str | os.PathLike[str], tag: str) -> list[LayerReco
         return records
     except (KeyError, TypeError, ValueError, PkglayerError):
         return []  # anything unexpected: build without reuse rather than trust it
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(text.split())
+    if not all(NAME_RE.fullmatch(n) for n in names):
+        raise ValueError("unsafe name in layer annotation")
+    return names
 
 
 def _read_blob(blobs: BlobDir, digest: str, limit: int = MAX_INDEX_BYTES) -> bytes:

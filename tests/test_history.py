@@ -11,6 +11,7 @@ import pytest
 from pkglayer.errors import HistoryError
 from pkglayer.history import (
     MAX_HISTORY_BYTES,
+    ComponentRecord,
     History,
     LayerRecord,
     dumps_history,
@@ -77,8 +78,52 @@ def test_canonical_form(tmp_path) -> None:
     assert obj["schemaVersion"] == 1
     assert list(obj) == sorted(obj) and list(obj["layers"][0]) == sorted(obj["layers"][0])
     assert set(obj["layers"][0]) == {
-        "name", "packages", "contentKey", "digest", "diffID", "size", "mediaType", "compression",
+        "name", "packages", "contentKey", "digest", "diffID", "size", "mediaType", "compression", "components",
     }
+    assert obj["components"] == {}
+
+
+def test_planner_state_roundtrips(tmp_path) -> None:
+    layer = HISTORY.layers[0]
+    history = History(
+        layers=(LayerRecord(**{**layer.__dict__, "components": ("bash", "pam_krb5")}),),
+        architecture="amd64",
+        os="linux",
+        generator="pkglayer test",
+        tar_format=1,
+        components={"bash": ComponentRecord(packages=("bash-5.2.15-2-amd64",), builds=3, changes=1)},
+    )
+    path = str(tmp_path / "history.json")
+    save_history(path, history)
+    assert load_history(path) == history
+
+
+def test_history_without_planner_state_loads(tmp_path) -> None:
+    obj = good_json()
+    obj.pop("components", None)
+    for layer in obj["layers"]:
+        layer.pop("components", None)
+    loaded = load_history(write(tmp_path, obj))
+    assert loaded.components == {} and all(layer.components == () for layer in loaded.layers)
+
+
+@pytest.mark.parametrize(
+    "components, message",
+    [
+        ([], "field 'components' must be an object, not an array"),
+        ({"../x": {"packages": [], "builds": 0, "changes": 0}}, "component name '../x' is unsafe"),
+        ({"bash": {"packages": [], "builds": 1, "changes": 2}}, "more changes (2) than builds (1)"),
+        ({"bash": {"packages": [], "builds": -1, "changes": 0}}, "field 'builds' must be between 0"),
+        ({"bash": {"packages": ["a", "a"], "builds": 1, "changes": 0}}, "lists a name more than once"),
+        ({"bash": {"builds": 1, "changes": 0}}, "missing field 'packages'"),
+    ],
+)
+def test_hostile_planner_state_is_refused(tmp_path, components, message) -> None:
+    obj = good_json()
+    obj["components"] = components
+    with pytest.raises(HistoryError) as e:
+        load_history(write(tmp_path, obj))
+    assert message in str(e.value)
 
 
 def test_missing_file_is_none(tmp_path) -> None:
@@ -200,7 +245,7 @@ HOSTILE = [
     (_set(L0 + ("packages",), "bash"), r"\(bash-5.2.15-2\+b7-amd64\): field 'packages' must be an array"),
     (_set(L0 + ("packages",), [1]), r"packages\[0\] must be a string, not an integer"),
     (_set(L0 + ("packages",), ["../../x"]), r"packages\[0\] has unsafe value"),
-    (_set(L0 + ("packages",), ["a", "a"]), "lists a package more than once"),
+    (_set(L0 + ("packages",), ["a", "a"]), "field .packages. lists a name more than once"),
     (_set(L0 + ("digest",), "sha256:" + "A" * 64), "field 'digest' must be sha256:<64 lower-case hex>"),
     (_set(L0 + ("digest",), "sha256:" + "a" * 64 + "\n"), "field 'digest' must be sha256"),
     (_set(L0 + ("diffID",), "sha512:" + "a" * 64), "field 'diffID' must be sha256"),

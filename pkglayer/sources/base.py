@@ -32,6 +32,10 @@ class FileRecord:
     ghost: bool = False  # rpm %ghost: listed, but its content is not the package's
 
 
+# Enough for several years of a busy package; older entries do not affect a weekly rate.
+MAX_CHANGELOG_ENTRIES = 200
+
+
 @dataclass(frozen=True)
 class Package:
     name: str
@@ -41,6 +45,9 @@ class Package:
     release: str | None = None  # rpm release; None for dpkg (the revision is in version)
     source: str | None = None  # source package (deb Source:, SRPM name)
     size: int = 0  # installed size the database records, in bytes
+    # Unix times of the package's changelog entries, newest first (at most
+    # MAX_CHANGELOG_ENTRIES): the planner's evidence of how often it changes.
+    changelog: tuple[int, ...] = field(default=(), repr=False)
     files: tuple[FileRecord, ...] = field(default=(), repr=False)
 
     @property

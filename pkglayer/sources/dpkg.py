@@ -10,19 +10,31 @@ What dpkg records, and where:
 
 from __future__ import annotations
 
+import gzip
+import io
+import logging
 import re
+import zlib
 from collections import Counter
+from email.utils import parsedate_to_datetime
 
+from debian.changelog import Changelog
 from debian.deb822 import Packages
 
 from ..errors import DatabaseError, RootfsError
 from ..rootfs import Rootfs
-from .base import FileRecord, Package, PackageSource
+from .base import MAX_CHANGELOG_ENTRIES, FileRecord, Package, PackageSource
+
+log = logging.getLogger(__name__)
 
 ADMINDIR = "var/lib/dpkg"
 STATUS = f"{ADMINDIR}/status"
 INFO = f"{ADMINDIR}/info"
 DIVERSIONS = f"{ADMINDIR}/diversions"
+DOC = "usr/share/doc"
+# The newest entries are at the top; a few MB covers far more than the planner reads.
+_MAX_CHANGELOG_GZ = 8 << 20
+_MAX_CHANGELOG_TEXT = 4 << 20
 
 # States whose files are not on disk (config-files: only conffiles are left, and dpkg
 # no longer lists them in a .list; not-installed: a leftover selection).
@@ -163,8 +175,38 @@ class DpkgSource(PackageSource):
             release=None,
             source=source,
             size=int(size) * 1024 if size.isdigit() else 0,
+            changelog=self._changelog_times(name, arch),
             files=tuple(files),
         )
+
+    def _changelog_times(self, name: str, arch: str) -> tuple[int, ...]:
+        """Entry times of usr/share/doc/NAME/changelog.Debian.gz (plus binNMU entries).
+
+        Advisory input to the planner: a missing, damaged or oversized changelog yields
+        what could be read, never an error. Policy lets the doc directory be a symlink to
+        another package of the same source; Rootfs keeps that inside the tree."""
+        times: set[int] = set()
+        # Native packages (apt, dpkg, adduser...) keep their Debian changelog as changelog.gz.
+        names = ("changelog.Debian.gz", f"changelog.Debian.{arch}.gz")
+        if not self.rootfs.exists(f"{DOC}/{name}/{names[0]}"):
+            names = ("changelog.gz",)
+        for doc in (f"{DOC}/{name}/{n}" for n in names):
+            try:
+                packed = self.rootfs.read_bytes(doc, max_size=_MAX_CHANGELOG_GZ)
+                with gzip.GzipFile(fileobj=io.BytesIO(packed)) as f:
+                    text = f.read(_MAX_CHANGELOG_TEXT).decode("utf-8", "replace")
+            except FileNotFoundError:
+                continue
+            except (OSError, EOFError, zlib.error, RootfsError) as e:
+                log.debug("%s: unreadable changelog: %s", doc, e)
+                continue
+            changelog = Changelog(text, max_blocks=MAX_CHANGELOG_ENTRIES, strict=False)
+            for block in changelog:
+                try:
+                    times.add(int(parsedate_to_datetime(block.date).timestamp()))
+                except (TypeError, ValueError, OverflowError):
+                    continue
+        return tuple(sorted(times, reverse=True)[:MAX_CHANGELOG_ENTRIES])
 
     def _read_info(self, name: str) -> str:
         try:

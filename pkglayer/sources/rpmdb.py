@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from ..errors import DatabaseError, RootfsError
 from ..lazy import lazy_import
 from ..rootfs import Rootfs
-from .base import FileRecord, Package, PackageSource
+from .base import MAX_CHANGELOG_ENTRIES, FileRecord, Package, PackageSource
 
 # The bindings take ~80 ms to import; a dpkg build never needs them.
 rpm = lazy_import("rpm")
@@ -194,6 +194,7 @@ def _package(h: rpm.hdr) -> Package:
         epoch=None if epoch is None else str(epoch),
         source=_srpm_name(h[rpm.RPMTAG_SOURCERPM]) or name,
         size=h[rpm.RPMTAG_LONGSIZE] or h[rpm.RPMTAG_SIZE] or 0,
+        changelog=tuple(sorted(h[rpm.RPMTAG_CHANGELOGTIME] or (), reverse=True)[:MAX_CHANGELOG_ENTRIES]),
         files=tuple(_files(h)),
     )
 

@@ -1,0 +1,132 @@
+"""Components: the units the planner places in layers, and how often each changes.
+
+Packages built from one source (deb `Source:`, rpm SOURCERPM) are updated together, so
+they form one component. A component's chance of changing in a given week comes from
+its changelogs: the share of the last 52 weeks with at least one entry, counted back
+from the newest entry in the whole rootfs (not the wall clock, so the same tree always
+gives the same plan). Changes observed across earlier builds (history.json) add to the
+evidence, each build counting like one week.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .history import ComponentRecord
+from .ownership import SPECIAL_HOMES, Ownership
+
+WEEK = 7 * 24 * 3600
+YEAR_WEEKS = 52
+# No changelog and no observations: assume a change every few weeks rather than
+# "never", so that an unknown large component is not buried in a stable shared layer.
+UNKNOWN_WEEKLY_RATE = 0.25
+
+
+@dataclass(frozen=True)
+class ChangeRate:
+    weekly: float  # probability of at least one change in a given week
+    changelog_weeks: int  # weeks of the last year with a changelog entry
+    observed_builds: int
+    observed_changes: int
+    known: bool  # False: no evidence at all, `weekly` is UNKNOWN_WEEKLY_RATE
+
+    def explain(self) -> str:
+        if not self.known:
+            return "no changelog: assumed"
+        parts = [f"changelog in {self.changelog_weeks}/{YEAR_WEEKS} weeks"]
+        if self.observed_builds:
+            parts.append(f"changed in {self.observed_changes}/{self.observed_builds} builds")
+        return ", ".join(parts)
+
+
+def weekly_change_rate(
+    changelog: tuple[int, ...] | list[int], reference: int, observed: ComponentRecord | None = None
+) -> ChangeRate:
+    """Estimate from changelog entry times (seconds) up to `reference`.
+
+    Add-one-half smoothing keeps a quiet year from meaning "never changes"."""
+    builds = observed.builds if observed else 0
+    changes = observed.changes if observed else 0
+    weeks = {(reference - t) // WEEK for t in changelog if 0 <= reference - t < YEAR_WEEKS * WEEK}
+    if not changelog and not builds:
+        return ChangeRate(UNKNOWN_WEEKLY_RATE, 0, 0, 0, known=False)
+    rate = (len(weeks) + changes + 0.5) / (YEAR_WEEKS + builds + 1)
+    return ChangeRate(min(rate, 1.0), len(weeks), builds, changes, known=True)
+
+
+ALWAYS = ChangeRate(1.0, YEAR_WEEKS, 0, 0, known=True)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # source package name, or a special home ("unowned", "modified", "pkgdb")
+    packages: tuple[str, ...]  # package keys, sorted; () for a special home
+    size: int  # bytes of regular-file data in the layer
+    rate: ChangeRate
+    special: bool = False
+
+    @property
+    def weekly(self) -> float:
+        return self.rate.weekly
+
+
+def changelog_reference(ownership: Ownership) -> int:
+    """The newest changelog entry of any package: "now" for the estimates."""
+    return max((p.changelog[0] for p in ownership.packages.values() if p.changelog), default=0)
+
+
+def find_components(
+    ownership: Ownership, observed: Mapping[str, ComponentRecord] | None = None
+) -> list[Component]:
+    """Package components sorted by name, then the non-empty special homes in layer order.
+
+    Only packages with something in the tree (a home) take part; a component's change
+    rate merges the changelogs of all its packages."""
+    observed = observed or {}
+    reference = changelog_reference(ownership)
+    by_source: dict[str, list[str]] = {}
+    for key in ownership.homes:
+        if key in SPECIAL_HOMES:
+            continue
+        pkg = ownership.packages[key]
+        by_source.setdefault(pkg.source or pkg.name, []).append(key)
+    out = []
+    for name in sorted(by_source):
+        keys = tuple(sorted(by_source[name]))
+        times = sorted({t for k in keys for t in ownership.packages[k].changelog}, reverse=True)
+        out.append(
+            Component(
+                name=name,
+                packages=keys,
+                size=sum(ownership.home_bytes(k) for k in keys),
+                rate=weekly_change_rate(times, reference, observed.get(name)),
+            )
+        )
+    # The database and unowned files change with every transaction; edits are unpredictable.
+    out += [
+        Component(name=h, packages=(), size=ownership.home_bytes(h), rate=ALWAYS, special=True)
+        for h in SPECIAL_HOMES
+        if ownership.homes.get(h)
+    ]
+    return out
+
+
+def observe(
+    components: list[Component], prior: Mapping[str, ComponentRecord]
+) -> dict[str, ComponentRecord]:
+    """The planner state to record for this build: one more observation per component
+    seen before, a change when its package set (names and versions) differs."""
+    out = {}
+    for comp in components:
+        if comp.special:
+            continue
+        before = prior.get(comp.name)
+        if before is None:
+            out[comp.name] = ComponentRecord(packages=comp.packages, builds=0, changes=0)
+        else:
+            changed = before.packages != comp.packages
+            out[comp.name] = ComponentRecord(
+                packages=comp.packages, builds=before.builds + 1, changes=before.changes + int(changed)
+            )
+    return out
