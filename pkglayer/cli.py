@@ -26,6 +26,17 @@ files, files owned by no package, and the package database. Unchanged layers fro
 previous build are reused instead of written again.
 """
 
+_PLAN_EPILOG = """\
+Each layer shows its size (file data), the chance that some member changes in a week
+(from changelogs, and from changes seen in earlier builds), and the bytes a client is
+expected to re-download per update (size x chance). Packages built from one source
+always share a layer.
+
+examples:
+  pkglayer plan ./rootfs --max-layers 32
+  pkglayer plan ./rootfs --prior /layers/history.json --json
+"""
+
 _BUILD_EPILOG = """\
 examples:
   pkglayer build ./rootfs --output oci:./image:latest
@@ -212,14 +223,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _load_prior(spec: str | None):
-    """--prior: an earlier build's plan (a history.json file)."""
+    """--prior: an earlier build's plan: a history.json file or a /layers directory."""
     if spec is None:
         return None
     from .history import load_history
 
-    history = load_history(spec)
+    path = os.path.join(spec, "history.json") if os.path.isdir(spec) else spec
+    history = load_history(path)
     if history is None:
-        raise PkglayerError(f"--prior {spec}: no such file")
+        raise PkglayerError(f"--prior {spec}: no such history.json")
     return history
 
 
@@ -247,6 +259,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             image=image,
             progress=reporter,
             prior_history=_load_prior(args.prior),
+            replan=args.replan,
         )
     finally:
         reporter.close()
@@ -291,6 +304,128 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"image {result.oci_ref} manifest {result.image.manifest_digest}")
     if result.history_path:
         print(f"history {result.history_path}")
+    return 0
+
+
+def _plan_options(group) -> None:
+    group.add_argument(
+        "--max-layers", type=int, metavar="N", help="layer budget, top layers included (default 64)"
+    )
+    group.add_argument(
+        "--prior",
+        metavar="HISTORY",
+        help="earlier build whose layer plan to keep stable: a history.json or /layers directory "
+        "(default: the --layers history, else the earlier image of the --output tag)",
+    )
+    group.add_argument(
+        "--replan", action="store_true", help="plan afresh, ignoring where the prior plan put each package"
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .build import plan_rootfs
+
+    settings = _settings_from_args(args)
+    reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
+    try:
+        _, components, plan = plan_rootfs(
+            args.rootfs, settings, prior_history=_load_prior(args.prior), replan=args.replan, progress=reporter
+        )
+    finally:
+        reporter.close()
+    rates = {c.name: c.rate for c in components}
+    layers = [
+        {
+            "name": layer.name,
+            "components": [
+                {"name": c, "weekly": round(rates[c].weekly, 4), "evidence": rates[c].explain()}
+                for c in (layer.components or (layer.name,))
+            ],
+            "packages": list(layer.packages),
+            "size": layer.size,
+            "weekly": round(layer.weekly, 4),
+            "expectedBytes": round(layer.expected_bytes),
+            "moved": [{"component": c, "why": why} for c, why in layer.moved],
+        }
+        for layer in plan.layers
+    ]
+    summary = {
+        "budget": plan.budget,
+        "layers": layers,
+        "decision": plan.decision,
+        "removed": list(plan.removed),
+        "expectedBytes": round(plan.expected_bytes),
+        "lowerBound": round(plan.lower_bound + sum(x.expected_bytes for x in plan.layers if not x.components)),
+        "singleLayer": round(plan.single_layer + sum(x.expected_bytes for x in plan.layers if not x.components)),
+        "freshSaving": round(plan.fresh_saving),
+    }
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{'#':>3} {'layer':<44} {'size':>9} {'p/week':>7} {'bytes/update':>12}  members")
+    for i, layer in enumerate(layers, 1):
+        names = [c["name"] for c in layer["components"]]
+        shown = ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")
+        print(
+            f"{i:>3} {layer['name'][:44]:<44} {_human(layer['size']):>9} {layer['weekly']:>7.3f} "
+            f"{_human(layer['expectedBytes']):>12}  {shown}"
+        )
+        if not args.quiet:
+            for move in layer["moved"]:
+                print(f"{'':>4}{move['component']}: {move['why']}")
+    for name in summary["removed"]:
+        print(f"removed: {name} (no longer installed)")
+    lower, single = summary["lowerBound"], summary["singleLayer"]
+    print(
+        f"{len(layers)} of {plan.budget} layers; expected download per update "
+        f"{_human(summary['expectedBytes'])}: {summary['expectedBytes'] / max(lower, 1):.2f}x one layer per "
+        f"component ({_human(lower)}), {summary['expectedBytes'] / max(single, 1):.2f}x one layer for "
+        f"everything ({_human(single)})"
+    )
+    print(plan.decision)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff_layers, load_layers
+
+    result = diff_layers(load_layers(args.old), load_layers(args.new))
+    if args.json:
+        out = {
+            "layers": [
+                {
+                    "name": c.name,
+                    "status": c.status,
+                    "size": c.size,
+                    "download": c.download,
+                    "was": c.was,
+                    "added": list(c.added),
+                    "removed": list(c.removed),
+                }
+                for c in result.layers
+            ],
+            "download": result.download,
+            "total": result.total,
+        }
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{'status':<10} {'download':>10}  layer")
+    for c in result.layers:
+        if c.status == "unchanged":
+            continue
+        print(f"{c.status:<10} {_human(c.download):>10}  {c.name}")
+        for key in c.removed:
+            print(f"{'':>23}- {key}")
+        for key in c.added:
+            print(f"{'':>23}+ {key}")
+    unchanged = sum(1 for c in result.layers if c.status == "unchanged")
+    share = result.download / result.total if result.total else 0.0
+    print(
+        f"{unchanged} layers unchanged; a client with the old image downloads {_human(result.download)} "
+        f"of {_human(result.total)} ({share:.1%})"
+    )
     return 0
 
 
@@ -360,14 +495,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--compression", choices=COMPRESSIONS, help="layer compression (default gzip, the most compatible)"
     )
     lay.add_argument("--level", type=int, metavar="N", help="compression level (default gzip 6, zstd 3)")
-    lay.add_argument(
-        "--max-layers", type=int, metavar="N", help="layer budget, top layers included (default 100)"
-    )
-    lay.add_argument(
-        "--prior",
-        metavar="SOURCE",
-        help="earlier build whose layer plan to keep stable: a history.json file",
-    )
+    _plan_options(lay)
     img = b.add_argument_group("image config")
     img.add_argument("--label", action="append", metavar="KEY=VALUE", help="image label; repeatable")
     img.add_argument(
@@ -388,6 +516,28 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _common(s)
     s.set_defaults(func=cmd_scan)
+
+    pl = sub.add_parser(
+        "plan",
+        help="show which packages would share which layer, and why",
+        description="Group packages by source into at most --max-layers layers, minimising the bytes a "
+        "client re-downloads per update; with --prior, keep the earlier plan stable. Writes nothing.",
+        epilog=_PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(pl)
+    _plan_options(pl.add_argument_group("plan"))
+    pl.set_defaults(func=cmd_plan)
+
+    d = sub.add_parser(
+        "diff",
+        help="which layers changed between two builds, why, and the bytes a client downloads",
+        description="Compare two builds: each a history.json, a /layers directory or oci:DIR[:TAG].",
+    )
+    d.add_argument("old", help="the earlier build")
+    d.add_argument("new", help="the later build")
+    d.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
+    d.set_defaults(func=cmd_diff)
     return parser
 
 
@@ -400,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     # Plain "pkglayer: message" lines: readable on a terminal and in the journal,
     # which adds its own timestamps.
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="pkglayer: %(message)s",
         stream=sys.stderr,
     )

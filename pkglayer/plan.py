@@ -9,7 +9,7 @@ Fresh plan: start from one layer per component and repeatedly merge the pair of
 layers whose merge adds the least expected cost,
     size(A) * P(B) * (1 - P(A)) + size(B) * P(A) * (1 - P(B)),
 so large volatile components keep layers of their own and small stable ones share.
-One slot stays free for components added by later builds.
+With 16 or more package layers, one stays free for components added later.
 
 With a prior plan, components stay where they were (removed ones just leave), new
 ones take free slots or join the layer where they cost least. When the component set
@@ -59,6 +59,7 @@ class Plan:
     lower_bound: float = 0.0  # expected bytes per update with one layer per component
     single_layer: float = 0.0  # expected bytes per update with everything in one layer
     fresh_saving: float = 0.0  # expected bytes per update a fresh plan would save (prior kept)
+    move_cost: int = 0  # bytes clients would download once if the fresh plan were adopted
     moved: dict[str, str] = field(default_factory=dict)  # component -> why
 
     @property
@@ -139,10 +140,14 @@ def prior_groups(layers: Sequence[LayerRecord], components: Sequence[Component])
     return out
 
 
+# From this many package layers on, a fresh plan leaves one free for components that
+# later builds add: a new package then gets a layer of its own instead of changing one.
+RESERVE_FROM = 16
+
+
 def _fresh(components: list[Component], budget: int) -> list[_Group]:
     groups = [_Group([c]) for c in components]
-    # Keep a slot free for the next new component, when there is anything to merge.
-    target = budget - 1 if len(groups) > budget - 1 and budget > 1 else budget
+    target = budget - 1 if budget >= RESERVE_FROM else budget
     return _merge_down(groups, target)
 
 
@@ -209,6 +214,7 @@ def plan_layers(
     fresh = _fresh(packages, budget)
     removed: tuple[str, ...] = ()
     fresh_saving = 0.0
+    move_cost = 0
     if not prior_groups:
         groups, moved = fresh, {}
         decision = "fresh plan (no prior plan)"
@@ -246,10 +252,15 @@ def plan_layers(
                 if not (added or removed)
                 else f"kept the prior plan: {len(added)} added, {len(removed)} removed"
             )
-            if set_changed and fresh_saving > 0:
+            if fresh_saving > 0 and set_changed:
                 decision += (
                     f" (a fresh plan would save {fresh_saving:,.0f} bytes per update,"
                     f" not worth moving {move_cost:,.0f} bytes)"
+                )
+            elif fresh_saving > 0:
+                decision += (
+                    f" (a fresh plan would save {fresh_saving:,.0f} bytes per update and move"
+                    f" {move_cost:,.0f} bytes; --replan moves)"
                 )
         order_prior = [frozenset(g) for g in prior_groups]
 
@@ -266,6 +277,7 @@ def plan_layers(
         lower_bound=lower,
         single_layer=single,
         fresh_saving=fresh_saving,
+        move_cost=move_cost,
         moved=moved,
     )
 

@@ -337,7 +337,8 @@ def build_rpm(spec: Path, version: str, release: str, outdir: Path) -> Path:
         defines = {
             "_topdir": topdir,
             "_rpmdir": str(outdir),
-            "_build_name_fmt": "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm",
+            # %% keeps the tags unexpanded until each (sub)package is written
+            "_build_name_fmt": "%%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm",
             "pkg_version": version,
             "pkg_release": release,
             "source_date_epoch_from_changelog": "1",
