@@ -43,6 +43,7 @@ SYNTH_RECIPE = "synth-rpms.v1"
 RPM_ROOTFS_RECIPE = "rpm-rootfs.v1"
 RPM_UPGRADED_RECIPE = "rpm-upgraded.v1"
 LARGE_DEB_RECIPE = "deb-large.v2"
+LARGE_DEB_UPGRADED_RECIPE = "deb-large-upgraded.v1"
 
 # The benchmark wants 300-600 MB (du -sh; the tree keeps debootstrap's .debs and
 # lists). Measured on bookworm: minbase 206 MB; this set 536 MB, 140 packages;
@@ -315,6 +316,28 @@ def build_large_deb_rootfs(dest: Path, include: Sequence[str] = LARGE_DEB_INCLUD
 def large_deb_rootfs() -> Path:
     """Cached benchmark tree (300-600 MB); not used by the normal test run."""
     return cached(LARGE_DEB_RECIPE, build_large_deb_rootfs)
+
+
+def large_deb_upgrade_pair() -> UpgradePair:
+    """The benchmark tree and a copy with every bookworm-security upgrade applied
+    (`apt-get upgrade`, as a rebuild of the image would). Not used by the test run."""
+    base = large_deb_rootfs()
+
+    def upgrade(dest: Path) -> None:
+        copy_tree(base, dest)
+        (dest / "etc/apt/sources.list").write_text(
+            f"deb {MIRROR} {SUITE} main\ndeb {SECURITY_MIRROR} {SUITE}-security main\n"
+        )
+        _chroot(dest, "apt-get", "update", "-o", "Acquire::Languages=none")
+        _chroot(dest, "apt-get", "upgrade", "-y")
+        _chroot(dest, "apt-get", "clean")
+        shutil.rmtree(dest / "var/lib/apt/lists")
+        copy_tree(base / "var/lib/apt/lists", dest / "var/lib/apt/lists")
+        for index in (dest / "var/cache/apt").glob("*.bin"):
+            index.unlink()
+
+    new = cached(f"{LARGE_DEB_UPGRADED_RECIPE}+{base.name}", upgrade)
+    return UpgradePair(base, new, diff_versions(dpkg_versions(base), dpkg_versions(new)))
 
 
 # --------------------------------------------------------------------- RPM
