@@ -296,7 +296,8 @@ def render(r: dict) -> str:
         f"    unbounded (per component)   {_mb(u['unbounded'])}",
         f"    hash-buckets                {_mb(u['hash-buckets'])}",
         f"    single layer                {_mb(u['single'])}",
-        f"    target: pkglayer <= {TARGET_UPGRADE}x upgraded packages + top: {ratio:.2f} {_ok(ratio <= TARGET_UPGRADE)}",
+        f"    target: pkglayer <= {TARGET_UPGRADE}x upgraded packages + top: "
+        f"{ratio:.2f} {_ok(ratio <= TARGET_UPGRADE)}",
     ]
     return "\n".join(lines)
 

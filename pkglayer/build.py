@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from . import __version__
 from .arch import oci_platform
 from .blobstore import BlobDir
+from .components import Component, find_components, observe
 from .config import BuildSettings
 from .digests import CONTENT_HASH
 from .errors import PkglayerError
@@ -23,7 +24,6 @@ from .hashcache import HashCache
 from .history import ComponentRecord, History, LayerRecord, load_history, save_history
 from .oci import ImageConfig, ImageResult, parse_oci_ref, prior_layers, write_image
 from .ownership import Ownership, Progress, scan
-from .components import Component, find_components, observe
 from .plan import Plan, PlannedLayer, plan_layers, prior_groups
 from .pristine import is_pristine_layer
 from .rootfs import Rootfs

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pkglayer.components import ALWAYS, ChangeRate, Component, weekly_change_rate, WEEK
+from pkglayer.components import ALWAYS, WEEK, ChangeRate, Component, weekly_change_rate
 from pkglayer.history import ComponentRecord, LayerRecord
 from pkglayer.plan import Plan, plan_layers, prior_groups
 
