@@ -286,6 +286,7 @@ def scan(
         else:
             obj.home = pkg.key
 
+    _claim_bytecode(objects)
     _keep_hardlinks_together(objects.values())
 
     missing: dict[str, list[str]] = defaultdict(list)
@@ -319,6 +320,41 @@ def _glob_regex(patterns: Iterable[str], flags: int) -> re.Pattern[str]:
     """All patterns as one regex: one match per path instead of one per pattern."""
     included, _ = glob.translate(list(patterns), flags=flags)
     return re.compile("|".join(f"(?:{p})" for p in included) or "(?!)")
+
+
+# dir/__pycache__/NAME.cpython-311.pyc, NAME.cpython-311.opt-1.pyc (PEP 3147, PEP 488)
+_BYTECODE_RE = re.compile(r"(?P<dir>(?:.*/)?)__pycache__/(?P<name>[^/]+?)\.[a-z]+-\d+(?:\.opt-\d+)?\.pyc")
+
+
+def _claim_bytecode(objects: dict[str, FsObject]) -> None:
+    """Give unowned Python bytecode to the package whose source file it was compiled from.
+
+    Debian packages ship .py files and compile them in postinst (py3compile), so the
+    .pyc files are owned by no package and would otherwise sit in the unowned layer,
+    which every update re-ships. They change exactly when their package does. A
+    __pycache__ directory goes along when everything in it went to one package."""
+    claimed_dirs: dict[str, set[str]] = defaultdict(set)
+    for obj in objects.values():
+        if obj.home != HOME_UNOWNED or not stat.S_ISREG(obj.st.st_mode):
+            continue
+        m = _BYTECODE_RE.fullmatch(obj.path)
+        if m is None:
+            continue
+        src = objects.get(f"{m['dir']}{m['name']}.py")
+        cache_dir = f"{m['dir']}__pycache__"
+        if src is not None and src.home not in SPECIAL_HOMES:
+            obj.home = src.home
+            claimed_dirs[cache_dir].add(src.home)
+        else:
+            claimed_dirs[cache_dir].add(HOME_UNOWNED)
+    for obj in objects.values():  # anything else in those directories also counts
+        parent = obj.path.rpartition("/")[0]
+        if parent in claimed_dirs:
+            claimed_dirs[parent].add(obj.home)
+    for path, homes in claimed_dirs.items():
+        d = objects.get(path)
+        if d is not None and d.home == HOME_UNOWNED and len(homes) == 1 and HOME_UNOWNED not in homes:
+            d.home = next(iter(homes))
 
 
 def _home_rank(home: str) -> tuple[int, str]:
