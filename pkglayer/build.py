@@ -9,8 +9,9 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 from . import __version__
 from .arch import oci_platform
@@ -31,6 +32,22 @@ from .tarwriter import MEDIA_TYPES, TAR_FORMAT, Member, content_key, layer_membe
 log = logging.getLogger(__name__)
 
 
+class LayerCache(Protocol):
+    """A shared store of layer blobs keyed by (content key, compression spec), such as
+    the daemon's (pkglayer.daemon.cache). `build()` consults it before writing a layer
+    and feeds it every layer it writes; the pipeline never imports an implementation."""
+
+    blobs: BlobDir
+
+    def lookup(self, content_key: str, compression: str) -> LayerRecord | None:
+        """A record (digest, diff_id, size, media_type) whose blob is in `blobs`, or None."""
+
+    def claim(self, content_key: str, compression: str):  # -> ContextManager[None]
+        """Held while one writer produces this key, so concurrent builds write it once."""
+
+    def add(self, record: LayerRecord, source: BlobDir) -> None:
+        """Take the blob `record.digest` from `source` (just written, trusted) into the cache."""
+
 
 @dataclass
 class ImageOptions:
@@ -47,6 +64,7 @@ class LayerOutcome:
     record: LayerRecord
     reused: bool
     files: int
+    cached: bool = False  # taken from the layer cache (reused is then True too)
 
 
 @dataclass
@@ -105,12 +123,17 @@ def build(
     image: ImageOptions | None = None,
     progress: Progress | None = None,
     prior_history: History | None = None,
+    layer_cache: LayerCache | None = None,
 ) -> BuildResult:
     """Layer `rootfs_path` into an OCI layout (`oci_ref`) and/or a /layers directory.
 
     `prior_history` is an earlier build's plan (from --prior, or a registry): the planner
-    keeps its layer assignment stable, and its layers are reuse candidates."""
-    if not oci_ref and not layers_dir:
+    keeps its layer assignment stable, and its layers are reuse candidates.
+
+    `layer_cache`: layers found there are not written again, written layers are added to
+    it. With a cache and no output at all, this is a prebuild: every layer not yet in the
+    cache is written into it, and no image or history is produced."""
+    if not oci_ref and not layers_dir and layer_cache is None:
         raise PkglayerError("nothing to do: give --output oci:DIR[:TAG] and/or --layers DIR")
     settings = settings.validated()
     started = time.monotonic()
@@ -141,7 +164,9 @@ def build(
         cache = HashCache(settings.hash_cache_path)
         cache.load(rootfs.path)
         # Content keys are needed before writing only when there is something to reuse.
-        ownership = scan_rootfs(rootfs, settings, hash_content=bool(prior), cache=cache, progress=progress)
+        ownership = scan_rootfs(
+            rootfs, settings, hash_content=bool(prior) or layer_cache is not None, cache=cache, progress=progress
+        )
         log.info("digest cache: %d files unchanged since they were last hashed", cache.hits)
         arch, variant = oci_platform(ownership.architecture, rootfs)
         plan = plan_layers(ownership, settings.max_layers)
@@ -150,7 +175,11 @@ def build(
             len(ownership.packages), len(ownership.objects), len(plan),
         )
 
-        output = BlobDir(os.path.join(layers_dir, "output") if layers_dir else oci_dir, create=True)
+        if layers_dir or oci_dir:
+            output = BlobDir(os.path.join(layers_dir, "output") if layers_dir else oci_dir, create=True)
+        else:
+            assert layer_cache is not None
+            output = layer_cache.blobs
         members = {
             layer.name: layer_members(
                 (o for h in layer.homes for o in ownership.homes[h]),
@@ -163,7 +192,7 @@ def build(
 
         write_started = time.time()
         outcomes, rejected = _reuse_or_write(
-            rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress
+            rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress, layer_cache
         )
         for obj in ownership.objects.values():
             if obj.content_hash:
@@ -218,6 +247,7 @@ def _reuse_or_write(
     output: BlobDir,
     settings: BuildSettings,
     progress: Progress | None,
+    layer_cache: LayerCache | None = None,
 ) -> tuple[list[LayerOutcome], list[str]]:
     spec = settings.compression_spec
     media_type = MEDIA_TYPES[settings.compression]
@@ -234,12 +264,31 @@ def _reuse_or_write(
     def source_of(rec: LayerRecord) -> BlobDir | None:
         return next((d for d in sources if d.has(rec.digest) and d.verify(rec.digest)), None)
 
+    def from_cache(key: str | None) -> LayerRecord | None:
+        if layer_cache is None or key is None:
+            return None
+        rec = layer_cache.lookup(key, spec)
+        if rec is None or rec.media_type != media_type:
+            return None
+        if output is not layer_cache.blobs and not output.has(rec.digest):
+            try:
+                output.import_blob(layer_cache.blobs, rec.digest)
+            except PkglayerError as e:  # evicted or damaged meanwhile: write it instead
+                log.warning("layer cache: %s", e)
+                return None
+        return rec
+
     def find_reusable(layer: PlannedLayer) -> tuple[LayerRecord | None, str | None]:
         """A prior blob for this layer, or why a candidate was turned down."""
         key = keys[layer.name]
         if key is None:
             return None, None
         exact = by_key.get(key)
+        if exact is None or source_of(exact) is None:
+            cached = from_cache(key)
+            if cached is not None:
+                cached_names.add(layer.name)
+                return cached, None
         if exact is not None:
             if source_of(exact) is not None:
                 return exact, None
@@ -262,6 +311,7 @@ def _reuse_or_write(
         return None, None
 
     rejected: list[str] = []
+    cached_names: set[str] = set()
     outcomes: dict[str, LayerOutcome] = {}
     to_write: list[PlannedLayer] = []
     done = 0
@@ -284,6 +334,7 @@ def _reuse_or_write(
                     ),
                     reused=True,
                     files=len(members[layer.name]),
+                    cached=layer.name in cached_names,
                 )
                 done += 1
                 if progress:
@@ -297,6 +348,23 @@ def _reuse_or_write(
         level = settings.gzip_level if settings.compression == "gzip" else settings.zstd_level
 
         def write_one(layer: PlannedLayer) -> LayerOutcome:
+            if layer_cache is None or keys[layer.name] is None:
+                return write_new(layer)
+            # Another build may be writing the same content right now: wait for it.
+            with layer_cache.claim(keys[layer.name], spec):
+                rec = from_cache(keys[layer.name])
+                if rec is not None:
+                    return LayerOutcome(
+                        record=replace(rec, name=layer.name, packages=layer.packages),
+                        reused=True,
+                        files=len(members[layer.name]),
+                        cached=True,
+                    )
+                outcome = write_new(layer)
+                layer_cache.add(outcome.record, output)
+                return outcome
+
+        def write_new(layer: PlannedLayer) -> LayerOutcome:
             with output.writer() as w:
                 diff_id, _ = write_layer(rootfs, members[layer.name], settings.compression, level, w)
                 digest, size = w.commit()
