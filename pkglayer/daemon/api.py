@@ -163,6 +163,7 @@ class ApiServer:
                 "roots": len(d.roots),
                 "rootsWithErrors": errors,
                 "ready": d.ready,
+                "memory": await d.memory(),
             }
         )
 

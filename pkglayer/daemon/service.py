@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import gc
 import itertools
 import logging
@@ -18,6 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import aiofiles
+import aiofiles.os
 
 from .. import __version__
 from ..errors import PkglayerError
@@ -319,6 +323,49 @@ class Daemon:
         self.notifier.close()
         log.info("stopped")
 
+    # ------------------------------------------------- small files (aiofiles)
+
+    def _record_path(self, name: str) -> str:
+        return os.path.join(self.config.state_dir, "roots", f"{name}.json")
+
+    async def _load_record(self, state: RootState) -> None:
+        """The last build of a root survives restarts (state-dir/roots/NAME.json)."""
+        try:
+            async with aiofiles.open(self._record_path(state.name), "rb") as f:
+                data = json.loads(await f.read())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("root %s: ignoring unreadable %s: %s", state.name, self._record_path(state.name), e)
+            return
+        if isinstance(data, dict) and isinstance(data.get("lastBuild"), dict):
+            state.last_build = data["lastBuild"]
+
+    async def _save_record(self, state: RootState) -> None:
+        path = self._record_path(state.name)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            await aiofiles.os.makedirs(os.path.dirname(path), exist_ok=True)
+            async with aiofiles.open(tmp, "w") as f:
+                await f.write(json.dumps({"lastBuild": state.last_build}, indent=2) + "\n")
+                await f.flush()
+            await aiofiles.os.replace(tmp, path)
+        except OSError as e:
+            log.warning("root %s: cannot save %s: %s", state.name, path, e)
+
+    async def memory(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak) of this process in bytes, from /proc/self/status."""
+        figures = {}
+        try:
+            async with aiofiles.open("/proc/self/status") as f:
+                for line in (await f.read()).splitlines():
+                    key, _, value = line.partition(":")
+                    if key in ("VmRSS", "VmHWM"):
+                        figures[key] = int(value.split()[0]) * 1024
+        except (OSError, ValueError):
+            pass
+        return figures
+
     async def _watchdog_pings(self) -> None:
         interval = watchdog_interval()
         if interval is None:
@@ -383,6 +430,7 @@ class Daemon:
         assert self._loop is not None
         state = RootState(cfg)
         self.roots[cfg.name] = state
+        await self._load_record(state)
         await self._inspect(state, initial=True)
         state.activity = None
         state.worker = asyncio.create_task(self._worker(state))
@@ -602,6 +650,7 @@ class Daemon:
                     }
                 )
                 state.last_build = outcome
+                await self._save_record(state)
             self._finish(job, "succeeded", result=outcome)
             log.info(
                 "root %s: %s %s: %d layers, %d written, %d from the cache, %.2f s",
