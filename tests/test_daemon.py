@@ -300,7 +300,7 @@ def test_bad_requests_unknown_roots_and_a_deleted_root_leave_the_daemon_serving(
         s.settimeout(10)
         s.connect(d.socket)
         s.sendall(b"\x00\x01garbage\r\n\r\n")
-        assert s.recv(100).startswith(b"HTTP/1.1 400")
+        assert s.recv(100).split(b" ")[1] == b"400"
 
     # A root that does not exist is reported, and cannot be built.
     nowhere = d.root("nowhere")

@@ -77,7 +77,8 @@ class LayerCache:
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
         os.makedirs(os.path.join(self.root, "locks"), mode=0o700, exist_ok=True)
-        self.blobs = BlobDir(self.root, create=True)  # also removes dead writers' temp files
+        os.makedirs(os.path.join(self.root, "blobs", "sha256"), exist_ok=True)
+        self.blobs = BlobDir(self.root)  # dead writers' temp files go in check()
         self._db_lock = threading.Lock()
         self._db = sqlite3.connect(os.path.join(self.root, "index.sqlite"), timeout=60, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
