@@ -460,7 +460,7 @@ class Daemon:
 
     async def _inspect(self, state: RootState, initial: bool = False) -> None:
         assert self._loop is not None and self.watcher is not None
-        state.activity = "scanning"
+        state.activity = "starting" if initial else "scanning"
         found = await self._loop.run_in_executor(self._pool, inspect_root, state.config)
         if state.removed:
             return
