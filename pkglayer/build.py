@@ -48,6 +48,10 @@ class LayerCache(Protocol):
     def add(self, record: LayerRecord, source: BlobDir) -> None:
         """Take the blob `record.digest` from `source` (just written, trusted) into the cache."""
 
+    def export(self, digest: str, dest: BlobDir) -> None:
+        """Make the cached blob present in `dest` (a hard link where possible). Cached blobs
+        are trusted like fresh ones: only the cache's owner writes them, always by rename."""
+
 
 @dataclass
 class ImageOptions:
@@ -219,7 +223,7 @@ def build(
             user=opts.user,
             created=created,
         )
-        fresh = {o.record.digest for o in outcomes if not o.reused}
+        fresh = {o.record.digest for o in outcomes if not o.reused or o.cached}
         result.image = write_image(oci_dir, oci_tag, records, config, [output, *inputs], fresh=fresh)
         result.oci_ref = f"oci:{oci_dir}:{oci_tag}"
     if layers_dir:
@@ -270,10 +274,10 @@ def _reuse_or_write(
         rec = layer_cache.lookup(key, spec)
         if rec is None or rec.media_type != media_type:
             return None
-        if output is not layer_cache.blobs and not output.has(rec.digest):
+        if output is not layer_cache.blobs and not (output.has(rec.digest) and output.size(rec.digest) == rec.size):
             try:
-                output.import_blob(layer_cache.blobs, rec.digest)
-            except PkglayerError as e:  # evicted or damaged meanwhile: write it instead
+                layer_cache.export(rec.digest, output)
+            except (PkglayerError, OSError) as e:  # evicted meanwhile: write it instead
                 log.warning("layer cache: %s", e)
                 return None
         return rec
@@ -283,12 +287,12 @@ def _reuse_or_write(
         key = keys[layer.name]
         if key is None:
             return None, None
+        # The cache first: its blobs need no re-hashing (see LayerCache.export).
+        cached = from_cache(key)
+        if cached is not None:
+            cached_names.add(layer.name)
+            return cached, None
         exact = by_key.get(key)
-        if exact is None or source_of(exact) is None:
-            cached = from_cache(key)
-            if cached is not None:
-                cached_names.add(layer.name)
-                return cached, None
         if exact is not None:
             if source_of(exact) is not None:
                 return exact, None

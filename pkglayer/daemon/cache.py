@@ -90,11 +90,23 @@ class LayerCache:
                 self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             self._db.execute(_SCHEMA)
         self.hits = self.misses = self.added = self.evicted = 0
+        self._used: dict[tuple[str, str], float] = {}
         self.last_check: dict[str, int] = {}
 
     def close(self) -> None:
+        self._flush_uses()
         with self._db_lock:
             self._db.close()
+
+    def _flush_uses(self) -> None:
+        with self._db_lock:
+            used, self._used = self._used, {}
+            if used:
+                with self._db:
+                    self._db.executemany(
+                        "UPDATE layers SET last_used = max(last_used, ?) WHERE content_key = ? AND compression = ?",
+                        [(t, k, c) for (k, c), t in used.items()],
+                    )
 
     # ------------------------------------------------------------ consistency
 
@@ -142,11 +154,9 @@ class LayerCache:
                 (content_key, compression),
             ).fetchone()
             if row is not None:
-                with self._db:
-                    self._db.execute(
-                        "UPDATE layers SET last_used = ? WHERE content_key = ? AND compression = ?",
-                        (time.time(), content_key, compression),
-                    )
+                # Written in one transaction later (_flush_uses): a commit per hit would
+                # cost an fsync per layer. Losing some after a crash only blurs the LRU order.
+                self._used[(content_key, compression)] = time.time()
         if row is None or not self.blobs.has(row[0]):
             self.misses += 1
             return None
@@ -185,6 +195,9 @@ class LayerCache:
             )
         self.added += 1
 
+    def export(self, digest: str, dest: BlobDir) -> None:
+        _link_in(self.blobs, dest, digest, overwrite=True)
+
     # ---------------------------------------------------------------- bounds
 
     @contextlib.contextmanager
@@ -197,6 +210,7 @@ class LayerCache:
     def evict(self) -> int:
         """Drop least-recently-used layers until the cache fits `max_bytes`. Skipped (0)
         while any build holds a session; the next call catches up."""
+        self._flush_uses()
         with self._gc_lock(exclusive=True, wait=False) as got:
             if not got:
                 return 0
@@ -248,10 +262,11 @@ class LayerCache:
             os.close(fd)
 
 
-def _link_in(source: BlobDir, dest: BlobDir, digest: str) -> None:
+def _link_in(source: BlobDir, dest: BlobDir, digest: str, overwrite: bool = False) -> None:
     """Put a blob this process has just written and hashed into `dest` without hashing
-    it again: a hard link (a copy across filesystems), published by rename."""
-    if dest.has(digest):
+    it again: a hard link (a copy across filesystems), published by rename. With
+    `overwrite`, a file already under that name (maybe damaged) is replaced."""
+    if not overwrite and dest.has(digest):
         return
     tmp = os.path.join(dest.tmp, f"link-{os.urandom(16).hex()}.tmp")
     os.makedirs(dest.tmp, exist_ok=True)
