@@ -10,8 +10,9 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 from . import __version__
 from .arch import oci_platform
@@ -33,6 +34,26 @@ from .tarwriter import MEDIA_TYPES, TAR_FORMAT, Member, content_key, layer_membe
 log = logging.getLogger(__name__)
 
 
+class LayerCache(Protocol):
+    """A shared store of layer blobs keyed by (content key, compression spec), such as
+    the daemon's (pkglayer.daemon.cache). `build()` consults it before writing a layer
+    and feeds it every layer it writes; the pipeline never imports an implementation."""
+
+    blobs: BlobDir
+
+    def lookup(self, content_key: str, compression: str) -> LayerRecord | None:
+        """A record (digest, diff_id, size, media_type) whose blob is in `blobs`, or None."""
+
+    def claim(self, content_key: str, compression: str):  # -> ContextManager[None]
+        """Held while one writer produces this key, so concurrent builds write it once."""
+
+    def add(self, record: LayerRecord, source: BlobDir) -> None:
+        """Take the blob `record.digest` from `source` (just written, trusted) into the cache."""
+
+    def export(self, digest: str, dest: BlobDir) -> None:
+        """Make the cached blob present in `dest` (a hard link where possible). Cached blobs
+        are trusted like fresh ones: only the cache's owner writes them, always by rename."""
+
 
 @dataclass
 class ImageOptions:
@@ -49,6 +70,7 @@ class LayerOutcome:
     record: LayerRecord
     reused: bool
     files: int
+    cached: bool = False  # taken from the layer cache (reused is then True too)
 
 
 @dataclass
@@ -144,14 +166,23 @@ def build(
     progress: Progress | None = None,
     prior_history: History | None = None,
     replan: bool = False,
+    layer_cache: LayerCache | None = None,
+    prebuild: bool = False,
 ) -> BuildResult:
     """Layer `rootfs_path` into an OCI layout (`oci_ref`) and/or a /layers directory.
 
     `prior_history` is an earlier build's plan (from --prior, or a registry): the planner
     keeps its layer assignment stable, and its layers are reuse candidates. Without it,
     the history in `layers_dir`, else the earlier image of the tag, is the prior plan.
-    `replan` ignores the prior plan's assignment (its blobs are still reused)."""
-    if not oci_ref and not layers_dir:
+    `replan` ignores the prior plan's assignment (its blobs are still reused).
+
+    `layer_cache`: layers found there are not written again, written layers are added to
+    it. `prebuild` (implied by a cache and no output at all): every layer not yet in the
+    cache is written into it, and no image or history is produced; outputs named are
+    only read, for the prior plan and reusable blobs, so the later real build plans the
+    same layers."""
+    prebuild = layer_cache is not None and (prebuild or not (oci_ref or layers_dir))
+    if not oci_ref and not layers_dir and layer_cache is None:
         raise PkglayerError("nothing to do: give --output oci:DIR[:TAG] and/or --layers DIR")
     settings = settings.validated()
     started = time.monotonic()
@@ -165,14 +196,15 @@ def build(
     if prior_history is not None:
         prior.extend(prior_history.layers)
     if layers_dir:
-        if not os.path.isdir(layers_dir):
+        if not os.path.isdir(layers_dir) and not prebuild:
             os.makedirs(layers_dir, exist_ok=True)
         history = load_history(os.path.join(layers_dir, "history.json"))
         if history is not None:
             prior.extend(history.layers)
             plan_source = plan_source or history
-        if os.path.isdir(os.path.join(layers_dir, "input")):
-            inputs.append(BlobDir(os.path.join(layers_dir, "input")))
+        for sub in ("input", "output") if prebuild else ("input",):
+            if os.path.isdir(os.path.join(layers_dir, sub)):
+                inputs.append(BlobDir(os.path.join(layers_dir, sub)))
 
     earlier: list[LayerRecord] = []
     if oci_dir and os.path.isdir(oci_dir):
@@ -187,7 +219,9 @@ def build(
         cache = HashCache(settings.hash_cache_path)
         cache.load(rootfs.path)
         # Content keys are needed before writing only when there is something to reuse.
-        ownership = scan_rootfs(rootfs, settings, hash_content=bool(prior), cache=cache, progress=progress)
+        ownership = scan_rootfs(
+            rootfs, settings, hash_content=bool(prior) or layer_cache is not None, cache=cache, progress=progress
+        )
         log.info("digest cache: %d files unchanged since they were last hashed", cache.hits)
         arch, variant = oci_platform(ownership.architecture, rootfs)
         observed = plan_source.components if plan_source else {}
@@ -199,7 +233,11 @@ def build(
             len(plan), the_plan.decision,
         )
 
-        output = BlobDir(os.path.join(layers_dir, "output") if layers_dir else oci_dir, create=True)
+        if prebuild:
+            assert layer_cache is not None
+            output = layer_cache.blobs
+        else:
+            output = BlobDir(os.path.join(layers_dir, "output") if layers_dir else oci_dir, create=True)
         members = {
             layer.name: layer_members(
                 (o for h in layer.homes for o in ownership.homes[h]),
@@ -212,7 +250,7 @@ def build(
 
         write_started = time.time()
         outcomes, rejected = _reuse_or_write(
-            rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress
+            rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress, layer_cache
         )
         for obj in ownership.objects.values():
             if obj.content_hash:
@@ -224,6 +262,9 @@ def build(
     )
     records = [o.record for o in outcomes]
     created = _rfc3339(settings.source_date_epoch)
+    if prebuild:
+        result.seconds = time.monotonic() - started
+        return result
     if oci_dir:
         opts = image or ImageOptions()
         env = opts.env or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
@@ -239,7 +280,7 @@ def build(
             user=opts.user,
             created=created,
         )
-        fresh = {o.record.digest for o in outcomes if not o.reused}
+        fresh = {o.record.digest for o in outcomes if not o.reused or o.cached}
         result.image = write_image(oci_dir, oci_tag, records, config, [output, *inputs], fresh=fresh)
         result.oci_ref = f"oci:{oci_dir}:{oci_tag}"
     if layers_dir:
@@ -268,6 +309,7 @@ def _reuse_or_write(
     output: BlobDir,
     settings: BuildSettings,
     progress: Progress | None,
+    layer_cache: LayerCache | None = None,
 ) -> tuple[list[LayerOutcome], list[str]]:
     spec = settings.compression_spec
     media_type = MEDIA_TYPES[settings.compression]
@@ -284,11 +326,30 @@ def _reuse_or_write(
     def source_of(rec: LayerRecord) -> BlobDir | None:
         return next((d for d in sources if d.has(rec.digest) and d.verify(rec.digest)), None)
 
+    def from_cache(key: str | None) -> LayerRecord | None:
+        if layer_cache is None or key is None:
+            return None
+        rec = layer_cache.lookup(key, spec)
+        if rec is None or rec.media_type != media_type:
+            return None
+        if output is not layer_cache.blobs and not (output.has(rec.digest) and output.size(rec.digest) == rec.size):
+            try:
+                layer_cache.export(rec.digest, output)
+            except (PkglayerError, OSError) as e:  # evicted meanwhile: write it instead
+                log.warning("layer cache: %s", e)
+                return None
+        return rec
+
     def find_reusable(layer: PlannedLayer) -> tuple[LayerRecord | None, str | None]:
         """A prior blob for this layer, or why a candidate was turned down."""
         key = keys[layer.name]
         if key is None:
             return None, None
+        # The cache first: its blobs need no re-hashing (see LayerCache.export).
+        cached = from_cache(key)
+        if cached is not None:
+            cached_names.add(layer.name)
+            return cached, None
         exact = by_key.get(key)
         if exact is not None:
             if source_of(exact) is not None:
@@ -312,6 +373,7 @@ def _reuse_or_write(
         return None, None
 
     rejected: list[str] = []
+    cached_names: set[str] = set()
     outcomes: dict[str, LayerOutcome] = {}
     to_write: list[PlannedLayer] = []
     done = 0
@@ -335,6 +397,7 @@ def _reuse_or_write(
                     ),
                     reused=True,
                     files=len(members[layer.name]),
+                    cached=layer.name in cached_names,
                 )
                 done += 1
                 if progress:
@@ -348,6 +411,23 @@ def _reuse_or_write(
         level = settings.gzip_level if settings.compression == "gzip" else settings.zstd_level
 
         def write_one(layer: PlannedLayer) -> LayerOutcome:
+            if layer_cache is None or keys[layer.name] is None:
+                return write_new(layer)
+            # Another build may be writing the same content right now: wait for it.
+            with layer_cache.claim(keys[layer.name], spec):
+                rec = from_cache(keys[layer.name])
+                if rec is not None:
+                    return LayerOutcome(
+                        record=replace(rec, name=layer.name, packages=layer.packages),
+                        reused=True,
+                        files=len(members[layer.name]),
+                        cached=True,
+                    )
+                outcome = write_new(layer)
+                layer_cache.add(outcome.record, output)
+                return outcome
+
+        def write_new(layer: PlannedLayer) -> LayerOutcome:
             with output.writer() as w:
                 diff_id, _ = write_layer(rootfs, members[layer.name], settings.compression, level, w)
                 digest, size = w.commit()

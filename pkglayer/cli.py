@@ -429,6 +429,20 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .daemon.service import run_daemon
+
+    return run_daemon(args.config)
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from .daemon.client import run_ctl
+
+    if args.action in ("build", "wait") and not args.name:
+        raise PkglayerError(f"ctl {args.action} needs a {'root name' if args.action == 'build' else 'build id'}")
+    return run_ctl(args)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("rootfs", help="root filesystem directory to read (never modified)")
     p.add_argument(
@@ -529,15 +543,45 @@ def make_parser() -> argparse.ArgumentParser:
     _plan_options(pl.add_argument_group("plan"))
     pl.set_defaults(func=cmd_plan)
 
-    d = sub.add_parser(
+    df = sub.add_parser(
         "diff",
         help="which layers changed between two builds, why, and the bytes a client downloads",
         description="Compare two builds: each a history.json, a /layers directory or oci:DIR[:TAG].",
     )
-    d.add_argument("old", help="the earlier build")
-    d.add_argument("new", help="the later build")
-    d.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
-    d.set_defaults(func=cmd_diff)
+    df.add_argument("old", help="the earlier build")
+    df.add_argument("new", help="the later build")
+    df.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
+    df.set_defaults(func=cmd_diff)
+
+    d = sub.add_parser(
+        "daemon",
+        help="watch roots and keep their layers ready (systemd service)",
+        description="Watch the package databases of the configured roots, prebuild their layers into a "
+        "shared cache, and serve the control API on a Unix socket (see `pkglayer ctl`).",
+    )
+    d.add_argument("--config", metavar="FILE", default="/etc/pkglayer/pkglayer.toml",
+                   help="TOML configuration with [daemon] and [[root]] (default: %(default)s)")
+    d.set_defaults(func=cmd_daemon, verbose=False)
+
+    c = sub.add_parser(
+        "ctl",
+        help="talk to the daemon: health, status, roots, build",
+        description="Client of the daemon's control API.",
+        epilog="examples:\n  pkglayer ctl status\n  pkglayer ctl build fedora --wait\n  pkglayer ctl --json roots",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("--socket", metavar="PATH",
+                   help="control socket (default: $PKGLAYER_SOCKET, the --config file's, "
+                   "or /run/pkglayer/pkglayer.sock)")
+    c.add_argument("--config", metavar="FILE", help="read the socket path from this daemon configuration")
+    c.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    c.add_argument("action", choices=["health", "status", "roots", "build", "wait", "cache"],
+                   help="health; status [ROOT]; roots; build ROOT [--wait]; wait BUILD-ID; cache")
+    c.add_argument("name", nargs="?", help="root name (status, build) or build id (wait)")
+    c.add_argument("--wait", action="store_true", help="build: wait until the build ends; exit 1 if it failed")
+    c.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                   help="longest wait in seconds (default %(default)s)")
+    c.set_defaults(func=cmd_ctl, verbose=False)
     return parser
 
 

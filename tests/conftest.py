@@ -67,3 +67,16 @@ def _private_digest_cache(tmp_path_factory: pytest.TempPathFactory):
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture
+def daemons():
+    """Daemon processes a test started (see tests/daemon_harness.py); killed at its end."""
+    from tests.daemon_harness import DaemonProcess
+
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()

@@ -1,0 +1,261 @@
+"""The daemon's configuration: a `[daemon]` table and `[[root]]` entries in the same TOML
+file as `[build]`, whose settings are every root's defaults.
+
+Every error names the key, e.g. ``root[1].debounce: must be a positive number``
+(roots are counted from 0, as in TOML's array).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..config import COMPRESSIONS, BuildSettings, load_settings
+from ..errors import ConfigError, PkglayerError
+from ..oci import parse_oci_ref
+
+DEFAULT_SOCKET = "/run/pkglayer/pkglayer.sock"
+DEFAULT_STATE_DIR = "/var/lib/pkglayer"
+DEFAULT_CACHE_SIZE = 20 * 1000**3
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?")
+
+
+@dataclass(frozen=True)
+class RootConfig:
+    name: str
+    path: str
+    output: str | None = None  # oci:DIR[:TAG]
+    layers: str | None = None  # /layers protocol directory
+    settings: BuildSettings = field(default_factory=BuildSettings)
+    debounce: float = 2.0
+    auto_build: bool = True
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: str = DEFAULT_SOCKET
+    socket_group: str | None = None
+    state_dir: str = DEFAULT_STATE_DIR
+    log_level: str = "info"
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    cache_max_size: int = DEFAULT_CACHE_SIZE
+    parallel_builds: int = 1
+    roots: tuple[RootConfig, ...] = ()
+    path: str | None = None  # the file it came from
+
+    def root(self, name: str) -> RootConfig | None:
+        return next((r for r in self.roots if r.name == name), None)
+
+    @property
+    def cache_dir(self) -> str:
+        return os.path.join(self.state_dir, "cache")
+
+
+def parse_size(value: object, where: str) -> int:
+    """Bytes from an integer or a string like "20G", "512MiB" (k/M/G/T: powers of 1000,
+    with "i" powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(f"{where}: must be a positive size")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m:
+            number, unit, binary = m.groups()
+            base = 1024 if binary else 1000
+            power = " kmgt".index(unit.lower() or " ")
+            size = int(float(number) * base**power)
+            if size > 0:
+                return size
+    raise ConfigError(f"{where}: must be a positive size in bytes or a string like \"20G\", not {value!r}")
+
+
+class _Table:
+    """Typed reads from one TOML table, with errors that name the key."""
+
+    def __init__(self, table: dict[str, Any], where: str):
+        self.table = dict(table)
+        self.where = where
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}"
+
+    def take(self, name: str, kind: type | tuple[type, ...], what: str, default: Any = None) -> Any:
+        if name not in self.table:
+            return default
+        value = self.table.pop(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(f"{self.key(name)}: must be {what}, not {value!r}")
+        if not isinstance(value, kinds):
+            raise ConfigError(f"{self.key(name)}: must be {what}, not {value!r}")
+        return value
+
+    def strings(self, name: str) -> tuple[str, ...] | None:
+        value = self.take(name, list, "a list of strings")
+        if value is None:
+            return None
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.key(name)}: must be a list of strings")
+        return tuple(value)
+
+    def done(self) -> None:
+        if self.table:
+            unknown = sorted(self.table)[0]
+            raise ConfigError(f"{self.key(unknown)}: unknown setting")
+
+
+def load_daemon_config(path: str) -> DaemonConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    defaults = load_settings(path)  # [build]: validated there; its errors name the file already
+    try:
+        return _parse(data, path, defaults)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _parse(data: dict[str, Any], path: str, defaults: BuildSettings) -> DaemonConfig:
+    unknown = sorted(set(data) - {"build", "daemon", "root"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown table (expected [build], [daemon], [[root]])")
+    raw = data.get("daemon", {})
+    if not isinstance(raw, dict):
+        raise ConfigError("daemon: must be a table ([daemon])")
+    t = _Table(raw, "daemon")
+    socket = t.take("socket", str, "an absolute path", DEFAULT_SOCKET)
+    if not os.path.isabs(socket):
+        raise ConfigError(f"daemon.socket: must be an absolute path, not {socket!r}")
+    if len(os.fsencode(socket)) > 107:
+        raise ConfigError("daemon.socket: path is longer than a Unix socket address allows (107 bytes)")
+    group = t.take("socket-group", str, "a group name") or None
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"daemon.socket-group: no group named {group!r}") from None
+    state_dir = t.take("state-dir", str, "an absolute path", DEFAULT_STATE_DIR)
+    if not os.path.isabs(state_dir):
+        raise ConfigError(f"daemon.state-dir: must be an absolute path, not {state_dir!r}")
+    log_level = t.take("log-level", str, f"one of {', '.join(LOG_LEVELS)}", "info")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"daemon.log-level: must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+    jobs = t.take("jobs", int, "a positive integer", os.cpu_count() or 1)
+    if jobs < 1:
+        raise ConfigError(f"daemon.jobs: must be a positive integer, not {jobs}")
+    parallel = t.take("parallel-builds", int, "a positive integer", 1)
+    if parallel < 1:
+        raise ConfigError(f"daemon.parallel-builds: must be a positive integer, not {parallel}")
+    size_raw = t.take("cache-max-size", (int, str), "a size", DEFAULT_CACHE_SIZE)
+    cache_max = parse_size(size_raw, "daemon.cache-max-size")
+    t.done()
+
+    raw_roots = data.get("root", [])
+    if not isinstance(raw_roots, list):
+        raise ConfigError("root: must be an array of tables ([[root]])")
+    roots: list[RootConfig] = []
+    for i, entry in enumerate(raw_roots):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"root[{i}]: must be a table")
+        root = _parse_root(entry, f"root[{i}]", replace(defaults, jobs=jobs, hash_cache=""))
+        for other in roots:
+            if other.name == root.name:
+                raise ConfigError(f"root[{i}].name: {root.name!r} is already the name of another root")
+            if other.path == root.path:
+                raise ConfigError(f"root[{i}].path: {root.path} is already watched as root {other.name!r}")
+        roots.append(root)
+    hash_cache = os.path.join(state_dir, "file-digests.sqlite")
+    roots = [replace(r, settings=replace(r.settings, hash_cache=hash_cache)) for r in roots]
+    return DaemonConfig(
+        socket=socket,
+        socket_group=group,
+        state_dir=state_dir,
+        log_level=log_level,
+        jobs=jobs,
+        cache_max_size=cache_max,
+        parallel_builds=parallel,
+        roots=tuple(roots),
+        path=os.path.abspath(path),
+    )
+
+
+def _parse_root(entry: dict[str, Any], where: str, defaults: BuildSettings) -> RootConfig:
+    t = _Table(entry, where)
+    if "name" not in entry:
+        raise ConfigError(f"{where}.name: missing (every root needs a name)")
+    name = t.take("name", str, "a string")
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"{where}.name: {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if "path" not in entry:
+        raise ConfigError(f"{where}.path: missing (the root filesystem directory to watch)")
+    path = t.take("path", str, "an absolute path")
+    if not os.path.isabs(path) or os.path.normpath(path) == "/":
+        raise ConfigError(f"{where}.path: must be an absolute path other than /, not {path!r}")
+    path = os.path.normpath(path)
+    output = t.take("output", str, "an oci:DIR[:TAG] reference")
+    if output is not None:
+        try:
+            layout, _ = parse_oci_ref(output)
+        except PkglayerError as e:
+            raise ConfigError(f"{where}.output: {e}") from None
+        if not os.path.isabs(layout):
+            raise ConfigError(f"{where}.output: the layout directory must be an absolute path, not {layout!r}")
+    layers = t.take("layers", str, "an absolute path")
+    if layers is not None and not os.path.isabs(layers):
+        raise ConfigError(f"{where}.layers: must be an absolute path, not {layers!r}")
+    changes: dict[str, Any] = {}
+    compression = t.take("compression", str, f"one of {', '.join(COMPRESSIONS)}")
+    if compression is not None:
+        if compression not in COMPRESSIONS:
+            raise ConfigError(f"{where}.compression: must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
+        changes["compression"] = compression
+    level = t.take("level", int, "an integer")
+    if level is not None:
+        comp = changes.get("compression", defaults.compression)
+        changes["gzip_level" if comp == "gzip" else "zstd_level"] = level
+    max_layers = t.take("max-layers", int, "an integer")
+    if max_layers is not None:
+        changes["max_layers"] = max_layers
+    excludes = t.strings("excludes")
+    if excludes is not None:
+        changes["extra_excludes"] = defaults.extra_excludes + excludes
+    fmt = t.take("format", str, 'one of "rpm", "dpkg", "none"')
+    if fmt is not None:
+        if fmt not in ("rpm", "dpkg", "none"):
+            raise ConfigError(f'{where}.format: must be one of "rpm", "dpkg", "none", not {fmt!r}')
+        changes["package_format"] = fmt
+    debounce = t.take("debounce", (int, float), "a positive number", 2.0)
+    if not 0 < debounce <= 3600:
+        raise ConfigError(f"{where}.debounce: must be a positive number of seconds (at most 3600), not {debounce}")
+    auto_build = t.take("auto-build", bool, "true or false", True)
+    t.done()
+    settings = replace(defaults, **changes)
+    try:
+        settings.validated()
+    except ConfigError as e:
+        key = "level" if "level" in str(e) else "max-layers" if "max-layers" in str(e) else "compression"
+        raise ConfigError(f"{where}.{key}: {e}") from None
+    return RootConfig(
+        name=name,
+        path=path,
+        output=output,
+        layers=layers,
+        settings=settings,
+        debounce=float(debounce),
+        auto_build=auto_build,
+    )

@@ -1,0 +1,670 @@
+"""The daemon's main loop: roots' state, debounced rescans, prebuilds, builds, signals,
+sd_notify and logging. Everything that touches the state runs on the event loop; scans
+and builds run in a thread pool (tar, compression and hashing release the GIL, and
+`build()` fans layer writes out over `jobs` threads of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from .. import __version__
+from ..errors import PkglayerError
+from ..rootfs import Rootfs
+from ..sources import open_source
+from .cache import LayerCache
+from .config import DaemonConfig, RootConfig, load_daemon_config
+from .notify import Notifier, watchdog_interval
+from .watch import Watcher, transaction_running, watch_targets
+
+log = logging.getLogger("pkglayer.daemon")
+
+_MAX_BUILD_RECORDS = 200
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """One line per record. Under systemd ($JOURNAL_STREAM) a "<N>" syslog priority
+    prefix, which journald turns into the entry's priority; the journal adds time and
+    identifier. Elsewhere "pkglayer[PID]: level: message"."""
+
+    def __init__(self, journal: bool):
+        super().__init__()
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        message = message.replace("\n", " ")
+        if self.journal:
+            return f"<{_PRIORITIES.get(record.levelno, 6)}>{message}"
+        return f"pkglayer[{os.getpid()}]: {record.levelname.lower()}: {message}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JournalFormatter(bool(os.environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # watchdog logs every inotify event at debug level
+    logging.getLogger("watchdog").setLevel(max(logging.INFO, root.level))
+
+
+class Cancelled(Exception):
+    """Raised from a build's progress callback when the daemon stops: `build()` starts no
+    more layers, lets the ones being written finish, and drops nothing half-written."""
+
+
+@dataclass
+class Inspection:
+    exists: bool
+    packages: dict[str, str] = field(default_factory=dict)  # "name:arch" -> package key
+    format: str | None = None
+    db_paths: list[str] = field(default_factory=list)
+    targets: dict[str, str | None] = field(default_factory=dict)
+    error: str | None = None
+
+
+def inspect_root(cfg: RootConfig) -> Inspection:
+    """Read a root's package list and what to watch (runs in a worker thread)."""
+    targets, db_paths = watch_targets(cfg.path, cfg.settings.package_format)
+    if not os.path.isdir(cfg.path):
+        return Inspection(False, targets=targets, error=f"root directory {cfg.path} does not exist")
+    try:
+        with Rootfs(cfg.path) as rootfs:
+            source = open_source(rootfs, cfg.settings.package_format)
+            packages = source.packages() if source else []
+            fmt = source.format if source else None
+    except PkglayerError as e:
+        return Inspection(True, db_paths=db_paths, targets=targets, error=str(e))
+    return Inspection(
+        True,
+        packages={f"{p.name}:{p.arch}": p.key for p in packages},
+        format=fmt,
+        db_paths=db_paths,
+        targets=targets,
+    )
+
+
+@dataclass
+class BuildJob:
+    id: str
+    root: str
+    kind: str  # "build" (image/layers output) or "prebuild" (cache only)
+    state: str = "queued"  # queued, running, succeeded, failed, cancelled
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "root": self.root,
+            "kind": self.kind,
+            "state": self.state,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "error": self.error,
+            "result": self.result,
+        }
+
+
+@dataclass
+class RootState:
+    config: RootConfig
+    exists: bool = False
+    format: str | None = None
+    packages: dict[str, str] = field(default_factory=dict)
+    db_paths: list[str] = field(default_factory=list)
+    error: str | None = None
+    activity: str | None = "starting"  # what runs now: scanning, prebuilding, building
+    events: int = 0
+    last_event: str | None = None
+    rescans: int = 0
+    prebuilds: int = 0
+    builds: int = 0
+    layers_written: int = 0
+    layers_from_cache: int = 0
+    waiting_for: str | None = None  # a running package transaction
+    changes: dict[str, list[str]] = field(default_factory=dict)
+    last_prebuild: dict[str, Any] | None = None
+    last_build: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None
+    dirty: bool = False  # rescan wanted
+    prebuild_wanted: bool = False
+    timer: asyncio.TimerHandle | None = None
+    queue: collections.deque[BuildJob] = field(default_factory=collections.deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: asyncio.Task[None] | None = None
+    removed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def pending(self) -> bool:
+        return self.timer is not None or self.dirty or self.prebuild_wanted or bool(self.queue)
+
+    @property
+    def state(self) -> str:
+        if self.activity:
+            return self.activity
+        if self.timer is not None or self.dirty or self.prebuild_wanted:
+            return "waiting"
+        if not self.exists:
+            return "missing"
+        if self.error:
+            return "error"
+        if self.config.auto_build and self.last_prebuild and self.last_prebuild.get("ok"):
+            return "ready"
+        return "idle"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.config.path,
+            "state": self.state,
+            "exists": self.exists,
+            "format": self.format,
+            "packages": len(self.packages),
+            "pending": self.pending,
+            "autoBuild": self.config.auto_build,
+            "output": self.config.output,
+            "layers": self.config.layers,
+            "layersReady": (self.last_prebuild or {}).get("layers") if self.state == "ready" else None,
+            "events": self.events,
+            "rescans": self.rescans,
+            "prebuilds": self.prebuilds,
+            "builds": self.builds,
+            "layersWritten": self.layers_written,
+            "layersFromCache": self.layers_from_cache,
+            "error": self.error,
+            "lastBuild": self.last_build,
+        }
+
+    def detail(self) -> dict[str, Any]:
+        d = self.summary()
+        d.update(
+            {
+                "compression": self.config.settings.compression_spec,
+                "maxLayers": self.config.settings.max_layers,
+                "debounce": self.config.debounce,
+                "databasePaths": self.db_paths,
+                "lastEvent": self.last_event,
+                "waitingFor": self.waiting_for,
+                "changes": self.changes,
+                "lastPrebuild": self.last_prebuild,
+                "progress": self.progress,
+                "queued": [j.id for j in self.queue],
+                "packageList": sorted(self.packages.values()),
+            }
+        )
+        return d
+
+
+def _outcome_json(result, elapsed: float) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "layers": len(result.layers),
+        "written": result.written,
+        "fromCache": sum(1 for o in result.layers if o.cached),
+        "reused": result.reused,
+        "writtenLayers": [o.record.name for o in result.layers if not o.reused],
+        "seconds": round(elapsed, 3),
+        "finished": time.time(),
+    }
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.roots: dict[str, RootState] = {}
+        self.builds: dict[str, BuildJob] = {}
+        self.cache: LayerCache | None = None
+        self.notifier = Notifier()
+        self.stopping = False
+        self.ready = False
+        self.started = time.time()
+        self._ids = itertools.count(1)
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool = ThreadPoolExecutor(max_workers=config.parallel_builds + 2, thread_name_prefix="pkglayer-work")
+        self._slots = asyncio.Semaphore(config.parallel_builds)
+        self.watcher: Watcher | None = None
+        self.api = None
+
+    # ---------------------------------------------------------------- life
+
+    async def run(self) -> int:
+        from .api import ApiServer
+
+        self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        cfg = self.config
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        self._status("opening the layer cache")
+        self.cache = await loop.run_in_executor(self._pool, LayerCache, cfg.cache_dir, cfg.cache_max_size)
+        checked = await loop.run_in_executor(self._pool, self.cache.check)
+        log.info(
+            "layer cache %s: %d layers; removed %d stale temp files, %d orphan blobs, %d broken entries",
+            cfg.cache_dir, checked["entries"], checked["temps"], checked["orphans"], checked["dropped"],
+        )
+        self.watcher = Watcher(loop, self._on_event)
+        self.watcher.start()
+        self.api = ApiServer(self)
+        await self.api.start(cfg.socket, cfg.socket_group)
+        log.info("listening on %s", cfg.socket)
+        for sig, handler in ((signal.SIGTERM, self.request_stop), (signal.SIGINT, self.request_stop),
+                             (signal.SIGHUP, self._on_sighup)):
+            loop.add_signal_handler(sig, handler)
+
+        self._status(f"initial scan of {len(cfg.roots)} roots")
+        await asyncio.gather(*(self._add_root(r) for r in cfg.roots))
+        self.ready = True
+        self.notifier.notify(READY=1, STATUS=self._status_line())
+        log.info("ready: %s", self._status_line())
+        pinger = asyncio.create_task(self._watchdog_pings())
+        for state in self.roots.values():
+            if state.config.auto_build and state.exists and not state.error:
+                state.prebuild_wanted = True
+                state.wake.set()
+        await self._stop.wait()
+        await self._shutdown()
+        pinger.cancel()
+        return 0
+
+    def request_stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("stopping: no new work; layer writes in progress finish")
+        self.notifier.notify(STOPPING=1, STATUS="stopping")
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        assert self.api is not None and self.watcher is not None
+        await self.api.stop()
+        self.watcher.stop()
+        for state in self.roots.values():
+            if state.timer:
+                state.timer.cancel()
+                state.timer = None
+            for job in state.queue:
+                self._finish(job, "cancelled", error="the daemon stopped before the build started")
+            state.queue.clear()
+            state.wake.set()
+        workers = [s.worker for s in self.roots.values() if s.worker]
+        await asyncio.gather(*workers, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+        if self.cache:
+            self.cache.close()
+        self.notifier.close()
+        log.info("stopped")
+
+    # ------------------------------------------------- small files (aiofiles)
+
+    def _record_path(self, name: str) -> str:
+        return os.path.join(self.config.state_dir, "roots", f"{name}.json")
+
+    async def _load_record(self, state: RootState) -> None:
+        """The last build of a root survives restarts (state-dir/roots/NAME.json)."""
+        try:
+            async with aiofiles.open(self._record_path(state.name), "rb") as f:
+                data = json.loads(await f.read())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("root %s: ignoring unreadable %s: %s", state.name, self._record_path(state.name), e)
+            return
+        if isinstance(data, dict) and isinstance(data.get("lastBuild"), dict):
+            state.last_build = data["lastBuild"]
+
+    async def _save_record(self, state: RootState) -> None:
+        path = self._record_path(state.name)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            await aiofiles.os.makedirs(os.path.dirname(path), exist_ok=True)
+            async with aiofiles.open(tmp, "w") as f:
+                await f.write(json.dumps({"lastBuild": state.last_build}, indent=2) + "\n")
+                await f.flush()
+            await aiofiles.os.replace(tmp, path)
+        except OSError as e:
+            log.warning("root %s: cannot save %s: %s", state.name, path, e)
+
+    async def memory(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak) of this process in bytes, from /proc/self/status."""
+        figures = {}
+        try:
+            async with aiofiles.open("/proc/self/status") as f:
+                for line in (await f.read()).splitlines():
+                    key, _, value = line.partition(":")
+                    if key in ("VmRSS", "VmHWM"):
+                        figures[key] = int(value.split()[0]) * 1024
+        except (OSError, ValueError):
+            pass
+        return figures
+
+    async def _watchdog_pings(self) -> None:
+        interval = watchdog_interval()
+        if interval is None:
+            return
+        log.info("watchdog: pinging every %.1f s", interval)
+        while True:
+            self.notifier.notify(WATCHDOG=1)
+            await asyncio.sleep(interval)
+
+    def _status(self, text: str) -> None:
+        self.notifier.notify(STATUS=text)
+
+    def _status_line(self) -> str:
+        states = collections.Counter(s.state for s in self.roots.values())
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(states.items()))
+        return f"{len(self.roots)} roots" + (f" ({parts})" if parts else "")
+
+    # -------------------------------------------------------------- reload
+
+    def _on_sighup(self) -> None:
+        asyncio.ensure_future(self.reload())
+
+    async def reload(self) -> bool:
+        assert self._loop is not None
+        path = self.config.path
+        if path is None or self.stopping:
+            return False
+        self.notifier.notify(RELOADING=1, MONOTONIC_USEC=int(time.monotonic() * 1e6), STATUS="reloading")
+        try:
+            new = await self._loop.run_in_executor(self._pool, load_daemon_config, path)
+        except PkglayerError as e:
+            log.error("reload: keeping the running configuration: %s", e)
+            self.notifier.notify(READY=1, STATUS=f"{self._status_line()}; reload failed: {e}")
+            return False
+        for key in ("socket", "socket_group", "state_dir", "cache_max_size", "parallel_builds"):
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("reload: daemon.%s changed; it takes effect at the next restart", key.replace("_", "-"))
+        setup_logging(new.log_level)
+        old_roots = {r.name: r for r in self.config.roots}
+        new_roots = {r.name: r for r in new.roots}
+        self.config = DaemonConfig(**{**self.config.__dict__, "roots": new.roots, "log_level": new.log_level,
+                                      "jobs": new.jobs})
+        for name in old_roots.keys() - new_roots.keys():
+            await self._remove_root(name)
+        added = []
+        for name, cfg in new_roots.items():
+            if name not in old_roots:
+                added.append(self._add_root(cfg, trigger=True))
+            elif cfg != old_roots[name]:
+                log.info("root %s: configuration changed", name)
+                state = self.roots[name]
+                state.config = cfg
+                self._mark_dirty(state)
+        await asyncio.gather(*added)
+        log.info("reloaded %s: %s", path, self._status_line())
+        self.notifier.notify(READY=1, STATUS=self._status_line())
+        return True
+
+    # --------------------------------------------------------------- roots
+
+    async def _add_root(self, cfg: RootConfig, trigger: bool = False) -> None:
+        assert self._loop is not None
+        state = RootState(cfg)
+        self.roots[cfg.name] = state
+        await self._load_record(state)
+        await self._inspect(state, initial=True)
+        state.activity = None
+        state.worker = asyncio.create_task(self._worker(state))
+        log.info(
+            "root %s: %s, %s",
+            cfg.name, cfg.path,
+            state.error or f"{len(state.packages)} {state.format or 'no'} packages",
+        )
+        if trigger and cfg.auto_build and state.exists and not state.error:
+            state.prebuild_wanted = True
+            state.wake.set()
+
+    async def _remove_root(self, name: str) -> None:
+        state = self.roots.pop(name, None)
+        if state is None:
+            return
+        log.info("root %s: removed from the configuration", name)
+        state.removed = True
+        if state.timer:
+            state.timer.cancel()
+        for job in state.queue:
+            self._finish(job, "cancelled", error=f"root {name} was removed from the configuration")
+        state.queue.clear()
+        state.wake.set()
+        assert self.watcher is not None
+        self.watcher.set_targets(name, {})
+
+    async def _inspect(self, state: RootState, initial: bool = False) -> None:
+        assert self._loop is not None and self.watcher is not None
+        state.activity = "starting" if initial else "scanning"
+        found = await self._loop.run_in_executor(self._pool, inspect_root, state.config)
+        if state.removed:
+            return
+        self.watcher.set_targets(state.name, found.targets)
+        if not initial:
+            state.rescans += 1
+            old, new = state.packages, found.packages
+            state.changes = {
+                "added": sorted(new[k] for k in new.keys() - old.keys()),
+                "removed": sorted(old[k] for k in old.keys() - new.keys()),
+                "changed": sorted(new[k] for k in new.keys() & old.keys() if new[k] != old[k]),
+            }
+            c = state.changes
+            log.info(
+                "root %s: rescan %d: %d packages (%d new, %d changed, %d removed)%s",
+                state.name, state.rescans, len(new), len(c["added"]), len(c["changed"]), len(c["removed"]),
+                f"; {found.error}" if found.error else "",
+            )
+        if found.error and found.error != state.error:
+            log.error("root %s: %s", state.name, found.error)
+        elif state.error and not found.error:
+            log.info("root %s: error cleared", state.name)
+        state.exists = found.exists
+        state.error = found.error
+        state.format = found.format
+        state.db_paths = found.db_paths
+        if not found.error:
+            state.packages = found.packages
+        elif not found.exists:
+            state.packages = {}
+
+    def _on_event(self, name: str, description: str) -> None:
+        """A watched directory changed (called on the loop from watchdog's thread)."""
+        state = self.roots.get(name)
+        if state is None or self.stopping:
+            return
+        state.events += 1
+        state.last_event = description
+        log.debug("root %s: %s", name, description)
+        self._arm(state, state.config.debounce)
+
+    def _arm(self, state: RootState, delay: float) -> None:
+        assert self._loop is not None
+        if state.timer:
+            state.timer.cancel()
+        state.timer = self._loop.call_later(delay, self._settled, state)
+
+    def _settled(self, state: RootState) -> None:
+        """No event for `debounce` seconds: rescan, unless a transaction still holds its lock."""
+        state.timer = None
+        if state.removed or self.stopping:
+            return
+        busy = transaction_running(state.config.path, state.db_paths) if state.exists else None
+        if busy:
+            if state.waiting_for is None:
+                log.info("root %s: waiting for the package transaction to end (%s)", state.name, busy)
+            state.waiting_for = busy
+            self._arm(state, state.config.debounce)
+            return
+        state.waiting_for = None
+        self._mark_dirty(state)
+
+    def _mark_dirty(self, state: RootState) -> None:
+        state.dirty = True
+        state.wake.set()
+
+    async def _worker(self, state: RootState) -> None:
+        """One per root: rescans, prebuilds and builds of a root run one at a time."""
+        while not state.removed and not self.stopping:
+            await state.wake.wait()
+            state.wake.clear()
+            while (state.dirty or state.prebuild_wanted or state.queue) and not state.removed and not self.stopping:
+                try:
+                    if state.dirty:
+                        state.dirty = False
+                        await self._inspect(state)
+                        state.activity = None
+                        state.prebuild_wanted = state.config.auto_build
+                    if state.prebuild_wanted and not state.dirty:
+                        state.prebuild_wanted = False
+                        if state.exists and not state.error:
+                            await self._build(state, BuildJob(self._new_id(), state.name, "prebuild"))
+                    elif state.queue and not state.dirty:
+                        await self._build(state, state.queue.popleft())
+                except Exception:
+                    log.exception("root %s: unexpected error", state.name)
+                finally:
+                    state.activity = None
+
+    # -------------------------------------------------------------- builds
+
+    def _new_id(self) -> str:
+        return f"b{next(self._ids)}"
+
+    def submit_build(self, name: str) -> BuildJob:
+        """Queue a build of root `name` (API). Raises KeyError for an unknown root."""
+        state = self.roots[name]
+        job = BuildJob(self._new_id(), name, "build")
+        self.builds[job.id] = job
+        while len(self.builds) > _MAX_BUILD_RECORDS:
+            oldest = next(iter(self.builds))
+            if not self.builds[oldest].done.is_set():
+                break
+            del self.builds[oldest]
+        state.queue.append(job)
+        state.wake.set()
+        log.info("root %s: build %s queued", name, job.id)
+        return job
+
+    def _finish(self, job: BuildJob, outcome: str, error: str | None = None,
+                result: dict[str, Any] | None = None) -> None:
+        job.state = outcome
+        job.error = error
+        job.result = result
+        job.finished = time.time()
+        job.done.set()
+
+    async def _build(self, state: RootState, job: BuildJob) -> None:
+        from ..build import build
+
+        assert self._loop is not None and self.cache is not None
+        cfg = state.config
+        cache = self.cache
+        if job.kind == "build":
+            if not state.exists:
+                self._finish(job, "failed", error=f"root {cfg.name}: directory {cfg.path} does not exist")
+                return
+            if not cfg.output and not cfg.layers:
+                self._finish(job, "failed", error=f"root {cfg.name} has no output or layers directory configured")
+                return
+        async with self._slots:
+            if self.stopping or state.removed:
+                self._finish(job, "cancelled", error="the daemon is stopping")
+                return
+            state.activity = "prebuilding" if job.kind == "prebuild" else "building"
+            job.state, job.started = "running", time.time()
+            self._status(f"{state.activity} {cfg.name}")
+            settings = cfg.settings
+            daemon = self
+
+            def progress(phase: str, done: int, total: int) -> None:
+                state.progress = {"phase": phase, "done": done, "total": total}
+                if daemon.stopping:
+                    raise Cancelled("the daemon is stopping")
+
+            def run():
+                gc.collect()
+                with cache.session():
+                    # A prebuild reads the outputs' prior plan too, so it plans the
+                    # layers the real build will want.
+                    return build(cfg.path, settings, oci_ref=cfg.output, layers_dir=cfg.layers,
+                                 layer_cache=cache, progress=progress, prebuild=job.kind == "prebuild")
+
+            started = time.monotonic()
+            try:
+                result = await self._loop.run_in_executor(self._pool, run)
+            except Cancelled:
+                log.info("root %s: %s %s abandoned: the daemon is stopping", cfg.name, job.kind, job.id)
+                self._finish(job, "cancelled", error="the daemon stopped during the build")
+                return
+            except (PkglayerError, OSError) as e:
+                message = str(e) if isinstance(e, PkglayerError) else f"{e.strerror or e}: {e.filename or ''}"
+                log.error("root %s: %s %s failed: %s", cfg.name, job.kind, job.id, message)
+                self._finish(job, "failed", error=message)
+                if job.kind == "prebuild":
+                    state.last_prebuild = {"ok": False, "error": message, "finished": time.time()}
+                return
+            finally:
+                state.progress = None
+                state.activity = None
+            elapsed = time.monotonic() - started
+            outcome = _outcome_json(result, elapsed)
+            state.layers_written += result.written
+            state.layers_from_cache += outcome["fromCache"]
+            if job.kind == "prebuild":
+                state.prebuilds += 1
+                state.last_prebuild = outcome
+            else:
+                state.builds += 1
+                outcome.update(
+                    {
+                        "id": job.id,
+                        "image": result.oci_ref,
+                        "manifestDigest": result.image.manifest_digest if result.image else None,
+                        "history": result.history_path,
+                        "digests": [o.record.digest for o in result.layers],
+                    }
+                )
+                state.last_build = outcome
+                await self._save_record(state)
+            self._finish(job, "succeeded", result=outcome)
+            log.info(
+                "root %s: %s %s: %d layers, %d written, %d from the cache, %.2f s",
+                cfg.name, job.kind, job.id, outcome["layers"], outcome["written"], outcome["fromCache"], elapsed,
+            )
+        await self._loop.run_in_executor(self._pool, cache.evict)
+        self._status(self._status_line())
+
+
+def run_daemon(config_path: str) -> int:
+    """`pkglayer daemon --config FILE`."""
+    config = load_daemon_config(config_path)
+    setup_logging(config.log_level)
+    # The CLI turns the cyclic GC off for build speed; a long-running process needs it.
+    gc.enable()
+    log.info("pkglayer %s daemon starting, config %s", __version__, config.path)
+    return asyncio.run(Daemon(config).run())

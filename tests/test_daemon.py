@@ -1,0 +1,345 @@
+"""The daemon as a process on real roots, changed with real package tools.
+
+Every test starts `python -m pkglayer daemon` on private copies of the cached trees and
+watches what it does through its control API; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import rootfs_factory as factory
+from tests.daemon_harness import DaemonProcess, wait_until
+
+TOP_LAYERS = {"unowned", "modified", "pkgdb"}
+
+
+@pytest.fixture(scope="module")
+def deb_base(deb_rootfs: Path) -> Path:
+    """debootstrap minbase without iputils-ping and libcap2-bin (deb_rootfs has them)."""
+    return factory.deb_base()
+
+
+@pytest.fixture(scope="module")
+def extra_debs(deb_rootfs: Path) -> list[Path]:
+    """Real .debs not installed in deb_base, in dependency order: libcap2-bin, iputils-ping."""
+    archives = deb_rootfs / "var/cache/apt/archives"
+    return [next(archives.glob("libcap2-bin_*.deb")), next(archives.glob("iputils-ping_*.deb"))]
+
+
+def copy_root(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    factory.copy_tree(src, dst)
+    return dst
+
+
+def dpkg_install(root: Path, *debs: Path) -> None:
+    factory.run(["dpkg", f"--root={root}", "--force-unsafe-io", "-i", *map(str, debs)])
+
+
+def cache_blobs(d: DaemonProcess) -> dict[str, Path]:
+    blobs = d.cache_dir / "blobs" / "sha256"
+    return {f"sha256:{p.name}": p for p in blobs.iterdir()} if blobs.is_dir() else {}
+
+
+def temp_files(d: DaemonProcess) -> list[str]:
+    tmp = d.cache_dir / ".pkglayer-tmp"
+    return sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def start(daemons: list[DaemonProcess], *args, **kwargs) -> DaemonProcess:
+    d = DaemonProcess(*args, **kwargs)
+    daemons.append(d)
+    return d.start()
+
+
+def root_entry(name: str, path: Path, **extra) -> dict:
+    return {"name": name, "path": str(path), "compression": "zstd", "debounce": 1.0, **extra}
+
+
+# ------------------------------------------------------------------ watching
+
+
+def test_install_prebuilds_the_new_layer_and_a_build_writes_only_top_layers(
+    tmp_path: Path, deb_base: Path, extra_debs: list[Path], daemons
+) -> None:
+    root = copy_root(deb_base, tmp_path / "roots" / "deb")
+    out = tmp_path / "out"
+    d = start(daemons, tmp_path / "d", [root_entry("deb", root, output=f"oci:{out}:latest")])
+    first = d.wait_settled("deb", rescans=0)
+    assert first["packages"] == 88
+    assert first["lastPrebuild"]["written"] == first["lastPrebuild"]["layers"]
+    before = set(cache_blobs(d))
+
+    dpkg_install(root, *extra_debs)
+    after = d.wait_settled("deb", rescans=1)
+    assert after["packages"] == 90
+    added = after["changes"]["added"]
+    assert any(k.startswith("iputils-ping-") for k in added) and any(k.startswith("libcap2-bin-") for k in added)
+    # Nobody asked: the new packages' layers are in the cache already.
+    written = set(after["lastPrebuild"]["writtenLayers"])
+    assert {k for k in added} <= written
+    assert written - set(added) <= TOP_LAYERS  # nothing else was rebuilt
+    assert len(cache_blobs(d)) > len(before)
+
+    # A file no package owns changes without any package transaction (not watched).
+    (root / "etc/motd").write_text("built by the daemon test\n")
+    status, body = d.api("POST", "/v1/roots/deb/build", {"wait": True})
+    assert status == 200, body
+    build = body["build"]
+    assert build["state"] == "succeeded", build
+    result = build["result"]
+    assert set(result["writtenLayers"]) <= TOP_LAYERS
+    assert "unowned" in result["writtenLayers"]  # /etc/motd is unowned in minbase... or modified
+    assert result["fromCache"] == result["layers"] - result["written"]
+    assert result["manifestDigest"] and (out / "index.json").exists()
+    # The image is complete: every layer blob is in the layout.
+    for digest in result["digests"]:
+        assert (out / "blobs/sha256" / digest[7:]).is_file()
+    assert d.root("deb")["lastBuild"]["manifestDigest"] == result["manifestDigest"]
+    assert d.stop() == 0
+
+
+def test_two_roots_with_the_same_packages_build_each_layer_once(
+    tmp_path: Path, deb_base: Path, extra_debs: list[Path], daemons
+) -> None:
+    a = copy_root(deb_base, tmp_path / "roots" / "a")
+    b = copy_root(deb_base, tmp_path / "roots" / "b")
+    dpkg_install(b, *extra_debs)  # b = a + two packages
+    d = start(daemons, tmp_path / "d", [root_entry("a", a), root_entry("b", b)])
+    ra = d.wait_settled("a", rescans=0)
+    rb = d.wait_settled("b", rescans=0)
+    pa, pb = ra["lastPrebuild"], rb["lastPrebuild"]
+    # Whichever root came first wrote the shared layers; the other took them from the cache.
+    first, second = (pa, pb) if pa["finished"] < pb["finished"] else (pb, pa)
+    assert first["written"] == first["layers"]
+    shared = set(first["writtenLayers"]) & set(second["writtenLayers"])
+    assert not (shared - TOP_LAYERS), f"layers written twice: {shared}"
+    assert second["fromCache"] >= 86
+    # Count: every layer content was written exactly once overall.
+    status, cache = d.api("GET", "/v1/cache")
+    assert status == 200
+    assert cache["added"] == pa["written"] + pb["written"] == cache["entries"]
+    assert cache["entries"] == len(cache_blobs(d))
+
+    # The same holds for a root installed the same way later, through apt in a chroot.
+    c = copy_root(deb_base, tmp_path / "roots" / "c")
+    for deb in extra_debs:
+        shutil.copy(deb, c / "tmp" / deb.name)
+    factory.run(
+        ["chroot", str(c), "apt-get", "install", "-y", "--no-install-recommends",
+         *[f"/tmp/{deb.name}" for deb in extra_debs]],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+    )
+    d.roots.append(root_entry("c", c))
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    rc = d.wait_settled("c", rescans=0)
+    package_layers = set(rc["lastPrebuild"]["writtenLayers"]) - TOP_LAYERS
+    assert not package_layers, f"package layers written again for root c: {package_layers}"
+    assert d.stop() == 0
+
+
+def test_a_burst_of_database_writes_is_rescanned_once(
+    tmp_path: Path, deb_base: Path, deb_rootfs: Path, extra_debs: list[Path], daemons
+) -> None:
+    root = copy_root(deb_base, tmp_path / "roots" / "deb")
+    d = start(daemons, tmp_path / "d", [root_entry("deb", root, debounce=1.5)])
+    d.wait_settled("deb", rescans=0)
+    events_before = d.root("deb")["events"]
+    archives = deb_rootfs / "var/cache/apt/archives"
+    # One dpkg transaction: two new packages and ten reinstalled ones.
+    again = sorted(archives.glob("lib[a-m]*.deb"))[:10]
+    dpkg_install(root, *again, *extra_debs)
+    settled = d.wait_settled("deb", rescans=1)
+    # Give a second (wrong) rescan the chance to happen: three debounce periods of quiet.
+    time.sleep(4.5)
+    final = d.root("deb")
+    assert final["events"] - events_before > 50, final["events"]
+    assert final["rescans"] == 1, final
+    assert final["prebuilds"] == 2  # the initial one and one for the burst
+    assert settled["packages"] == 90
+
+    # A second burst later is a second rescan.
+    dpkg_install(root, *again[:3])
+    d.wait_settled("deb", rescans=2)
+    assert d.root("deb")["rescans"] == 2
+    assert d.stop() == 0
+
+
+def test_rpm_root_upgrade_prebuilds_the_new_package_layer(
+    tmp_path: Path, rpm_rootfs: Path, daemons
+) -> None:
+    root = copy_root(rpm_rootfs, tmp_path / "roots" / "rpm")
+    d = start(daemons, tmp_path / "d", [root_entry("rpm", root)])
+    first = d.wait_settled("rpm", rescans=0)
+    assert first["format"] == "rpm"
+    assert first["databasePaths"] == ["usr/lib/sysimage/rpm"]
+    new = factory.synthetic_rpms() / "pkglayer-demo-1.0-2.noarch.rpm"
+    factory.run(["rpm", "--root", str(root), "--dbpath", factory.RPM_DBPATH, "-U", "--nodeps", "--noscripts",
+                 "--ignorearch", "--force-debian", str(new)])
+    after = d.wait_settled("rpm", rescans=1)
+    assert after["changes"]["changed"] == ["pkglayer-demo-1.0-2-noarch"]
+    written = set(after["lastPrebuild"]["writtenLayers"])
+    assert "pkglayer-demo-1.0-2-noarch" in written
+    assert written - {"pkglayer-demo-1.0-2-noarch"} <= TOP_LAYERS
+    assert d.stop() == 0
+
+
+# ------------------------------------------------------------ crash safety
+
+
+def test_kill_9_during_a_layer_write_leaves_no_partial_blob_and_the_cache_is_reused(
+    tmp_path: Path, deb_base: Path, daemons
+) -> None:
+    root = copy_root(deb_base, tmp_path / "roots" / "deb")
+    # gzip -9 makes layer writes slow enough to be caught in the middle.
+    entry = root_entry("deb", root, compression="gzip", level=9)
+    d = start(daemons, tmp_path / "d", [entry], daemon={"jobs": 1})
+    wait_until(lambda: len(cache_blobs(d)) >= 5 and any(n.startswith("blob-") for n in temp_files(d)),
+               120, "a layer write in progress", interval=0.01)
+    d.kill()
+    partial = [n for n in temp_files(d) if n.startswith("blob-")]
+    assert partial, "the kill should have interrupted a layer write"
+    blobs = cache_blobs(d)
+    # No blob is visible under its final name unless complete.
+    for digest, path in blobs.items():
+        assert sha256_file(path) == digest
+    committed = len(blobs)
+
+    d.start()
+    status, cache = d.api("GET", "/v1/cache")
+    assert cache["startupCheck"]["temps"] >= 1
+    assert not [n for n in temp_files(d) if n.startswith("blob-")]
+    after = d.wait_settled("deb", rescans=0, timeout=240)
+    prebuild = after["lastPrebuild"]
+    # Layers committed before the kill were reused, not written again.
+    assert prebuild["fromCache"] >= committed - 1  # one may be committed but not yet indexed (orphan)
+    assert prebuild["written"] == prebuild["layers"] - prebuild["fromCache"]
+    for digest, path in cache_blobs(d).items():
+        assert sha256_file(path) == digest
+    assert d.stop() == 0
+
+
+def test_sigterm_during_a_prebuild_exits_0_and_leaves_no_temp_files(
+    tmp_path: Path, deb_base: Path, daemons
+) -> None:
+    root = copy_root(deb_base, tmp_path / "roots" / "deb")
+    d = start(daemons, tmp_path / "d", [root_entry("deb", root, compression="gzip", level=9)])
+    wait_until(lambda: any(n.startswith("blob-") for n in temp_files(d)), 120, "a layer write", interval=0.01)
+    assert d.stop(timeout=120) == 0
+    assert not [n for n in temp_files(d) if n.startswith("blob-")]
+    assert not os.path.exists(d.socket)
+    assert "abandoned: the daemon is stopping" in d.log()
+    for digest, path in cache_blobs(d).items():
+        assert sha256_file(path) == digest
+
+
+# ------------------------------------------------------------- bad input
+
+
+def test_bad_requests_unknown_roots_and_a_deleted_root_leave_the_daemon_serving(
+    tmp_path: Path, deb_base: Path, daemons
+) -> None:
+    good = copy_root(deb_base, tmp_path / "roots" / "good")
+    doomed = copy_root(deb_base, tmp_path / "roots" / "doomed")
+    out = tmp_path / "out"
+    d = start(daemons, tmp_path / "d", [
+        root_entry("good", good, output=f"oci:{out}:latest"),
+        root_entry("doomed", doomed, output=f"oci:{tmp_path / 'out2'}:latest"),
+        root_entry("nowhere", tmp_path / "roots" / "not-there"),
+    ])
+    d.wait_settled("good", rescans=0)
+
+    status, body = d.api("POST", "/v1/roots/good/build", raw=b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = d.api("POST", "/v1/roots/good/build", {"wait": "soon"})
+    assert status == 400 and "'wait'" in body["error"]["message"]
+    status, body = d.api("POST", "/v1/roots/good/build", {"colour": 1})
+    assert status == 400 and "colour" in body["error"]["message"]
+    status, body = d.api("POST", "/v1/roots/nope/build", {})
+    assert status == 404 and "unknown root 'nope'" in body["error"]["message"]
+    status, body = d.api("GET", "/v1/roots/nope")
+    assert status == 404
+    status, body = d.api("GET", "/v1/nothing")
+    assert status == 404 and body["error"]["message"].startswith("no such endpoint")
+    status, body = d.api("DELETE", "/v1/roots/good")
+    assert status == 405 and "error" in body
+    status, body = d.api("GET", "/v1/builds/b999")
+    assert status == 404
+    # Not HTTP at all.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(d.socket)
+        s.sendall(b"\x00\x01garbage\r\n\r\n")
+        assert s.recv(100).split(b" ")[1] == b"400"
+
+    # A root that does not exist is reported, and cannot be built.
+    nowhere = d.root("nowhere")
+    assert nowhere["state"] == "missing" and "does not exist" in nowhere["error"]
+    status, body = d.api("POST", "/v1/roots/nowhere/build", {})
+    assert status == 409
+
+    # Deleted while watched.
+    d.wait_settled("doomed", rescans=0)
+    shutil.rmtree(doomed)
+    gone = d.wait_root("doomed", lambda r: r["state"] == "missing", 60)
+    assert "does not exist" in gone["error"]
+    status, body = d.api("POST", "/v1/roots/doomed/build", {"wait": True})
+    assert status == 409 and "does not exist" in body["error"]["message"]
+    assert "root doomed: root directory" in d.log()
+
+    # A corrupt package database on the good root: a clear error, the others are fine.
+    status_file = good / "var/lib/dpkg/status"
+    saved = status_file.read_bytes()
+    status_file.write_bytes(b"Package: broken\nStatus: install ok installed\n\x00\x00garbage: [\n")
+    d.wait_root("good", lambda r: r["rescans"] >= 1 and r["error"] is not None and not r["pending"], 60)
+    status, health = d.api("GET", "/v1/health")
+    assert health["status"] == "ok" and "good" in health["rootsWithErrors"]
+    status_file.write_bytes(saved)
+    d.wait_root("good", lambda r: r["rescans"] >= 2 and r["error"] is None and r["state"] == "ready", 120)
+
+    # ... and still builds.
+    status, body = d.api("POST", "/v1/roots/good/build", {"wait": True})
+    assert status == 200 and body["build"]["state"] == "succeeded", body
+
+    # A root that appears later is picked up (its parent directory is watched).
+    copy_root(deb_base, tmp_path / "roots" / "not-there")
+    appeared = d.wait_root("nowhere", lambda r: r["state"] == "ready" and r["packages"] == 88, 120)
+    assert appeared["error"] is None
+    assert d.stop() == 0
+
+
+def test_a_root_replaced_by_rename_is_watched_again(
+    tmp_path: Path, deb_base: Path, extra_debs: list[Path], daemons
+) -> None:
+    root = copy_root(deb_base, tmp_path / "roots" / "deb")
+    d = start(daemons, tmp_path / "d", [root_entry("deb", root)])
+    d.wait_settled("deb", rescans=0)
+    staged = copy_root(deb_base, tmp_path / "roots" / ".deb-new")
+    dpkg_install(staged, extra_debs[0])
+    os.rename(root, tmp_path / "roots" / "deb-old")
+    os.rename(staged, root)
+    replaced = d.wait_settled("deb", rescans=1)
+    assert replaced["packages"] == 89
+    # The new tree's database is watched, not the old one's.
+    dpkg_install(root, extra_debs[1])
+    again = d.wait_settled("deb", rescans=2)
+    assert again["packages"] == 90
+    assert d.stop() == 0
