@@ -143,7 +143,10 @@ class DaemonProcess:
 
         def check() -> dict[str, Any] | None:
             nonlocal last
-            last = self.root(name)
+            status, last = self.api("GET", f"/v1/roots/{name}")
+            if status == 404:  # not configured yet: a SIGHUP reload may still be running
+                return None
+            assert status == 200, last
             return last if predicate(last) else None
 
         try:

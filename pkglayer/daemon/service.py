@@ -25,8 +25,10 @@ import aiofiles.os
 
 from .. import __version__
 from ..errors import PkglayerError
+from ..history import History
 from ..rootfs import Rootfs
 from ..sources import open_source
+from ..tarwriter import TAR_FORMAT
 from .cache import LayerCache
 from .config import DaemonConfig, RootConfig, load_daemon_config
 from .notify import Notifier, watchdog_interval
@@ -150,6 +152,9 @@ class RootState:
     changes: dict[str, list[str]] = field(default_factory=dict)
     last_prebuild: dict[str, Any] | None = None
     last_build: dict[str, Any] | None = None
+    # the layer plan of the last prebuild or build: the next one keeps it stable (the
+    # outputs' own history only says what was last *written* there)
+    plan: History | None = None
     progress: dict[str, Any] | None = None
     dirty: bool = False  # rescan wanted
     prebuild_wanted: bool = False
@@ -232,6 +237,7 @@ def _outcome_json(result, elapsed: float) -> dict[str, Any]:
         "fromCache": sum(1 for o in result.layers if o.cached),
         "reused": result.reused,
         "writtenLayers": [o.record.name for o in result.layers if not o.reused],
+        "writtenLayerPackages": {o.record.name: list(o.record.packages) for o in result.layers if not o.reused},
         "seconds": round(elapsed, 3),
         "finished": time.time(),
     }
@@ -612,7 +618,8 @@ class Daemon:
                     # A prebuild reads the outputs' prior plan too, so it plans the
                     # layers the real build will want.
                     return build(cfg.path, settings, oci_ref=cfg.output, layers_dir=cfg.layers,
-                                 layer_cache=cache, progress=progress, prebuild=job.kind == "prebuild")
+                                 layer_cache=cache, progress=progress, prebuild=job.kind == "prebuild",
+                                 prior_history=state.plan)
 
             started = time.monotonic()
             try:
@@ -632,6 +639,13 @@ class Daemon:
                 state.progress = None
                 state.activity = None
             elapsed = time.monotonic() - started
+            state.plan = History(
+                layers=tuple(o.record for o in result.layers),
+                architecture=result.architecture,
+                os="linux",
+                generator="pkglayer daemon",
+                tar_format=TAR_FORMAT,
+            )
             outcome = _outcome_json(result, elapsed)
             state.layers_written += result.written
             state.layers_from_cache += outcome["fromCache"]
