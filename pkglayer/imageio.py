@@ -23,7 +23,7 @@ from .blobstore import BlobDir
 from .build import ImageOptions
 from .errors import PkglayerError
 from .history import History, parse_history
-from .imagesource import ImageError, Limits, SourceImage, open_layout, parse_layout_ref, unpack
+from .imagesource import DEFAULT_LIMITS, ImageError, Limits, SourceImage, open_layout, parse_layout_ref, unpack
 from .oci import HISTORY_LABEL
 from .registry import (
     PushReport,
@@ -190,7 +190,7 @@ def prepared(
     prior: str | None,
     image: ImageOptions,
     opts: RegistryOptions,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
     tmpdir: str | None = None,
     progress=None,
 ) -> Iterator[Prepared]:
@@ -277,7 +277,7 @@ def _remote_blobs(prior: str, dest: str, digests: list[str], opts: RegistryOptio
     return set()
 
 
-def publish(prep: Prepared, opts: RegistryOptions, limits: Limits = Limits()) -> PushReport | None:
+def publish(prep: Prepared, opts: RegistryOptions, limits: Limits = DEFAULT_LIMITS) -> PushReport | None:
     """Push the layout `build()` wrote to `prep.push_to`; None when there is nothing to push."""
     if not prep.push_to or not prep.oci_ref:
         return None
@@ -286,7 +286,7 @@ def publish(prep: Prepared, opts: RegistryOptions, limits: Limits = Limits()) ->
 
 
 def push_layout(layout: str, tag: str | None, dest: str, opts: RegistryOptions,
-                limits: Limits = Limits()) -> PushReport:
+                limits: Limits = DEFAULT_LIMITS) -> PushReport:
     image = open_layout(layout, tag, limits)
     blobs = BlobDir(layout)
     local = {d for d in [image.config_digest, *(x.digest for x in image.layers)] if blobs.has(d)}
@@ -300,7 +300,7 @@ def _tag_of(layout: str, digest: str) -> str:
     import json
 
     with open(os.path.join(layout, "index.json"), "rb") as f:
-        index = json.loads(f.read(Limits().index_bytes))
+        index = json.loads(f.read(DEFAULT_LIMITS.index_bytes))
     for m in index.get("manifests", []):
         if m.get("digest") == digest:
             name = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")

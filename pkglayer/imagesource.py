@@ -84,6 +84,9 @@ class Limits:
     path_bytes: int = 4096
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(frozen=True)
 class Descriptor:
     media_type: str
@@ -248,7 +251,7 @@ def parse_layout_ref(ref: str) -> tuple[str, str | None]:
     return directory, tag
 
 
-def open_layout(layout: str, tag: str | None, limits: Limits = Limits()) -> SourceImage:
+def open_layout(layout: str, tag: str | None, limits: Limits = DEFAULT_LIMITS) -> SourceImage:
     """Find the image `tag` (None: the only image, or the host platform's) in an OCI
     layout and validate its manifest and config. Layer blobs are not read here."""
     where = f"oci:{layout}" + (f":{tag}" if tag else "")
@@ -642,7 +645,7 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
 def unpack(
     image: SourceImage,
     dest: str,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
     skip_xattrs: tuple[str, ...] = DEFAULT_SKIP_XATTRS,
     progress=None,
 ) -> UnpackStats:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from .errors import PkglayerError
 from .imagesource import (
+    DEFAULT_LIMITS,
     DOCKER_LIST,
     OCI_INDEX,
     Descriptor,
@@ -38,7 +39,6 @@ from .imagesource import (
     Limits,
     SourceImage,
     check_bytes,
-    descriptor,
     image_from_manifest,
     parse_json,
     pick_from_index,
@@ -170,7 +170,7 @@ def pull(ref: str, layout: str, tag: str, opts: RegistryOptions) -> None:
     _skopeo(["copy", "--quiet", *opts.skopeo_args("src"), ref, f"oci:{layout}:{tag}"], f"pulling {ref}")
 
 
-def fetch_image(ref: str, opts: RegistryOptions, limits: Limits = Limits()) -> tuple[DockerRef, SourceImage]:
+def fetch_image(ref: str, opts: RegistryOptions, limits: Limits = DEFAULT_LIMITS) -> tuple[DockerRef, SourceImage]:
     """The manifest and config of a remote image (no layers), checked against their digests.
 
     Returns the reference pinned to the manifest's digest, and the image (whose `layout`

@@ -161,7 +161,8 @@ def _opaque_layer(path: Path) -> None:
                                  (f"{OPAQUE_DIR}/.wh..wh..opq", tarfile.REGTYPE, b""),
                                  (f"{OPAQUE_DIR}/README.local", tarfile.REGTYPE, b"replaced by a later layer\n")):
             info = tarfile.TarInfo(name)
-            info.type, info.mode, info.mtime, info.size = kind, 0o755 if kind == tarfile.DIRTYPE else 0o644, 1_700_000_000, len(data)
+            info.type, info.mtime, info.size = kind, 1_700_000_000, len(data)
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
             tar.addfile(info, io.BytesIO(data) if data else None)
     path.write_bytes(buf.getvalue())
 
@@ -313,7 +314,8 @@ def test_second_host_uploads_only_changed_layers(registry: Registry, two_hosts) 
     assert push["skippedBytes"] == sum(layer["size"] for layer in v2["layers"] if layer["reused"])
     full = sum(layer["size"] for layer in v2["layers"]) + new[config_digest] + len(manifest_raw)
     print(f"\none-package update ({upgraded}): uploaded {sum(new.values())} of {full} bytes "
-          f"({100 * sum(new.values()) / full:.1f}%), {len(new)} blobs of {total + 2}")
+          f"({100 * sum(new.values()) / full:.1f}%), {len(new)} blobs of {total + 2}; layers written: "
+          + ", ".join(f"{layer['name']} ({layer['size']} B)" for layer in written))
 
 
 def test_round_trip_keeps_manifest_digest_and_podman_runs(registry: Registry, two_hosts, podman_store) -> None:
