@@ -5,10 +5,11 @@ Faces (CLI, daemon) call `build()`; nothing here knows about them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -22,8 +23,8 @@ from .config import BuildSettings
 from .digests import CONTENT_HASH
 from .errors import PkglayerError
 from .hashcache import HashCache
-from .history import ComponentRecord, History, LayerRecord, load_history, save_history
-from .oci import ImageConfig, ImageResult, parse_oci_ref, prior_layers, write_image
+from .history import ComponentRecord, History, LayerRecord, dumps_history, load_history, save_history
+from .oci import HISTORY_LABEL, ImageConfig, ImageResult, parse_oci_ref, prior_layers, write_image
 from .ownership import Ownership, Progress, scan
 from .plan import Plan, PlannedLayer, plan_layers, prior_groups
 from .pristine import is_pristine_layer
@@ -32,6 +33,8 @@ from .sources import open_source
 from .tarwriter import MEDIA_TYPES, TAR_FORMAT, Member, content_key, layer_members, write_layer
 
 log = logging.getLogger(__name__)
+
+MAX_HISTORY_LABEL = 1 << 20
 
 
 class LayerCache(Protocol):
@@ -63,6 +66,13 @@ class ImageOptions:
     entrypoint: list[str] | None = None
     workdir: str | None = None
     user: str | None = None
+    exposed_ports: dict[str, dict] | None = None
+    volumes: dict[str, dict] | None = None
+    stop_signal: str | None = None
+    # The platform of a source image (--from); None: from the package database.
+    architecture: str | None = None
+    os: str | None = None
+    variant: str | None = None
 
 
 @dataclass
@@ -83,6 +93,8 @@ class BuildResult:
     oci_ref: str | None = None
     history_path: str | None = None
     rejected_inputs: list[str] = field(default_factory=list)
+    # layer blobs the OCI layout lacks because they are reused from the destination registry
+    external_blobs: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -153,6 +165,24 @@ def plan_rootfs(
     return ownership, components, plan
 
 
+def _with_history_label(labels: dict[str, str], history: History) -> dict[str, str]:
+    """The labels plus the plan (HISTORY_LABEL), which overrides one carried over from a
+    source image. Left out, with a warning, if it would make the config unreasonably big."""
+    value = history_label(history)
+    out = {k: v for k, v in labels.items() if k != HISTORY_LABEL}
+    if len(value) > MAX_HISTORY_LABEL:
+        log.warning("plan label would be %d bytes; leaving it out of the config", len(value))
+        return out
+    out[HISTORY_LABEL] = value
+    return out
+
+
+def history_label(history: History) -> str:
+    """The history.json of the build as one compact line (same fields, no whitespace)."""
+    obj = json.loads(dumps_history(history))
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _rfc3339(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -168,6 +198,8 @@ def build(
     replan: bool = False,
     layer_cache: LayerCache | None = None,
     prebuild: bool = False,
+    remote_blobs: Collection[str] = (),
+    prior_sources: Sequence[BlobDir] = (),
 ) -> BuildResult:
     """Layer `rootfs_path` into an OCI layout (`oci_ref`) and/or a /layers directory.
 
@@ -180,7 +212,12 @@ def build(
     it. `prebuild` (implied by a cache and no output at all): every layer not yet in the
     cache is written into it, and no image or history is produced; outputs named are
     only read, for the prior plan and reusable blobs, so the later real build plans the
-    same layers."""
+    same layers.
+
+    `prior_sources` are extra blob directories holding prior layers. `remote_blobs` are
+    layer digests known to be in the registry the image will be pushed to: a prior layer
+    with such a digest is reused on an exact content-key match without a local blob, and
+    the OCI layout written then lacks it (push it with skopeo to that registry)."""
     prebuild = layer_cache is not None and (prebuild or not (oci_ref or layers_dir))
     if not oci_ref and not layers_dir and layer_cache is None:
         raise PkglayerError("nothing to do: give --output oci:DIR[:TAG] and/or --layers DIR")
@@ -190,7 +227,8 @@ def build(
 
     # Read everything that can be wrong before writing anything.
     prior: list[LayerRecord] = []
-    inputs: list[BlobDir] = []
+    inputs: list[BlobDir] = list(prior_sources)
+    remote = frozenset(remote_blobs)
     # The plan to keep stable: the first of --prior, the /layers history, the earlier image.
     plan_source: History | None = prior_history
     if prior_history is not None:
@@ -250,7 +288,8 @@ def build(
 
         write_started = time.time()
         outcomes, rejected = _reuse_or_write(
-            rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress, layer_cache
+            rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress, layer_cache,
+            remote,
         )
         for obj in ownership.objects.values():
             if obj.content_hash:
@@ -265,33 +304,46 @@ def build(
     if prebuild:
         result.seconds = time.monotonic() - started
         return result
+    opts = image or ImageOptions()
+    if opts.architecture:
+        arch, variant, result.architecture = opts.architecture, opts.variant, opts.architecture
+    history = History(
+        layers=tuple(records),
+        architecture=arch,
+        os=opts.os or "linux",
+        generator=f"pkglayer {__version__}",
+        tar_format=TAR_FORMAT,
+        components=observe(components, observed),
+    )
     if oci_dir:
-        opts = image or ImageOptions()
         env = opts.env or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
         config = ImageConfig(
             architecture=arch,
-            os="linux",
+            os=history.os,
             variant=variant,
             env=env,
             cmd=opts.cmd,
             entrypoint=opts.entrypoint,
-            labels=opts.labels,
+            labels=_with_history_label(opts.labels, history),
             workdir=opts.workdir,
             user=opts.user,
+            exposed_ports=opts.exposed_ports,
+            volumes=opts.volumes,
+            stop_signal=opts.stop_signal,
             created=created,
         )
         fresh = {o.record.digest for o in outcomes if not o.reused or o.cached}
-        result.image = write_image(oci_dir, oci_tag, records, config, [output, *inputs], fresh=fresh)
+        external = {
+            o.record.digest
+            for o in outcomes
+            if o.reused and o.record.digest in remote and not any(d.has(o.record.digest) for d in (output, *inputs))
+        }
+        result.image = write_image(
+            oci_dir, oci_tag, records, config, [output, *inputs], fresh=fresh, external=external
+        )
+        result.external_blobs = sorted(external)
         result.oci_ref = f"oci:{oci_dir}:{oci_tag}"
     if layers_dir:
-        history = History(
-            layers=tuple(records),
-            architecture=arch,
-            os="linux",
-            generator=f"pkglayer {__version__}",
-            tar_format=TAR_FORMAT,
-            components=observe(components, observed),
-        )
         result.history_path = os.path.join(layers_dir, "history.json")
         save_history(result.history_path, history)
     result.seconds = time.monotonic() - started
@@ -310,6 +362,7 @@ def _reuse_or_write(
     settings: BuildSettings,
     progress: Progress | None,
     layer_cache: LayerCache | None = None,
+    remote: Collection[str] = frozenset(),
 ) -> tuple[list[LayerOutcome], list[str]]:
     spec = settings.compression_spec
     media_type = MEDIA_TYPES[settings.compression]
@@ -353,6 +406,8 @@ def _reuse_or_write(
         exact = by_key.get(key)
         if exact is not None:
             if source_of(exact) is not None:
+                return exact, None
+            if exact.digest in remote:  # in the destination registry: reused by digest
                 return exact, None
             return None, (
                 f"input blob {exact.digest} for layer {layer.name} is missing or does not "

@@ -237,6 +237,8 @@ def _load_prior(spec: str | None):
 
 def cmd_build(args: argparse.Namespace) -> int:
     from .build import ImageOptions, build
+    from .imageio import prepared, publish, with_source_settings
+    from .registry import is_docker_ref
 
     settings = _settings_from_args(args)
     image = ImageOptions(
@@ -250,17 +252,28 @@ def cmd_build(args: argparse.Namespace) -> int:
     for e in image.env:
         _key_value(e, "--env")
     reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
+    opts = _registry_options(args)
+    limits = _limits(args)
+    image_prior = args.prior is not None and (args.prior.startswith("oci:") or is_docker_ref(args.prior))
     try:
-        result = build(
-            args.rootfs,
-            settings,
-            oci_ref=args.output,
-            layers_dir=args.layers,
-            image=image,
-            progress=reporter,
-            prior_history=_load_prior(args.prior),
-            replan=args.replan,
-        )
+        with prepared(
+            rootfs=args.rootfs, source_ref=args.source, outputs=args.output,
+            prior=args.prior if image_prior else None, image=image, opts=opts, limits=limits,
+            tmpdir=args.tmpdir, progress=reporter,
+        ) as prep:
+            result = build(
+                prep.rootfs,
+                with_source_settings(settings, args.source is not None),
+                oci_ref=prep.oci_ref,
+                layers_dir=args.layers,
+                image=prep.image,
+                progress=reporter,
+                prior_history=prep.prior_history if image_prior else _load_prior(args.prior),
+                replan=args.replan,
+                remote_blobs=prep.remote_blobs,
+                prior_sources=prep.prior_sources,
+            )
+            pushed = publish(prep, opts, limits)
     finally:
         reporter.close()
     layers = [
@@ -285,6 +298,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             "image": result.oci_ref,
             "manifestDigest": result.image.manifest_digest if result.image else None,
             "history": result.history_path,
+            "source": prep.source.as_json() if prep.source else None,
+            "push": pushed.as_json() if pushed else None,
             "warnings": result.rejected_inputs,
             "seconds": round(result.seconds, 3),
         }
@@ -300,8 +315,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"{len(layers)} layers ({result.written} written, {result.reused} reused), "
         f"{_human(total)} compressed, {result.seconds:.1f} s"
     )
-    if result.image:
+    if prep.source:
+        print(f"from {prep.source.ref} ({prep.source.layers} layers, {prep.source.entries} entries)")
+    staged = prep.push_to is not None and len(args.output) == 1  # a temporary layout: not worth naming
+    if result.image and not staged:
         print(f"image {result.oci_ref} manifest {result.image.manifest_digest}")
+    if pushed:
+        _print_push(pushed)
     if result.history_path:
         print(f"history {result.history_path}")
     return 0
@@ -313,8 +333,10 @@ def _plan_options(group) -> None:
     )
     group.add_argument(
         "--prior",
-        metavar="HISTORY",
-        help="earlier build whose layer plan to keep stable: a history.json or /layers directory "
+        metavar="SOURCE",
+        help="earlier build whose layer plan to keep stable: a history.json, a /layers directory, or "
+        "an image built by pkglayer (docker://REF, oci:DIR:TAG) whose config carries the plan; with "
+        "--output docker:// to the same repository its unchanged layers are neither written nor uploaded "
         "(default: the --layers history, else the earlier image of the --output tag)",
     )
     group.add_argument(
@@ -443,8 +465,79 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     return run_ctl(args)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("rootfs", help="root filesystem directory to read (never modified)")
+def _registry_options(args: argparse.Namespace):
+    from .registry import RegistryOptions
+
+    return RegistryOptions(authfile=args.authfile, tls_verify=args.tls_verify)
+
+
+def _limits(args: argparse.Namespace):
+    from .imagesource import Limits
+
+    return Limits(image_bytes=args.max_image_size) if args.max_image_size else Limits()
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgtBb"), text[len(text.rstrip("KMGTkmgtBb")):].upper().rstrip("B")
+    try:
+        value = int(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 64G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _registry_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registry (skopeo and the containers auth configuration)")
+    g.add_argument("--authfile", metavar="FILE", help="auth.json with registry credentials "
+                   "(default: $REGISTRY_AUTH_FILE or the containers default, as skopeo)")
+    g.add_argument("--tls-verify", type=_bool, metavar="BOOL",
+                   help="require HTTPS and verify certificates (default true; false also allows plain HTTP)")
+
+
+def _print_push(report) -> None:
+    if report.uploaded_blobs is None:
+        print(f"pushed {report.destination} manifest {report.manifest_digest} "
+              "(could not ask the registry which blobs it already had)")
+        return
+    print(f"pushed {report.destination} manifest {report.manifest_digest}: "
+          f"{report.uploaded_blobs} blobs uploaded ({_human(report.uploaded_bytes)}), "
+          f"{report.skipped_blobs} already there ({_human(report.skipped_bytes)})")
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .imageio import push_layout
+    from .imagesource import parse_layout_ref
+    from .registry import is_docker_ref
+
+    if not is_docker_ref(args.destination):
+        raise PkglayerError(f"destination {args.destination!r} is not docker://REF")
+    layout, tag = parse_layout_ref(args.source)
+    report = push_layout(layout, tag, args.destination, _registry_options(args), _limits(args))
+    if args.json:
+        json.dump(report.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_push(report)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, rootfs_optional: bool = False) -> None:
+    if rootfs_optional:
+        p.add_argument("rootfs", nargs="?", help="root filesystem directory to read (never modified); "
+                       "or give --from IMAGE")
+    else:
+        p.add_argument("rootfs", help="root filesystem directory to read (never modified)")
     p.add_argument(
         "--config", metavar="FILE", help="TOML settings (default: /etc/pkglayer/pkglayer.toml if present)"
     )
@@ -493,10 +586,19 @@ def make_parser() -> argparse.ArgumentParser:
         epilog=_BUILD_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(b)
+    _common(b, rootfs_optional=True)
+    b.add_argument("--from", dest="source", metavar="IMAGE",
+                   help="rechunk an image instead of a directory: oci:DIR[:TAG] or docker://REF; its "
+                   "configuration is kept unless overridden")
+    b.add_argument("--tmpdir", metavar="DIR", help=f"where to unpack --from images and stage registry "
+                   f"output (default $TMPDIR or {'/var/tmp'}); removed afterwards")
+    b.add_argument("--max-image-size", type=_size, metavar="SIZE",
+                   help="refuse source images larger than this uncompressed (default 64G)")
     out = b.add_argument_group("output (at least one)")
     out.add_argument(
-        "--output", "-o", metavar="oci:DIR[:TAG]", help="write an OCI image layout (tag defaults to latest)"
+        "--output", "-o", action="append", metavar="oci:DIR[:TAG]|docker://REF",
+        help="write an OCI image layout (tag defaults to latest) and/or push to a registry; "
+        "at most one of each",
     )
     out.add_argument(
         "--layers",
@@ -521,7 +623,22 @@ def make_parser() -> argparse.ArgumentParser:
     img.add_argument("--entrypoint", metavar="CMD", help="entrypoint, same forms as --cmd")
     img.add_argument("--workdir", metavar="DIR", help="working directory")
     img.add_argument("--user", metavar="USER", help="user[:group] to run as")
+    _registry_flags(b)
     b.set_defaults(func=cmd_build)
+
+    p = sub.add_parser(
+        "push",
+        help="push an OCI layout to a registry, reporting what was uploaded",
+        description="Copy oci:DIR[:TAG] to docker://REF with skopeo (digests preserved); blobs the "
+        "registry already has are not uploaded.",
+    )
+    p.add_argument("source", metavar="oci:DIR[:TAG]")
+    p.add_argument("destination", metavar="docker://REF")
+    p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is happening")
+    p.add_argument("--max-image-size", type=_size, metavar="SIZE", help=argparse.SUPPRESS)
+    _registry_flags(p)
+    p.set_defaults(func=cmd_push)
 
     s = sub.add_parser(
         "scan",

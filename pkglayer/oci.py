@@ -33,6 +33,9 @@ COMPRESSION = "org.pkglayer.compression"
 # when a build writes over its own earlier image
 LAYER_PACKAGES = "org.pkglayer.layer.packages"
 LAYER_COMPONENTS = "org.pkglayer.layer.components"
+# The build's plan (its history.json, compact) as a config label: layer annotations are
+# dropped by some tools (Docker v2s2, buildah), the config travels with every copy.
+HISTORY_LABEL = "org.pkglayer.history"
 OCI_LAYOUT = {"imageLayoutVersion": "1.0.0"}
 MAX_INDEX_BYTES = 64 << 20
 
@@ -61,6 +64,9 @@ class ImageConfig:
     labels: dict[str, str] = field(default_factory=dict)
     workdir: str | None = None
     user: str | None = None
+    exposed_ports: dict[str, dict] | None = None
+    volumes: dict[str, dict] | None = None
+    stop_signal: str | None = None
     created: str | None = None  # RFC 3339, e.g. "1970-01-01T00:00:00Z"; None → omitted
 
 
@@ -110,16 +116,20 @@ def write_image(
     config: ImageConfig,
     blob_sources: Sequence[BlobDir],
     fresh: Collection[str] = (),
+    external: Collection[str] = (),
 ) -> ImageResult:
     """Write an image tagged `tag` into the OCI layout `layout_dir` (created if missing).
 
     `fresh` names blobs this process has just written and hashed itself: when already in
-    the layout they are not read back to be verified again."""
+    the layout they are not read back to be verified again. `external` names layer blobs
+    that live only in the registry the image is pushed to: the layout does not get them."""
     layout_dir = os.fspath(layout_dir)
     if not REF_RE.fullmatch(tag):
         raise PkglayerError(f"tag {tag!r} is not a valid OCI ref name")
     dest = BlobDir(layout_dir, create=True)
     for layer in layers:
+        if layer.digest in external and not dest.has(layer.digest):
+            continue
         if not (layer.digest in fresh and dest.has(layer.digest)):
             _import_layer(dest, layer, blob_sources)
 
@@ -249,6 +259,9 @@ def _config_json(layers: Sequence[LayerRecord], config: ImageConfig) -> dict[str
         ("Entrypoint", config.entrypoint),
         ("WorkingDir", config.workdir),
         ("User", config.user),
+        ("ExposedPorts", config.exposed_ports),
+        ("Volumes", config.volumes),
+        ("StopSignal", config.stop_signal),
     ):
         if value is not None:
             runtime[key] = value

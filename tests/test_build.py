@@ -549,6 +549,9 @@ def test_image_config_options(deb_rootfs: Path, tmp_path: Path) -> None:
     assert config["architecture"] == "amd64" and config["os"] == "linux"
     assert config["created"] == "2023-11-14T22:13:20Z"
     c = config["config"]
+    # The build's plan travels in the config as a label (see tests/test_imagesource.py).
+    plan = json.loads(c["Labels"].pop("org.pkglayer.history"))
+    assert [layer["digest"] for layer in plan["layers"]] == [layer["digest"] for layer in result["layers"]]
     assert c["Labels"] == {"org.opencontainers.image.title": "demo", "empty": ""}
     assert c["Env"] == ["LANG=C.UTF-8", "PATH=/usr/bin:/bin"]
     assert c["Cmd"] == ["/bin/sh", "-c", "echo hi"]
