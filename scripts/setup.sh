@@ -26,10 +26,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   pigz, zstd: benchmark baselines | getcap/setcap: libcap2-bin | getfattr/setfattr: attr
 #   fakeroot               | newuidmap: uidmap (podman/buildah) | ca-certificates: https
 #   db5.3_load: db5.3-util (test of an old Berkeley DB rpm database)
+#   systemd-analyze: systemd (the daemon's unit file is verified by a test)
 packages=(
     python3-rpm rpm alien debootstrap
     umoci skopeo podman buildah runc oci-image-tool docker-registry
-    pigz zstd tar libcap2-bin attr fakeroot uidmap ca-certificates db5.3-util
+    pigz zstd tar libcap2-bin attr fakeroot uidmap ca-certificates db5.3-util systemd
 )
 
 [[ $(id -u) -eq 0 ]] || die "run as root (apt-get, debootstrap, chroot and podman need it)"

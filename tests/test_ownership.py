@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 from pkglayer.config import BuildSettings
@@ -36,11 +37,11 @@ def test_bytecode_goes_with_the_package_of_its_source(deb_rootfs: Path, tmp_path
     subprocess.run(["dpkg", f"--root={root}", "-i", deb], check=True, capture_output=True)
     mod = root / "usr/lib/python3/dist-packages/pkglayer_demo"
     # what py3compile does in a postinst: bytecode next to the sources, owned by nobody
-    subprocess.run(["python3", "-m", "compileall", "-q", mod], check=True)
-    subprocess.run(["python3", "-O", "-m", "compileall", "-q", mod], check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", mod], check=True)
+    subprocess.run([sys.executable, "-O", "-m", "compileall", "-q", mod], check=True)
     # bytecode of a file no package owns stays unowned
     (root / "srv/local.py").write_text("X = 1\n")
-    subprocess.run(["python3", "-m", "compileall", "-q", root / "srv"], check=True)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", root / "srv"], check=True)
 
     with Rootfs(str(root)) as rootfs:
         settings = BuildSettings()
