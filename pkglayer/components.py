@@ -116,7 +116,13 @@ def observe(
     components: list[Component], prior: Mapping[str, ComponentRecord]
 ) -> dict[str, ComponentRecord]:
     """The planner state to record for this build: one more observation per component
-    seen before, a change when its package set (names and versions) differs."""
+    seen before, a change when its package set (names and versions) differs.
+
+    A build in which no package changed is no observation: it teaches nothing, and
+    keeping the state as it was keeps the rebuilt image (its plan label) identical."""
+    current = {c.name: c.packages for c in components if not c.special}
+    if current.keys() == prior.keys() and all(prior[n].packages == keys for n, keys in current.items()):
+        return dict(prior)
     out = {}
     for comp in components:
         if comp.special:

@@ -272,3 +272,17 @@ def test_permutations_of_a_small_input_agree() -> None:
     comps = [comp("a", 5, 0.1), comp("b", 5, 0.1), comp("c", 5, 0.1), comp("d", 5, 0.1)]
     plans = {tuple(layer.components for layer in plan_layers(list(p), 2).layers) for p in itertools.permutations(comps)}
     assert len(plans) == 1
+
+
+def test_observations_count_builds_that_changed_something() -> None:
+    from pkglayer.components import observe
+
+    a, b = comp("a", 1, 0.1), comp("b", 1, 0.1)
+    first = observe([a, b], {})
+    assert first == {n: ComponentRecord(packages=c.packages, builds=0, changes=0) for n, c in (("a", a), ("b", b))}
+    # an unchanged rebuild leaves the state (and so the image's plan label) as it was
+    assert observe([a, b], first) == first
+    b2 = Component("b", ("b-2.0-1-amd64",), 1, b.rate)
+    second = observe([a, b2], first)
+    assert second["a"] == ComponentRecord(packages=a.packages, builds=1, changes=0)
+    assert second["b"] == ComponentRecord(packages=("b-2.0-1-amd64",), builds=1, changes=1)
