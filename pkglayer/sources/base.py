@@ -34,6 +34,9 @@ class FileRecord:
 
 # Enough for several years of a busy package; older entries do not affect a weekly rate.
 MAX_CHANGELOG_ENTRIES = 200
+# Readers may skip entries older than this before the package's newest one: the planner
+# looks one year back from the newest entry in the tree, the update benchmark two.
+CHANGELOG_SPAN = 2 * 366 * 24 * 3600
 
 
 @dataclass(frozen=True)
