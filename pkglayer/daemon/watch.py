@@ -30,7 +30,21 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from watchdog.events import FileClosedNoWriteEvent, FileOpenedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from ..errors import PkglayerError
@@ -45,6 +59,12 @@ log = logging.getLogger(__name__)
 DB_CANDIDATES = (ADMINDIR, *RPM_LOCATIONS)
 # Reading a file is no change (our own scans read the database).
 _IGNORED_EVENTS = (FileOpenedEvent, FileClosedNoWriteEvent)
+# Only changes are subscribed to: inotify then never reports the opens and reads of
+# every database file that each scan (the daemon's own included) makes.
+_WATCHED_EVENTS = [
+    FileCreatedEvent, FileModifiedEvent, FileDeletedEvent, FileMovedEvent, FileClosedEvent,
+    DirCreatedEvent, DirModifiedEvent, DirDeletedEvent, DirMovedEvent,
+]
 # Lock files package managers hold (fcntl) for a whole transaction, relative to the root.
 _DPKG_LOCKS = (f"{ADMINDIR}/lock-frontend", f"{ADMINDIR}/lock")
 _RPM_LOCK = ".rpm.lock"
@@ -208,7 +228,9 @@ class Watcher:
                 continue
             self._unschedule(directory)
             try:
-                watch = self.observer.schedule(_Handler(self, directory), directory, recursive=False)
+                watch = self.observer.schedule(
+                    _Handler(self, directory), directory, recursive=False, event_filter=_WATCHED_EVENTS
+                )
             except OSError as e:
                 log.warning("cannot watch %s: %s", directory, e.strerror or e)
                 continue
