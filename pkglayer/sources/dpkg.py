@@ -34,7 +34,7 @@ DOC = "usr/share/doc"
 # The newest entries are at the top; a few MB covers far more than the planner reads.
 _MAX_CHANGELOG_GZ = 8 << 20
 _MAX_CHANGELOG_TEXT = 4 << 20
-_FIRST_CHANGELOG_TEXT = 64 << 10
+_FIRST_CHANGELOG_TEXT = 16 << 10
 
 # States whose files are not on disk (config-files: only conffiles are left, and dpkg
 # no longer lists them in a .list; not-installed: a leftover selection).
