@@ -20,10 +20,11 @@ from .sources import source_formats
 log = logging.getLogger("pkglayer")
 
 _DESCRIPTION = """\
-Turn a distribution root filesystem (rpm or dpkg) into an OCI image whose layers follow
-its packages: one byte-deterministic layer per package, plus top layers for modified
-files, files owned by no package, and the package database. Unchanged layers from a
-previous build are reused instead of written again.
+Turn a distribution root filesystem (rpm or dpkg), or an existing image, into an OCI
+image whose layers follow its packages: byte-deterministic layers of packages grouped by
+source and, within the layer budget, by how often they change, plus top layers for
+modified files, files owned by no package, and the package database. Layers keep their
+packages from one build to the next, and unchanged ones are reused, not written again.
 """
 
 _PLAN_EPILOG = """\
