@@ -24,7 +24,7 @@ from .digests import CONTENT_HASH
 from .errors import PkglayerError
 from .hashcache import HashCache
 from .history import ComponentRecord, History, LayerRecord, dumps_history, load_history, save_history
-from .oci import HISTORY_LABEL, ImageConfig, ImageResult, parse_oci_ref, prior_layers, write_image
+from .oci import HISTORY_LABEL, ImageConfig, ImageResult, parse_oci_ref, prior_image, write_image
 from .ownership import Ownership, Progress, scan
 from .plan import Plan, PlannedLayer, plan_layers, prior_groups
 from .pristine import is_pristine_layer
@@ -245,9 +245,10 @@ def build(
                 inputs.append(BlobDir(os.path.join(layers_dir, sub)))
 
     earlier: list[LayerRecord] = []
+    earlier_observed: dict[str, ComponentRecord] = {}
     if oci_dir and os.path.isdir(oci_dir):
         # Writing over an earlier build of this tag: its blobs are candidates too.
-        earlier = prior_layers(oci_dir, oci_tag)
+        earlier, earlier_observed = prior_image(oci_dir, oci_tag)
         if earlier:
             inputs.append(BlobDir(oci_dir))
             prior.extend(earlier)
@@ -262,7 +263,7 @@ def build(
         )
         log.info("digest cache: %d files unchanged since they were last hashed", cache.hits)
         arch, variant = oci_platform(ownership.architecture, rootfs)
-        observed = plan_source.components if plan_source else {}
+        observed = plan_source.components if plan_source else earlier_observed
         components, the_plan = _plan(ownership, settings, plan_records, observed, replan)
         plan = the_plan.layers
         log.info(

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .blobstore import BlobDir, write_file_atomic
-from .errors import PkglayerError
-from .history import MEDIA_TYPES, NAME_RE, LayerRecord
+from .errors import HistoryError, PkglayerError
+from .history import MEDIA_TYPES, NAME_RE, ComponentRecord, LayerRecord, parse_history
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -171,9 +171,17 @@ def prior_layers(layout_dir: str | os.PathLike[str], tag: str) -> list[LayerReco
     """Layers of the image tagged `tag` in an existing layout, as a previous pkglayer
     build annotated them; [] when there is none. Used to reuse blobs when a build
     writes over its own earlier output. Blobs are verified before any reuse."""
+    return prior_image(layout_dir, tag)[0]
+
+
+def prior_image(
+    layout_dir: str | os.PathLike[str], tag: str
+) -> tuple[list[LayerRecord], dict[str, ComponentRecord]]:
+    """prior_layers, plus the planner's observations from the image's plan label
+    (empty when the label is missing, damaged, or describes other layers)."""
     layout_dir = os.fspath(layout_dir)
     if not os.path.exists(os.path.join(layout_dir, "index.json")):
-        return []
+        return [], {}
     index = _read_index(os.path.join(layout_dir, "index.json"))
     blobs = BlobDir(layout_dir)
     entry = next(
@@ -185,16 +193,17 @@ def prior_layers(layout_dir: str | os.PathLike[str], tag: str) -> list[LayerReco
     )
     try:
         if entry is None or not blobs.verify(entry["digest"]):
-            return []
+            return [], {}
         manifest = json.loads(_read_blob(blobs, entry["digest"]))
         if not blobs.verify(manifest["config"]["digest"]):
-            return []
-        diff_ids = json.loads(_read_blob(blobs, manifest["config"]["digest"]))["rootfs"]["diff_ids"]
+            return [], {}
+        config = json.loads(_read_blob(blobs, manifest["config"]["digest"]))
+        diff_ids = config["rootfs"]["diff_ids"]
         records = []
         for desc, diff_id in zip(manifest["layers"], diff_ids, strict=True):
             notes = desc.get("annotations") or {}
             if CONTENT_KEY not in notes:
-                return []  # not written by pkglayer
+                return [], {}  # not written by pkglayer
             records.append(
                 LayerRecord(
                     name=notes[LAYER_NAME],
@@ -208,9 +217,22 @@ def prior_layers(layout_dir: str | os.PathLike[str], tag: str) -> list[LayerReco
                     compression=notes.get(COMPRESSION, ""),
                 )
             )
-        return records
     except (KeyError, TypeError, ValueError, PkglayerError):
-        return []  # anything unexpected: build without reuse rather than trust it
+        return [], {}  # anything unexpected: build without reuse rather than trust it
+    return records, _observations(config, records)
+
+
+def _observations(config: dict, records: list[LayerRecord]) -> dict[str, ComponentRecord]:
+    label = ((config.get("config") or {}).get("Labels") or {}).get(HISTORY_LABEL)
+    if not isinstance(label, str):
+        return {}
+    try:
+        history = parse_history(label.encode("utf-8"), f"label {HISTORY_LABEL}")
+    except HistoryError:
+        return {}
+    if [r.digest for r in history.layers] != [r.digest for r in records]:
+        return {}
+    return history.components
 
 
 def _names(text: str) -> tuple[str, ...]:

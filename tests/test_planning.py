@@ -214,3 +214,19 @@ def test_diff_of_something_that_is_not_a_build_is_a_clear_error(tmp_path: Path) 
     assert r.returncode == 1 and "no such history.json" in r.stderr
     r = run_cli("diff", f"oci:{tmp_path}/none:t", str(tmp_path), check=False)
     assert r.returncode == 1 and "no image written by pkglayer" in r.stderr
+
+
+def test_observations_carry_over_through_the_image_label(deb_upgrade_pair, tmp_path: Path) -> None:
+    """Building over the earlier image of the same tag (no history.json anywhere): the
+    planner's observations come back from the image's plan label."""
+    layout = tmp_path / "img"
+    build_json(deb_upgrade_pair.old, "--output", f"oci:{layout}:t")
+    build_json(deb_upgrade_pair.new, "--output", f"oci:{layout}:t")
+    index = json.loads((layout / "index.json").read_text())
+    (entry,) = [m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "t"]
+    manifest = json.loads((layout / "blobs/sha256" / entry["digest"][7:]).read_text())
+    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text())
+    stats = json.loads(config["config"]["Labels"]["org.pkglayer.history"])["components"]
+    assert stats and all(s["builds"] == 1 for s in stats.values())
+    changed = {n for n, s in stats.items() if s["changes"]}
+    assert changed == {"xz-utils"} == {n for n in stats if any(k.startswith("liblzma5-") for k in stats[n]["packages"])}
