@@ -117,6 +117,26 @@ def test_install_prebuilds_the_new_layer_and_a_build_writes_only_top_layers(
     assert d.stop() == 0
 
 
+def test_the_layer_plan_survives_a_restart(
+    tmp_path: Path, deb_base: Path, extra_debs: list[Path], daemons
+) -> None:
+    """A root without outputs has no history of its own: the daemon's saved plan is what
+    keeps the first prebuild after a restart from planning afresh."""
+    root = copy_root(deb_base, tmp_path / "roots" / "deb")
+    d = start(daemons, tmp_path / "d", [root_entry("deb", root)])
+    d.wait_settled("deb", rescans=0)
+    assert d.stop() == 0
+    dpkg_install(root, *extra_debs)  # while the daemon is down
+    d.start()
+    after = d.wait_settled("deb", rescans=0)
+    assert after["lastPrebuild"]["planDecision"].startswith("kept the prior plan: 1 added"), after["lastPrebuild"]
+    written = after["lastPrebuild"]["writtenLayerPackages"]
+    new_keys = {k for keys in written.values() for k in keys if k.startswith(("iputils-ping-", "libcap2-bin-"))}
+    assert len(new_keys) == 2
+    assert all(name in TOP_LAYERS or set(keys) & new_keys for name, keys in written.items()), written
+    assert d.stop() == 0
+
+
 def test_two_roots_with_the_same_packages_build_each_layer_once(
     tmp_path: Path, deb_base: Path, extra_debs: list[Path], daemons
 ) -> None:

@@ -24,8 +24,8 @@ import aiofiles
 import aiofiles.os
 
 from .. import __version__
-from ..errors import PkglayerError
-from ..history import History
+from ..errors import HistoryError, PkglayerError
+from ..history import History, dumps_history, parse_history
 from ..rootfs import Rootfs
 from ..sources import open_source
 from ..tarwriter import TAR_FORMAT
@@ -238,6 +238,7 @@ def _outcome_json(result, elapsed: float) -> dict[str, Any]:
         "reused": result.reused,
         "writtenLayers": [o.record.name for o in result.layers if not o.reused],
         "writtenLayerPackages": {o.record.name: list(o.record.packages) for o in result.layers if not o.reused},
+        "planDecision": result.plan.decision,
         "seconds": round(elapsed, 3),
         "finished": time.time(),
     }
@@ -335,7 +336,8 @@ class Daemon:
         return os.path.join(self.config.state_dir, "roots", f"{name}.json")
 
     async def _load_record(self, state: RootState) -> None:
-        """The last build of a root survives restarts (state-dir/roots/NAME.json)."""
+        """The last build of a root and its layer plan survive restarts
+        (state-dir/roots/NAME.json)."""
         try:
             async with aiofiles.open(self._record_path(state.name), "rb") as f:
                 data = json.loads(await f.read())
@@ -346,6 +348,11 @@ class Daemon:
             return
         if isinstance(data, dict) and isinstance(data.get("lastBuild"), dict):
             state.last_build = data["lastBuild"]
+        if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+            try:
+                state.plan = parse_history(json.dumps(data["plan"]).encode(), f"{self._record_path(state.name)}: plan")
+            except HistoryError as e:
+                log.warning("root %s: ignoring the saved plan: %s", state.name, e)
 
     async def _save_record(self, state: RootState) -> None:
         path = self._record_path(state.name)
@@ -353,7 +360,8 @@ class Daemon:
         try:
             await aiofiles.os.makedirs(os.path.dirname(path), exist_ok=True)
             async with aiofiles.open(tmp, "w") as f:
-                await f.write(json.dumps({"lastBuild": state.last_build}, indent=2) + "\n")
+                plan = json.loads(dumps_history(state.plan)) if state.plan else None
+                await f.write(json.dumps({"lastBuild": state.last_build, "plan": plan}, indent=2) + "\n")
                 await f.flush()
             await aiofiles.os.replace(tmp, path)
         except OSError as e:
@@ -664,7 +672,7 @@ class Daemon:
                     }
                 )
                 state.last_build = outcome
-                await self._save_record(state)
+            await self._save_record(state)
             self._finish(job, "succeeded", result=outcome)
             log.info(
                 "root %s: %s %s: %d layers, %d written, %d from the cache, %.2f s",
