@@ -223,26 +223,45 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_prior(spec: str | None):
-    """--prior: an earlier build's plan: a history.json file or a /layers directory."""
+def _explicit_prior(spec: str | None, opts, limits):
+    """--prior SOURCE: a history.json, a /layers directory, or an image built by pkglayer."""
+    from .prior import image_prior, load_plan
+    from .registry import is_docker_ref
+
     if spec is None:
         return None
-    from .history import load_history
+    if spec.startswith("oci:") or is_docker_ref(spec):
+        return image_prior(spec, opts, limits)
+    return load_plan(spec)
 
-    path = os.path.join(spec, "history.json") if os.path.isdir(spec) else spec
-    history = load_history(path)
-    if history is None:
-        raise PkglayerError(f"--prior {spec}: no such history.json")
-    return history
+
+def _resolve_prior(args: argparse.Namespace, outputs, opts, limits):
+    from .prior import ImagePrior, remote_blobs, resolve_prior
+
+    explicit = _explicit_prior(args.prior, opts, limits)
+    remote: frozenset[str] = frozenset()
+    if isinstance(explicit, ImagePrior) and explicit.blobs is None and outputs.push_to:
+        if outputs.staged:
+            remote = remote_blobs(explicit.ref, outputs.push_to, explicit.plan, opts)
+        else:
+            log.info("--output oci:%s is written complete: unchanged layers are rewritten locally "
+                     "(same digests; the push skips them)", outputs.layout[0])
+    return resolve_prior(
+        explicit=explicit, explicit_from=f"--prior {args.prior}", layers_dir=outputs.layers_dir,
+        layout=outputs.layout, remote_blobs=remote,
+    )
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import ImageOptions, build
-    from .imageio import prepared, publish, with_source_settings
-    from .registry import is_docker_ref
+    from .build import build
+    from .fsutil import Workspace
+    from .imageconfig import merge_config
+    from .inputs import open_inputs
+    from .layout import ImageOptions
+    from .outputs import parse_outputs, write_outputs
 
     settings = _settings_from_args(args)
-    image = ImageOptions(
+    cli_options = ImageOptions(
         env=list(args.env or []),
         labels=dict(_key_value(v, "--label") for v in args.label or []),
         cmd=_command_words(args.cmd, "--cmd"),
@@ -250,81 +269,46 @@ def cmd_build(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         user=args.user,
     )
-    for e in image.env:
+    for e in cli_options.env:
         _key_value(e, "--env")
     reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
     opts = _registry_options(args)
     limits = _limits(args)
-    image_prior = args.prior is not None and (args.prior.startswith("oci:") or is_docker_ref(args.prior))
     try:
-        with prepared(
-            rootfs=args.rootfs, source_ref=args.source, outputs=args.output,
-            prior=args.prior if image_prior else None, image=image, opts=opts, limits=limits,
-            tmpdir=args.tmpdir, progress=reporter,
-        ) as prep:
-            result = build(
-                prep.rootfs,
-                with_source_settings(settings, args.source is not None),
-                oci_ref=prep.oci_ref,
-                layers_dir=args.layers,
-                image=prep.image,
-                progress=reporter,
-                prior_history=prep.prior_history if image_prior else _load_prior(args.prior),
-                replan=args.replan,
-                remote_blobs=prep.remote_blobs,
-                prior_sources=prep.prior_sources,
-            )
-            pushed = publish(prep, opts, limits)
+        with Workspace(args.tmpdir) as work:
+            outputs = parse_outputs(args.output, args.layers, work)
+            prior = _resolve_prior(args, outputs, opts, limits)  # a bad prior fails before a long unpack
+            inputs = open_inputs(args.rootfs, args.source, work, limits, reporter, opts)
+            if inputs.unpacked:  # a fresh temporary tree never hits the digest cache
+                settings = replace(settings, hash_cache="")
+            result = build(inputs.rootfs, settings, prior, outputs.new_blobs(), platform=inputs.platform,
+                           progress=reporter, replan=args.replan)
+            report = write_outputs(result, outputs, merge_config(inputs.image, cli_options), prior,
+                                   settings.source_date_epoch, opts, limits)
     finally:
         reporter.close()
-    layers = [
-        {
-            "name": o.record.name,
-            "packages": list(o.record.packages),
-            "reused": o.reused,
-            "digest": o.record.digest,
-            "diffID": o.record.diff_id,
-            "contentKey": o.record.content_key,
-            "size": o.record.size,
-            "mediaType": o.record.media_type,
-        }
-        for o in result.layers
-    ]
     if args.json:
-        out = {
-            "layers": layers,
-            "written": result.written,
-            "reused": result.reused,
-            "architecture": result.architecture,
-            "image": result.oci_ref,
-            "manifestDigest": result.image.manifest_digest if result.image else None,
-            "history": result.history_path,
-            "source": prep.source.as_json() if prep.source else None,
-            "push": pushed.as_json() if pushed else None,
-            "warnings": result.rejected_inputs,
-            "seconds": round(result.seconds, 3),
-        }
+        out = {**result.as_json(), **report.as_json(), "source": inputs.source.as_json() if inputs.source else None}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     if not args.quiet:
-        for layer in layers:
-            state = "reused " if layer["reused"] else "written"
-            print(f"{state} {layer['digest'][7:19]} {_human(layer['size']):>10}  {layer['name']}")
-    total = sum(layer["size"] for layer in layers)
+        for o in result.layers:
+            state = "reused " if o.reused else "written"
+            print(f"{state} {o.record.digest[7:19]} {_human(o.record.size):>10}  {o.record.name}")
+    total = sum(o.record.size for o in result.layers)
     print(
-        f"{len(layers)} layers ({result.written} written, {result.reused} reused), "
+        f"{len(result.layers)} layers ({result.written} written, {result.reused} reused), "
         f"{_human(total)} compressed, {result.seconds:.1f} s"
     )
-    if prep.source:
-        print(f"from {prep.source.ref} ({prep.source.layers} layers, {prep.source.entries} entries)")
-    staged = prep.push_to is not None and len(args.output) == 1  # a temporary layout: not worth naming
-    if result.image and not staged:
-        print(f"image {result.oci_ref} manifest {result.image.manifest_digest}")
-    if pushed:
-        _print_push(pushed)
-    if result.history_path:
-        print(f"history {result.history_path}")
+    if inputs.source:
+        print(f"from {inputs.source.ref} ({inputs.source.layers} layers, {inputs.source.entries} entries)")
+    if report.image and not outputs.staged:
+        print(f"image {report.image_ref} manifest {report.image.manifest_digest}")
+    if report.push:
+        _print_push(report.push)
+    if report.history_path:
+        print(f"history {report.history_path}")
     return 0
 
 
@@ -347,13 +331,14 @@ def _plan_options(group) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .build import plan_rootfs
+    from .prior import resolve_prior
 
     settings = _settings_from_args(args)
     reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
+    explicit = _explicit_prior(args.prior, _registry_options(args), _limits(args))
+    prior = resolve_prior(explicit=explicit, explicit_from=f"--prior {args.prior}")
     try:
-        _, components, plan = plan_rootfs(
-            args.rootfs, settings, prior_history=_load_prior(args.prior), replan=args.replan, progress=reporter
-        )
+        _, components, plan = plan_rootfs(args.rootfs, settings, prior, replan=args.replan, progress=reporter)
     finally:
         reporter.close()
     rates = {c.name: c.rate for c in components}
@@ -469,25 +454,23 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 def _registry_options(args: argparse.Namespace):
     from .registry import RegistryOptions
 
-    return RegistryOptions(authfile=args.authfile, tls_verify=args.tls_verify)
+    return RegistryOptions(authfile=getattr(args, "authfile", None), tls_verify=getattr(args, "tls_verify", None))
 
 
 def _limits(args: argparse.Namespace):
-    from .imagesource import Limits
+    from .layout import Limits
 
-    return Limits(image_bytes=args.max_image_size) if args.max_image_size else Limits()
+    size = getattr(args, "max_image_size", None)
+    return Limits(image_bytes=size) if size else Limits()
 
 
 def _size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    number, unit = text.rstrip("KMGTkmgtBb"), text[len(text.rstrip("KMGTkmgtBb")):].upper().rstrip("B")
+    from .config import parse_size
+
     try:
-        value = int(number) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 64G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
+        return parse_size(text, "size")
+    except PkglayerError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
 
 
 def _bool(text: str) -> bool:
@@ -517,8 +500,8 @@ def _print_push(report) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .imageio import push_layout
-    from .imagesource import parse_layout_ref
+    from .layout import parse_layout_ref
+    from .outputs import push_layout
     from .registry import is_docker_ref
 
     if not is_docker_ref(args.destination):
@@ -594,7 +577,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--tmpdir", metavar="DIR", help=f"where to unpack --from images and stage registry "
                    f"output (default $TMPDIR or {'/var/tmp'}); removed afterwards")
     b.add_argument("--max-image-size", type=_size, metavar="SIZE",
-                   help="refuse source images larger than this uncompressed (default 64G)")
+                   help="refuse source images larger than this uncompressed (default 64Gi; "
+                   "k/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024)")
     out = b.add_argument_group("output (at least one)")
     out.add_argument(
         "--output", "-o", action="append", metavar="oci:DIR[:TAG]|docker://REF",

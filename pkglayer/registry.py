@@ -30,19 +30,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import PkglayerError
-from .imagesource import (
+from .layout import (
     DEFAULT_LIMITS,
-    DOCKER_LIST,
-    OCI_INDEX,
     Descriptor,
+    Image,
     ImageError,
     Limits,
-    SourceImage,
     check_bytes,
     image_from_manifest,
     parse_json,
     pick_from_index,
 )
+from .mediatypes import INDEX_TYPES
 
 DOCKER_PREFIX = "docker://"
 _HEAD_TIMEOUT = 30
@@ -170,7 +169,7 @@ def pull(ref: str, layout: str, tag: str, opts: RegistryOptions) -> None:
     _skopeo(["copy", "--quiet", *opts.skopeo_args("src"), ref, f"oci:{layout}:{tag}"], f"pulling {ref}")
 
 
-def fetch_image(ref: str, opts: RegistryOptions, limits: Limits = DEFAULT_LIMITS) -> tuple[DockerRef, SourceImage]:
+def fetch_image(ref: str, opts: RegistryOptions, limits: Limits = DEFAULT_LIMITS) -> tuple[DockerRef, Image]:
     """The manifest and config of a remote image (no layers), checked against their digests.
 
     Returns the reference pinned to the manifest's digest, and the image (whose `layout`
@@ -182,7 +181,7 @@ def fetch_image(ref: str, opts: RegistryOptions, limits: Limits = DEFAULT_LIMITS
     if dref.digest and digest != dref.digest:
         raise ImageError(f"{ref}: the registry sent a manifest with digest {digest}")
     obj = parse_json(raw, f"{ref}: manifest")
-    if obj.get("mediaType") in (OCI_INDEX, DOCKER_LIST):
+    if obj.get("mediaType") in INDEX_TYPES:
         desc = pick_from_index(obj, f"{ref}: index")
         pinned = dref.with_digest(desc.digest)
         raw = _skopeo(["inspect", "--raw", *opts.skopeo_args(""), pinned.transport], f"reading {ref}",
@@ -377,7 +376,7 @@ class PushReport:
         }
 
 
-def push(layout: str, tag: str, image: SourceImage, ref: str, opts: RegistryOptions,
+def push(layout: str, tag: str, image: Image, ref: str, opts: RegistryOptions,
          local: Iterable[str] | None = None) -> PushReport:
     """Copy oci:LAYOUT:TAG to docker://REF with skopeo, reporting what had to be uploaded.
 

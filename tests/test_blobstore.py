@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from pkglayer.blobstore import TMP_DIR, BlobDir, is_digest
-from pkglayer.errors import HistoryError, PkglayerError
+from pkglayer.blobstore import TMP_DIR, BlobDir
+from pkglayer.digests import is_digest
+from pkglayer.errors import DigestError, PkglayerError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +52,7 @@ def test_add_bytes_roundtrip(tmp_path) -> None:
 def test_path_rejects_bad_digests(tmp_path) -> None:
     bd = BlobDir(tmp_path, create=True)
     for bad in ["sha256:../../etc/passwd", "sha256:" + "0" * 63, "md5:abc", ""]:
-        with pytest.raises(HistoryError):
+        with pytest.raises(DigestError):
             bd.path(bad)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pkglayer.config import BuildSettings
-from pkglayer.ownership import scan
+from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
 from pkglayer.tarwriter import Member, layer_members
@@ -22,7 +22,9 @@ def reference(m: Member) -> bytes:
 def test_headers_match_tarfile_on_a_real_tree(deb_rootfs: Path) -> None:
     settings = BuildSettings()
     with Rootfs(deb_rootfs) as rootfs:
-        own = scan(rootfs, open_source(rootfs), settings.all_excludes, settings.drop_xattrs, hash_content=False)
+        own = scan_ownership(
+            rootfs, open_source(rootfs), settings.all_excludes, settings.drop_xattrs, hash_content=False
+        )
         members = layer_members(own.objects.values(), own.objects, 0)
     kinds = {m.type for m in members}
     assert {tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE} <= kinds
