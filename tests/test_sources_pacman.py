@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pkglayer.arch import oci_platform
 from pkglayer.errors import DatabaseError
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
@@ -152,7 +153,7 @@ def test_scan_cli_reports_pacman_packages(pacman_rootfs: Path) -> None:
     assert out["modified"] == [] and out["shared"] == {}
     assert all(p["missing"] == 0 and p["files"] > 0 for p in out["packages"])
     # the database is the local/ directory; the sync db and the package cache are not part of it
-    assert "var/lib/pacman/sync/pkglayer.db" in out["unowned"]
+    assert "var/lib/pacman/sync/pkglayer.db" in out["unowned"] + out["excluded"]
     local = pacman_rootfs / LOCAL
     assert out["homes"]["pkgdb"]["files"] == 1 + len(list(local.rglob("*")))
 
@@ -289,3 +290,12 @@ def test_architecture_without_pacman_conf(pacman_root: Path) -> None:
     assert PacmanSource(Rootfs(pacman_root)).architecture() == "x86_64"
     (pacman_root / "etc/pacman.conf").write_text("[options]\nArchitecture = auto aarch64\n")
     assert PacmanSource(Rootfs(pacman_root)).architecture() == "aarch64"
+
+
+@pytest.mark.parametrize(
+    "arch, platform",
+    [("x86_64", ("amd64", None)), ("aarch64", ("arm64", "v8")), ("armv7h", ("arm", "v7")),
+     ("pentium4", ("386", None))],
+)
+def test_pacman_architectures_map_to_oci(tmp_path: Path, arch: str, platform: tuple) -> None:
+    assert oci_platform(arch, Rootfs(tmp_path)) == platform
