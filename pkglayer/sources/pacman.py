@@ -48,16 +48,18 @@ _NAME = re.compile(r"[A-Za-z0-9@_+][A-Za-z0-9@._+-]*")
 _VERSION = re.compile(r"(?:(?P<epoch>[0-9]+):)?(?P<ver>[^:/\s-]+)-(?P<rel>[^:/\s-]+)")
 _SECTION = re.compile(r"%[A-Z0-9]+%")
 _MD5 = re.compile(r"[0-9a-f]{32}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA256 = re.compile(rb"[0-9a-f]{64}")
+_MD5_BYTES = re.compile(rb"[0-9a-f]{32}")
+_MODE = re.compile(rb"[0-7]{1,4}")
 _ESCAPE = re.compile(rb"\\([0-7]{3}|\\)")
 
 _MTREE_TYPES = {
-    "file": stat.S_IFREG,
-    "dir": stat.S_IFDIR,
-    "link": stat.S_IFLNK,
-    "char": stat.S_IFCHR,
-    "block": stat.S_IFBLK,
-    "fifo": stat.S_IFIFO,
+    b"file": stat.S_IFREG,
+    b"dir": stat.S_IFDIR,
+    b"link": stat.S_IFLNK,
+    b"char": stat.S_IFCHR,
+    b"block": stat.S_IFBLK,
+    b"fifo": stat.S_IFIFO,
 }
 
 
@@ -158,7 +160,7 @@ class PacmanSource(PackageSource):
         except (OSError, RootfsError) as e:
             raise DatabaseError(f"{relpath}: cannot read: {e}") from None
 
-    def _mtree(self, relpath: str) -> dict[str, dict[str, str]]:
+    def _mtree(self, relpath: str) -> dict[str, dict[bytes, bytes]]:
         """Path (relative, no "./") → mtree keywords. The mtree is advisory, like dpkg's
         md5sums: a missing or damaged one leaves the package without digests."""
         try:
@@ -277,19 +279,20 @@ def _safe(path: str) -> bool:
 
 def _unescape(word: bytes) -> str:
     """bsdtar writes unsafe bytes of names and link targets as \\ooo (octal)."""
-    return _decode(
-        _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1], 8)]), word)
-    )
+    if b"\\" in word:
+        word = _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1], 8)]), word)
+    return _decode(word)
 
 
-def _parse_mtree(text: bytes) -> dict[str, dict[str, str]]:
+def _parse_mtree(text: bytes) -> dict[str, dict[bytes, bytes]]:
     """The entries of an mtree in bsdtar's full-path form (`./path key=value...`, with
-    `/set` and `/unset` defaults). Raises ValueError on anything else."""
-    defaults: dict[str, str] = {}
-    out: dict[str, dict[str, str]] = {}
+    `/set` and `/unset` defaults), keywords left as bytes. Raises ValueError on
+    anything else."""
+    defaults: dict[bytes, bytes] = {}
+    out: dict[str, dict[bytes, bytes]] = {}
     pending = b""
     for number, raw in enumerate(text.split(b"\n"), 1):
-        line = pending + raw
+        line = pending + raw if pending else raw
         if line.endswith(b"\\") and not line.endswith(b"\\\\"):
             pending = line[:-1] + b" "
             continue
@@ -297,51 +300,51 @@ def _parse_mtree(text: bytes) -> dict[str, dict[str, str]]:
         words = line.split()
         if not words or words[0].startswith(b"#"):
             continue
-        head, rest = words[0], words[1:]
-        if head == b"/set":
-            defaults.update(_keywords(rest, number))
+        head = words[0]
+        if head.startswith(b"./") or head == b".":
+            attrs = defaults.copy()
+            _keywords(words, number, attrs)
+            out[_unescape(head)[2:]] = attrs
+        elif head == b"/set":
+            _keywords(words, number, defaults)
         elif head == b"/unset":
-            for w in rest:
+            for w in words[1:]:
                 if w == b"all":
                     defaults.clear()
                 else:
-                    defaults.pop(w.decode("ascii", "replace"), None)
-        elif head.startswith(b"./") or head == b".":
-            path = _unescape(head)[2:]
-            out[path] = {**defaults, **_keywords(rest, number)}
+                    defaults.pop(w, None)
         else:
             raise ValueError(f"line {number}: not a full-path mtree entry")
     return out
 
 
-def _keywords(words: list[bytes], number: int) -> dict[str, str]:
-    out = {}
-    for w in words:
+def _keywords(words: list[bytes], number: int, into: dict[bytes, bytes]) -> None:
+    for w in words[1:]:
         key, sep, value = w.partition(b"=")
         if not sep:
             raise ValueError(f"line {number}: keyword without a value")
-        out[key.decode("ascii", "replace")] = _unescape(value)
-    return out
+        into[key] = value
 
 
-def _record(path: str, attrs: dict[str, str], config: bool) -> FileRecord:
-    kind = _MTREE_TYPES.get(attrs.get("type", ""))
+def _record(path: str, attrs: dict[bytes, bytes], config: bool) -> FileRecord:
+    kind = _MTREE_TYPES.get(attrs.get(b"type", b""))
     mode = None
-    if kind is not None and re.fullmatch(r"[0-7]{1,4}", attrs.get("mode", "")):
-        mode = kind | int(attrs["mode"], 8)
+    if kind is not None and _MODE.fullmatch(attrs.get(b"mode", b"")):
+        mode = kind | int(attrs[b"mode"], 8)
     digest = algo = None
     if kind == stat.S_IFREG:
-        if _SHA256.fullmatch(attrs.get("sha256digest", "")):
-            digest, algo = attrs["sha256digest"], "sha256"
-        elif _MD5.fullmatch(attrs.get("md5digest", "")):
-            digest, algo = attrs["md5digest"], "md5"
-    seconds = attrs.get("time", "").partition(".")[0]
+        if _SHA256.fullmatch(attrs.get(b"sha256digest", b"")):
+            digest, algo = attrs[b"sha256digest"].decode(), "sha256"
+        elif _MD5_BYTES.fullmatch(attrs.get(b"md5digest", b"")):
+            digest, algo = attrs[b"md5digest"].decode(), "md5"
+    seconds = attrs.get(b"time", b"").partition(b".")[0]
+    link = attrs.get(b"link") if kind == stat.S_IFLNK else None
     return FileRecord(
         path="/" + path.rstrip("/"),
         digest=digest,
         digest_algo=algo,
         mode=mode,
-        linkto=attrs.get("link") if kind == stat.S_IFLNK else None,
+        linkto=_unescape(link) if link is not None else None,
         mtime=int(seconds) if seconds.isdigit() else None,
         config=config,
     )
