@@ -491,7 +491,7 @@ def rpm_upgrade_pair() -> UpgradePair:
 # ------------------------------------------------------------------- pacman
 
 PKGBUILDS_DIR = Path(__file__).resolve().parent / "pkgbuilds"
-PACMAN_PKGS_RECIPE = "pacman-pkgs.v1"
+PACMAN_PKGS_RECIPE = "pacman-pkgs.v2"
 PACMAN_ROOTFS_RECIPE = "pacman-rootfs.v1"
 PACMAN_UPGRADED_RECIPE = "pacman-upgraded.v1"
 PACMAN_DBPATH = "var/lib/pacman"
@@ -516,29 +516,40 @@ def _pkgbuild_digest() -> str:
     return h.hexdigest()[:12]
 
 
+# makepkg records its build and start directories in .BUILDINFO: one fixed place (under
+# a lock) keeps the packages byte-identical from one build to the next.
+MAKEPKG_WORKDIR = Path("/tmp/pkglayer-makepkg")
+
+
 def _makepkg(pkgbuild_dir: Path, outdir: Path, env: dict[str, str]) -> None:
     """Run makepkg as `nobody` (it refuses root) on a copy of pkgbuild_dir."""
-    with tempfile.TemporaryDirectory(prefix="pkglayer-makepkg-") as work:
-        work_path = Path(work)
-        shutil.copytree(pkgbuild_dir, work_path / "src")
-        (work_path / "out").mkdir()
-        run(["chown", "-R", "nobody:nogroup", work_path])
-        build_env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "LC_ALL": "C",
-            "HOME": str(work_path),
-            "BUILDDIR": str(work_path / "build"),
-            "PKGDEST": str(work_path / "out"),
-            "SRCDEST": str(work_path / "src"),
-            # makepkg asks pacman for the host's installed packages (for .BUILDINFO);
-            # the host has no pacman database, and the list does not matter here.
-            "PACMAN": "true",
-            **env,
-        }
-        run(["runuser", "-u", "nobody", "--", "makepkg", "--nodeps", "--noconfirm", "--noprogressbar"],
-            cwd=work_path / "src", env=build_env)
-        for pkg in (work_path / "out").glob("*.pkg.tar.*"):
-            shutil.copy2(pkg, outdir / pkg.name)
+    with open(f"{MAKEPKG_WORKDIR}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        work = MAKEPKG_WORKDIR
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        try:
+            shutil.copytree(pkgbuild_dir, work / "src")
+            (work / "out").mkdir()
+            run(["chown", "-R", "nobody:nogroup", work])
+            build_env = {
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "LC_ALL": "C",
+                "HOME": str(work),
+                "BUILDDIR": str(work / "build"),
+                "PKGDEST": str(work / "out"),
+                "SRCDEST": str(work / "src"),
+                # makepkg asks pacman for the host's installed packages (for .BUILDINFO);
+                # the host has no pacman database, and the list does not matter here.
+                "PACMAN": "true",
+                **env,
+            }
+            run(["runuser", "-u", "nobody", "--", "makepkg", "--nodeps", "--noconfirm", "--noprogressbar"],
+                cwd=work / "src", env=build_env)
+            for pkg in (work / "out").glob("*.pkg.tar.*"):
+                shutil.copy2(pkg, outdir / pkg.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def pacman_packages() -> Path:

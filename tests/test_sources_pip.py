@@ -29,26 +29,34 @@ def _by_name(pkgs: list[Package]) -> dict[str, Package]:
     return {p.name: p for p in pkgs}
 
 
-def _inspect(site: Path) -> list[dict]:
-    """`pip inspect --path SITE` by the test interpreter's pip: what is installed there."""
+def _inspect(*sites: Path) -> list[dict]:
+    """`pip inspect --path SITE...` by the test interpreter's pip: what is installed there."""
+    paths = [arg for site in sites for arg in ("--path", str(site))]
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "inspect", "--path", str(site)],
+        [sys.executable, "-m", "pip", "inspect", *paths],
         check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out)["installed"]
 
 
-def _pip_show_files(root: Path, name: str, python: str | None = None) -> set[str]:
-    """`pip show -f NAME` by the root's own pip (in a chroot): rootfs-absolute paths."""
+def _pip_show_files(root: Path, names: list[str], python: str | None = None) -> dict[str, set[str]]:
+    """`pip show -f NAMES` by the root's own pip (in a chroot): canonical name ->
+    rootfs-absolute paths."""
     target = ["--python", python] if python else []
     out = subprocess.run(
-        ["chroot", str(root), "python3", "-m", "pip", "--no-cache-dir", *target, "show", "-f", name],
+        ["chroot", str(root), "python3", "-m", "pip", "--no-cache-dir", *target, "show", "-f", *names],
         check=True, capture_output=True, text=True,
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "PYTHONDONTWRITEBYTECODE": "1"},
     ).stdout
-    location = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("Location: "))
-    files = out.split("\nFiles:\n", 1)[1].splitlines()
-    return {os.path.normpath(os.path.join(location, f.strip())) for f in files if f.strip()}
+    shown = {}
+    for block in out.split("\n---\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        files = block.split("\nFiles:\n", 1)[1].splitlines()
+        location = fields["Location"]
+        shown[canonicalize_name(fields["Name"])] = {
+            os.path.normpath(os.path.join(location, f.strip())) for f in files if f.strip()
+        }
+    return shown
 
 
 def test_reads_what_pip_installed(pip_rootfs: Path) -> None:
@@ -57,12 +65,11 @@ def test_reads_what_pip_installed(pip_rootfs: Path) -> None:
     assert {s.path: s.prefix for s in src.site_dirs()}[VENV_SITE] == "opt/app/venv"
     expected = set()
     seen_installers = set()
-    for site in (SYSTEM_SITE, VENV_SITE, DEBIAN_SITE):
-        for dist in _inspect(pip_rootfs / site):
-            seen_installers.add(dist.get("installer"))
-            if dist.get("installer") == "pip":
-                meta = dist["metadata"]
-                expected.add(f"pip-{canonicalize_name(meta['name'])}-{meta['version']}")
+    for dist in _inspect(*(pip_rootfs / site for site in (SYSTEM_SITE, VENV_SITE, DEBIAN_SITE))):
+        seen_installers.add(dist.get("installer"))
+        if dist.get("installer") == "pip":
+            meta = dist["metadata"]
+            expected.add(f"pip-{canonicalize_name(meta['name'])}-{meta['version']}")
     # the oracle also saw Debian's own dist-info (python3-pip's), which has no INSTALLER
     assert None in seen_installers or "" in seen_installers
     pkgs = src.packages()
@@ -76,15 +83,16 @@ def test_reads_what_pip_installed(pip_rootfs: Path) -> None:
 
 def test_files_match_pip_show_and_the_disk(pip_rootfs: Path) -> None:
     pkgs = _by_name(PipSource(Rootfs(pip_rootfs)).packages())
-    venv_python = f"{factory.PIP_VENV}/bin/python"
+    dists = [name.removeprefix("pip-") for name in pkgs]
+    shown = _pip_show_files(pip_rootfs, dists)
+    venv = _pip_show_files(pip_rootfs, [r.split("==")[0] for r in factory.PIP_VENV_PACKAGES],
+                           python=f"{factory.PIP_VENV}/bin/python")
     for name, pkg in pkgs.items():
         dist = name.removeprefix("pip-")
-        shown = _pip_show_files(pip_rootfs, dist)
-        if f"{dist}=={pkg.version}" in factory.PIP_VENV_PACKAGES:
-            # one version in two environments: one package holding both copies
-            shown |= _pip_show_files(pip_rootfs, dist, python=venv_python)
+        # one version in two environments: one package holding both copies
+        expected = shown[dist] | venv.get(dist, set())
         files = {f.path for f in pkg.files if not (pip_rootfs / f.path[1:]).is_dir()}
-        assert files == shown
+        assert files == expected
         recorded = 0
         for f in pkg.files:
             on_disk = pip_rootfs / f.path.lstrip("/")
@@ -96,8 +104,8 @@ def test_files_match_pip_show_and_the_disk(pip_rootfs: Path) -> None:
                 assert f.digest == hashlib.sha256(on_disk.read_bytes()).hexdigest()
                 recorded += 1
         assert recorded > 0
-        assert pkg.size == sum(os.path.getsize(pip_rootfs / p[1:]) for p in shown if not p.endswith(".pyc")
-                               and not p.endswith("/RECORD"))
+        assert pkg.size == sum(os.path.getsize(pip_rootfs / p[1:]) for p in expected
+                               if not p.endswith((".pyc", "/RECORD")))
     # the console script pip wrote to /usr/local/bin (`../../../bin/pyflakes` in RECORD)
     assert "/usr/local/bin/pyflakes" in {f.path for f in pkgs["pip-pyflakes"].files}
 
