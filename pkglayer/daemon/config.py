@@ -16,6 +16,7 @@ from typing import Any
 from ..config import COMPRESSIONS, BuildSettings, load_settings, parse_size, read_config
 from ..errors import ConfigError, PkglayerError
 from ..layout import parse_layout_ref
+from ..sources import source_formats
 
 DEFAULT_SOCKET = "/run/pkglayer/pkglayer.sock"
 DEFAULT_STATE_DIR = "/var/lib/pkglayer"
@@ -205,10 +206,11 @@ def _parse_root(entry: dict[str, Any], where: str, defaults: BuildSettings) -> R
     excludes = t.strings("excludes")
     if excludes is not None:
         changes["extra_excludes"] = defaults.extra_excludes + excludes
-    fmt = t.take("format", str, 'one of "rpm", "dpkg", "none"')
+    formats = [*source_formats(), "none"]
+    fmt = t.take("format", str, f"one of {', '.join(formats)}")
     if fmt is not None:
-        if fmt not in ("rpm", "dpkg", "none"):
-            raise ConfigError(f'{where}.format: must be one of "rpm", "dpkg", "none", not {fmt!r}')
+        if fmt not in formats:
+            raise ConfigError(f"{where}.format: must be one of {', '.join(formats)}, not {fmt!r}")
         changes["package_format"] = fmt
     debounce = t.take("debounce", (int, float), "a positive number", 2.0)
     if not 0 < debounce <= 3600:
