@@ -49,7 +49,8 @@ sys.path.insert(0, str(REPO))
 from pkglayer.build import build, scan_rootfs  # noqa: E402
 from pkglayer.components import WEEK, Component, find_components, weekly_change_rate  # noqa: E402
 from pkglayer.config import BuildSettings  # noqa: E402
-from pkglayer.outputs import Outputs, save_layers_history  # noqa: E402
+from pkglayer.history import save_history  # noqa: E402
+from pkglayer.outputs import Outputs  # noqa: E402
 from pkglayer.ownership import SPECIAL_HOMES, Ownership  # noqa: E402
 from pkglayer.plan import plan_layers  # noqa: E402
 from pkglayer.prior import resolve_prior  # noqa: E402
@@ -183,9 +184,9 @@ def replay(
 def _build_layers(rootfs, settings: BuildSettings, layers: str):
     """`pkglayer build ROOTFS --layers LAYERS`, in process."""
     outputs = Outputs(layers_dir=layers)
-    prior = resolve_prior(layers_dir=layers)
+    prior = resolve_prior(outputs.prior_request())
     result = build(str(rootfs), settings, prior, outputs.new_blobs())
-    save_layers_history(result, layers)
+    save_history(os.path.join(layers, "history.json"), result.history)
     return result
 
 

@@ -185,7 +185,7 @@ class BlobDir:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
                 raise PkglayerError(f"cannot link blob {digest} from {src.root}: {e.strerror}") from e
-            self._copy_from(src, digest)
+            self.copy_blob(src, digest)
             return
         try:
             fd = _open_regular(tmp)
@@ -203,7 +203,9 @@ class BlobDir:
             raise
         fsync_dir(self.blobs)
 
-    def _copy_from(self, src: BlobDir, digest: str) -> None:
+    def copy_blob(self, src: BlobDir, digest: str) -> None:
+        """Make `digest` present here as a copy of the one in `src`, verified before it
+        gets its final name (never a link: the two stay independent)."""
         fd = _open_regular(src.path(digest))
         if fd is None:
             raise PkglayerError(f"blob {digest} is missing from {src.root} or is not a regular file")

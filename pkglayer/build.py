@@ -307,9 +307,8 @@ class _LayerWriter:
     def _write_new(self, layer: PlannedLayer) -> tuple[LayerOutcome, Mapping[str, str]]:
         settings = self.settings
         members = self.members[layer.name]
-        level = settings.gzip_level if settings.compression == "gzip" else settings.zstd_level
         with self.output.writer() as w:
-            written = write_layer(self.rootfs, members, settings.compression, level, w)
+            written = write_layer(self.rootfs, members, settings.compression, settings.compression_level, w)
             digest, size = w.commit()
         key = self.keys[layer.name] or content_key(members, written.hashes)
         assert key is not None  # every file was hashed while writing

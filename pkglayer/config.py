@@ -16,7 +16,9 @@ from .errors import ConfigError
 from .fsutil import read_regular
 from .hashcache import default_path
 
-COMPRESSIONS = ("gzip", "zstd")
+# "none": uncompressed layers, for outputs that go straight into local storage
+# (containers-storage keeps layers uncompressed: compressing would be undone at once).
+COMPRESSIONS = ("gzip", "zstd", "none")
 
 DEFAULT_EXCLUDES = (
     # package-manager caches and downloaded indexes: rebuilt on demand, change every run
@@ -102,15 +104,20 @@ class BuildSettings:
         return self.hash_cache or None
 
     @property
+    def compression_level(self) -> int:
+        return {"gzip": self.gzip_level, "zstd": self.zstd_level}.get(self.compression, 0)
+
+    @property
     def compression_spec(self) -> str:
         """Names compression and level: a blob is reused only for the same spec."""
-        level = self.gzip_level if self.compression == "gzip" else self.zstd_level
-        return f"{self.compression}-{level}"
+        if self.compression == "none":
+            return "none"
+        return f"{self.compression}-{self.compression_level}"
 
     def validated(self) -> BuildSettings:
         if self.compression not in COMPRESSIONS:
             raise ConfigError(
-                f"unknown compression {self.compression!r} (choose {' or '.join(COMPRESSIONS)})"
+                f"unknown compression {self.compression!r} (choose {', '.join(COMPRESSIONS)})"
             )
         if not 1 <= self.gzip_level <= 9:
             raise ConfigError(f"gzip level must be 1..9, not {self.gzip_level}")

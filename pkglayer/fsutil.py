@@ -135,6 +135,7 @@ class Workspace:
     def __init__(self, base: str | None = None):
         self.base = base or os.environ.get("TMPDIR") or self.DEFAULT_BASE
         self._path: str | None = None
+        self._names = 0
 
     def path(self, name: str) -> str:
         """A path for `name` inside the workspace (not created)."""
@@ -144,6 +145,11 @@ class Workspace:
             except OSError as e:
                 raise PkglayerError(f"cannot create a working directory in {self.base}: {e.strerror}") from None
         return os.path.join(self._path, name)
+
+    def new(self, prefix: str) -> str:
+        """A name inside the workspace that no earlier call returned."""
+        self._names += 1
+        return f"{prefix}-{self._names}"
 
     def __enter__(self) -> Workspace:
         return self

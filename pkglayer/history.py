@@ -29,7 +29,8 @@ MAX_HISTORY_BYTES = 64 << 20
 # "_" because rpm names do ("pam_krb5").
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@^_-]{0,254}")
 _MAX_COUNT = 2**31 - 1
-COMPRESSION_RE = re.compile(r"none|gzip-[1-9]|zstd-(?:[1-9]|1[0-9]|2[0-2])")
+# A bare "gzip"/"zstd": a blob another tool compressed, at a level nobody recorded.
+COMPRESSION_RE = re.compile(r"none|gzip(?:-[1-9])?|zstd(?:-(?:[1-9]|1[0-9]|2[0-2]))?")
 _PLATFORM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MAX_GENERATOR = 256
 _MAX_SIZE = 2**63 - 1  # OCI descriptor sizes are int64

@@ -11,8 +11,9 @@ from typing import Any
 
 from .errors import PkglayerError
 from .fsutil import Workspace
-from .layout import DEFAULT_LIMITS, Image, ImageError, Limits, Platform, open_layout, parse_layout_ref
+from .layout import DEFAULT_LIMITS, Image, ImageError, Limits, Platform, open_layout
 from .scan import Progress
+from .transports import STORAGE, check_readable, fetch, parse_image_ref
 from .unpack import unpack
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,14 @@ class BuildInputs:
         return self.image is not None
 
 
+def is_ostree_tree(rootfs: str) -> bool:
+    """The tree holds an ostree repository in /sysroot: a bootc or ostree-container image."""
+    from .rootfs import Rootfs
+
+    with Rootfs(rootfs) as root:
+        return root.exists("sysroot/ostree/repo")
+
+
 def image_platform(image: Image, where: str) -> Platform:
     """The platform of an image, checked: pkglayer copies it into what it writes."""
     values = {"architecture": image.architecture, "os": image.os, "variant": image.variant}
@@ -68,26 +77,20 @@ def open_inputs(
     progress: Progress | None = None,
     registry_options=None,
 ) -> BuildInputs:
-    """The build's inputs: `rootfs` as it is, or the image `source_ref` (oci:DIR[:TAG],
-    docker://REF) pulled and unpacked into `work`."""
+    """The build's inputs: `rootfs` as it is, or the image `source_ref` (any transport)
+    copied into `work` where it is not an oci: layout, then unpacked there."""
     if (rootfs is None) == (source_ref is None):
         raise PkglayerError("give either a ROOTFS directory or --from IMAGE, not both" if rootfs
                             else "give a ROOTFS directory or --from IMAGE")
     if rootfs is not None:
         return BuildInputs(rootfs)
     assert source_ref is not None
-    from .registry import is_docker_ref, pull
-
-    if not (source_ref.startswith("oci:") or is_docker_ref(source_ref)):
-        raise PkglayerError(f"--from {source_ref!r}: expected oci:DIR[:TAG] or docker://REF")
+    ref = parse_image_ref(source_ref, "--from")
+    check_readable(ref, "--from")
     if os.geteuid() != 0:
         raise PkglayerError("--from needs root: unpacking keeps file owners and device nodes")
-    if is_docker_ref(source_ref):
-        layout, tag = work.path("source"), "source"
-        log.info("pulling %s", source_ref)
-        pull(source_ref, layout, tag, registry_options)
-    else:
-        layout, tag = parse_layout_ref(source_ref)
+    # Local storage keeps layers uncompressed: take them so rather than compressed anew.
+    layout, tag = fetch(ref, work, "source", registry_options, decompress=ref.transport == STORAGE, what="--from")
     image = open_layout(layout, tag, limits)
     platform = image_platform(image, source_ref)
     tree = work.path("rootfs")

@@ -27,8 +27,21 @@ from typing import Protocol
 
 from .blobstore import BlobDir
 from .errors import PkglayerError
+from .fsutil import Workspace
 from .history import ComponentRecord, History, LayerRecord, load_history, parse_history
 from .layout import DEFAULT_LIMITS, HISTORY_LABEL, Image, ImageError, Limits, annotated_layers, open_layout
+from .transports import (
+    DOCKER,
+    DOCKER_ARCHIVE,
+    OCI_ARCHIVE,
+    PREFIXES,
+    STORAGE,
+    ImageRef,
+    exists,
+    fetch,
+    inspect,
+    parse_image_ref,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,60 +93,83 @@ class Prior:
 
 
 @dataclass(frozen=True)
-class ImagePrior:
-    """An image given as --prior: its plan, where its blobs are, and its reference."""
+class PriorRequest:
+    """Where to look for what came before."""
 
-    plan: History
-    blobs: BlobDir | None  # its layout, when its blobs are local
-    ref: str
+    explicit: str | History | None = None  # --prior SOURCE, or the plan the daemon kept
+    layers_dir: str | None = None  # the /layers directory
+    layout: tuple[str, str] | None = None  # the output OCI layout and tag (not a staged one)
+    destinations: tuple[ImageRef, ...] = ()  # other outputs: registries, local storage, archives
+    staged: bool = False  # the layout is a private staging area for `destinations`
+    read_outputs: bool = False  # a prebuild: /layers/output holds blobs too (it writes none there)
+    cache: LayerCache | None = None
 
 
 def resolve_prior(
-    *,
-    explicit: History | ImagePrior | None = None,
-    explicit_from: str | None = None,
-    layers_dir: str | None = None,
-    layout: tuple[str, str] | None = None,
-    read_outputs: bool = False,
-    remote_blobs: frozenset[str] = frozenset(),
-    cache: LayerCache | None = None,
+    request: PriorRequest, work: Workspace | None = None, opts=None, limits: Limits = DEFAULT_LIMITS
 ) -> Prior:
-    """One `Prior` from everything that came before (see the module docstring).
-
-    `explicit` is the plan given with --prior (or kept by the daemon), `layers_dir` the
-    /layers directory, `layout` the output OCI layout and tag; `read_outputs` adds
-    /layers/output to the blob sources (a prebuild that writes nothing there);
-    `remote_blobs` are prior layer digests the destination registry has."""
+    """One `Prior` from everything that came before, in the precedence the module
+    docstring gives. Images given as --prior, or written earlier to a destination, are
+    read (with skopeo where they are not an oci: layout) into `work`."""
     plans: list[tuple[History, str]] = []
-    reusable: list[LayerRecord] = []
     sources: list[BlobDir] = []
-    if isinstance(explicit, ImagePrior):
-        plans.append((explicit.plan, explicit.ref))
-        if explicit.blobs is not None:
-            sources.append(explicit.blobs)
+    remote: set[str] = set()
+    explicit = request.explicit
+    explicit_image: ImageRef | None = None
+    if isinstance(explicit, History):
+        plans.append((explicit, "the plan kept from the last build"))
+    elif explicit is not None and _is_image_ref(explicit):
+        explicit_image = parse_image_ref(explicit, "--prior")
+        plan, blobs = _image_plan(explicit_image, work, opts, limits, "--prior")
+        plans.append((plan, explicit))
+        if blobs is not None:
+            sources.append(blobs)
     elif explicit is not None:
-        plans.append((explicit, explicit_from or "the plan kept from the last build"))
+        plans.append((load_plan(explicit), f"--prior {explicit}"))
 
-    if layers_dir:
-        history = load_history(os.path.join(layers_dir, "history.json"))
+    if request.layers_dir:
+        history = load_history(os.path.join(request.layers_dir, "history.json"))
         if history is not None:
-            plans.append((history, f"{layers_dir}/history.json"))
-        for sub in ("input", "output") if read_outputs else ("input",):
-            if os.path.isdir(os.path.join(layers_dir, sub)):
-                sources.append(BlobDir(os.path.join(layers_dir, sub)))
+            plans.append((history, f"{request.layers_dir}/history.json"))
+        for sub in ("input", "output") if request.read_outputs else ("input",):
+            if os.path.isdir(os.path.join(request.layers_dir, sub)):
+                sources.append(BlobDir(os.path.join(request.layers_dir, sub)))
 
-    if layout is not None:
-        earlier = earlier_image(*layout)
+    if request.layout is not None and not request.staged:
+        earlier = earlier_image(*request.layout)
         if earlier is not None:
-            plans.append((earlier, f"the earlier image oci:{layout[0]}:{layout[1]}"))
-            sources.append(BlobDir(layout[0]))
+            plans.append((earlier, f"the earlier image oci:{request.layout[0]}:{request.layout[1]}"))
+            sources.append(BlobDir(request.layout[0]))
+    for dest in request.destinations:
+        if dest.transport in (STORAGE, OCI_ARCHIVE, DOCKER_ARCHIVE) and exists(dest, opts):
+            try:
+                plan, blobs = _image_plan(dest, work, opts, limits, "the earlier image of")
+            except PkglayerError as e:
+                log.warning("not reusing the earlier image %s: %s", dest, e)
+                continue
+            plans.append((plan, f"the earlier image {dest}"))
+            if blobs is not None:
+                sources.append(blobs)
 
-    for history, _ in plans:
-        reusable.extend(history.layers)
+    # Layers the one destination already has need no local blob and no upload: the
+    # staged layout goes to it alone, and the copy reuses what is there.
+    if request.staged and len(request.destinations) == 1:
+        dest = request.destinations[0]
+        for plan, where in plans:
+            if where == f"the earlier image {dest}":
+                remote |= {rec.digest for rec in plan.layers}  # it is the destination's own image
+            elif explicit_image is not None and where == explicit:
+                remote |= destination_has(explicit_image, dest, plan, opts)
+
+    reusable = [rec for plan, _ in plans for rec in plan.layers]
     plan, plan_from = plans[0] if plans else (None, None)
     if plan is not None:
         log.info("prior plan from %s: %d layers", plan_from, len(plan.layers))
-    return Prior(plan, plan_from, tuple(reusable), tuple(sources), remote_blobs, cache)
+    return Prior(plan, plan_from, tuple(reusable), tuple(sources), frozenset(remote), request.cache)
+
+
+def _is_image_ref(spec: str) -> bool:
+    return any(spec.startswith(prefix) for _, prefix in PREFIXES)
 
 
 def load_plan(spec: str) -> History:
@@ -145,37 +181,42 @@ def load_plan(spec: str) -> History:
     return history
 
 
-def image_prior(ref: str, opts=None, limits: Limits = DEFAULT_LIMITS) -> ImagePrior:
-    """--prior IMAGE: the plan in an image built by pkglayer (`oci:DIR[:TAG]`, or
-    `docker://REF`, whose manifest and config only are read from the registry)."""
-    from .layout import parse_layout_ref
-    from .registry import RegistryOptions, fetch_image
+def _image_plan(
+    ref: ImageRef, work: Workspace | None, opts, limits: Limits, what: str
+) -> tuple[History, BlobDir | None]:
+    """The plan an image built by pkglayer carries, and a blob directory holding its
+    layers when they are local byte for byte (an oci: layout or archive). Registries and
+    containers-storage are asked for the manifest and config only: local storage keeps
+    layers uncompressed, so their compressed blobs cannot come back from it."""
+    if ref.transport in (DOCKER, STORAGE):
+        return plan_from_image(inspect(ref, work or Workspace(), opts, limits, what), ref.text), None
+    if work is None:
+        raise PkglayerError(f"{what} {ref}: reading an archive needs a working directory")
+    layout, tag = fetch(ref, work, work.new("prior"), opts, what=what)
+    return plan_from_image(open_layout(layout, tag, limits), ref.text), BlobDir(layout)
 
-    if ref.startswith("oci:"):
-        layout, tag = parse_layout_ref(ref)
-        return ImagePrior(plan_from_image(open_layout(layout, tag, limits), ref), BlobDir(layout), ref)
-    _, image = fetch_image(ref, opts or RegistryOptions(), limits)
-    return ImagePrior(plan_from_image(image, ref), None, ref)
 
-
-def remote_blobs(prior_ref: str, dest: str, plan: History, opts) -> frozenset[str]:
-    """The prior layer digests that the destination repository has: those need neither a
-    local blob nor an upload."""
-    from .registry import blob_presence, parse_docker_ref
-
+def destination_has(prior: ImageRef, dest: ImageRef, plan: History, opts) -> set[str]:
+    """The prior's layer digests that the destination already holds."""
     digests = [rec.digest for rec in plan.layers]
-    presence = blob_presence(dest, digests, opts)
-    if presence is not None:
-        have = {d for d, there in presence.items() if there}
-        if len(have) < len(set(digests)):
-            log.info("%s has %d of the prior image's %d layers", dest, len(have), len(set(digests)))
-        return frozenset(have)
-    if parse_docker_ref(prior_ref).same_repository(parse_docker_ref(dest)):
-        # The prior manifest is in this very repository, so its layers are too; the push
-        # checks again before anything is written to the registry.
-        return frozenset(digests)
-    log.warning("cannot ask %s which prior layers it has; all layers are written locally", dest)
-    return frozenset()
+    if dest.transport == DOCKER and prior.transport == DOCKER:
+        from .registry import blob_presence, parse_docker_ref
+
+        presence = blob_presence(dest.text, digests, opts)
+        if presence is not None:
+            have = {d for d, there in presence.items() if there}
+            if len(have) < len(set(digests)):
+                log.info("%s has %d of the prior image's %d layers", dest, len(have), len(set(digests)))
+            return have
+        if parse_docker_ref(prior.text).same_repository(parse_docker_ref(dest.text)):
+            # The prior manifest is in this very repository, so its layers are too; the push
+            # checks again before anything is written to the registry.
+            return set(digests)
+        log.warning("cannot ask %s which prior layers it has; all layers are written locally", dest)
+        return set()
+    if dest.transport == STORAGE and prior.transport == STORAGE and dest.store_root == prior.store_root:
+        return set(digests)  # the prior image is in the very store written to
+    return set()
 
 
 def earlier_image(layout_dir: str, tag: str) -> History | None:
@@ -199,9 +240,12 @@ def earlier_image(layout_dir: str, tag: str) -> History | None:
         return None if records is None else History(tuple(records), image.architecture, image.os, "unknown", 1)
 
 
-def plan_from_image(image: Image, where: str) -> History:
+def plan_from_image(image: Image, where: str, blobs_as_labelled: bool = True) -> History:
     """The History stored in the image's HISTORY_LABEL, validated as untrusted input and
-    cross-checked against the manifest's layers, the config's diff_ids and history."""
+    cross-checked against the config's diff_ids and history, and against the manifest's
+    layers unless `blobs_as_labelled` is False: local storage keeps layers uncompressed,
+    so an image copied out of it has blobs other than those it was built with (same
+    diff_ids)."""
     raw = image.labels.get(HISTORY_LABEL)
     if raw is None:
         raise ImageError(f"{where}: the image has no {HISTORY_LABEL} label (not built by pkglayer?)")
@@ -217,7 +261,7 @@ def plan_from_image(image: Image, where: str) -> History:
                          f"the image for {image.os}/{image.architecture}")
     entries = [h for h in image.config.get("history") or [] if isinstance(h, dict) and not h.get("empty_layer")]
     for i, (rec, desc, diff_id) in enumerate(zip(history.layers, image.layers, image.diff_ids)):
-        if (rec.digest, rec.size, rec.media_type) != (desc.digest, desc.size, desc.media_type):
+        if blobs_as_labelled and (rec.digest, rec.size, rec.media_type) != (desc.digest, desc.size, desc.media_type):
             raise ImageError(f"{where}: label {HISTORY_LABEL} layer {i} ({rec.name}) does not match the "
                              f"manifest's layer {desc.digest}")
         if rec.diff_id != diff_id:

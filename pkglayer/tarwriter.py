@@ -217,6 +217,8 @@ class _Compressor:
             # threads=0 (in-process, single-threaded) is the reproducible mode; layers
             # are compressed in parallel instead.
             self._c = zstandard.ZstdCompressor(level=level, threads=0).compressobj()
+        elif compression == "none":
+            self._c = _Uncompressed()
         else:
             raise ValueError(compression)
         self._buf = bytearray()
@@ -256,6 +258,16 @@ class WrittenLayer:
     diff_id: str  # sha256 of the uncompressed tar
     tar_size: int
     hashes: dict[str, str]  # member name -> content hash, for the members that had none
+
+
+class _Uncompressed:
+    """The compressor interface, passing the tar through (compression "none")."""
+
+    def compress(self, data) -> bytes:
+        return bytes(data)
+
+    def flush(self) -> bytes:
+        return b""
 
 
 def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: int, out) -> WrittenLayer:

@@ -106,6 +106,18 @@ def _decompressor(raw, compression: str):
     return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
 
 
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def _sniff_compression(fd: int, declared: str) -> str:
+    """The compression the blob's first bytes show, as containers-storage decides it; the
+    media type is only the default. skopeo copies local storage's uncompressed layers
+    out under a +gzip media type (--dest-oci-accept-uncompressed-layers, skopeo 1.9)."""
+    head = os.pread(fd, 4, 0)
+    found = next((name for magic, name in _MAGIC if head.startswith(magic)), "none")
+    return found if found != "none" or len(head) >= 4 else declared
+
+
 def _verify_blob_fd(fd: int, desc: Descriptor, what: str) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -402,8 +414,9 @@ def _unpack_layer(layout: str, desc: Descriptor, diff_id: str, tree: _Tree, limi
         raise ImageError(f"{what}: cannot open blob {desc.digest} (a symlink?): {e.strerror}") from None
     try:
         _verify_blob_fd(fd, desc, what)
+        compression = _sniff_compression(fd, LAYER_COMPRESSION[desc.media_type])
         compressed = _Hashing(_FdReader(fd), desc.size, f"{what}: blob")
-        plain = _Hashing(_decompressor(compressed, LAYER_COMPRESSION[desc.media_type]),
+        plain = _Hashing(_decompressor(compressed, compression),
                          limits.image_bytes - stats.bytes, f"{what}: the image's uncompressed size")
         added: set[tuple[str, ...]] = set()
         try:

@@ -590,7 +590,7 @@ class Daemon:
     async def _build(self, state: RootState, job: BuildJob) -> None:
         from ..build import build
         from ..layout import ImageOptions
-        from ..outputs import Outputs, write_outputs
+        from ..outputs import ImageContent, Outputs, write_outputs
         from ..prior import resolve_prior
 
         assert self._loop is not None and self.cache is not None
@@ -624,16 +624,15 @@ class Daemon:
                     # A prebuild reads the outputs' prior plan and blobs too (without
                     # writing them), so it plans and caches the layers the real build will want.
                     prebuild = job.kind == "prebuild"
-                    outputs = Outputs(
-                        layout=_layout_of(cfg.output), layers_dir=cfg.layers
-                    )
-                    prior = resolve_prior(explicit=state.plan, layers_dir=cfg.layers, layout=outputs.layout,
-                                          read_outputs=prebuild, cache=cache)
+                    outputs = Outputs(layout=_layout_of(cfg.output), layers_dir=cfg.layers)
+                    prior = resolve_prior(outputs.prior_request(state.plan, read_outputs=prebuild, cache=cache))
                     blobs = cache.blobs if prebuild else outputs.new_blobs()
                     result = build(cfg.path, settings, prior, blobs, progress=progress)
                     if prebuild:
                         return result, None
-                    return result, write_outputs(result, outputs, ImageOptions(), prior, settings.source_date_epoch)
+                    report = write_outputs(ImageContent.of_build(result, prior), outputs, ImageOptions(),
+                                           settings.source_date_epoch)
+                    return result, report
 
             started = time.monotonic()
             try:
