@@ -123,6 +123,7 @@ def scan_rootfs(
         hash_content=hash_content,
         cache=cache,
         progress=progress,
+        compare_mtimes=settings.compare_mtimes,
     )
 
 

@@ -295,8 +295,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             if bootc:
                 # The ostree repository (and the deployments in sysroot) describe the
                 # image as it was; the container image is the tree itself.
+                # An ostree checkout sets every mtime to 0: content tells edits apart.
                 log.warning("bootc/ostree image: leaving out the contents of /sysroot")
-                settings = replace(settings, extra_excludes=(*settings.extra_excludes, "sysroot/**"))
+                settings = replace(settings, extra_excludes=(*settings.extra_excludes, "sysroot/**"),
+                                   compare_mtimes=False)
             options = _image_options(args, inputs.image.runtime if inputs.image else None, bootc, work, opts, limits)
             result = build(inputs.rootfs, settings, prior, outputs.new_blobs(), platform=inputs.platform,
                            progress=reporter, replan=args.replan)

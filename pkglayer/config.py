@@ -87,6 +87,9 @@ class BuildSettings:
     # mtime given to every directory entry and to image timestamps (SOURCE_DATE_EPOCH)
     source_date_epoch: int = 0
     one_file_system: bool = True
+    # Whether a package file whose mtime differs from the database's counts as modified.
+    # Off for ostree checkouts (bootc images), where every mtime is 0.
+    compare_mtimes: bool = True
     # package database format to read; None detects it ("rpm", "dpkg", "none")
     package_format: str | None = None
     # file-digest cache (see hashcache.py): None = the per-user default, "" = none

@@ -81,7 +81,7 @@ def _owner_map(
     return owners, shared
 
 
-def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str]) -> bool:
+def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str], compare_mtimes: bool = True) -> bool:
     st = obj.st
     if stat.S_ISDIR(st.st_mode):
         return False  # directory attributes are normalised, never a package difference
@@ -95,7 +95,7 @@ def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str]) -> boo
     if stat.S_ISREG(st.st_mode):
         if rec.digest and rec.digest_algo and digests.get(rec.digest_algo) != rec.digest.lower():
             return True
-        if rec.mtime is not None and rec.mtime != int(st.st_mtime):
+        if compare_mtimes and rec.mtime is not None and rec.mtime != int(st.st_mtime):
             return True
     return False
 
@@ -120,6 +120,7 @@ class Claims:
     owners: dict[str, tuple[Package, FileRecord]]  # real path -> the package listing it first
     db_paths: list[str]
     excluded: list[str]
+    compare_mtimes: bool = True
     modified: list[str] = field(default_factory=list)
     modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = field(
         default_factory=lambda: defaultdict(list)
@@ -149,7 +150,7 @@ def claim_package_files(c: Claims) -> None:
         pkg, rec = owner
         if rec.ghost:
             continue  # a %ghost file's content is the system's, not the package's
-        if _is_modified(obj, rec, c.digests.get(obj.path, {})):
+        if _is_modified(obj, rec, c.digests.get(obj.path, {}), c.compare_mtimes):
             obj.home = HOME_MODIFIED
             c.modified.append(obj.path)
             c.modified_by_package[pkg.key].append((obj, rec))
@@ -225,8 +226,9 @@ def assign_homes(
     db_paths: list[str],
     source: PackageSource | None,
     rules: Sequence[Rule] = RULES,
+    compare_mtimes: bool = True,
 ) -> Ownership:
-    claims = Claims(scan.objects, scan.digests, owners, db_paths, scan.excluded)
+    claims = Claims(scan.objects, scan.digests, owners, db_paths, scan.excluded, compare_mtimes)
     for rule in rules:
         rule(claims)
     homes: dict[str, list[FsObject]] = defaultdict(list)
@@ -257,6 +259,7 @@ def scan_ownership(
     hash_content: bool = True,
     cache: HashCache | None = None,
     progress: Progress | None = None,
+    compare_mtimes: bool = True,
 ) -> Ownership:
     """Read the package database, walk the tree and give every object its home.
 
@@ -276,4 +279,4 @@ def scan_ownership(
         return algos
 
     scan = walk(rootfs, algos_for, excludes, drop_xattrs, one_file_system, jobs, cache, progress)
-    return assign_homes(scan, packages, owners, shared, db_paths, source)
+    return assign_homes(scan, packages, owners, shared, db_paths, source, compare_mtimes=compare_mtimes)

@@ -114,16 +114,19 @@ def resolve_prior(
     plans: list[tuple[History, str]] = []
     sources: list[BlobDir] = []
     remote: set[str] = set()
+    own_images: set[str] = set()  # destinations holding the labelled blobs of their earlier image
     explicit = request.explicit
     explicit_image: ImageRef | None = None
     if isinstance(explicit, History):
         plans.append((explicit, "the plan kept from the last build"))
     elif explicit is not None and _is_image_ref(explicit):
         explicit_image = parse_image_ref(explicit, "--prior")
-        plan, blobs = _image_plan(explicit_image, work, opts, limits, "--prior")
+        plan, blobs, exact = _image_plan(explicit_image, work, opts, limits, "--prior")
         plans.append((plan, explicit))
         if blobs is not None:
             sources.append(blobs)
+        if not exact:
+            explicit_image = None  # its layers are not the labelled blobs: the destination may lack them
     elif explicit is not None:
         plans.append((load_plan(explicit), f"--prior {explicit}"))
 
@@ -143,21 +146,23 @@ def resolve_prior(
     for dest in request.destinations:
         if dest.transport in (STORAGE, OCI_ARCHIVE, DOCKER_ARCHIVE) and exists(dest, opts):
             try:
-                plan, blobs = _image_plan(dest, work, opts, limits, "the earlier image of")
+                plan, blobs, exact = _image_plan(dest, work, opts, limits, "the earlier image of")
             except PkglayerError as e:
                 log.warning("not reusing the earlier image %s: %s", dest, e)
                 continue
             plans.append((plan, f"the earlier image {dest}"))
             if blobs is not None:
                 sources.append(blobs)
+            if exact:
+                own_images.add(dest.text)
 
     # Layers the one destination already has need no local blob and no upload: the
     # staged layout goes to it alone, and the copy reuses what is there.
     if request.staged and len(request.destinations) == 1:
         dest = request.destinations[0]
         for plan, where in plans:
-            if where == f"the earlier image {dest}":
-                remote |= {rec.digest for rec in plan.layers}  # it is the destination's own image
+            if where == f"the earlier image {dest}" and dest.text in own_images:
+                remote |= {rec.digest for rec in plan.layers}  # the destination's own image, as written
             elif explicit_image is not None and where == explicit:
                 remote |= destination_has(explicit_image, dest, plan, opts)
 
@@ -183,17 +188,25 @@ def load_plan(spec: str) -> History:
 
 def _image_plan(
     ref: ImageRef, work: Workspace | None, opts, limits: Limits, what: str
-) -> tuple[History, BlobDir | None]:
-    """The plan an image built by pkglayer carries, and a blob directory holding its
-    layers when they are local byte for byte (an oci: layout or archive). Registries and
-    containers-storage are asked for the manifest and config only: local storage keeps
-    layers uncompressed, so their compressed blobs cannot come back from it."""
+) -> tuple[History, BlobDir | None, bool]:
+    """The plan an image built by pkglayer carries; a blob directory holding its layers
+    when they are local byte for byte (an oci: layout or archive); and whether the
+    image's layers are the labelled blobs themselves. Registries and containers-storage
+    are asked for the manifest and config only: local storage keeps layers uncompressed
+    (their compressed blobs cannot come back from it), and buildah may have committed
+    the image again with layers of its own (its plan still holds, matched by diff_id)."""
     if ref.transport in (DOCKER, STORAGE):
-        return plan_from_image(inspect(ref, work or Workspace(), opts, limits, what), ref.text), None
+        image = inspect(ref, work or Workspace(), opts, limits, what)
+        try:
+            return plan_from_image(image, ref.text), None, True
+        except PkglayerError:
+            if ref.transport == DOCKER:
+                raise
+            return plan_from_image(image, ref.text, blobs_as_labelled=False), None, False
     if work is None:
         raise PkglayerError(f"{what} {ref}: reading an archive needs a working directory")
     layout, tag = fetch(ref, work, work.new("prior"), opts, what=what)
-    return plan_from_image(open_layout(layout, tag, limits), ref.text), BlobDir(layout)
+    return plan_from_image(open_layout(layout, tag, limits), ref.text), BlobDir(layout), True
 
 
 def destination_has(prior: ImageRef, dest: ImageRef, plan: History, opts) -> set[str]:
@@ -245,20 +258,23 @@ def plan_from_image(image: Image, where: str, blobs_as_labelled: bool = True) ->
     cross-checked against the config's diff_ids and history, and against the manifest's
     layers unless `blobs_as_labelled` is False: local storage keeps layers uncompressed,
     so an image copied out of it has blobs other than those it was built with (same
-    diff_ids)."""
+    diff_ids), and buildah may have committed layers above them."""
     raw = image.labels.get(HISTORY_LABEL)
     if raw is None:
         raise ImageError(f"{where}: the image has no {HISTORY_LABEL} label (not built by pkglayer?)")
     if not isinstance(raw, str):
         raise ImageError(f"{where}: label {HISTORY_LABEL} is not a string")
     history = parse_history(raw.encode("utf-8"), f"{where}: label {HISTORY_LABEL}")
-    if len(history.layers) != len(image.layers):
-        raise ImageError(
-            f"{where}: label {HISTORY_LABEL} lists {len(history.layers)} layers, the manifest {len(image.layers)}"
-        )
     if (history.architecture, history.os) != (image.architecture, image.os):
         raise ImageError(f"{where}: label {HISTORY_LABEL} is for {history.os}/{history.architecture}, "
                          f"the image for {image.os}/{image.architecture}")
+    labelled = len(history.layers)
+    # As stored by the containers tools, the image may carry layers above the labelled
+    # ones (buildah commits an empty layer for a LABEL or CMD after FROM).
+    if len(image.layers) != labelled and (blobs_as_labelled or len(image.layers) < labelled):
+        raise ImageError(
+            f"{where}: label {HISTORY_LABEL} lists {labelled} layers, the manifest {len(image.layers)}"
+        )
     entries = [h for h in image.config.get("history") or [] if isinstance(h, dict) and not h.get("empty_layer")]
     for i, (rec, desc, diff_id) in enumerate(zip(history.layers, image.layers, image.diff_ids)):
         if blobs_as_labelled and (rec.digest, rec.size, rec.media_type) != (desc.digest, desc.size, desc.media_type):
@@ -267,7 +283,7 @@ def plan_from_image(image: Image, where: str, blobs_as_labelled: bool = True) ->
         if rec.diff_id != diff_id:
             raise ImageError(f"{where}: label {HISTORY_LABEL} layer {i} ({rec.name}) does not match the "
                              f"config's diff_id {diff_id}")
-        if len(entries) == len(history.layers) and entries[i].get("comment") not in (None, rec.name):
+        if len(entries) >= labelled and entries[i].get("comment") not in (None, rec.name):
             raise ImageError(f"{where}: config history entry {i} names layer {str(entries[i].get('comment'))[:80]!r}, "
                              f"the label {rec.name!r}")
     return history

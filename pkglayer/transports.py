@@ -134,9 +134,15 @@ def fetch(ref: ImageRef, work: Workspace, name: str, opts=None, decompress: bool
         return ref.path, ref.tag
     layout = work.path(name)
     args = ["copy", "--quiet", *(opts or RegistryOptions()).skopeo_args("src")]
-    if decompress:
-        args.append("--dest-oci-accept-uncompressed-layers")
     log.info("copying %s into a local layout", ref)
+    if decompress:
+        # Straight to oci: with uncompressed layers, skopeo 1.9 keeps +gzip media types on
+        # plain tars (containers/image#1270); through dir: they come out right.
+        plain = work.path(f"{name}-dir")
+        skopeo([*args, ref.text, f"dir:{plain}"], f"reading {ref}")
+        skopeo(["copy", "--quiet", "--dest-oci-accept-uncompressed-layers", f"dir:{plain}", f"oci:{layout}:{name}"],
+               f"reading {ref}")
+        return layout, name
     skopeo([*args, ref.text, f"oci:{layout}:{name}"], f"reading {ref}")
     return layout, name
 
@@ -203,7 +209,8 @@ def publish(layout: str, tag: str, dest: ImageRef, opts=None, limits: Limits = D
             ["copy", "--quiet", f"oci:{layout}:{tag}", f"docker-archive:{tmp}{name}"], f"writing {dest}"))
         return None
     if dest.transport == STORAGE:
-        skopeo(["copy", "--quiet", f"oci:{layout}:{tag}", dest.text], f"writing {dest}")
+        # The store keeps the manifest as written: the image keeps pkglayer's digests.
+        skopeo(["copy", "--quiet", "--preserve-digests", f"oci:{layout}:{tag}", dest.text], f"writing {dest}")
         return None
     raise PkglayerError(f"{dest}: cannot publish to an oci: layout this way")
 
