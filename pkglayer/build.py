@@ -31,6 +31,7 @@ from .pristine import is_pristine_layer
 from .rootfs import Rootfs
 from .sources import open_source
 from .tarwriter import MEDIA_TYPES, TAR_FORMAT, Member, content_key, layer_members, write_layer
+from .zstd_chunked import read_annotations
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,7 @@ def build(
                 (o for h in layer.homes for o in ownership.homes[h]),
                 ownership.objects,
                 settings.source_date_epoch,
+                with_root=settings.compression == "zstd:chunked",
             )
             for layer in plan
         }
@@ -386,6 +388,15 @@ def _reuse_or_write(
         rec = layer_cache.lookup(key, spec)
         if rec is None or rec.media_type != media_type:
             return None
+        if settings.compression == "zstd:chunked" and not rec.annotations:
+            # The cache records no annotations: read them back from the blob's footer.
+            try:
+                with open(layer_cache.blobs.path(rec.digest), "rb") as f:
+                    notes = read_annotations(f, rec.size)
+            except (PkglayerError, OSError) as e:
+                log.warning("layer cache: blob %s: %s", rec.digest, e)
+                return None
+            rec = replace(rec, annotations=tuple(sorted(notes.items())))
         if output is not layer_cache.blobs and not (output.has(rec.digest) and output.size(rec.digest) == rec.size):
             try:
                 layer_cache.export(rec.digest, output)
@@ -420,6 +431,7 @@ def _reuse_or_write(
                 [*(o for h in layer.homes for o in ownership.homes.get(h, [])), *(obj for obj, _ in edited)],
                 ownership.objects,
                 settings.source_date_epoch,
+                with_root=settings.compression == "zstd:chunked",
             )
             wanted = {obj.path: (obj, rec) for obj, rec in edited}
             for rec in by_packages.get(layer.packages, []):
@@ -450,6 +462,7 @@ def _reuse_or_write(
                         media_type=rec.media_type,
                         compression=rec.compression,
                         components=layer.components,
+                        annotations=rec.annotations,
                     ),
                     reused=True,
                     files=len(members[layer.name]),
@@ -485,7 +498,7 @@ def _reuse_or_write(
 
         def write_new(layer: PlannedLayer) -> LayerOutcome:
             with output.writer() as w:
-                diff_id, _ = write_layer(rootfs, members[layer.name], settings.compression, level, w)
+                diff_id, _, annotations = write_layer(rootfs, members[layer.name], settings.compression, level, w)
                 digest, size = w.commit()
             key = keys[layer.name] or content_key(members[layer.name])
             assert key is not None  # every file was hashed while writing
@@ -500,6 +513,7 @@ def _reuse_or_write(
                     media_type=media_type,
                     compression=spec,
                     components=layer.components,
+                    annotations=tuple(sorted(annotations.items())),
                 ),
                 reused=False,
                 files=len(members[layer.name]),

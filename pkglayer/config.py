@@ -14,7 +14,8 @@ from typing import Any
 from .errors import ConfigError
 from .hashcache import default_path
 
-COMPRESSIONS = ("gzip", "zstd")
+# zstd:chunked: zstd that clients with partial pulls fetch file by file (zstd_chunked.py)
+COMPRESSIONS = ("gzip", "zstd", "zstd:chunked")
 
 DEFAULT_EXCLUDES = (
     # package-manager caches and downloaded indexes: rebuilt on demand, change every run
@@ -84,7 +85,7 @@ class BuildSettings:
     def validated(self) -> BuildSettings:
         if self.compression not in COMPRESSIONS:
             raise ConfigError(
-                f"unknown compression {self.compression!r} (choose {' or '.join(COMPRESSIONS)})"
+                f"unknown compression {self.compression!r} (choose {', '.join(COMPRESSIONS)})"
             )
         if not 1 <= self.gzip_level <= 9:
             raise ConfigError(f"gzip level must be 1..9, not {self.gzip_level}")

@@ -20,7 +20,7 @@ from typing import Any
 
 from .blobstore import BlobDir, write_file_atomic
 from .errors import HistoryError, PkglayerError
-from .history import MEDIA_TYPES, NAME_RE, ComponentRecord, LayerRecord, parse_history
+from .history import MEDIA_TYPES, NAME_RE, ComponentRecord, LayerRecord, checked_annotations, parse_history
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -149,6 +149,7 @@ def write_image(
                     COMPRESSION: layer.compression,
                     LAYER_PACKAGES: " ".join(layer.packages),
                     LAYER_COMPONENTS: " ".join(layer.components),
+                    **dict(layer.annotations),
                 },
             }
             for layer in layers
@@ -215,6 +216,7 @@ def prior_image(
                     size=desc["size"],
                     media_type=desc["mediaType"],
                     compression=notes.get(COMPRESSION, ""),
+                    annotations=checked_annotations(notes, "layer annotations"),
                 )
             )
     except (KeyError, TypeError, ValueError, PkglayerError):

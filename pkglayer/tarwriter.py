@@ -24,6 +24,7 @@ from .digests import CONTENT_HASH, new_hasher
 from .errors import RootfsError
 from .ownership import FsObject
 from .rootfs import FileOpener, Rootfs
+from .zstd_chunked import ChunkedEncoder
 
 # Bump whenever the bytes written for the same members change: it is part of every
 # content key, so old blobs are never reused for a different tar encoding.
@@ -41,6 +42,7 @@ _FLUSH = 1024 * 1024
 MEDIA_TYPES = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "zstd:chunked": "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 
 
@@ -168,9 +170,14 @@ def _member(obj: FsObject, dir_mtime: int) -> Member:
 
 
 def layer_members(
-    objects: Iterable[FsObject], all_objects: dict[str, FsObject], dir_mtime: int
+    objects: Iterable[FsObject], all_objects: dict[str, FsObject], dir_mtime: int, with_root: bool = False
 ) -> list[Member]:
-    """The members of one layer: its objects plus every parent directory, sorted."""
+    """The members of one layer: its objects plus every parent directory, sorted.
+
+    `with_root` puts the layer's root directory first as "./" (0755, root-owned): clients
+    that build a layer from a zstd:chunked table of contents otherwise leave the layer's
+    root as their private staging directory, mode 0700, and with it the container's "/"
+    (podman 4.3.1: non-root users can then run nothing)."""
     chosen: dict[str, FsObject] = {}
     for obj in objects:
         chosen[obj.path] = obj
@@ -179,6 +186,8 @@ def layer_members(
             chosen[parent] = all_objects[parent]
             parent = parent.rpartition("/")[0]
     members: list[Member] = []
+    if with_root:
+        members.append(Member(name=".", type=tarfile.DIRTYPE, mode=0o755, uid=0, gid=0, mtime=dir_mtime))
     first_of_inode: dict[tuple[int, int], str] = {}
     for path in sorted(chosen, key=_sort_key):
         obj = chosen[path]
@@ -251,28 +260,44 @@ class _Compressor:
             self._push(bytes(self._buf))
             self._buf.clear()
 
-    def finish(self) -> None:
+    # The tar writer drives this like a ChunkedEncoder; a plain stream needs no member boundaries.
+    def add_member(self, m: Member, header: bytes) -> None:
+        self.write(header)
+
+    def write_data(self, chunk) -> None:
+        if len(chunk) >= 64 * 1024:
+            self.write_large(chunk)
+        else:
+            self.write(chunk)
+
+    def end_file(self) -> None:
+        pass
+
+    def finish(self) -> dict[str, str]:
         self._flush()
         self.out.write(self._c.flush())
+        return {}
 
 
 def write_layer(
     rootfs: Rootfs, members: list[Member], compression: str, level: int, out
-) -> tuple[str, int]:
-    """Write the layer to `out` (a binary writer). Returns (diff_id, uncompressed size).
+) -> tuple[str, int, dict[str, str]]:
+    """Write the layer to `out` (a binary writer). Returns (diff_id, uncompressed size,
+    layer annotations: those of zstd:chunked, else none).
 
     Files not hashed yet are hashed on the way (their FsObject.content_hash is set), so the
     content key can be taken afterwards. Each file is checked against what the scan saw
     (inode, size, mtime, ctime): a file changed since then would make the content key
     lie, so the build stops instead.
     """
-    c = _Compressor(compression, level, out)
+    c = ChunkedEncoder(level, out) if compression == "zstd:chunked" else _Compressor(compression, level, out)
     buf = memoryview(bytearray(_FLUSH))  # reused for every read of this layer
     with FileOpener(rootfs) as opener:
         for m in members:
-            c.write(m.header())
+            c.add_member(m, m.header())
             if m.type == tarfile.REGTYPE and m.size:
                 _copy_file(opener, m, c, buf)
+                c.end_file()
                 pad = -m.size % _BLOCK
                 if pad:
                     c.write(b"\0" * pad)
@@ -282,14 +307,14 @@ def write_layer(
     end = 2 * _BLOCK
     total = c.offset + end
     c.write(b"\0" * (end + (-total % _RECORD)))
-    c.finish()
-    return "sha256:" + c.tar_hash.hexdigest(), c.tar_size
+    annotations = c.finish()
+    return "sha256:" + c.tar_hash.hexdigest(), c.tar_size, annotations
 
 
 _EMPTY_HASH = new_hasher(CONTENT_HASH).hexdigest()
 
 
-def _copy_file(opener: FileOpener, m: Member, c: _Compressor, buf: memoryview) -> None:
+def _copy_file(opener: FileOpener, m: Member, c: _Compressor | ChunkedEncoder, buf: memoryview) -> None:
     obj = m.source
     assert obj is not None
     try:
@@ -312,10 +337,7 @@ def _copy_file(opener: FileOpener, m: Member, c: _Compressor, buf: memoryview) -
             chunk = buf[:n]
             if hasher is not None:
                 hasher.update(chunk)
-            if n >= 64 * 1024:
-                c.write_large(chunk)
-            else:
-                c.write(chunk)
+            c.write_data(chunk)
     finally:
         os.close(fd)
     if hasher is not None:
