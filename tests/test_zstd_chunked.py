@@ -469,3 +469,18 @@ def test_memory_does_not_grow_with_file_size() -> None:
         tracemalloc.stop()
     assert peak < 8 << 20, peak
     assert enc.tar_size == size + 512 + 1024 and 0 < counted < size // 10
+
+
+def test_layers_from_the_daemon_cache_get_their_annotations(odd_tree: Path, tmp_path: Path) -> None:
+    from pkglayer.build import build as build_in_process
+    from pkglayer.config import BuildSettings
+    from pkglayer.daemon.cache import LayerCache
+
+    settings = BuildSettings(compression="zstd:chunked", hash_cache="")
+    direct = build_in_process(str(odd_tree), settings, oci_ref=f"oci:{tmp_path / 'a'}:t")
+    cache = LayerCache(str(tmp_path / "cache"), 10**9)
+    build_in_process(str(odd_tree), settings, layer_cache=cache)  # prebuild: into the cache only
+    cached = build_in_process(str(odd_tree), settings, oci_ref=f"oci:{tmp_path / 'b'}:t", layer_cache=cache)
+    assert cached.layers and all(o.cached for o in cached.layers)
+    assert cached.image is not None and direct.image is not None
+    assert cached.image.manifest_digest == direct.image.manifest_digest
