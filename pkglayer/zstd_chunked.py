@@ -35,8 +35,8 @@ Which client reads what (containers-storage sources, read for this module):
   `io.github.containers.zstd-chunked.`; 1.48 to 1.53 also read the tar-split from
   `...tarsplit-position` ("offset:length:uncompressed length"), checked against
   `...tarsplit-checksum`; 1.54 and later check it against the TOC's "tarSplitDigest"
-  and, since 1.56 or so, pull partially only when a tar-split is there (else they
-  download the whole layer).
+  and, from 1.57, pull partially only when a tar-split is there (else they download the
+  whole layer) and check that the tar rebuilt from it hashes to the config's diff_id.
 
 Entries are written the way containers-storage's own writer would describe the same tar
 (names as in the tar header, so directories end in "/"; mode is the tar mode field;
@@ -52,6 +52,7 @@ build; the tar-split JSON has no map either.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import struct
@@ -140,14 +141,15 @@ def _utf8(text: str, what: str, m: Member) -> str:
     return text
 
 
-def _rfc3339(m: Member) -> str:
+@functools.lru_cache(maxsize=4096)  # a layer's files share few mtimes
+def _rfc3339(mtime: int) -> str | None:
     try:
-        return (_EPOCH + timedelta(seconds=m.mtime)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return (_EPOCH + timedelta(seconds=mtime)).strftime("%Y-%m-%dT%H:%M:%SZ")
     except OverflowError:
-        raise RootfsError(f"/{m.name}: mtime {m.mtime} is outside the years 1-9999") from None
+        return None
 
 
-def toc_entry(m: Member) -> dict[str, object]:
+def _toc_entry(m: Member) -> dict[str, object]:
     """The TOC entry of a tar member, without the location of its content."""
     name = m.name + "/" if m.type == tarfile.DIRTYPE else m.name
     entry: dict[str, object] = {"type": _TYPES[m.type], "name": _utf8(name, "file name", m)}
@@ -157,7 +159,9 @@ def toc_entry(m: Member) -> dict[str, object]:
         entry["mode"] = m.mode
     if m.type == tarfile.REGTYPE and m.size:
         entry["size"] = m.size
-    mtime = _rfc3339(m)
+    mtime = _rfc3339(m.mtime)
+    if mtime is None:
+        raise RootfsError(f"/{m.name}: mtime {m.mtime} is outside the years 1-9999")
     # Lower case for the current spelling, capitalised for containers-storage 1.43.
     for lower, upper, value in (("uid", "UID", m.uid), ("gid", "GID", m.gid), ("modtime", "ModTime", mtime)):
         if value:
@@ -216,8 +220,8 @@ class ChunkedEncoder:
     def add_member(self, m: Member, header: bytes) -> None:
         if self._file is not None:
             raise ValueError(f"add_member before end_file of {self._file['name']}")
-        entry = toc_entry(m)
-        self._split_entry({"type": _SEGMENT, "payload": bytes(self._pending) + header})
+        entry = _toc_entry(m)
+        self._split_segment(bytes(self._pending) + header)
         self._pending.clear()
         self._tar(header)
         self._compress(header)
@@ -231,7 +235,7 @@ class ChunkedEncoder:
             self._frame = self._cctx.compressobj(size=m.size)
         else:
             self._toc_add(entry)
-            self._split_entry({"type": _FILE, "name": entry["name"]})
+            self._split_file(entry["name"])
 
     def write_data(self, chunk) -> None:
         if self._file is None:
@@ -253,9 +257,7 @@ class ChunkedEncoder:
         entry["offset"] = self._file_start
         entry["endOffset"] = self._pos
         self._toc_add(entry)
-        self._split_entry(
-            {"type": _FILE, "name": entry["name"], "size": entry["size"], "payload": self._file_crc.to_bytes(8, "big")}
-        )
+        self._split_file(entry["name"], entry["size"], self._file_crc)
         self._file = None
 
     def write(self, data) -> None:
@@ -270,7 +272,7 @@ class ChunkedEncoder:
         if self._file is not None:
             raise ValueError("finish inside a regular file")
         if self._pending:
-            self._split_entry({"type": _SEGMENT, "payload": bytes(self._pending)})
+            self._split_segment(bytes(self._pending))
             self._pending.clear()
         self._end_frame()
         split = self._split.close()
@@ -333,14 +335,22 @@ class ChunkedEncoder:
         self._toc.add(_json(entry) if self._first_entry else "," + _json(entry))
         self._first_entry = False
 
-    def _split_entry(self, entry: dict[str, object]) -> None:
-        # Field order and omissions as tar-split's JSON packer: name and size only when
-        # set, payload base64 (null for files without content), then the position.
-        payload = entry.pop("payload", None)
-        entry["payload"] = base64.b64encode(payload).decode("ascii") if payload is not None else None
-        entry["position"] = self._split_position
+    def _split_segment(self, payload: bytes) -> None:
+        self._split_add(f'{{"type":{_SEGMENT},"payload":"{base64.b64encode(payload).decode("ascii")}"')
+
+    def _split_file(self, name: str, size: int = 0, crc: int | None = None) -> None:
+        # Fields in the order of tar-split's JSON packer; size only when set, payload
+        # (the CRC, base64) null for entries without content.
+        text = f'{{"type":{_FILE},"name":{_json(name)}'
+        if size:
+            text += f',"size":{size},"payload":"{base64.b64encode(crc.to_bytes(8, "big")).decode("ascii")}"'
+        else:
+            text += ',"payload":null'
+        self._split_add(text)
+
+    def _split_add(self, text: str) -> None:
+        self._split.add(f'{text},"position":{self._split_position}}}\n')
         self._split_position += 1
-        self._split.add(_json(entry) + "\n")
 
 
 def read_annotations(f: BinaryIO, size: int) -> dict[str, str]:
