@@ -157,12 +157,12 @@ def plan_rootfs(
 
 
 def layer_contents(
-    planned: list[PlannedLayer], ownership: Ownership, dir_mtime: int
+    planned: list[PlannedLayer], ownership: Ownership, dir_mtime: int, with_root: bool = False
 ) -> tuple[dict[str, list[Member]], dict[str, str | None]]:
     """Each layer's tar members, and its content key where every file's hash is known."""
     members = {
         layer.name: layer_members(
-            (o for h in layer.homes for o in ownership.homes[h]), ownership.objects, dir_mtime
+            (o for h in layer.homes for o in ownership.homes[h]), ownership.objects, dir_mtime, with_root
         )
         for layer in planned
     }
@@ -199,10 +199,13 @@ def build(
             len(ownership.packages), sum(not c.special for c in components), len(ownership.objects),
             len(plan.layers), plan.decision,
         )
-        members, keys = layer_contents(plan.layers, ownership, settings.source_date_epoch)
+        # zstd:chunked layers start with the layer root: clients that build a layer from
+        # its table of contents would otherwise leave their 0700 staging directory there.
+        with_root = settings.compression == "zstd:chunked"
+        members, keys = layer_contents(plan.layers, ownership, settings.source_date_epoch, with_root)
         reuse = ReuseIndex(
             prior, settings.compression_spec, LAYER_MEDIA_TYPES[settings.compression], blobs, ownership,
-            settings.source_date_epoch,
+            settings.source_date_epoch, with_root,
         )
         write_started = time.time()
         outcomes, rejected, hashes = reuse_or_write(
@@ -323,6 +326,7 @@ class _LayerWriter:
             media_type=LAYER_MEDIA_TYPES[settings.compression],
             compression=settings.compression_spec,
             components=layer.components,
+            annotations=tuple(sorted(written.annotations.items())),
         )
         # Member names are the objects' rootfs-relative paths.
         return LayerOutcome(record, reused=False, files=len(members)), written.hashes

@@ -17,8 +17,9 @@ from .fsutil import read_regular
 from .hashcache import default_path
 
 # "none": uncompressed layers, for outputs that go straight into local storage
-# (containers-storage keeps layers uncompressed: compressing would be undone at once).
-COMPRESSIONS = ("gzip", "zstd", "none")
+# (containers-storage keeps layers uncompressed: compressing would be undone at once);
+# "zstd:chunked": zstd that clients with partial pulls fetch file by file (zstd_chunked.py).
+COMPRESSIONS = ("gzip", "zstd", "zstd:chunked", "none")
 
 DEFAULT_EXCLUDES = (
     # package-manager caches and downloaded indexes: rebuilt on demand, change every run
@@ -108,7 +109,9 @@ class BuildSettings:
 
     @property
     def compression_level(self) -> int:
-        return {"gzip": self.gzip_level, "zstd": self.zstd_level}.get(self.compression, 0)
+        return {"gzip": self.gzip_level, "zstd": self.zstd_level, "zstd:chunked": self.zstd_level}.get(
+            self.compression, 0
+        )
 
     @property
     def compression_spec(self) -> str:

@@ -20,6 +20,7 @@ from .digests import is_digest
 from .errors import HistoryError
 from .fsutil import read_regular, write_file_atomic
 from .mediatypes import LAYER_COMPRESSION, is_oci_layer
+from .zstd_chunked import ANNOTATION_KEYS
 
 SCHEMA_VERSION = 1
 MAX_HISTORY_BYTES = 64 << 20
@@ -30,7 +31,9 @@ MAX_HISTORY_BYTES = 64 << 20
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@^_-]{0,254}")
 _MAX_COUNT = 2**31 - 1
 # A bare "gzip"/"zstd": a blob another tool compressed, at a level nobody recorded.
-COMPRESSION_RE = re.compile(r"none|gzip(?:-[1-9])?|zstd(?:-(?:[1-9]|1[0-9]|2[0-2]))?")
+COMPRESSION_RE = re.compile(r"none|gzip(?:-[1-9])?|zstd(?::chunked)?(?:-(?:[1-9]|1[0-9]|2[0-2]))?")
+# Layer annotations a record may carry (those locating a zstd:chunked TOC), and their values.
+_ANNOTATION_VALUE_RE = re.compile(r"sha256:[0-9a-f]{64}|[0-9]{1,19}(?::[0-9]{1,19}){2,3}")
 _PLATFORM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MAX_GENERATOR = 256
 _MAX_SIZE = 2**63 - 1  # OCI descriptor sizes are int64
@@ -49,6 +52,9 @@ class LayerRecord:
     # planner components (source packages) in this layer; () for top layers and for
     # histories written before components were recorded
     components: tuple[str, ...] = ()
+    # annotations the layer descriptor must carry: (key, value) pairs, sorted; those of
+    # zstd:chunked (the TOC's place and digest), none for the other compressions
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,7 @@ def dumps_history(history: History) -> bytes:
                 "mediaType": layer.media_type,
                 "compression": layer.compression,
                 "components": list(layer.components),
+                **({"annotations": dict(layer.annotations)} if layer.annotations else {}),
             }
             for layer in history.layers
         ],
@@ -280,8 +287,11 @@ def _layer_from_json(raw: object, where: str) -> LayerRecord:
     compression = _field(raw, "compression", str, where)
     if not COMPRESSION_RE.fullmatch(compression):
         raise HistoryError(f"{where}: unknown compression {_short(compression)}")
-    if compression.split("-")[0] != LAYER_COMPRESSION[media_type]:
+    if compression.split("-")[0].split(":")[0] != LAYER_COMPRESSION[media_type]:
         raise HistoryError(f"{where}: compression {compression!r} does not match mediaType {media_type!r}")
+    annotations = checked_annotations(raw.get("annotations", {}), where)
+    if annotations and not compression.startswith("zstd:chunked-"):
+        raise HistoryError(f"{where}: annotations on a layer that is not zstd:chunked")
     return LayerRecord(
         name=name,
         packages=tuple(packages),
@@ -292,4 +302,17 @@ def _layer_from_json(raw: object, where: str) -> LayerRecord:
         media_type=media_type,
         compression=compression,
         components=components,
+        annotations=annotations,
     )
+
+
+def checked_annotations(raw: object, where: str) -> tuple[tuple[str, str], ...]:
+    """The optional `annotations` of a layer (added after schemaVersion 1 shipped).
+    Keys this pkglayer does not know are left out, not trusted into a manifest."""
+    if not isinstance(raw, dict):
+        raise HistoryError(f"{where}: field 'annotations' must be an object, not {_json_type(raw)}")
+    known = {k: v for k, v in raw.items() if k in ANNOTATION_KEYS}
+    for key, value in known.items():
+        if not isinstance(value, str) or not _ANNOTATION_VALUE_RE.fullmatch(value):
+            raise HistoryError(f"{where}: annotation {key!r} has invalid value")
+    return tuple(sorted(known.items()))

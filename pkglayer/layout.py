@@ -28,7 +28,7 @@ from .blobstore import BlobDir
 from .digests import is_digest
 from .errors import PkglayerError
 from .fsutil import read_regular, write_file_atomic
-from .history import NAME_RE, LayerRecord
+from .history import NAME_RE, LayerRecord, checked_annotations
 from .mediatypes import (
     CONFIG_TYPES,
     INDEX_TYPES,
@@ -332,6 +332,10 @@ def annotated_layers(image: Image) -> list[LayerRecord] | None:
             or not all(NAME_RE.fullmatch(n) for group in names for n in group)
         ):
             return None
+        try:
+            annotations = checked_annotations(notes, f"layer {name}")
+        except PkglayerError:
+            return None
         records.append(
             LayerRecord(
                 name=name,
@@ -343,6 +347,7 @@ def annotated_layers(image: Image) -> list[LayerRecord] | None:
                 size=desc.size,
                 media_type=desc.media_type,
                 compression=notes.get(COMPRESSION, ""),
+                annotations=annotations,
             )
         )
     return records
@@ -438,6 +443,7 @@ def write_image(
                     COMPRESSION: layer.compression,
                     LAYER_PACKAGES: " ".join(layer.packages),
                     LAYER_COMPONENTS: " ".join(layer.components),
+                    **dict(layer.annotations),
                 },
             }
             for layer in layers

@@ -18,15 +18,17 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
 
-# compression -> the OCI layer media type pkglayer writes
-LAYER_MEDIA_TYPES = {
-    "none": "application/vnd.oci.image.layer.v1.tar",
-    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-}
-# every layer media type pkglayer reads -> the compression of its blob
+OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_TAR_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+# compression -> the OCI layer media type pkglayer writes (zstd:chunked is zstd to
+# every reader; its table of contents is found through layer annotations)
+LAYER_MEDIA_TYPES = {"none": OCI_TAR, "gzip": OCI_TAR_GZIP, "zstd": OCI_TAR_ZSTD, "zstd:chunked": OCI_TAR_ZSTD}
+# every layer media type pkglayer reads -> the compression format of its blob
 LAYER_COMPRESSION = {
-    **{media_type: compression for compression, media_type in LAYER_MEDIA_TYPES.items()},
+    OCI_TAR: "none",
+    OCI_TAR_GZIP: "gzip",
+    OCI_TAR_ZSTD: "zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
     "application/vnd.docker.image.rootfs.diff.tar": "none",
 }

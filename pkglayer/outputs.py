@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .blobstore import BlobDir
-from .build import BuildResult
+from .build import BuildResult, build
+from .config import BuildSettings
 from .errors import PkglayerError
 from .fsutil import Workspace
 from .history import History, dumps_history, save_history
@@ -32,7 +33,7 @@ from .layout import (
     parse_layout_ref,
     write_image,
 )
-from .prior import Prior, PriorRequest
+from .prior import Prior, PriorRequest, resolve_prior
 from .transports import ImageRef, parse_image_ref, publish
 
 log = logging.getLogger(__name__)
@@ -207,3 +208,22 @@ def with_history_label(labels: dict[str, str], history: History) -> dict[str, st
 
 def rfc3339(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_to(
+    rootfs: str,
+    settings: BuildSettings,
+    *,
+    layout: tuple[str, str] | None = None,
+    layers_dir: str | None = None,
+    options: ImageOptions | None = None,
+) -> tuple[BuildResult, OutputReport]:
+    """`pkglayer build ROOTFS [--output oci:DIR:TAG] [--layers DIR]` as one call, for
+    programs that use pkglayer as a library: the prior those outputs hold, the build,
+    the outputs."""
+    outputs = Outputs(layout=layout, layers_dir=layers_dir)
+    prior = resolve_prior(outputs.prior_request())
+    result = build(rootfs, settings, prior, outputs.new_blobs())
+    report = write_outputs(ImageContent.of_build(result, prior), outputs, options or ImageOptions(),
+                           settings.source_date_epoch)
+    return result, report

@@ -94,7 +94,8 @@ def is_pristine_layer(
         if record.media_type.endswith("+gzip"):
             raw = gzip.GzipFile(fileobj=f, mode="rb")
         elif record.media_type.endswith("+zstd"):
-            raw = zstandard.ZstdDecompressor().stream_reader(f)
+            # zstd:chunked blobs are many frames (and skippable ones, which libzstd skips)
+            raw = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
         else:
             raw = f
         stream = _HashingReader(raw)

@@ -27,6 +27,7 @@ from .plan import PlannedLayer
 from .prior import Prior
 from .pristine import is_pristine_layer
 from .tarwriter import layer_members
+from .zstd_chunked import read_annotations
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class Reuse:
 
 class ReuseIndex:
     def __init__(
-        self, prior: Prior, compression: str, media_type: str, output: BlobDir, ownership: Ownership, dir_mtime: int
+        self, prior: Prior, compression: str, media_type: str, output: BlobDir, ownership: Ownership, dir_mtime: int,
+        with_root: bool = False,
     ):
         self.prior = prior
         self.compression = compression
@@ -47,6 +49,7 @@ class ReuseIndex:
         self.output = output
         self.ownership = ownership
         self.dir_mtime = dir_mtime
+        self.with_root = with_root
         self.sources = (*prior.blob_sources, output)
         self.by_key: dict[str, LayerRecord] = {}
         self.by_packages: dict[tuple[str, ...], list[LayerRecord]] = {}
@@ -83,6 +86,15 @@ class ReuseIndex:
         rec = cache.lookup(key, self.compression)
         if rec is None or rec.media_type != self.media_type:
             return None
+        if self.compression.startswith("zstd:chunked") and not rec.annotations:
+            # The cache records no annotations: read them back from the blob's footer.
+            try:
+                with open(cache.blobs.path(rec.digest), "rb") as f:
+                    notes = read_annotations(f, rec.size)
+            except (PkglayerError, OSError) as e:
+                log.warning("layer cache: blob %s: %s", rec.digest, e)
+                return None
+            rec = replace(rec, annotations=tuple(sorted(notes.items())))
         out = self.output
         if out is not cache.blobs and not (out.has(rec.digest) and out.size(rec.digest) == rec.size):
             try:
@@ -104,6 +116,7 @@ class ReuseIndex:
             [*(o for h in layer.homes for o in own.homes.get(h, [])), *(obj for obj, _ in edited)],
             own.objects,
             self.dir_mtime,
+            self.with_root,
         )
         wanted = {obj.path: (obj, rec) for obj, rec in edited}
         for rec in self.by_packages.get(layer.packages, []):

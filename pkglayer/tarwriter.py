@@ -24,6 +24,7 @@ from .digests import CONTENT_HASH, new_hasher
 from .errors import RootfsError
 from .rootfs import FileOpener, Rootfs
 from .scan import FsObject
+from .zstd_chunked import ChunkedEncoder
 
 # Bump whenever the bytes written for the same members change: it is part of every
 # content key, so old blobs are never reused for a different tar encoding.
@@ -160,9 +161,14 @@ def _member(obj: FsObject, dir_mtime: int) -> Member:
 
 
 def layer_members(
-    objects: Iterable[FsObject], all_objects: dict[str, FsObject], dir_mtime: int
+    objects: Iterable[FsObject], all_objects: dict[str, FsObject], dir_mtime: int, with_root: bool = False
 ) -> list[Member]:
-    """The members of one layer: its objects plus every parent directory, sorted."""
+    """The members of one layer: its objects plus every parent directory, sorted.
+
+    `with_root` puts the layer's root directory first as "./" (0755, root-owned): clients
+    that build a layer from a zstd:chunked table of contents otherwise leave the layer's
+    root as their private staging directory, mode 0700, and with it the container's "/"
+    (podman 4.3.1: non-root users can then run nothing)."""
     chosen: dict[str, FsObject] = {}
     for obj in objects:
         chosen[obj.path] = obj
@@ -171,6 +177,8 @@ def layer_members(
             chosen[parent] = all_objects[parent]
             parent = parent.rpartition("/")[0]
     members: list[Member] = []
+    if with_root:
+        members.append(Member(name=".", type=tarfile.DIRTYPE, mode=0o755, uid=0, gid=0, mtime=dir_mtime))
     first_of_inode: dict[tuple[int, int], str] = {}
     for path in sorted(chosen, key=_sort_key):
         obj = chosen[path]
@@ -248,9 +256,23 @@ class _Compressor:
             self._push(bytes(self._buf))
             self._buf.clear()
 
-    def finish(self) -> None:
+    # The tar writer drives this like a ChunkedEncoder; a plain stream needs no member boundaries.
+    def add_member(self, m: Member, header: bytes) -> None:
+        self.write(header)
+
+    def write_data(self, chunk) -> None:
+        if len(chunk) >= 64 * 1024:
+            self.write_large(chunk)
+        else:
+            self.write(chunk)
+
+    def end_file(self) -> None:
+        pass
+
+    def finish(self) -> dict[str, str]:
         self._flush()
         self.out.write(self._c.flush())
+        return {}
 
 
 @dataclass(frozen=True)
@@ -258,6 +280,7 @@ class WrittenLayer:
     diff_id: str  # sha256 of the uncompressed tar
     tar_size: int
     hashes: dict[str, str]  # member name -> content hash, for the members that had none
+    annotations: dict[str, str]  # the layer descriptor's: those of zstd:chunked, else none
 
 
 class _Uncompressed:
@@ -278,16 +301,17 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
     mtime, ctime): a file changed since then would make the content key lie, so the
     build stops instead.
     """
-    c = _Compressor(compression, level, out)
+    c = ChunkedEncoder(level, out) if compression == "zstd:chunked" else _Compressor(compression, level, out)
     buf = memoryview(bytearray(_FLUSH))  # reused for every read of this layer
     hashes: dict[str, str] = {}
     with FileOpener(rootfs) as opener:
         for m in members:
-            c.write(m.header())
+            c.add_member(m, m.header())
             if m.type == tarfile.REGTYPE and m.size:
                 taken = _copy_file(opener, m, c, buf)
                 if taken is not None:
                     hashes[m.name] = taken
+                c.end_file()
                 pad = -m.size % _BLOCK
                 if pad:
                     c.write(b"\0" * pad)
@@ -297,14 +321,14 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
     end = 2 * _BLOCK
     total = c.offset + end
     c.write(b"\0" * (end + (-total % _RECORD)))
-    c.finish()
-    return WrittenLayer("sha256:" + c.tar_hash.hexdigest(), c.tar_size, hashes)
+    annotations = c.finish()
+    return WrittenLayer("sha256:" + c.tar_hash.hexdigest(), c.tar_size, hashes, annotations)
 
 
 _EMPTY_HASH = new_hasher(CONTENT_HASH).hexdigest()
 
 
-def _copy_file(opener: FileOpener, m: Member, c: _Compressor, buf: memoryview) -> str | None:
+def _copy_file(opener: FileOpener, m: Member, c: _Compressor | ChunkedEncoder, buf: memoryview) -> str | None:
     """Copy one file's data into the layer; its content hash if it had none yet."""
     obj = m.source
     assert obj is not None
@@ -328,10 +352,7 @@ def _copy_file(opener: FileOpener, m: Member, c: _Compressor, buf: memoryview) -
             chunk = buf[:n]
             if hasher is not None:
                 hasher.update(chunk)
-            if n >= 64 * 1024:
-                c.write_large(chunk)
-            else:
-                c.write(chunk)
+            c.write_data(chunk)
     finally:
         os.close(fd)
     return hasher.hexdigest() if hasher is not None else None

@@ -8,6 +8,7 @@ runs with the flags measured in /work/shared/notes/field-facts.md.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -343,20 +344,20 @@ def _registry_answers(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@contextlib.contextmanager
+def serve_registry(work: Path, log_level: str = "warn") -> Iterator[str]:
     """Debian's docker-registry on 127.0.0.1 (loopback only, no auth, no TLS), storing
-    blobs in a temporary directory. Yields "127.0.0.1:PORT"."""
+    blobs and its log (work/registry.log) under `work`. Yields "127.0.0.1:PORT". At log
+    level "info" it logs every request with the bytes it sent (http.response.written)."""
     exe = shutil.which("docker-registry")
     if exe is None:
         raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
-    work = tmp_path_factory.mktemp("registry")
     port = _free_loopback_port()
     address = f"127.0.0.1:{port}"
     # JSON is YAML: no dependency needed to write the config.
     config = {
         "version": 0.1,
-        "log": {"level": "warn"},
+        "log": {"level": log_level},
         "storage": {"filesystem": {"rootdirectory": str(work / "data")}, "delete": {"enabled": True}},
         "http": {"addr": address},
     }
@@ -382,3 +383,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A docker-registry for the session (see serve_registry). Yields "127.0.0.1:PORT"."""
+    with serve_registry(tmp_path_factory.mktemp("registry")) as address:
+        yield address
