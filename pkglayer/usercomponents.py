@@ -89,7 +89,7 @@ def name_problem(name: str) -> str | None:
     if not NAME_RE.fullmatch(name):
         return "not a valid layer name (letters, digits and . _ + ~ : @ ^ -, starting with a letter or digit)"
     if name.startswith(BIG_FILE_PREFIX):
-        return f"names starting with {BIG_FILE_PREFIX!r} are big files' components"
+        return f"reserved for big files' components (it starts with {BIG_FILE_PREFIX!r})"
     return None
 
 
