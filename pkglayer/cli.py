@@ -576,7 +576,7 @@ def _common(p: argparse.ArgumentParser, rootfs_optional: bool = False) -> None:
         "--format",
         choices=[*source_formats(), "none"],
         help="package database to read when the rootfs has several "
-        "(default: detect; none: treat every file as unowned)",
+        "(default: detect; none: read no distro database; pip's records are read beside any)",
     )
     p.add_argument(
         "--no-hash-cache",

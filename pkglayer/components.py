@@ -131,7 +131,8 @@ def find_components(
         seen = observed.get(name)
         if name in ownership.intervals:
             days, where = ownership.intervals[name]
-            rate = stated_change_rate(interval_weekly(days), STATED_WEIGHT, f"every {days} days ({where})", seen)
+            every = "every day" if days == 1 else f"every {days} days"
+            rate = stated_change_rate(interval_weekly(days), STATED_WEIGHT, f"{every} ({where})", seen)
         elif not times and origin.split(", ")[0] in DEFAULT_RATES:
             weekly, label = DEFAULT_RATES[origin.split(", ")[0]]
             rate = stated_change_rate(weekly, DEFAULT_WEIGHT, f"{label} {weekly:g}/week", seen)

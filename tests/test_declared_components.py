@@ -118,7 +118,7 @@ def test_config_component_takes_the_app_directory_and_tags_win(app_root: Path, t
     plan = json.loads(cli("plan", str(app_root), "--config", str(conf), "--no-hash-cache", "--json").stdout)
     comps = {c["name"]: c for layer in plan["layers"] for c in layer["components"]}
     assert comps["app"]["origin"] == "config" and comps["app"]["weekly"] == 1.0
-    assert comps["app"]["evidence"] == f"every 1 days (component[0] in {conf})"
+    assert comps["app"]["evidence"] == f"every day (component[0] in {conf})"
     assert comps["tools"]["origin"] == "xattr" and comps[big_file_name(MODEL)]["origin"] == "big file"
     assert comps["coreutils"]["origin"] == "dpkg"
     text = cli("plan", str(app_root), "--config", str(conf), "--no-hash-cache").stdout
