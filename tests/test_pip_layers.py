@@ -69,6 +69,11 @@ def test_pip_files_go_to_their_packages_and_the_distros_stay(pip_rootfs: Path) -
         assert comps[name].origin == "pip"
         assert comps[name].rate.explain() == "pip default 0.25/week"
     assert comps["six"].origin == "dpkg"
+    text = subprocess.run([sys.executable, "-m", "pkglayer", "scan", str(pip_rootfs), "--no-hash-cache"],
+                          capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("pip-", "six "))}
+    assert rows["pip-idna-3.7"][1] == "pip" and rows["six"][1] == "dpkg"
+    assert rows["pip-idna"][1] == "pip" and rows["pip-idna"][-4:] == ["0.250", "pip", "default", "0.25/week"]
 
 
 def test_distro_wins_where_both_list_a_path(pip_copy: Path) -> None:
