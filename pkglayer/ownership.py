@@ -289,22 +289,24 @@ def claim_bytecode(c: Claims) -> None:
 def claim_xattr_components(c: Claims) -> None:
     """An unowned object tagged `user.component=NAME`, or below a directory so tagged
     (the nearest tag wins), goes to component NAME. A `user.update-interval` on an
-    object the component claims, or on a tag, is the component's. An unusable tag is
+    object the component claims, or on a directory tagged for it, is the component's
+    (not one on a package's file: tags take nothing from packages). An unusable tag is
     warned about and ignored (what is below it inherits from further up)."""
     tagged: dict[str, str] = {}  # directory -> the component it hands down
     for obj in c.objects.values():  # walk order: parents first
-        own = _tag(c, obj, XATTR_COMPONENT) if obj.xattrs else None
+        own = _tag(obj, XATTR_COMPONENT) if obj.xattrs else None
         name = _component_name(c, own, obj.path) if own is not None else None
         effective = name or tagged.get(obj.path.rpartition("/")[0])
         if effective is None:
             continue
-        if stat.S_ISDIR(obj.st.st_mode):
+        is_dir = stat.S_ISDIR(obj.st.st_mode)
+        if is_dir:
             tagged[obj.path] = effective
         claimed = obj.home == HOME_UNOWNED
         if claimed:
             obj.home = effective
             c.declared[effective].origins.add(ORIGIN_XATTR)
-        interval = _tag(c, obj, XATTR_INTERVAL) if obj.xattrs and (claimed or name) else None
+        interval = _tag(obj, XATTR_INTERVAL) if obj.xattrs and (claimed or (name and is_dir)) else None
         if interval is not None:
             days = interval_days(interval.decode("utf-8", "replace"))
             if days is None:
@@ -313,7 +315,7 @@ def claim_xattr_components(c: Claims) -> None:
                 c.declared[effective].intervals.setdefault(days, f"{XATTR_INTERVAL} on /{obj.path}")
 
 
-def _tag(c: Claims, obj: FsObject, name: str) -> bytes | None:
+def _tag(obj: FsObject, name: str) -> bytes | None:
     return next((v for k, v in obj.xattrs if k == name), None)
 
 

@@ -55,6 +55,7 @@ def make_app_root(deb_rootfs: Path, root: Path) -> None:
     setfattr(tools, "user.update-interval", "monthly")
     setfattr(tools / "special", "user.component", "special")
     setfattr(root / "usr/bin/ls", "user.component", "tools")  # coreutils' file: dpkg wins
+    setfattr(root / "usr/bin/ls", "user.update-interval", "daily")  # ...and its interval is not the tag's
     (root / MODEL).parent.mkdir(parents=True)
     (root / MODEL).write_bytes(os.urandom(3 << 20))
 
