@@ -140,6 +140,15 @@ def test_hostile_record_claims_nothing_outside_its_environment(pip_copy: Path, r
     assert {p: o.home for p, o in own.objects.items()} == {p: o.home for p, o in before.objects.items()}
 
 
+def test_malformed_metadata_leaves_that_copy_unowned(pip_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (pip_copy / SYSTEM_SITE / "six-1.17.0.dist-info/METADATA").write_bytes(b"\x7fELF\x02\x01 not metadata")
+    own = scan(pip_copy)
+    assert "six-1.17.0.dist-info/METADATA: no valid Name and Version; files stay unowned" in caplog.text
+    assert own.objects[f"{SYSTEM_SITE}/six.py"].home == "unowned"
+    # the venv's copy of the same distribution is still read, and keeps only its own files
+    assert {o.path.split("/")[0] for o in own.homes["pip-six-1.17.0"]} == {"opt"}
+
+
 def test_a_path_two_pip_packages_list_goes_to_the_first(pip_copy: Path) -> None:
     site = pip_copy / SYSTEM_SITE
     twin = site / "six_twin-1.0.dist-info"
