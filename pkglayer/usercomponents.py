@@ -104,16 +104,17 @@ def shown(value: bytes | str, limit: int = 40) -> str:
 def big_file_name(path: str) -> str:
     """A stable, valid component name for a big file: a function of its path only, and
     different for different paths ("usr/share/x.bin" -> "file:usr:share:x.bin")."""
-    escaped = "".join(
-        ":" if ch == "/" else ch if _SAFE.fullmatch(ch) else "".join(f"^{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
-        for ch in path
-    )
+    escaped = "".join(":" if ch == "/" else ch if _SAFE.fullmatch(ch) else _escape(ch) for ch in path)
     name = BIG_FILE_PREFIX + escaped
     if len(name) > MAX_NAME:
         # keep the tail (the file name says most); the hash keeps long paths apart
         digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         name = f"{BIG_FILE_PREFIX}{digest}:{escaped[-(MAX_NAME - len(BIG_FILE_PREFIX) - 17):]}"
     return name
+
+
+def _escape(ch: str) -> str:
+    return "".join(f"^{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
 
 
 def fingerprint(objects: Iterable[FsObject], all_objects: dict[str, FsObject]) -> str:

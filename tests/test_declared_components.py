@@ -168,8 +168,9 @@ def test_names_are_stable_valid_and_distinct() -> None:
     assert big_file_name("srv/models/model.bin") == "file:srv:models:model.bin"
     assert big_file_name("a/b") != big_file_name("a:b") != big_file_name("a^3ab")
     assert big_file_name("x/ü y") == "file:x:^c3^bc^20y"
-    long = big_file_name("d/" * 300 + "weights.safetensors")
-    assert len(long) <= 200 and long.endswith("weights.safetensors") and long == big_file_name("d/" * 300 + "weights.safetensors")
+    deep = "d/" * 300 + "weights.safetensors"
+    long = big_file_name(deep)
+    assert len(long) <= 200 and long.endswith("weights.safetensors") and long == big_file_name(deep)
     assert long != big_file_name("e/" + "d/" * 299 + "weights.safetensors")
 
 
