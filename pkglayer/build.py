@@ -97,7 +97,7 @@ class BuildResult:
             "fromCache": self.from_cache,
             "architecture": self.architecture,
             "planDecision": self.plan.decision,
-            "warnings": list(self.rejected_inputs),
+            "warnings": [*self.ownership.warnings, *self.rejected_inputs],
             "seconds": round(self.seconds, 3),
         }
 
@@ -124,6 +124,8 @@ def scan_rootfs(
         cache=cache,
         progress=progress,
         compare_mtimes=settings.compare_mtimes,
+        components=settings.components,
+        big_file_size=settings.big_file_size,
     )
 
 

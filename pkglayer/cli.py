@@ -64,6 +64,12 @@ def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
         changes["package_format"] = args.format
     if args.no_hash_cache:
         changes["hash_cache"] = ""
+    if args.component:
+        from .usercomponents import spec_from_argument
+
+        changes["components"] = settings.components + tuple(spec_from_argument(c) for c in args.component)
+    if args.big_file_size is not None:
+        changes["big_file_size"] = args.big_file_size
     for name in ("compression", "max_layers"):
         value = getattr(args, name, None)
         if value is not None:
@@ -141,7 +147,19 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _component_json(c) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "origin": c.origin or None,
+        "packages": list(c.packages),
+        "size": c.size,
+        "weekly": round(c.rate.weekly, 4),
+        "evidence": c.rate.explain(),
+    }
+
+
 def _scan_summary(own) -> dict[str, Any]:
+    from .components import find_components
     from .ownership import SPECIAL_HOMES
 
     packages = []
@@ -156,15 +174,18 @@ def _scan_summary(own) -> dict[str, Any]:
                 "epoch": pkg.epoch,
                 "arch": pkg.arch,
                 "source": pkg.source,
+                "origin": own.origin(key),
                 "files": len(objs),
                 "bytes": own.home_bytes(key),
                 "missing": len(own.missing.get(key, [])),
             }
         )
+    components = [c for c in find_components(own) if not c.special]
     return {
         "format": own.source_format,
         "architecture": own.architecture,
         "packages": packages,
+        "components": [_component_json(c) for c in components],
         "homes": {
             h: {"files": len(own.homes.get(h, [])), "bytes": own.home_bytes(h)} for h in SPECIAL_HOMES
         },
@@ -173,8 +194,11 @@ def _scan_summary(own) -> dict[str, Any]:
         "excluded": own.excluded,
         "skipped": [{"path": p, "reason": r} for p, r in own.skipped],
         "shared": own.shared,
+        "dropped": [{"package": k, "reason": why} for k, why in own.dropped],
+        "warnings": list(own.warnings),
         "counts": {
             "packages": len(own.packages),
+            "components": len(components),
             "objects": len(own.objects),
             "modified": len(own.modified),
             "unowned": len(own.unowned),
@@ -206,15 +230,20 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return 0
     c = summary["counts"]
     print(f"format: {summary['format'] or 'none (no package database)'}, architecture: {summary['architecture']}")
-    print(f"{'package':<50} {'files':>7} {'bytes':>10}")
+    print(f"{'package':<50} {'origin':<8} {'files':>7} {'bytes':>10}")
     for p in summary["packages"]:
-        print(f"{p['key']:<50} {p['files']:>7} {_human(p['bytes']):>10}")
+        print(f"{p['key']:<50} {p['origin']:<8} {p['files']:>7} {_human(p['bytes']):>10}")
     for home, v in summary["homes"].items():
-        print(f"[{home}]{'':<{49 - len(home)}}{v['files']:>7} {_human(v['bytes']):>10}")
+        print(f"[{home}]{'':<{58 - len(home)}}{v['files']:>7} {_human(v['bytes']):>10}")
+    print()
+    _print_components(summary["components"])
     print(
-        f"{c['packages']} packages, {c['objects']} objects; {c['modified']} modified, "
-        f"{c['unowned']} unowned, {c['excluded']} excluded, {c['missing']} listed but absent"
+        f"{c['packages']} packages in {c['components']} components, {c['objects']} objects; "
+        f"{c['modified']} modified, {c['unowned']} unowned, {c['excluded']} excluded, "
+        f"{c['missing']} listed but absent"
     )
+    for item in summary["dropped"]:
+        print(f"left to the distro: {item['package']}: {item['reason']}")
     for path in summary["modified"]:
         print(f"modified: /{path}")
     for path in summary["excluded"]:
@@ -222,6 +251,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
     for item in summary["skipped"]:
         print(f"skipped: /{item['path']}: {item['reason']}")
     return 0
+
+
+def _print_components(components: list[dict[str, Any]]) -> None:
+    print(f"{'component':<40} {'origin':<8} {'size':>9} {'p/week':>7}  evidence")
+    for comp in components:
+        print(
+            f"{comp['name'][:40]:<40} {comp['origin'] or '':<8} {_human(comp['size']):>9} "
+            f"{comp['weekly']:>7.3f}  {comp['evidence']}"
+        )
 
 
 def _labels(values: list[str] | None) -> tuple[dict[str, str], list[str]]:
@@ -363,17 +401,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with Workspace() as work:
         prior = resolve_prior(PriorRequest(explicit=args.prior), work, _registry_options(args), _limits(args))
     try:
-        _, components, plan = plan_rootfs(args.rootfs, settings, prior, replan=args.replan, progress=reporter)
+        ownership, components, plan = plan_rootfs(args.rootfs, settings, prior, replan=args.replan, progress=reporter)
     finally:
         reporter.close()
-    rates = {c.name: c.rate for c in components}
+    by_name = {c.name: c for c in components}
     layers = [
         {
             "name": layer.name,
-            "components": [
-                {"name": c, "weekly": round(rates[c].weekly, 4), "evidence": rates[c].explain()}
-                for c in (layer.components or (layer.name,))
-            ],
+            "components": [_component_json(by_name[c]) for c in (layer.components or (layer.name,))],
             "packages": list(layer.packages),
             "size": layer.size,
             "weekly": round(layer.weekly, 4),
@@ -407,6 +442,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if not args.quiet:
             for move in layer["moved"]:
                 print(f"{'':>4}{move['component']}: {move['why']}")
+    others = [c for layer in layers for c in layer["components"]
+              if c["origin"] and c["origin"] != ownership.source_format]
+    if others:
+        print("\ncomponents beyond the package database:")
+        _print_components(others)
     for name in summary["removed"]:
         print(f"removed: {name} (no longer installed)")
     lower, single = summary["lowerBound"], summary["singleLayer"]
@@ -626,12 +666,25 @@ def _common(p: argparse.ArgumentParser, rootfs_optional: bool = False) -> None:
         "--format",
         choices=[*source_formats(), "none"],
         help="package database to read when the rootfs has several "
-        "(default: detect; none: treat every file as unowned)",
+        "(default: detect; none: read no distro database; pip's records are read beside any)",
     )
     p.add_argument(
         "--no-hash-cache",
         action="store_true",
         help="hash every file anew instead of trusting the digest cache (inode, size, mtime, ctime)",
+    )
+    p.add_argument(
+        "--component",
+        action="append",
+        metavar="NAME=GLOB",
+        help="unowned paths matching GLOB (a matching directory with what is below it) form component NAME, "
+        "as a [[component]] table does; repeatable",
+    )
+    p.add_argument(
+        "--big-file-size",
+        type=_size,
+        metavar="SIZE",
+        help="unowned files of at least SIZE get a component (and layer) of their own (default 1Mi)",
     )
     p.add_argument("--jobs", "-j", type=int, metavar="N", help="worker threads (default: number of CPUs)")
     p.add_argument(

@@ -6,6 +6,11 @@ its changelogs: the share of the last 52 weeks with at least one entry, counted 
 from the newest entry in the whole rootfs (not the wall clock, so the same tree always
 gives the same plan). Changes observed across earlier builds (history.json) add to the
 evidence, each build counting like one week.
+
+Components without changelogs (pip packages, user components, big files) start from
+a stated rate instead: a `user.update-interval` or `[[component]]` interval, which
+counts like a year of evidence, or a default for their origin, which counts like a few
+builds; observed builds add to it the same way.
 """
 
 from __future__ import annotations
@@ -15,12 +20,26 @@ from dataclasses import dataclass
 
 from .history import ComponentRecord
 from .ownership import SPECIAL_HOMES, Ownership
+from .usercomponents import interval_weekly
 
 WEEK = 7 * 24 * 3600
 YEAR_WEEKS = 52
 # No changelog and no observations: assume a change every few weeks rather than
 # "never", so that an unknown large component is not buried in a stable shared layer.
 UNKNOWN_WEEKLY_RATE = 0.25
+# Without a changelog, by origin: (weekly rate, what `pkglayer plan` calls it). pip
+# packages of an application are upgraded when its requirements are bumped; nothing
+# in a dist-info dates earlier releases, so it is a guess, and observations soon
+# replace it.
+DEFAULT_RATES = {
+    "pip": (0.25, "pip default"),
+    "xattr": (UNKNOWN_WEEKLY_RATE, "default"),
+    "config": (UNKNOWN_WEEKLY_RATE, "default"),
+    "big file": (UNKNOWN_WEEKLY_RATE, "big file default"),
+}
+# Builds' worth of evidence a stated rate counts as.
+STATED_WEIGHT = YEAR_WEEKS
+DEFAULT_WEIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -30,11 +49,12 @@ class ChangeRate:
     observed_builds: int
     observed_changes: int
     known: bool  # False: no evidence at all, `weekly` is UNKNOWN_WEEKLY_RATE
+    basis: str = ""  # a stated or default rate this one starts from, instead of changelogs
 
     def explain(self) -> str:
         if not self.known:
             return "no changelog: assumed"
-        parts = [f"changelog in {self.changelog_weeks}/{YEAR_WEEKS} weeks"]
+        parts = [self.basis or f"changelog in {self.changelog_weeks}/{YEAR_WEEKS} weeks"]
         if self.observed_builds:
             parts.append(f"changed in {self.observed_changes}/{self.observed_builds} builds")
         return ", ".join(parts)
@@ -55,6 +75,17 @@ def weekly_change_rate(
     return ChangeRate(min(rate, 1.0), len(weeks), builds, changes, known=True)
 
 
+def stated_change_rate(
+    weekly: float, weight: int, basis: str, observed: ComponentRecord | None = None
+) -> ChangeRate:
+    """A rate that starts from `weekly`, given as `weight` weeks of evidence; each
+    observed build adds one."""
+    builds = observed.builds if observed else 0
+    changes = observed.changes if observed else 0
+    rate = (weekly * weight + changes) / (weight + builds)
+    return ChangeRate(min(rate, 1.0), 0, builds, changes, known=True, basis=basis)
+
+
 ALWAYS = ChangeRate(1.0, YEAR_WEEKS, 0, 0, known=True)
 
 
@@ -65,6 +96,7 @@ class Component:
     size: int  # bytes of regular-file data in the layer
     rate: ChangeRate
     special: bool = False
+    origin: str = ""  # "dpkg", "rpm", "pacman", "pip", "xattr", "config", "big file"; "" for a special home
 
     @property
     def weekly(self) -> float:
@@ -95,12 +127,24 @@ def find_components(
     for name in sorted(by_source):
         keys = tuple(sorted(by_source[name]))
         times = sorted({t for k in keys for t in ownership.packages[k].changelog}, reverse=True)
+        origin = ownership.origin(keys[0])
+        seen = observed.get(name)
+        if name in ownership.intervals:
+            days, where = ownership.intervals[name]
+            every = "every day" if days == 1 else f"every {days} days"
+            rate = stated_change_rate(interval_weekly(days), STATED_WEIGHT, f"{every} ({where})", seen)
+        elif not times and origin.split(", ")[0] in DEFAULT_RATES:
+            weekly, label = DEFAULT_RATES[origin.split(", ")[0]]
+            rate = stated_change_rate(weekly, DEFAULT_WEIGHT, f"{label} {weekly:g}/week", seen)
+        else:
+            rate = weekly_change_rate(times, reference, seen)
         out.append(
             Component(
                 name=name,
                 packages=keys,
                 size=sum(ownership.home_bytes(k) for k in keys),
-                rate=weekly_change_rate(times, reference, observed.get(name)),
+                rate=rate,
+                origin=origin,
             )
         )
     # The database and unowned files change with every transaction; edits are unpredictable.

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import ConfigError
 from .fsutil import read_regular
 from .hashcache import default_path
+from .usercomponents import ComponentSpec, spec_from_table
 
 # "none": uncompressed layers, for outputs that go straight into local storage
 # (containers-storage keeps layers uncompressed: compressing would be undone at once);
@@ -28,6 +29,10 @@ DEFAULT_EXCLUDES = (
     "var/cache/dnf/**",
     "var/cache/yum/**",
     "var/cache/ldconfig/aux-cache",
+    "var/lib/pacman/sync/**",
+    "var/cache/pacman/pkg/**",
+    "root/.cache/pip/**",
+    "home/*/.cache/pip/**",
     # scratch space
     "tmp/**",
     "var/tmp/**",
@@ -46,6 +51,9 @@ DEFAULT_EXCLUDES = (
 DEFAULT_DROP_XATTRS = ("security.selinux", "security.ima", "security.evm", "trusted.*")
 
 SYSTEM_CONFIG = "/etc/pkglayer/pkglayer.toml"
+
+# Unowned files from this size on get components of their own (as chunkah's).
+DEFAULT_BIG_FILE_SIZE = 1 << 20
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?")
 
@@ -95,6 +103,9 @@ class BuildSettings:
     package_format: str | None = None
     # file-digest cache (see hashcache.py): None = the per-user default, "" = none
     hash_cache: str | None = None
+    # [[component]] tables and --component: paths users group into components
+    components: tuple[ComponentSpec, ...] = ()
+    big_file_size: int = DEFAULT_BIG_FILE_SIZE
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -140,6 +151,8 @@ class BuildSettings:
             raise ConfigError("jobs must be at least 1")
         if self.source_date_epoch < 0:
             raise ConfigError("source-date-epoch must not be negative")
+        if self.big_file_size < 1:
+            raise ConfigError(f"big-file-size must be a positive size, not {self.big_file_size}")
         return self
 
 
@@ -156,6 +169,7 @@ _TOML_KEYS = {
     "one-file-system": bool,
     "hash-cache": str,
     "jobs": int,
+    "big-file-size": (int, str),
 }
 
 
@@ -195,6 +209,9 @@ def load_settings(path: str | None = None, base: BuildSettings | None = None) ->
         want = _TOML_KEYS.get(key)
         if want is None:
             raise ConfigError(f"{path}: unknown setting build.{key}")
+        if key == "big-file-size":
+            changes["big_file_size"] = parse_size(value, f"{path}: build.{key}")
+            continue
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: build.{key} must be a {want.__name__}")
         if want is list:
@@ -202,6 +219,14 @@ def load_settings(path: str | None = None, base: BuildSettings | None = None) ->
                 raise ConfigError(f"{path}: build.{key} must be a list of strings")
             value = tuple(value)
         changes[key.replace("-", "_")] = value
+    changes["components"] = settings.components + components_from(data.get("component", []), "component", path)
     names = {f.name for f in fields(BuildSettings)}
     assert set(changes) <= names
     return replace(settings, **changes)
+
+
+def components_from(tables: object, key: str, source: str | None = None) -> tuple[ComponentSpec, ...]:
+    """The `[[component]]` array of tables at `key` of the file `source`."""
+    if not isinstance(tables, list):
+        raise ConfigError(f"{source + ': ' if source else ''}{key} must be an array of tables ([[{key}]])")
+    return tuple(spec_from_table(t, f"{key}[{i}]", source) for i, t in enumerate(tables))

@@ -3,23 +3,45 @@
 A home is a package key, or one of the special homes: files owned by no package, files a
 package installed but that were changed since, and the package database itself. Homes
 are assigned by an ordered list of small rules (`RULES`), each of which may claim
-objects that earlier rules left unowned, or move objects between homes; a new kind of
-claim (a `user.component` xattr, pip's records) is one more rule.
+objects that earlier rules left unowned, or move objects between homes. The distro's
+package database comes first, then pip's records, then what users declare
+(`user.component` xattrs, `[[component]]` globs), then big files: each claims only what
+the ones before it left.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from wcmatch import glob
+
 from .digests import CONTENT_HASH
+from .errors import ConfigError
 from .hashcache import HashCache
 from .rootfs import Rootfs
-from .scan import FsObject, Progress, Scan, walk
+from .scan import FsObject, Progress, Scan, glob_regex, walk
 from .sources import FileRecord, Package, PackageSource
+from .sources.pip import PipSource
+from .usercomponents import (
+    ORIGIN_BIG_FILE,
+    ORIGIN_CONFIG,
+    ORIGIN_XATTR,
+    XATTR_COMPONENT,
+    XATTR_INTERVAL,
+    ComponentSpec,
+    big_file_name,
+    fingerprint,
+    interval_days,
+    name_problem,
+    shown,
+)
+
+log = logging.getLogger(__name__)
 
 HOME_UNOWNED = "unowned"
 HOME_MODIFIED = "modified"
@@ -43,6 +65,15 @@ class Ownership:
     modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = field(default_factory=dict)
     missing: dict[str, list[str]] = field(default_factory=dict)
     shared: dict[str, list[str]] = field(default_factory=dict)
+    # package key -> where it came from: the distro format, "pip", "xattr", "config", "big file"
+    origins: dict[str, str] = field(default_factory=dict)
+    # user component -> (update interval in days, how it was given)
+    intervals: dict[str, tuple[int, str]] = field(default_factory=dict)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (pip package key, why)
+    warnings: list[str] = field(default_factory=list)
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key, self.source_format or "")
 
     def home_bytes(self, home: str) -> int:
         return sum(o.st.st_size for o in self.homes.get(home, ()) if stat.S_ISREG(o.st.st_mode))
@@ -81,6 +112,40 @@ def _owner_map(
     return owners, shared
 
 
+def _pip_owner_map(
+    rootfs: Rootfs,
+    pip_packages: list[Package],
+    owners: dict[str, tuple[Package, FileRecord]],
+    shared: dict[str, list[str]],
+) -> tuple[dict[str, tuple[Package, FileRecord]], list[Package], list[tuple[str, str]]]:
+    """Map real rootfs paths to pip's (package, record) where the distro database lists
+    nothing: the distro wins. A pip package whose dist-info the distro lists is the
+    distro's own (dropped whole); a path several list goes to the first lister, and is
+    reported in `shared` unless it is a directory. Returns the map, the packages kept
+    and the ones dropped with why."""
+    pip_owners: dict[str, tuple[Package, FileRecord]] = {}
+    kept: list[Package] = []
+    dropped: list[tuple[str, str]] = []
+    for pkg in pip_packages:
+        resolved = [(rootfs.resolve(_rel(rec.path), follow_final=False), rec) for rec in pkg.files]
+        distro_info = next(
+            (real for real, _ in resolved if real in owners and ".dist-info/" in real + "/"), None
+        )
+        if distro_info is not None:
+            dropped.append((pkg.key, f"/{distro_info} is {owners[distro_info][0].key}'s"))
+            continue
+        kept.append(pkg)
+        for real, rec in resolved:
+            first = owners.get(real) or pip_owners.get(real)
+            if first is None:
+                pip_owners[real] = (pkg, rec)
+            elif first[0] is not pkg and rootfs.is_file(real):
+                shared.setdefault(real, [first[0].key]).append(pkg.key)
+    for key, why in dropped:
+        log.info("pip package %s left to the distro: %s", key, why)
+    return pip_owners, kept, dropped
+
+
 def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str], compare_mtimes: bool = True) -> bool:
     st = obj.st
     if stat.S_ISDIR(st.st_mode):
@@ -111,21 +176,43 @@ def _home_rank(home: str) -> tuple[int, str]:
 
 
 @dataclass
+class Declared:
+    """A component users declared (xattr, config) or a big file, while rules run."""
+
+    origins: set[str] = field(default_factory=set)
+    intervals: dict[int, str] = field(default_factory=dict)  # days -> where it was given (first)
+
+
+@dataclass
 class Claims:
     """What the rules work on: the scan's objects (each with its home so far), the
-    digests taken, and what the package databases list."""
+    digests taken, what the package databases list and what users declare; and what
+    the rules found."""
 
     objects: dict[str, FsObject]
     digests: dict[str, dict[str, str]]
-    owners: dict[str, tuple[Package, FileRecord]]  # real path -> the package listing it first
+    owners: dict[str, tuple[Package, FileRecord]]  # real path -> the distro package listing it first
     db_paths: list[str]
     excluded: list[str]
     compare_mtimes: bool = True
+    pip_owners: dict[str, tuple[Package, FileRecord]] = field(default_factory=dict)
+    specs: Sequence[ComponentSpec] = ()
+    big_file_size: int | None = None
+    reserved: frozenset[str] = frozenset()  # names user components cannot take
     modified: list[str] = field(default_factory=list)
     modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = field(
         default_factory=lambda: defaultdict(list)
     )
     missing: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    declared: dict[str, Declared] = field(default_factory=lambda: defaultdict(Declared))
+    made: dict[str, Package] = field(default_factory=dict)  # key -> a package the rules made
+    origins: dict[str, str] = field(default_factory=dict)
+    intervals: dict[str, tuple[int, str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.warnings.append(message)
 
 
 Rule = Callable[[Claims], None]
@@ -141,10 +228,20 @@ def claim_database(c: Claims) -> None:
 def claim_package_files(c: Claims) -> None:
     """A listed file goes to its package if it is as the package installed it, else to
     `modified` (remembered, so a prior pristine layer of the package can be reused)."""
+    _claim_listed(c, c.owners)
+
+
+def claim_pip_files(c: Claims) -> None:
+    """The same for pip's records (RECORD's sha256 tells edited files), where the distro
+    database lists nothing."""
+    _claim_listed(c, c.pip_owners)
+
+
+def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> None:
     for obj in c.objects.values():
         if obj.home != HOME_UNOWNED:
             continue
-        owner = c.owners.get(obj.path)
+        owner = owners.get(obj.path)
         if owner is None:
             continue
         pkg, rec = owner
@@ -190,6 +287,114 @@ def claim_bytecode(c: Claims) -> None:
             d.home = next(iter(homes))
 
 
+def claim_xattr_components(c: Claims) -> None:
+    """An unowned object tagged `user.component=NAME`, or below a directory so tagged
+    (the nearest tag wins), goes to component NAME. A `user.update-interval` on an
+    object the component claims, or on a directory tagged for it, is the component's
+    (not one on a package's file: tags take nothing from packages). An unusable tag is
+    warned about and ignored (what is below it inherits from further up)."""
+    tagged: dict[str, str] = {}  # directory -> the component it hands down
+    for obj in c.objects.values():  # walk order: parents first
+        own = _tag(obj, XATTR_COMPONENT) if obj.xattrs else None
+        name = _component_name(c, own, obj.path) if own is not None else None
+        effective = name or tagged.get(obj.path.rpartition("/")[0])
+        if effective is None:
+            continue
+        is_dir = stat.S_ISDIR(obj.st.st_mode)
+        if is_dir:
+            tagged[obj.path] = effective
+        claimed = obj.home == HOME_UNOWNED
+        if claimed:
+            obj.home = effective
+            c.declared[effective].origins.add(ORIGIN_XATTR)
+        interval = _tag(obj, XATTR_INTERVAL) if obj.xattrs and (claimed or (name and is_dir)) else None
+        if interval is not None:
+            days = interval_days(interval.decode("utf-8", "replace"))
+            if days is None:
+                c.warn(f"/{obj.path}: {XATTR_INTERVAL} {shown(interval)} is not an interval; ignored")
+            else:
+                c.declared[effective].intervals.setdefault(days, f"{XATTR_INTERVAL} on /{obj.path}")
+
+
+def _tag(obj: FsObject, name: str) -> bytes | None:
+    return next((v for k, v in obj.xattrs if k == name), None)
+
+
+def _component_name(c: Claims, value: bytes, path: str) -> str | None:
+    """The component a tag names, or None (warned) when it cannot be one."""
+    try:
+        name = value.decode("utf-8")
+    except UnicodeDecodeError:
+        problem = "not UTF-8"
+    else:
+        problem = name_problem(name)
+        if problem is None and name in c.reserved:
+            problem = "the name of a package component or a top layer"
+        if problem is None:
+            return name
+    c.warn(f"/{path}: {XATTR_COMPONENT} {shown(value)} is {problem}; ignored")
+    return None
+
+
+def claim_config_components(c: Claims) -> None:
+    """Unowned objects matching a `[[component]]` or `--component` glob, or below a
+    matching directory (the nearest match wins; for one path, the first component
+    listed), go to that component."""
+    if not c.specs:
+        return
+    matchers = []
+    for spec in c.specs:
+        if spec.name in c.reserved:
+            raise ConfigError(f"{spec.where}: component {spec.name!r} has the name of a package component "
+                              "or a top layer; choose another")
+        if spec.interval is not None:
+            days = interval_days(spec.interval)
+            assert days is not None  # checked when the configuration was read
+            c.declared[spec.name].intervals.setdefault(days, spec.where)
+        matchers.append((spec.name, glob_regex(spec.paths, glob.GLOBSTAR | glob.DOTGLOB)))
+    assigned: dict[str, str] = {}  # directory -> the component it hands down
+    for obj in c.objects.values():
+        own = next((name for name, rx in matchers if rx.fullmatch(obj.path)), None)
+        effective = own or assigned.get(obj.path.rpartition("/")[0])
+        if effective is None:
+            continue
+        if stat.S_ISDIR(obj.st.st_mode):
+            assigned[obj.path] = effective
+        if obj.home == HOME_UNOWNED:
+            obj.home = effective
+            c.declared[effective].origins.add(ORIGIN_CONFIG)
+
+
+# The planner weighs every pair of components: beyond this many, big files stay unowned.
+MAX_BIG_FILES = 256
+
+
+def claim_big_files(c: Claims) -> None:
+    """Each unowned regular file of at least `big_file_size` becomes a component of its
+    own, so that a changed model or archive re-ships alone, and an unchanged one never
+    with the small unowned files. Hard links to one file are one component; a file
+    with links elsewhere is left to keep_hardlinks_together. The largest first, at most
+    MAX_BIG_FILES."""
+    if not c.big_file_size:
+        return
+    inodes: dict[tuple[int, int], list[FsObject]] = defaultdict(list)
+    for obj in c.objects.values():
+        st = obj.st
+        if obj.home == HOME_UNOWNED and stat.S_ISREG(st.st_mode) and st.st_size >= c.big_file_size:
+            inodes[(st.st_dev, st.st_ino)].append(obj)
+    found = sorted(
+        (links for links in inodes.values() if len(links) == links[0].st.st_nlink),
+        key=lambda links: (-links[0].st.st_size, links[0].path),
+    )
+    if len(found) > MAX_BIG_FILES:
+        log.info("%d big unowned files; the %d largest get components of their own", len(found), MAX_BIG_FILES)
+    for links in found[:MAX_BIG_FILES]:
+        name = big_file_name(min(o.path for o in links))
+        for obj in links:
+            obj.home = name
+        c.declared[name].origins.add(ORIGIN_BIG_FILE)
+
+
 def keep_hardlinks_together(c: Claims) -> None:
     """A hard-link set split over layers breaks podman's overlay driver; move a split set
     to the highest of its homes (special homes above packages)."""
@@ -205,9 +410,35 @@ def keep_hardlinks_together(c: Claims) -> None:
                 m.home = top
 
 
+_ORIGIN_ORDER = (ORIGIN_XATTR, ORIGIN_CONFIG, ORIGIN_BIG_FILE)
+
+
+def version_declared(c: Claims) -> None:
+    """Give each declared component (xattr, config, big file) the key a package has:
+    its name, and as version a fingerprint of its layer, so that the planner's history
+    sees it change as it sees a package upgraded. Its update intervals must agree."""
+    members: dict[str, list[FsObject]] = defaultdict(list)
+    for obj in c.objects.values():
+        if obj.home in c.declared:
+            members[obj.home].append(obj)
+    for name in sorted(members):
+        declared = c.declared[name]
+        if len(declared.intervals) > 1:
+            given = "; ".join(f"{days} days from {where}" for days, where in sorted(declared.intervals.items()))
+            raise ConfigError(f"component {name!r} has conflicting update intervals: {given}")
+        pkg = Package(name=name, version=fingerprint(members[name], c.objects), arch="", source=name)
+        for obj in members[name]:
+            obj.home = pkg.key
+        c.made[pkg.key] = pkg
+        c.origins[pkg.key] = ", ".join(o for o in _ORIGIN_ORDER if o in declared.origins)
+        if declared.intervals:
+            ((days, where),) = declared.intervals.items()
+            c.intervals[name] = (days, where)
+
+
 def find_missing(c: Claims) -> None:
     """Files a package lists that are not in the tree (and not excluded): reported only."""
-    for real, (pkg, rec) in c.owners.items():
+    for real, (pkg, rec) in [*c.owners.items(), *c.pip_owners.items()]:
         if real not in c.objects and not rec.ghost and not any(
             real == e or real.startswith(e + "/") for e in c.excluded
         ):
@@ -215,20 +446,30 @@ def find_missing(c: Claims) -> None:
 
 
 # In this order: each rule sees the homes the ones before it gave.
-RULES: tuple[Rule, ...] = (claim_database, claim_package_files, claim_bytecode, keep_hardlinks_together, find_missing)
+RULES: tuple[Rule, ...] = (
+    claim_database,
+    claim_package_files,
+    claim_pip_files,
+    claim_bytecode,
+    claim_xattr_components,
+    claim_config_components,
+    claim_big_files,
+    keep_hardlinks_together,
+    version_declared,
+    find_missing,
+)
 
 
 def assign_homes(
     scan: Scan,
+    claims: Claims,
     packages: Sequence[Package],
-    owners: dict[str, tuple[Package, FileRecord]],
+    origins: dict[str, str],
     shared: dict[str, list[str]],
-    db_paths: list[str],
     source: PackageSource | None,
+    dropped: list[tuple[str, str]],
     rules: Sequence[Rule] = RULES,
-    compare_mtimes: bool = True,
 ) -> Ownership:
-    claims = Claims(scan.objects, scan.digests, owners, db_paths, scan.excluded, compare_mtimes)
     for rule in rules:
         rule(claims)
     homes: dict[str, list[FsObject]] = defaultdict(list)
@@ -237,7 +478,7 @@ def assign_homes(
     return Ownership(
         source_format=source.format if source else None,
         architecture=source.architecture() if source else None,
-        packages={p.key: p for p in packages},
+        packages={**{p.key: p for p in packages}, **claims.made},
         objects=scan.objects,
         homes=dict(homes),
         excluded=scan.excluded,
@@ -246,6 +487,10 @@ def assign_homes(
         modified_by_package=dict(claims.modified_by_package),
         missing={k: sorted(v) for k, v in sorted(claims.missing.items())},
         shared=dict(sorted(shared.items())),
+        origins={**origins, **claims.origins},
+        intervals=claims.intervals,
+        dropped=dropped,
+        warnings=claims.warnings,
     )
 
 
@@ -260,23 +505,35 @@ def scan_ownership(
     cache: HashCache | None = None,
     progress: Progress | None = None,
     compare_mtimes: bool = True,
+    *,
+    components: Sequence[ComponentSpec] = (),
+    big_file_size: int | None = None,
 ) -> Ownership:
-    """Read the package database, walk the tree and give every object its home.
+    """Read the package databases (the distro's, then pip's), walk the tree and give
+    every object its home.
 
     Files are hashed while walking with what must be known before layers are written:
     the database's digest of each package file (to spot edits) and, when earlier layers
     may be reused (`hash_content`), the content hash that keys are made of (otherwise
     it is taken while writing)."""
-    packages = source.packages() if source else []
-    owners, shared = _owner_map(rootfs, packages)
+    distro = source.packages() if source else []
+    owners, shared = _owner_map(rootfs, distro)
+    pip_owners, pip, dropped = _pip_owner_map(rootfs, PipSource(rootfs).packages(), owners, shared)
     db_paths = [rootfs.resolve(p) for p in source.database_paths()] if source else []
 
     def algos_for(path: str) -> list[str]:
         algos = [CONTENT_HASH] if hash_content else []
-        owner = owners.get(path)
+        owner = owners.get(path) or pip_owners.get(path)
         if owner and owner[1].digest_algo and owner[1].digest:
             algos.append(owner[1].digest_algo)
         return algos
 
     scan = walk(rootfs, algos_for, excludes, drop_xattrs, one_file_system, jobs, cache, progress)
-    return assign_homes(scan, packages, owners, shared, db_paths, source, compare_mtimes=compare_mtimes)
+    packages = [*distro, *pip]
+    reserved = frozenset(SPECIAL_HOMES) | {p.source or p.name for p in packages} | {p.key for p in packages}
+    claims = Claims(
+        scan.objects, scan.digests, owners, db_paths, scan.excluded, compare_mtimes=compare_mtimes,
+        pip_owners=pip_owners, specs=components, big_file_size=big_file_size, reserved=reserved,
+    )
+    origins = {p.key: PipSource.format for p in pip}
+    return assign_homes(scan, claims, packages, origins, shared, source, dropped)

@@ -81,6 +81,14 @@ def pip_upgrade_pair() -> factory.UpgradePair:
 
 
 @pytest.fixture(scope="session")
+def app_upgrade_pair() -> factory.UpgradePair:
+    """An application image (minbase, a venv of PyPI requirements, /opt/app, a model
+    file) and a copy where pip upgraded urllib3 2.2.2 -> 2.2.3."""
+    _require_builder()
+    return factory.app_upgrade_pair()
+
+
+@pytest.fixture(scope="session")
 def rpm_specs_dir() -> Path:
     """tests/specs: spec files for factory.build_rpm(spec, version, release, outdir)."""
     return factory.SPECS_DIR

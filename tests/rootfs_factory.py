@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -642,19 +643,21 @@ PIP_VENV_PACKAGES = ("six==1.17.0",)
 PIP_UPGRADE = "idna==3.10"
 
 
+def _download_wheels(dest: Path, wheels: dict[str, str]) -> None:
+    """Wheels (file name -> sha256) downloaded from PyPI by the test interpreter's pip
+    (cp311 manylinux ones match bookworm's Python), hashes checked."""
+    for wheel, sha256 in wheels.items():
+        name, version = wheel.split("-")[:2]
+        run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-cache-dir",
+             "--only-binary", ":all:", "--dest", dest, f"{name}=={version}"])
+        got = hashlib.sha256((dest / wheel).read_bytes()).hexdigest()
+        if got != sha256:
+            raise RuntimeError(f"{wheel}: sha256 {got}, expected {sha256}")
+
+
 def pip_wheels() -> Path:
     """PIP_WHEELS downloaded from PyPI by the test interpreter's pip, hashes checked."""
-
-    def build(dest: Path) -> None:
-        for wheel, sha256 in PIP_WHEELS.items():
-            name, version = wheel.split("-")[:2]
-            run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-cache-dir",
-                 "--only-binary", ":all:", "--dest", dest, f"{name}=={version}"])
-            got = hashlib.sha256((dest / wheel).read_bytes()).hexdigest()
-            if got != sha256:
-                raise RuntimeError(f"{wheel}: sha256 {got}, expected {sha256}")
-
-    return cached(PIP_WHEELS_RECIPE, build)
+    return cached(PIP_WHEELS_RECIPE, lambda dest: _download_wheels(dest, PIP_WHEELS))
 
 
 def _pip(root: Path, *args: str, python: str | None = None) -> str:
@@ -714,3 +717,100 @@ def pip_upgrade_pair() -> UpgradePair:
 
     new = cached(f"{PIP_UPGRADED_RECIPE}+{old.name}", build)
     return UpgradePair(old, new, diff_versions(pip_versions(old), pip_versions(new)))
+
+
+# -------------------------------------------------------------- application
+
+APP_WHEELS_RECIPE = "app-wheels.v1"
+APP_ROOTFS_RECIPE = "deb-app.v1"
+APP_UPGRADED_RECIPE = "deb-app-upgraded.v1"
+# A web application's requirements (Flask, requests) plus numpy, from PyPI.
+APP_WHEELS = {
+    "blinker-1.8.2-py3-none-any.whl": "1779309f71bf239144b9399d06ae925637cf6634cf6bd131104184531bf67c01",
+    "certifi-2024.8.30-py3-none-any.whl": "922820b53db7a7257ffbda3f597266d435245903d80737e34f8a45ff3e3230d8",
+    "charset_normalizer-3.3.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl":
+        "753f10e867343b4511128c6ed8c82f7bec3bd026875576dfd88483c5c73b2fd8",
+    "click-8.1.7-py3-none-any.whl": "ae74fb96c20a0277a1d615f1e4d73c8414f5a98db8b799a7931d1582f3390c28",
+    "flask-3.0.3-py3-none-any.whl": "34e815dfaa43340d1d15a5c3a02b8476004037eb4840b34910c6e21679d288f3",
+    "idna-3.10-py3-none-any.whl": "946d195a0d259cbba61165e88e65941f16e9b36ea6ddb97f00452bae8b1287d3",
+    "itsdangerous-2.2.0-py3-none-any.whl": "c6242fc49e35958c8b15141343aa660db5fc54d4f13a1db01a3f5891b98700ef",
+    "jinja2-3.1.4-py3-none-any.whl": "bc5dd2abb727a5319567b7a813e6a2e7318c39f4f487cfe6c89c6f9c7d25197d",
+    "MarkupSafe-2.1.5-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl":
+        "b91c037585eba9095565a3556f611e3cbfaa42ca1e865f7b8015fe5c7336d5a5",
+    "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl":
+        "666dbfb6ec68962c033a450943ded891bed2d54e6755e35e5835d63f4f6931d5",
+    "requests-2.32.3-py3-none-any.whl": "70761cfe03c773ceb22aa2f671b4757976145175cdfca038c02654d061d6dcc6",
+    "urllib3-2.2.2-py3-none-any.whl": "a448b2f64d686155468037e1ace9f2d2199776e17f0a46610480d311f73e3472",
+    "urllib3-2.2.3-py3-none-any.whl": "ca899ca043dcb1bafa3e262d73aa25c465bfb49e0bd9dd5d59f1d0acba2f8fac",
+    "werkzeug-3.0.4-py3-none-any.whl": "02c9eb92b7d6c06f31a782811505d2157837cea66aaede3e217c7c27c039476c",
+}
+APP_REQUIREMENTS = (
+    "flask==3.0.3", "requests==2.32.3", "urllib3==2.2.2", "numpy==1.26.4", "werkzeug==3.0.4", "jinja2==3.1.4",
+    "markupsafe==2.1.5", "itsdangerous==2.2.0", "click==8.1.7", "blinker==1.8.2", "certifi==2024.8.30",
+    "charset-normalizer==3.3.2", "idna==3.10",
+)
+APP_VENV = "/opt/venv"
+APP_DIR = "opt/app"
+APP_MODEL = "srv/models/model.bin"
+APP_UPGRADE = "urllib3==2.2.3"
+_APP_SOURCE = """\
+from flask import Flask, render_template
+import numpy
+import requests
+
+app = Flask(__name__)
+
+
+@app.route("/")
+def index():
+    weights = numpy.fromfile("/srv/models/model.bin", dtype=numpy.uint8, count=1024)
+    return render_template("index.html", checksum=int(weights.sum()), agent=requests.utils.default_user_agent())
+"""
+
+
+def app_wheels() -> Path:
+    return cached(APP_WHEELS_RECIPE, lambda dest: _download_wheels(dest, APP_WHEELS))
+
+
+def _install_app(dest: Path, wheels: Path) -> None:
+    """What a Dockerfile for a Python service does: a venv with the requirements, the
+    application copied in, a model file beside it."""
+    _chroot(dest, "apt-get", "install", "-y", "--no-install-recommends", "python3-pip", "python3-venv")
+    _chroot(dest, "apt-get", "clean")
+    _chroot(dest, "python3", "-m", "venv", "--without-pip", APP_VENV)
+    _pip_install(dest, wheels, *APP_REQUIREMENTS, python=f"{APP_VENV}/bin/python")
+    app = dest / APP_DIR
+    (app / "templates").mkdir(parents=True)
+    (app / "app.py").write_text(_APP_SOURCE)
+    (app / "templates/index.html").write_text("<p>{{ checksum }} {{ agent }}</p>\n")
+    _chroot(dest, f"{APP_VENV}/bin/python", "-m", "compileall", "-q", f"/{APP_DIR}")
+    (dest / APP_MODEL).parent.mkdir(parents=True)
+    (dest / APP_MODEL).write_bytes(random.Random(13).randbytes(8 << 20))
+
+
+def app_rootfs() -> Path:
+    """deb_base plus Debian's python3-pip and python3-venv; a venv /opt/venv with
+    APP_REQUIREMENTS installed from PyPI wheels by that pip; a Flask application in
+    /opt/app; an 8 MiB model in /srv/models. Read-only."""
+    base, wheels = deb_base(), app_wheels()
+    return cached(
+        f"{APP_ROOTFS_RECIPE}+{base.name}",
+        lambda dest: _derive_deb(base, dest, lambda d: _install_app(d, wheels)),
+    )
+
+
+def app_upgrade_pair() -> UpgradePair:
+    """app_rootfs and a copy where pip upgraded urllib3 2.2.2 -> 2.2.3 in the venv."""
+    old, wheels = app_rootfs(), app_wheels()
+
+    def build(dest: Path) -> None:
+        copy_tree(old, dest)
+        _pip_install(dest, wheels, "--upgrade", APP_UPGRADE, python=f"{APP_VENV}/bin/python")
+
+    new = cached(f"{APP_UPGRADED_RECIPE}+{old.name}", build)
+
+    def versions(root: Path) -> dict[str, str]:
+        out = _pip(root, "list", "--format", "freeze", python=f"{APP_VENV}/bin/python")
+        return dict(line.split("==", 1) for line in out.splitlines())
+
+    return UpgradePair(old, new, diff_versions(versions(old), versions(new)))

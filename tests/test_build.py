@@ -571,9 +571,13 @@ def test_bad_image_options_are_clear_errors(deb_rootfs: Path, tmp_path: Path, ba
 
 
 def test_format_none_treats_everything_as_unowned(deb_rootfs: Path) -> None:
-    out = json.loads(run_cli("scan", str(deb_rootfs), "--json", "--format", "none").stdout)
+    out = json.loads(run_cli("scan", str(deb_rootfs), "--json", "--format", "none", "--big-file-size", "1T").stdout)
     assert out["packages"] == [] and out["homes"]["pkgdb"]["files"] == 0
     assert "usr/bin/bash" in out["unowned"]
+    # but for the big files, which get components of their own (bash is 1.2 MB)
+    out = json.loads(run_cli("scan", str(deb_rootfs), "--json", "--format", "none").stdout)
+    assert {p["origin"] for p in out["packages"]} == {"big file"}
+    assert "usr/bin/bash" not in out["unowned"] and "usr/bin/ls" in out["unowned"]
     proc = run_cli("scan", str(deb_rootfs), "--format", "rpm", check=False)
     assert proc.returncode == 1 and "no rpm database" in proc.stderr
 

@@ -131,3 +131,16 @@ def test_pip_rootfs(pip_rootfs: Path) -> None:
         capture_output=True, text=True, check=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
     assert out.stdout.startswith("3.2.0")
+
+
+def test_app_upgrade_pair(app_upgrade_pair: factory.UpgradePair) -> None:
+    assert app_upgrade_pair.upgraded == {"urllib3": ("2.2.2", "2.2.3")}
+    for root in (app_upgrade_pair.old, app_upgrade_pair.new):
+        out = subprocess.run(
+            ["chroot", root, f"{factory.APP_VENV}/bin/python", "-c",
+             "import sys; sys.path.insert(0, '/opt/app'); import app, urllib3; print(urllib3.__version__)"],
+            capture_output=True, text=True, check=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        )
+        assert out.stdout.strip() == ("2.2.2" if root == app_upgrade_pair.old else "2.2.3")
+    assert (app_upgrade_pair.old / factory.APP_MODEL).stat().st_size == 8 << 20
+    assert not (app_upgrade_pair.new / "tmp/pkglayer-wheels").exists()

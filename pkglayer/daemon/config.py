@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import COMPRESSIONS, BuildSettings, load_settings, parse_size, read_config
+from ..config import COMPRESSIONS, BuildSettings, components_from, load_settings, parse_size, read_config
 from ..errors import ConfigError, PkglayerError
 from ..layout import parse_layout_ref
 from ..sources import source_formats
@@ -101,9 +101,9 @@ def load_daemon_config(path: str) -> DaemonConfig:
 
 
 def _parse(data: dict[str, Any], path: str, defaults: BuildSettings) -> DaemonConfig:
-    unknown = sorted(set(data) - {"build", "daemon", "root"})
+    unknown = sorted(set(data) - {"build", "component", "daemon", "root"})
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown table (expected [build], [daemon], [[root]])")
+        raise ConfigError(f"{unknown[0]}: unknown table (expected [build], [[component]], [daemon], [[root]])")
     raw = data.get("daemon", {})
     if not isinstance(raw, dict):
         raise ConfigError("daemon: must be a table ([daemon])")
@@ -212,6 +212,12 @@ def _parse_root(entry: dict[str, Any], where: str, defaults: BuildSettings) -> R
         if fmt not in formats:
             raise ConfigError(f"{where}.format: must be one of {', '.join(formats)}, not {fmt!r}")
         changes["package_format"] = fmt
+    tables = t.take("component", list, "an array of tables ([[root.component]])")
+    if tables is not None:
+        changes["components"] = defaults.components + components_from(tables, f"{where}.component")
+    big = t.take("big-file-size", (int, str), "a size")
+    if big is not None:
+        changes["big_file_size"] = parse_size(big, f"{where}.big-file-size")
     debounce = t.take("debounce", (int, float), "a positive number", 2.0)
     if not 0 < debounce <= 3600:
         raise ConfigError(f"{where}.debounce: must be a positive number of seconds (at most 3600), not {debounce}")

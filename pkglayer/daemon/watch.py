@@ -10,7 +10,11 @@ What is watched, per root, all non-recursive (a recursive watch of /usr alone co
 - while a root has no database yet (debootstrap, `dnf --installroot` just starting), the
   deepest existing directory on the way to each place a database may appear;
 - the root's parent directory (or its deepest existing ancestor), filtered on the root's
-  own name: a root that appears, disappears or is replaced by a rename is noticed.
+  own name: a root that appears, disappears or is replaced by a rename is noticed;
+- the Python site directories pip's reader searches (sources/pip.py: the system and
+  /usr/local ones, user sites, virtual environments), as they are at the last scan: a
+  `pip install` or upgrade creates and removes `*.dist-info` directories there. Other
+  files (user components, big files) are not watched: they are read at the next build.
 
 Each directory is scheduled once, however many roots are interested in it, and the watch
 is scheduled again when the directory was replaced (new inode): inotify watches inodes,
@@ -51,6 +55,7 @@ from ..errors import PkglayerError
 from ..rootfs import Rootfs
 from ..sources import open_source
 from ..sources.dpkg import ADMINDIR
+from ..sources.pip import PipSource
 from ..sources.rpmdb import LOCATIONS as RPM_LOCATIONS
 
 log = logging.getLogger(__name__)
@@ -117,6 +122,8 @@ def watch_targets(root_path: str, package_format: str | None) -> tuple[dict[str,
                 elif os.path.isfile(host):
                     found.append(real)
                     targets[os.path.dirname(host)] = None
+            for site in PipSource(rootfs).site_dirs():
+                targets.setdefault(os.path.join(root_path, site.path), None)
             if not found:
                 targets[root_path] = None
                 for rel in DB_CANDIDATES:

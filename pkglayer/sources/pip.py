@@ -270,8 +270,9 @@ class PipSource(PackageSource):
         return tuple(files[p] for p in sorted(files)), size
 
     def _locate(self, site: SiteDir, recorded: str) -> str | None:
-        """The rootfs-relative path a RECORD row names, or None when it leaves the
-        environment (lexically, or through a symlinked directory)."""
+        """The rootfs-relative path a RECORD row names, its directories' symlinks
+        resolved, or None when it leaves the environment (lexically, or through a
+        symlinked directory)."""
         if "\0" in recorded:
             return None
         if recorded.startswith("/"):
@@ -288,7 +289,8 @@ class PipSource(PackageSource):
             return None
         if not _inside(parent, site.prefix):
             return None
-        return path
+        # the real path: a symlinked directory on the way is not one the distribution made
+        return posixpath.join(parent, posixpath.basename(path))
 
 
 def _inside(path: str, prefix: str) -> bool:
