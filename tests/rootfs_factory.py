@@ -89,13 +89,16 @@ def cache_root() -> Path:
 
 
 def run(cmd: Sequence[str | os.PathLike[str]], **kwargs: object) -> str:
-    """Run a command, return its stdout; on failure raise with the output's tail."""
+    """Run a command, return its stdout; on failure raise with the tails of its stderr and
+    stdout. kwargs go to subprocess.run (cwd, env, timeout, input). The tests' one `run`
+    (tests/helpers.py re-exports it); it lives here because this module must stand alone."""
     argv = [os.fspath(c) for c in cmd]
     proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
     out: str = proc.stdout
     if proc.returncode != 0:
-        tail = (out + proc.stderr)[-4000:]
-        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}:\n{tail}")
+        raise RuntimeError(
+            f"{' '.join(argv)} exited {proc.returncode}\nstderr:\n{proc.stderr[-6000:]}\nstdout:\n{out[-2000:]}"
+        )
     return out
 
 

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from pkglayer.blobstore import TMP_DIR, BlobDir, is_digest
 from pkglayer.errors import HistoryError, PkglayerError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+from tests.helpers import sha256_digest, tmpfs
 
 
 def blob_names(bd: BlobDir) -> list[str]:
@@ -39,7 +34,7 @@ def test_is_digest() -> None:
 def test_add_bytes_roundtrip(tmp_path) -> None:
     bd = BlobDir(tmp_path / "d", create=True)
     digest, size = bd.add_bytes(b"hello")
-    assert (digest, size) == (sha(b"hello"), 5)
+    assert (digest, size) == (sha256_digest(b"hello"), 5)
     assert bd.has(digest) and bd.verify(digest)
     with open(bd.path(digest), "rb") as f:
         assert f.read() == b"hello"
@@ -59,7 +54,7 @@ def test_missing_root_without_create(tmp_path) -> None:
     with pytest.raises(PkglayerError, match="does not exist"):
         BlobDir(tmp_path / "nope")
     empty = BlobDir(tmp_path)  # exists, but has no blobs/sha256 yet
-    assert not empty.has(sha(b"x")) and not empty.verify(sha(b"x"))
+    assert not empty.has(sha256_digest(b"x")) and not empty.verify(sha256_digest(b"x"))
 
 
 def test_writer_streams_and_commits(tmp_path) -> None:
@@ -70,7 +65,7 @@ def test_writer_streams_and_commits(tmp_path) -> None:
             w.write(c)
         assert blob_names(bd) == []  # nothing under the final name before commit
         digest, size = w.commit()
-    assert digest == sha(b"".join(chunks)) and size == 3_000_000
+    assert digest == sha256_digest(b"".join(chunks)) and size == 3_000_000
     assert bd.verify(digest) and tmp_names(bd) == []
 
 
@@ -88,7 +83,7 @@ def test_commit_expected_digest_mismatch(tmp_path) -> None:
     with bd.writer() as w:
         w.write(b"abc")
         with pytest.raises(PkglayerError, match="expected"):
-            w.commit(expected_digest=sha(b"abd"))
+            w.commit(expected_digest=sha256_digest(b"abd"))
     assert blob_names(bd) == [] and tmp_names(bd) == []
 
 
@@ -112,12 +107,12 @@ def test_verify_false_on_tampered_and_symlinked_blobs(tmp_path) -> None:
     assert not bd.verify(digest)
 
     with open("/etc/shadow", "rb") as f:
-        shadow_digest = sha(f.read())
+        shadow_digest = sha256_digest(f.read())
     os.symlink("/etc/shadow", bd.path(shadow_digest))
     assert not bd.has(shadow_digest)
     assert not bd.verify(shadow_digest)
 
-    fifo_digest = sha(b"fifo")
+    fifo_digest = sha256_digest(b"fifo")
     os.mkfifo(bd.path(fifo_digest))
     assert not bd.has(fifo_digest) and not bd.verify(fifo_digest)  # and does not block
 
@@ -133,9 +128,9 @@ def test_import_blob_hard_links_on_same_fs(tmp_path) -> None:
     assert tmp_names(dst) == []
 
 
-def test_import_blob_copies_across_filesystems(tmp_path, tmpfs) -> None:
+def test_import_blob_copies_across_filesystems(tmp_path, small_tmpfs) -> None:
     src = BlobDir(tmp_path / "in", create=True)
-    dst = BlobDir(tmpfs, create=True)
+    dst = BlobDir(small_tmpfs, create=True)
     digest, _ = src.add_bytes(b"cross-device")
     dst.import_blob(src, digest)
     assert dst.verify(digest)
@@ -152,9 +147,9 @@ def test_import_blob_rejects_corrupt_missing_and_symlinked_sources(tmp_path) -> 
     with pytest.raises(PkglayerError, match="corrupt"):
         dst.import_blob(src, digest)
     with pytest.raises(PkglayerError, match="missing"):
-        dst.import_blob(src, sha(b"absent"))
+        dst.import_blob(src, sha256_digest(b"absent"))
     with open("/etc/shadow", "rb") as f:
-        shadow_digest = sha(f.read())
+        shadow_digest = sha256_digest(f.read())
     os.symlink("/etc/shadow", src.path(shadow_digest))
     with pytest.raises(PkglayerError, match="not a regular file"):
         dst.import_blob(src, shadow_digest)
@@ -163,8 +158,7 @@ def test_import_blob_rejects_corrupt_missing_and_symlinked_sources(tmp_path) -> 
 
 _CHILD = textwrap.dedent(
     """
-    import os, sys
-    sys.path.insert(0, {repo!r})
+    import sys
     from pkglayer.blobstore import BlobDir
     w = BlobDir({root!r}, create=True).writer()
     w.write(b"x" * 1_500_000)  # more than the 1 MiB write buffer: some of it reaches the file
@@ -177,7 +171,7 @@ _CHILD = textwrap.dedent(
 def test_writer_killed_mid_write_then_rerun(tmp_path) -> None:
     root = str(tmp_path / "layout")
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD.format(repo=REPO, root=root)],
+        [sys.executable, "-c", _CHILD.format(root=root)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -218,24 +212,20 @@ def test_stale_link_temps_removed_only_when_old(tmp_path) -> None:
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
+def small_tmpfs(tmp_path: Path):
     """A real 1 MiB tmpfs, unmounted afterwards."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "tmpfs", size="1M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_enospc_gives_clear_error_and_no_temp(tmpfs) -> None:
-    bd = BlobDir(tmpfs, create=True)
+def test_enospc_gives_clear_error_and_no_temp(small_tmpfs) -> None:
+    bd = BlobDir(small_tmpfs, create=True)
     with pytest.raises(PkglayerError, match=r"^no space left on device while writing blob to .*tmpfs"):
         with bd.writer() as w:
             for _ in range(32):
                 w.write(os.urandom(64 * 1024))  # 2 MiB in all
             w.commit()
     assert blob_names(bd) == [] and tmp_names(bd) == []
-    assert BlobDir(tmpfs).add_bytes(b"small")[1] == 5  # the directory still works
-    assert TMP_DIR in os.listdir(tmpfs)
+    assert BlobDir(small_tmpfs).add_bytes(b"small")[1] == 5  # the directory still works
+    assert TMP_DIR in os.listdir(small_tmpfs)
+

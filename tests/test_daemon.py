@@ -6,7 +6,6 @@ watches what it does through its control API; nothing is mocked.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -17,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests import rootfs_factory as factory
-from tests.daemon_harness import DaemonProcess, wait_until
-
-TOP_LAYERS = {"unowned", "modified", "pkgdb"}
+from tests.daemon_harness import cache_blobs, copy_root, root_entry, start, temp_files, wait_until
+from tests.helpers import TOP_LAYERS, dpkg_install, sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -33,44 +31,6 @@ def extra_debs(deb_rootfs: Path) -> list[Path]:
     """Real .debs not installed in deb_base, in dependency order: libcap2-bin, iputils-ping."""
     archives = deb_rootfs / "var/cache/apt/archives"
     return [next(archives.glob("libcap2-bin_*.deb")), next(archives.glob("iputils-ping_*.deb"))]
-
-
-def copy_root(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    factory.copy_tree(src, dst)
-    return dst
-
-
-def dpkg_install(root: Path, *debs: Path) -> None:
-    factory.run(["dpkg", f"--root={root}", "--force-unsafe-io", "-i", *map(str, debs)])
-
-
-def cache_blobs(d: DaemonProcess) -> dict[str, Path]:
-    blobs = d.cache_dir / "blobs" / "sha256"
-    return {f"sha256:{p.name}": p for p in blobs.iterdir()} if blobs.is_dir() else {}
-
-
-def temp_files(d: DaemonProcess) -> list[str]:
-    tmp = d.cache_dir / ".pkglayer-tmp"
-    return sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def start(daemons: list[DaemonProcess], *args, **kwargs) -> DaemonProcess:
-    d = DaemonProcess(*args, **kwargs)
-    daemons.append(d)
-    return d.start()
-
-
-def root_entry(name: str, path: Path, **extra) -> dict:
-    return {"name": name, "path": str(path), "compression": "zstd", "debounce": 1.0, **extra}
 
 
 # ------------------------------------------------------------------ watching
