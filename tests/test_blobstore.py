@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pkglayer.blobstore import TMP_DIR, BlobDir, is_digest
+from pkglayer.blobstore import TMP_DIR, BlobDir, is_digest, write_file_atomic
 from pkglayer.errors import HistoryError, PkglayerError
-from tests.helpers import sha256_digest, tmpfs
+from tests.helpers import run, sha256_digest, tmpfs
 
 
 def blob_names(bd: BlobDir) -> list[str]:
@@ -229,3 +230,119 @@ def test_enospc_gives_clear_error_and_no_temp(small_tmpfs) -> None:
     assert BlobDir(small_tmpfs).add_bytes(b"small")[1] == 5  # the directory still works
     assert TMP_DIR in os.listdir(small_tmpfs)
 
+
+# ------------------------------------------------------------------ error paths
+
+# A child process whose file-size limit makes the kernel fail writes with EFBIG (SIGXFSZ
+# ignored): a write error that is neither ENOSPC nor EDQUOT, in write() (past the 1 MiB
+# buffer) and in commit() (the final flush).
+_EFBIG_CHILD = textwrap.dedent(
+    """
+    import os, resource, signal, sys
+    from pkglayer.blobstore import BlobDir
+    from pkglayer.errors import PkglayerError
+    bd = BlobDir(sys.argv[1], create=True)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    for size in (3_000_000, 200_000):
+        try:
+            with bd.writer() as w:
+                w.write(b"x" * size)
+                print("written", flush=True)
+                w.commit()
+        except PkglayerError as e:
+            print(e, flush=True)
+    print(sorted(os.listdir(bd.tmp)), sorted(os.listdir(bd.blobs)))
+    """
+)
+
+
+def test_other_write_errors_are_reported_as_such_and_leave_nothing(tmp_path) -> None:
+    root = tmp_path / "d"
+    out = run([sys.executable, "-c", _EFBIG_CHILD, root]).splitlines()
+    reason = os.strerror(errno.EFBIG)  # "File too large"
+    assert out == [
+        f"cannot write blob to {root}: {reason}",  # in write()
+        "written",
+        f"cannot write blob to {root}: {reason}",  # in commit()
+        "[] []",
+    ]
+
+
+def test_a_finished_writer_refuses_more(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    committed = bd.writer()
+    committed.write(b"data")
+    committed.commit()
+    aborted = bd.writer()
+    aborted.write(b"data")
+    aborted.abort()
+    aborted.abort()  # twice is fine
+    for w in (committed, aborted):
+        with pytest.raises(ValueError, match="committed or aborted"):
+            w.write(b"more")
+        with pytest.raises(ValueError, match="already committed or aborted"):
+            w.commit()
+    assert blob_names(bd) == [sha256_digest(b"data")[7:]] and tmp_names(bd) == []
+
+
+def test_stale_temps_among_foreign_files(tmp_path) -> None:
+    """Every dead writer's temp file goes, wherever it sorts among files that are not
+    ours, a live writer's temp file and a symlink, which all stay."""
+    bd = BlobDir(tmp_path / "d", create=True)
+    live = bd.writer()
+    live.write(b"in progress")
+    live_name = os.path.basename(live.tmp_path)
+    outside = tmp_path / "outside"
+    outside.write_text("not to be touched")
+    dead = ["blob-" + "0" * 32 + ".tmp", "blob-" + "7" * 32 + ".tmp", "blob-" + "f" * 32 + ".tmp"]
+    old_links = ["link-" + "1" * 32 + ".tmp", "link-" + "9" * 32 + ".tmp"]
+    young_link = "link-" + "5" * 32 + ".tmp"
+    foreign = ["0-first", "blob-0.tmp", "blob-" + "3" * 32 + ".tmp.keep", "m-middle", "zz-last"]
+    for name in [*dead, *old_links, young_link, *foreign]:
+        Path(bd.tmp, name).write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    for name in [*old_links, *foreign]:
+        os.utime(os.path.join(bd.tmp, name), (two_hours_ago, two_hours_ago))
+    not_files = ["blob-" + "8" * 32 + ".tmp", "blob-" + "9" * 32 + ".tmp"]
+    os.symlink(outside, os.path.join(bd.tmp, not_files[0]))
+    os.mkfifo(os.path.join(bd.tmp, not_files[1]))
+    assert dead[0] < live_name < dead[-1]  # the live one sorts among the dead ones
+
+
+    assert bd.remove_stale_temps() == sorted([*dead, *old_links])
+    assert tmp_names(bd) == sorted([*foreign, young_link, live_name, *not_files])
+    assert outside.read_text() == "not to be touched"
+    live.write(b" and done")
+    digest, _ = live.commit()
+    assert bd.verify(digest)
+
+
+def test_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path) -> None:
+    target = tmp_path / "state.json"
+    write_file_atomic(str(target), b"old", mode=0o640)
+    assert target.read_bytes() == b"old" and target.stat().st_mode & 0o777 == 0o640
+    # Renaming a file over a directory fails after the temp file was written.
+    blocker = tmp_path / "blocker"
+    (blocker / "inside").mkdir(parents=True)
+    with pytest.raises(OSError) as err:
+        write_file_atomic(str(blocker), b"new")
+    assert err.value.errno in (errno.EISDIR, errno.ENOTEMPTY)
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "state.json"]
+    assert target.read_bytes() == b"old"
+
+
+def test_atomic_write_keeps_its_temp_file_on_the_target_filesystem(small_tmpfs) -> None:
+    # A temp file elsewhere (/tmp) could not be renamed onto the tmpfs.
+    write_file_atomic(str(small_tmpfs / "f"), b"data")
+    assert (small_tmpfs / "f").read_bytes() == b"data" and os.listdir(small_tmpfs) == ["f"]
+
+
+def test_read_only_filesystem_is_a_clear_error(tmp_path) -> None:
+    with tmpfs(tmp_path / "ro", size="1M") as mnt:
+        BlobDir(mnt / "ready", create=True)
+        run(["mount", "-o", "remount,ro", mnt])
+        with pytest.raises(PkglayerError, match=rf"^cannot create blob directory in {mnt}/new: Read-only file system$"):
+            BlobDir(mnt / "new", create=True)
+        with pytest.raises(PkglayerError, match=r"^cannot create a temp file in .*: Read-only file system$"):
+            BlobDir(mnt / "ready").writer()
