@@ -8,16 +8,19 @@ tests/daemon_harness.py and tests/rootfs_factory.py, never from each other.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -198,6 +201,58 @@ def dpkg_root(root: Path) -> Path:
 
 def dpkg_install(root: Path, *debs: Path) -> None:
     run(["dpkg", f"--root={root}", "--force-unsafe-io", "-i", *map(str, debs)])
+
+
+# ------------------------------------------------------------------ catching a writer mid-write
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of PID is stopped (state T), or the process is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        states = []
+        for tid in tasks:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rpartition(")")[2].split()[0])
+    except FileNotFoundError:
+        return True
+    return all(state in ("T", "t", "Z", "X") for state in states)
+
+
+def _locked_by_another(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops a lock we took
+    return False
+
+
+def stop_mid_write(proc: subprocess.Popen, tmp_dir: Path, ready: Callable[[], bool], timeout: float = 300) -> list[str]:
+    """Stop PROC (SIGSTOP) at a moment when ready() holds and PROC is writing a blob: a
+    blob-*.tmp in TMP_DIR (a BlobDir's temp directory) is locked, and its writer, being
+    stopped, cannot finish it. Returns those temp files' names; the caller then kills PROC
+    (SIGKILL ends a stopped process). Fails if PROC exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before it was caught writing a blob")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not caught writing a blob within {timeout} s")
+        if ready() and tmp_dir.is_dir():
+            os.kill(proc.pid, signal.SIGSTOP)
+            while not _stopped(proc.pid):
+                time.sleep(0.001)
+            writing = sorted(p.name for p in tmp_dir.glob("blob-*.tmp") if _locked_by_another(p))
+            if writing:
+                return writing
+            os.kill(proc.pid, signal.SIGCONT)  # between two blobs: try again
+        time.sleep(0.005)
 
 
 # ------------------------------------------------------------------ tmpfs mounts

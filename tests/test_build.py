@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from tests.helpers import (
     promote_outputs,
     read_layer,
     sha256_file,
+    stop_mid_write,
     tmpfs,
 )
 from tests.rootfs_factory import copy_tree
@@ -473,18 +472,22 @@ def test_killed_build_leaves_no_partial_blob_and_rerun_completes(deb_rootfs: Pat
         [sys.executable, "-m", "pkglayer", "build", str(deb_rootfs), "--output", f"oci:{layout}:t", "-q", "-j", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while len(blob_files(layout)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert blob_files(layout), "the build was killed before writing any blob"
-    for name in blob_files(layout):
+    try:
+        # Killed while provably writing a layer, after three were committed.
+        writing = stop_mid_write(proc, layout / ".pkglayer-tmp", lambda: len(blob_files(layout)) >= 3)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert set(writing) <= {p.name for p in (layout / ".pkglayer-tmp").iterdir()}
+    committed = blob_files(layout)
+    assert len(committed) >= 3
+    for name in committed:
         assert sha256_file(layout / "blobs/sha256" / name) == f"sha256:{name}"
     assert not (layout / "index.json").exists()
     rerun = build_json(deb_rootfs, "--output", f"oci:{layout}:t")
     clean = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/clean:t")
     assert rerun["manifestDigest"] == clean["manifestDigest"]
+    assert not list((layout / ".pkglayer-tmp").iterdir()), "the rerun removes the dead writer's temp file"
 
 
 def test_full_disk_is_a_clear_error_without_partial_blobs(deb_rootfs: Path, tmp_path: Path) -> None:

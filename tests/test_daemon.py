@@ -10,14 +10,14 @@ import os
 import shutil
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
+from pkglayer.daemon.watch import watch_targets
 from tests import rootfs_factory as factory
 from tests.daemon_harness import cache_blobs, copy_root, root_entry, start, temp_files, wait_until
-from tests.helpers import TOP_LAYERS, dpkg_install, sha256_file
+from tests.helpers import TOP_LAYERS, dpkg_install, sha256_file, stop_mid_write
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,29 @@ def test_two_roots_with_the_same_packages_build_each_layer_once(
     assert d.stop() == 0
 
 
+def _close_the_burst(root: Path) -> tuple[set[str], set[str]]:
+    """Create and delete a marker file in every directory the daemon watches for ROOT
+    (the same watch_targets it uses). Returns the events the daemon logs for the
+    deletions, and every event the markers cause (watchdog follows each with a
+    "modified" event of the directory).
+
+    Each directory's events reach the daemon in the order they happened, so once it has
+    logged every deletion it has seen every earlier event too."""
+    targets, _ = watch_targets(str(root), None)
+    deletions, closing = set(), set()
+    for directory, only in targets.items():
+        if only is not None:  # the root's parent, filtered on the root's own name
+            continue
+        marker = os.path.join(directory, ".pkglayer-test-marker")
+        with open(marker, "w"):
+            pass
+        os.unlink(marker)
+        deletions.add(f"deleted {marker}")
+        closing |= {f"deleted {marker}", f"modified {directory}"}
+    assert len(deletions) >= 3, targets  # var/lib/dpkg, its info/ and updates/ at least
+    return deletions, closing
+
+
 def test_a_burst_of_database_writes_is_rescanned_once(
     tmp_path: Path, deb_base: Path, deb_rootfs: Path, extra_debs: list[Path], daemons
 ) -> None:
@@ -151,19 +174,24 @@ def test_a_burst_of_database_writes_is_rescanned_once(
     # One dpkg transaction: two new packages and ten reinstalled ones.
     again = sorted(archives.glob("lib[a-m]*.deb"))[:10]
     dpkg_install(root, *again, *extra_debs)
-    settled = d.wait_settled("deb", rescans=1)
-    # Give a second (wrong) rescan the chance to happen: three debounce periods of quiet.
-    time.sleep(4.5)
-    final = d.root("deb")
-    assert final["events"] - events_before > 50, final["events"]
+    deletions, closing = _close_the_burst(root)
+    wait_until(lambda: all(f"root deb: {m}" in d.log() for m in deletions), 60, "the daemon to see the markers")
+    # Every event of the burst has been seen; settled after that means the debounce timer
+    # expired, the rescan and its prebuild finished and nothing is armed: no second
+    # rescan can follow.
+    final = d.wait_settled("deb", rescans=1)
     assert final["rescans"] == 1, final
+    assert final["lastEvent"] in closing, final["lastEvent"]  # no event came after the markers
+    assert final["events"] - events_before > 50, final["events"]
     assert final["prebuilds"] == 2  # the initial one and one for the burst
-    assert settled["packages"] == 90
+    assert final["packages"] == 90
 
     # A second burst later is a second rescan.
     dpkg_install(root, *again[:3])
-    d.wait_settled("deb", rescans=2)
-    assert d.root("deb")["rescans"] == 2
+    deletions, closing = _close_the_burst(root)
+    wait_until(lambda: all(d.log().count(f"root deb: {m}") == 2 for m in deletions), 60, "the second markers")
+    final = d.wait_settled("deb", rescans=2)
+    assert final["rescans"] == 2 and final["lastEvent"] in closing, final
     assert d.stop() == 0
 
 
@@ -197,11 +225,10 @@ def test_kill_9_during_a_layer_write_leaves_no_partial_blob_and_the_cache_is_reu
     # gzip -9 makes layer writes slow enough to be caught in the middle.
     entry = root_entry("deb", root, compression="gzip", level=9)
     d = start(daemons, tmp_path / "d", [entry], daemon={"jobs": 1})
-    wait_until(lambda: len(cache_blobs(d)) >= 5 and any(n.startswith("blob-") for n in temp_files(d)),
-               120, "a layer write in progress", interval=0.01)
+    assert d.proc is not None
+    writing = stop_mid_write(d.proc, d.cache_dir / ".pkglayer-tmp", lambda: len(cache_blobs(d)) >= 5, 120)
     d.kill()
-    partial = [n for n in temp_files(d) if n.startswith("blob-")]
-    assert partial, "the kill should have interrupted a layer write"
+    assert set(writing) <= set(temp_files(d)), "the interrupted write's temp file is left behind"
     blobs = cache_blobs(d)
     # No blob is visible under its final name unless complete.
     for digest, path in blobs.items():
