@@ -142,11 +142,12 @@ def promote_outputs(layers: Path) -> None:
 
 
 def decompress(blob: bytes) -> bytes:
-    """A gzip or zstd layer's tar bytes, told apart by their magic numbers."""
+    """A gzip or zstd layer's tar bytes, told apart by their magic numbers (several gzip
+    members or zstd frames are read through)."""
     if blob[:2] == b"\x1f\x8b":
         return gzip.decompress(blob)
     if blob[:4] == b"\x28\xb5\x2f\xfd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
     raise AssertionError(f"neither gzip nor zstd: {blob[:8]!r}")
 
 
