@@ -28,9 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_tools, run, sha256_file
-
-CAPABILITY_XATTR = "security.capability"
+from tests.helpers import CAPABILITY_XATTR, require_tools, run, sha256_file
 
 # ------------------------------------------------------------------ umoci
 

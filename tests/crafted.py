@@ -12,10 +12,6 @@ from pathlib import Path
 from pkglayer.imagesource import DEFAULT_LIMITS, Limits, open_layout, unpack
 from tests.helpers import sha256_digest
 
-CAP = "security.capability"
-# A real file capability (cap_net_raw=ep), as setcap writes it.
-CAP_VALUE = bytes.fromhex("0100000200200000000000000000000000000000")
-
 
 class Layer:
     """A tar stream built member by member, the way a hostile or unusual tool might."""

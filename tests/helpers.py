@@ -33,6 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 # The layers every build puts on top of the package layers.
 TOP_LAYERS = frozenset({"unowned", "modified", "pkgdb"})
 REF_NAME = "org.opencontainers.image.ref.name"
+CAPABILITY_XATTR = "security.capability"
+# A real file capability, cap_net_raw=ep, as setcap writes it (VFS_CAP_REVISION_2).
+CAP_VALUE = bytes.fromhex("0100000200200000000000000000000000000000")
 
 # ------------------------------------------------------------------ skips (failures on CI)
 

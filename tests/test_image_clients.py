@@ -15,8 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients import CAPABILITY_XATTR, Coverage, Registry, compare_trees, podman, snapshot, umoci_unpack
-from tests.helpers import build_json, layout_manifest, needs_root, pkglayer_json, read_blob, run, sha256_digest
+from tests.clients import Coverage, Registry, compare_trees, podman, snapshot, umoci_unpack
+from tests.helpers import (
+    CAPABILITY_XATTR,
+    build_json,
+    layout_manifest,
+    needs_root,
+    pkglayer_json,
+    read_blob,
+    run,
+    sha256_digest,
+)
 
 pytestmark = needs_root("umoci without --rootless and podman")
 

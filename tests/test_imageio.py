@@ -19,8 +19,17 @@ from pkglayer.build import ImageOptions
 from pkglayer.errors import PkglayerError
 from pkglayer.imageio import merge_config, plan_from_image
 from pkglayer.imagesource import ImageError, open_layout
-from tests.crafted import CAP, CAP_VALUE, Layer, listing, make_layout, manifest_file, rewrite_layout, unpack_layout
-from tests.helpers import build_json, needs_root, pkglayer, pkglayer_json, read_blob, sha256_digest
+from tests.crafted import Layer, listing, make_layout, manifest_file, rewrite_layout, unpack_layout
+from tests.helpers import (
+    CAP_VALUE,
+    CAPABILITY_XATTR,
+    build_json,
+    needs_root,
+    pkglayer,
+    pkglayer_json,
+    read_blob,
+    sha256_digest,
+)
 
 pytestmark = needs_root("unpacking keeps owners")
 
@@ -140,7 +149,8 @@ def test_prior_from_oci_layout_reuses_its_blobs(tmp_path: Path) -> None:
 def test_rechunk_keeps_the_tree_and_config(tmp_path: Path) -> None:
     """Small end-to-end: a crafted two-layer image through `pkglayer build --from oci:`."""
     lower = (Layer().dir(".").dir("etc").add("etc/hostname", data=b"h\n").add("etc/gone", data=b"g")
-             .dir("usr").dir("usr/bin").add("usr/bin/ping", data=b"ELF", mode=0o755, xattrs={CAP: CAP_VALUE})
+             .dir("usr").dir("usr/bin")
+             .add("usr/bin/ping", data=b"ELF", mode=0o755, xattrs={CAPABILITY_XATTR: CAP_VALUE})
              .add("usr/bin/ping6", tarfile.LNKTYPE, linkname="usr/bin/ping").bytes())
     upper = Layer().add("etc/.wh.gone").add("etc/new", data=b"n", uid=1000, mode=0o600).bytes()
     layout = make_layout(tmp_path / "img", [lower, upper],
@@ -153,7 +163,7 @@ def test_rechunk_keeps_the_tree_and_config(tmp_path: Path) -> None:
     stats = unpack_layout(out, back, tag="r")
     assert stats.layers == 1  # no package database: one unowned layer
     assert listing(back) == ["etc", "etc/hostname", "etc/new", "usr", "usr/bin", "usr/bin/ping", "usr/bin/ping6"]
-    assert os.getxattr(back / "usr/bin/ping", CAP) == CAP_VALUE
+    assert os.getxattr(back / "usr/bin/ping", CAPABILITY_XATTR) == CAP_VALUE
     assert os.lstat(back / "usr/bin/ping").st_ino == os.lstat(back / "usr/bin/ping6").st_ino
     new = os.lstat(back / "etc/new")
     assert (new.st_uid, stat.S_IMODE(new.st_mode)) == (1000, 0o600)

@@ -16,8 +16,8 @@ import pytest
 import zstandard
 
 from pkglayer.imagesource import ImageError, Limits, open_layout
-from tests.crafted import CAP, CAP_VALUE, Layer, listing, make_layout, manifest_file, rewrite_layout, unpack_layout
-from tests.helpers import needs_root, read_blob, sha256_digest
+from tests.crafted import Layer, listing, make_layout, manifest_file, rewrite_layout, unpack_layout
+from tests.helpers import CAP_VALUE, CAPABILITY_XATTR, needs_root, read_blob, sha256_digest
 
 pytestmark = needs_root("unpacking keeps owners and makes device nodes")
 
@@ -58,7 +58,7 @@ def test_a_later_layer_replaces_types(tmp_path: Path) -> None:
 
 def test_attributes_links_devices_and_xattrs(tmp_path: Path) -> None:
     layer = (Layer().dir(".", mode=0o755).dir("usr", mode=0o755).dir("usr/bin", mode=0o755)
-             .add("usr/bin/ping", data=b"\x7fELF ping", mode=0o4755, uid=0, gid=0, xattrs={CAP: CAP_VALUE})
+             .add("usr/bin/ping", data=b"\x7fELF ping", mode=0o4755, uid=0, gid=0, xattrs={CAPABILITY_XATTR: CAP_VALUE})
              .add("usr/bin/tool", data=b"tool", mode=0o2750, uid=1000, gid=42, mtime=1_234_567_890)
              .add("usr/bin/tool2", tarfile.LNKTYPE, linkname="usr/bin/tool")
              .add("usr/bin/sh", tarfile.SYMTYPE, linkname="/usr/bin/dash", uid=7, gid=8, mtime=1_111_111_111)
@@ -73,7 +73,7 @@ def test_attributes_links_devices_and_xattrs(tmp_path: Path) -> None:
     t = tmp_path / "tree"
     ping = os.lstat(t / "usr/bin/ping")
     assert stat.S_IMODE(ping.st_mode) == 0o4755
-    assert os.getxattr(t / "usr/bin/ping", CAP) == CAP_VALUE
+    assert os.getxattr(t / "usr/bin/ping", CAPABILITY_XATTR) == CAP_VALUE
     tool = os.lstat(t / "usr/bin/tool")
     assert (stat.S_IMODE(tool.st_mode), tool.st_uid, tool.st_gid) == (0o2750, 1000, 42)
     assert int(tool.st_mtime) == 1_234_567_890

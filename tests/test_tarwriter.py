@@ -30,7 +30,7 @@ from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
 from pkglayer.tarwriter import Member, content_key, layer_members, write_layer
 from tests.clients import Coverage, compare_trees
-from tests.helpers import require_root, require_tools
+from tests.helpers import CAP_VALUE, require_root, require_tools
 from tests.rootfs_factory import copy_tree
 
 
@@ -81,8 +81,6 @@ def test_headers_match_tarfile_on_edge_cases(member: Member) -> None:
 # write_layer) from a small tree made by the test, and reads them back with readers that
 # share no code with the writer: Python's tarfile, GNU tar, gzip and zstd.
 
-# cap_net_raw=ep as setcap writes it (VFS_CAP_REVISION_2)
-CAP_VALUE = bytes.fromhex("0100000200200000000000000000000000000000")
 CAP_OTHER = bytes.fromhex("0100000200300000000000000000000000000000")  # + cap_net_admin
 BIG = 5 * 1024 * 1024 + 123  # several MB, not a multiple of 512 or of the writer's buffers
 SIZES = (0, 1, 511, 512, 513, 1024, BIG)
