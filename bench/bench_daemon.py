@@ -118,14 +118,14 @@ def main() -> int:
         say(f"- machine: {os.cpu_count()} CPUs, {platform.machine()}, load average before/after: "
             f"{open('/proc/loadavg').read().split()[:3]}")
         say(f"- big root: copy of `{big}` ({after['packages']} packages after the install, "
-            f"{res['layers']} layers, gzip-6); two more roots: copies of `{small}`")
+            f"{len(res['layers'])} layers, gzip-6); two more roots: copies of `{small}`")
         say(f"- daemon start to all three roots prebuilt: {initial:.1f} s; cache {cache['entries']} layers, "
             f"{cache['bytes'] / 1e6:.1f} MB")
         say()
         say("| figure | value | target | |")
         say("|---|---|---|---|")
         say(f"| end of `dpkg --root -i` (libcap2-bin, iputils-ping) to layers ready | {latency:.2f} s "
-            f"(debounce {DEBOUNCE:.1f} s included; prebuild wrote {pre['written']} of {pre['layers']} layers "
+            f"(debounce {DEBOUNCE:.1f} s included; prebuild wrote {pre['written']} of {len(pre['layers'])} layers "
             f"in {pre['seconds']:.2f} s) | - | |")
         say(f"| cold `pkglayer build --no-hash-cache` of the big root | {cold:.2f} s | - | |")
         say(f"| build request on the warm daemon (wrote {res['written']}, {res['fromCache']} from the cache) "

@@ -49,8 +49,11 @@ sys.path.insert(0, str(REPO))
 from pkglayer.build import build, scan_rootfs  # noqa: E402
 from pkglayer.components import WEEK, Component, find_components, weekly_change_rate  # noqa: E402
 from pkglayer.config import BuildSettings  # noqa: E402
+from pkglayer.history import save_history  # noqa: E402
+from pkglayer.outputs import Outputs  # noqa: E402
 from pkglayer.ownership import SPECIAL_HOMES, Ownership  # noqa: E402
 from pkglayer.plan import plan_layers  # noqa: E402
+from pkglayer.prior import resolve_prior  # noqa: E402
 from pkglayer.rootfs import Rootfs  # noqa: E402
 from pkglayer.tarwriter import layer_members, write_layer  # noqa: E402
 
@@ -178,17 +181,26 @@ def replay(
     }
 
 
+def _build_layers(rootfs, settings: BuildSettings, layers: str):
+    """`pkglayer build ROOTFS --layers LAYERS`, in process."""
+    outputs = Outputs(layers_dir=layers)
+    prior = resolve_prior(outputs.prior_request())
+    result = build(str(rootfs), settings, prior, outputs.new_blobs())
+    save_history(os.path.join(layers, "history.json"), result.history)
+    return result
+
+
 def real_upgrade(pair, comps: list[Component], gz: dict[str, int], gz_pkgs: dict[str, int], top: int) -> dict:
     settings = BuildSettings(hash_cache="")
     with tempfile.TemporaryDirectory(prefix="pkglayer-bench-") as work:
         layers = os.path.join(work, "layers")
         log("building the old tree")
-        build(str(pair.old), settings, layers_dir=layers)
+        _build_layers(pair.old, settings, layers)
         shutil.rmtree(os.path.join(layers, "input"), ignore_errors=True)
         os.rename(os.path.join(layers, "output"), os.path.join(layers, "input"))
         log("building the upgraded tree, reusing the old layers")
         t = time.monotonic()
-        result = build(str(pair.new), settings, layers_dir=layers)
+        result = _build_layers(pair.new, settings, layers)
         seconds = time.monotonic() - t
     written = [o.record for o in result.layers if not o.reused]
     downloaded = sum(r.size for r in written)

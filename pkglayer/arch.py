@@ -10,7 +10,9 @@ _ARCH = {
     "amd64": ("amd64", None), "x86_64": ("amd64", None),
     "arm64": ("arm64", "v8"), "aarch64": ("arm64", "v8"),
     "armhf": ("arm", "v7"), "armv7hl": ("arm", "v7"), "armel": ("arm", "v5"),
+    "armv7h": ("arm", "v7"), "armv6h": ("arm", "v6"),  # Arch Linux ARM
     "i386": ("386", None), "i686": ("386", None), "i586": ("386", None),
+    "pentium4": ("386", None),  # Arch Linux 32
     "ppc64el": ("ppc64le", None), "ppc64le": ("ppc64le", None),
     "s390x": ("s390x", None),
     "riscv64": ("riscv64", None),

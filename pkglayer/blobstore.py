@@ -25,14 +25,14 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import time
 from types import TracebackType
 from typing import NoReturn
 
-from .errors import HistoryError, PkglayerError
+from .digests import is_digest
+from .errors import DigestError, PkglayerError
+from .fsutil import fsync_dir, read_regular, unlink_quiet
 
-DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 TMP_DIR = ".pkglayer-tmp"
 _TMP_RE = re.compile(r"blob-[0-9a-f]{32}\.tmp")
 _LINK_TMP_RE = re.compile(r"link-[0-9a-f]{32}\.tmp")
@@ -42,38 +42,6 @@ _LINK_TMP_MAX_AGE = 3600
 _CHUNK = 1 << 20
 # Blobs are immutable, and an imported blob may share its inode with input/ via a hard link.
 _BLOB_MODE = 0o444
-
-
-def is_digest(value: object) -> bool:
-    """True for a string "sha256:" followed by 64 lower-case hex digits, nothing else."""
-    return isinstance(value, str) and DIGEST_RE.fullmatch(value) is not None
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or unlink in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so that readers see the old or the new file, never a mix,
-    also after a crash: temp file in the same directory, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    fsync_dir(directory)
 
 
 def _open_regular(path: str) -> int | None:
@@ -107,13 +75,6 @@ def _space_error(e: OSError, root: str) -> PkglayerError | None:
     return None
 
 
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 class BlobDir:
     """A directory laid out as <root>/blobs/sha256/<hex> (an OCI layout, or /layers/input, /layers/output).
 
@@ -142,10 +103,10 @@ class BlobDir:
             raise PkglayerError(f"cannot create blob directory in {self.root}: {e.strerror}") from e
 
     def path(self, digest: str) -> str:
-        """Where the blob with this digest lives. Raises HistoryError for a malformed digest,
+        """Where the blob with this digest lives. Raises DigestError for a malformed digest,
         which also rules out any path trickery ("/", "..") in the name."""
         if not is_digest(digest):
-            raise HistoryError(f"invalid blob digest {digest!r}: expected sha256:<64 lower-case hex>")
+            raise DigestError(f"invalid blob digest {digest!r}: expected sha256:<64 lower-case hex>")
         return os.path.join(self.blobs, digest[len("sha256:"):])
 
     def has(self, digest: str) -> bool:
@@ -162,15 +123,34 @@ class BlobDir:
             raise PkglayerError(f"blob {digest} in {self.root} is not a regular file")
         return st.st_size
 
-    def verify(self, digest: str) -> bool:
-        """The blob is a regular file whose sha256 equals its name."""
+    def verify(self, digest: str, size: int | None = None) -> bool:
+        """The blob is a regular file whose sha256 equals its name (and of `size` bytes,
+        checked first: a huge file under a wanted name costs nothing)."""
         fd = _open_regular(self.path(digest))
         if fd is None:
             return False
         try:
+            if size is not None and os.fstat(fd).st_size != size:
+                return False
             return _sha256_fd(fd) == digest
         finally:
             os.close(fd)
+
+    def read(
+        self, digest: str, size: int, limit: int, what: str, error: type[PkglayerError] = PkglayerError
+    ) -> bytes:
+        """A small blob (manifest, config, index) of `size` bytes, checked against its
+        digest; sizes above `limit` are refused before anything is read."""
+        if size > limit:
+            raise error(f"{what} {digest} is {size} bytes, more than the limit of {limit}")
+        data = read_regular(self.path(digest), limit, f"{what} {digest}", error)
+        assert data is not None
+        if len(data) != size:
+            raise error(f"{what} {digest} is {len(data)} bytes, its descriptor says {size}")
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise error(f"{what} {digest} does not match its digest: the content has {actual}")
+        return data
 
     def writer(self) -> BlobWriter:
         self._ensure_dirs()
@@ -205,7 +185,7 @@ class BlobDir:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
                 raise PkglayerError(f"cannot link blob {digest} from {src.root}: {e.strerror}") from e
-            self._copy_from(src, digest)
+            self.copy_blob(src, digest)
             return
         try:
             fd = _open_regular(tmp)
@@ -219,11 +199,13 @@ class BlobDir:
                 raise PkglayerError(f"blob {digest} in {src.root} is corrupt: its content has digest {actual}")
             os.replace(tmp, final)
         except BaseException:
-            _unlink_quiet(tmp)
+            unlink_quiet(tmp)
             raise
         fsync_dir(self.blobs)
 
-    def _copy_from(self, src: BlobDir, digest: str) -> None:
+    def copy_blob(self, src: BlobDir, digest: str) -> None:
+        """Make `digest` present here as a copy of the one in `src`, verified before it
+        gets its final name (never a link: the two stay independent)."""
         fd = _open_regular(src.path(digest))
         if fd is None:
             raise PkglayerError(f"blob {digest} is missing from {src.root} or is not a regular file")
@@ -249,7 +231,7 @@ class BlobDir:
             path = os.path.join(self.tmp, name)
             if _LINK_TMP_RE.fullmatch(name):
                 if _older_than(path, _LINK_TMP_MAX_AGE):
-                    _unlink_quiet(path)
+                    unlink_quiet(path)
                     removed.append(name)
                 continue
             if not _TMP_RE.fullmatch(name):
@@ -262,7 +244,7 @@ class BlobDir:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live writer holds it
-                _unlink_quiet(path)
+                unlink_quiet(path)
                 removed.append(name)
             finally:
                 os.close(fd)
@@ -355,7 +337,7 @@ class BlobWriter:
         """Drop the temp file. Safe to call more than once."""
         self._done = True
         self._close()
-        _unlink_quiet(self.tmp_path)
+        unlink_quiet(self.tmp_path)
 
     def _close(self) -> None:
         try:

@@ -1,19 +1,19 @@
-"""The build pipeline: rootfs -> package source -> ownership -> plan -> tar -> blobs/image.
+"""The build pipeline: prior -> scan -> plan -> layer members and keys -> reuse or write
+-> history. Outputs (an OCI layout, the /layers history, a push) are separate steps
+(outputs.py); a prebuild is a build whose new blobs go into the daemon's cache and that
+has no output step at all.
 
-Faces (CLI, daemon) call `build()`; nothing here knows about them.
+Faces (the CLI, the daemon) call these; nothing here knows about them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import __version__
 from .arch import oci_platform
@@ -21,58 +21,20 @@ from .blobstore import BlobDir
 from .components import Component, find_components, observe
 from .config import BuildSettings
 from .digests import CONTENT_HASH
-from .errors import PkglayerError
 from .hashcache import HashCache
-from .history import ComponentRecord, History, LayerRecord, dumps_history, load_history, save_history
-from .oci import HISTORY_LABEL, ImageConfig, ImageResult, parse_oci_ref, prior_image, write_image
-from .ownership import Ownership, Progress, scan
+from .history import History, LayerRecord
+from .layout import Platform
+from .mediatypes import LAYER_MEDIA_TYPES
+from .ownership import Ownership, scan_ownership
 from .plan import Plan, PlannedLayer, plan_layers, prior_groups
-from .pristine import is_pristine_layer
+from .prior import LayerCache, Prior
+from .reuse import ReuseIndex
 from .rootfs import Rootfs
+from .scan import Progress
 from .sources import open_source
-from .tarwriter import MEDIA_TYPES, TAR_FORMAT, Member, content_key, layer_members, write_layer
+from .tarwriter import TAR_FORMAT, Member, content_key, layer_members, write_layer
 
 log = logging.getLogger(__name__)
-
-MAX_HISTORY_LABEL = 1 << 20
-
-
-class LayerCache(Protocol):
-    """A shared store of layer blobs keyed by (content key, compression spec), such as
-    the daemon's (pkglayer.daemon.cache). `build()` consults it before writing a layer
-    and feeds it every layer it writes; the pipeline never imports an implementation."""
-
-    blobs: BlobDir
-
-    def lookup(self, content_key: str, compression: str) -> LayerRecord | None:
-        """A record (digest, diff_id, size, media_type) whose blob is in `blobs`, or None."""
-
-    def claim(self, content_key: str, compression: str):  # -> ContextManager[None]
-        """Held while one writer produces this key, so concurrent builds write it once."""
-
-    def add(self, record: LayerRecord, source: BlobDir) -> None:
-        """Take the blob `record.digest` from `source` (just written, trusted) into the cache."""
-
-    def export(self, digest: str, dest: BlobDir) -> None:
-        """Make the cached blob present in `dest` (a hard link where possible). Cached blobs
-        are trusted like fresh ones: only the cache's owner writes them, always by rename."""
-
-
-@dataclass
-class ImageOptions:
-    env: list[str] = field(default_factory=list)
-    labels: dict[str, str] = field(default_factory=dict)
-    cmd: list[str] | None = None
-    entrypoint: list[str] | None = None
-    workdir: str | None = None
-    user: str | None = None
-    exposed_ports: dict[str, dict] | None = None
-    volumes: dict[str, dict] | None = None
-    stop_signal: str | None = None
-    # The platform of a source image (--from); None: from the package database.
-    architecture: str | None = None
-    os: str | None = None
-    variant: str | None = None
 
 
 @dataclass
@@ -82,20 +44,37 @@ class LayerOutcome:
     files: int
     cached: bool = False  # taken from the layer cache (reused is then True too)
 
+    def as_json(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "name": r.name,
+            "packages": list(r.packages),
+            "components": list(r.components),
+            "reused": self.reused,
+            "cached": self.cached,
+            "digest": r.digest,
+            "diffID": r.diff_id,
+            "contentKey": r.content_key,
+            "size": r.size,
+            "mediaType": r.media_type,
+        }
+
 
 @dataclass
 class BuildResult:
     ownership: Ownership
+    components: list[Component]
     plan: Plan
     layers: list[LayerOutcome]
-    architecture: str
-    image: ImageResult | None = None
-    oci_ref: str | None = None
-    history_path: str | None = None
+    platform: Platform
+    history: History  # what history.json and the image's plan label record
+    blobs: BlobDir  # where this build wrote its new blobs
     rejected_inputs: list[str] = field(default_factory=list)
-    # layer blobs the OCI layout lacks because they are reused from the destination registry
-    external_blobs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def architecture(self) -> str:
+        return self.platform.architecture
 
     @property
     def written(self) -> int:
@@ -104,6 +83,23 @@ class BuildResult:
     @property
     def reused(self) -> int:
         return sum(1 for o in self.layers if o.reused)
+
+    @property
+    def from_cache(self) -> int:
+        return sum(1 for o in self.layers if o.cached)
+
+    def as_json(self) -> dict[str, Any]:
+        """The result as the CLI prints it (--json) and the daemon stores and serves it."""
+        return {
+            "layers": [o.as_json() for o in self.layers],
+            "written": self.written,
+            "reused": self.reused,
+            "fromCache": self.from_cache,
+            "architecture": self.architecture,
+            "planDecision": self.plan.decision,
+            "warnings": list(self.rejected_inputs),
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def scan_rootfs(
@@ -117,7 +113,7 @@ def scan_rootfs(
     log.info(
         "reading %s", f"{source.format} database" if source else "rootfs without a package database"
     )
-    return scan(
+    return scan_ownership(
         rootfs,
         source,
         excludes=settings.all_excludes,
@@ -127,21 +123,18 @@ def scan_rootfs(
         hash_content=hash_content,
         cache=cache,
         progress=progress,
+        compare_mtimes=settings.compare_mtimes,
     )
 
 
-def _plan(
-    ownership: Ownership,
-    settings: BuildSettings,
-    prior: Sequence[LayerRecord],
-    observed: Mapping[str, ComponentRecord],
-    replan: bool,
+def plan_components(
+    ownership: Ownership, settings: BuildSettings, prior: Prior, replan: bool = False
 ) -> tuple[list[Component], Plan]:
-    components = find_components(ownership, observed)
+    components = find_components(ownership, prior.observed)
     plan = plan_layers(
         components,
         settings.max_layers,
-        prior_groups(prior, components),
+        prior_groups(prior.layers, components),
         horizon=settings.replan_horizon,
         replan=replan,
     )
@@ -151,7 +144,7 @@ def _plan(
 def plan_rootfs(
     rootfs_path: str,
     settings: BuildSettings,
-    prior_history: History | None = None,
+    prior: Prior | None = None,
     replan: bool = False,
     progress: Progress | None = None,
 ) -> tuple[Ownership, list[Component], Plan]:
@@ -159,367 +152,177 @@ def plan_rootfs(
     settings = settings.validated()
     with Rootfs(rootfs_path) as rootfs:
         ownership = scan_rootfs(rootfs, settings, progress=progress)
-    prior = prior_history.layers if prior_history else ()
-    observed = prior_history.components if prior_history else {}
-    components, plan = _plan(ownership, settings, prior, observed, replan)
+    components, plan = plan_components(ownership, settings, prior or Prior(), replan)
     return ownership, components, plan
 
 
-def _with_history_label(labels: dict[str, str], history: History) -> dict[str, str]:
-    """The labels plus the plan (HISTORY_LABEL), which overrides one carried over from a
-    source image. Left out, with a warning, if it would make the config unreasonably big."""
-    value = history_label(history)
-    out = {k: v for k, v in labels.items() if k != HISTORY_LABEL}
-    if len(value) > MAX_HISTORY_LABEL:
-        log.warning("plan label would be %d bytes; leaving it out of the config", len(value))
-        return out
-    out[HISTORY_LABEL] = value
-    return out
-
-
-def history_label(history: History) -> str:
-    """The history.json of the build as one compact line (same fields, no whitespace)."""
-    obj = json.loads(dumps_history(history))
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _rfc3339(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def layer_contents(
+    planned: list[PlannedLayer], ownership: Ownership, dir_mtime: int
+) -> tuple[dict[str, list[Member]], dict[str, str | None]]:
+    """Each layer's tar members, and its content key where every file's hash is known."""
+    members = {
+        layer.name: layer_members(
+            (o for h in layer.homes for o in ownership.homes[h]), ownership.objects, dir_mtime
+        )
+        for layer in planned
+    }
+    return members, {name: content_key(ms) for name, ms in members.items()}
 
 
 def build(
     rootfs_path: str,
     settings: BuildSettings,
-    oci_ref: str | None = None,
-    layers_dir: str | None = None,
-    image: ImageOptions | None = None,
+    prior: Prior,
+    blobs: BlobDir,
+    *,
+    platform: Platform | None = None,
     progress: Progress | None = None,
-    prior_history: History | None = None,
     replan: bool = False,
-    layer_cache: LayerCache | None = None,
-    prebuild: bool = False,
-    remote_blobs: Collection[str] = (),
-    prior_sources: Sequence[BlobDir] = (),
 ) -> BuildResult:
-    """Layer `rootfs_path` into an OCI layout (`oci_ref`) and/or a /layers directory.
+    """Layer `rootfs_path`: new blobs go to `blobs`, unchanged layers come from `prior`.
 
-    `prior_history` is an earlier build's plan (from --prior, or a registry): the planner
-    keeps its layer assignment stable, and its layers are reuse candidates. Without it,
-    the history in `layers_dir`, else the earlier image of the tag, is the prior plan.
-    `replan` ignores the prior plan's assignment (its blobs are still reused).
-
-    `layer_cache`: layers found there are not written again, written layers are added to
-    it. `prebuild` (implied by a cache and no output at all): every layer not yet in the
-    cache is written into it, and no image or history is produced; outputs named are
-    only read, for the prior plan and reusable blobs, so the later real build plans the
-    same layers.
-
-    `prior_sources` are extra blob directories holding prior layers. `remote_blobs` are
-    layer digests known to be in the registry the image will be pushed to: a prior layer
-    with such a digest is reused on an exact content-key match without a local blob, and
-    the OCI layout written then lacks it (push it with skopeo to that registry)."""
-    prebuild = layer_cache is not None and (prebuild or not (oci_ref or layers_dir))
-    if not oci_ref and not layers_dir and layer_cache is None:
-        raise PkglayerError("nothing to do: give --output oci:DIR[:TAG] and/or --layers DIR")
+    `platform` is a source image's (--from); by default the package database's."""
     settings = settings.validated()
     started = time.monotonic()
-    oci_dir, oci_tag = parse_oci_ref(oci_ref) if oci_ref else (None, None)
-
-    # Read everything that can be wrong before writing anything.
-    prior: list[LayerRecord] = []
-    inputs: list[BlobDir] = list(prior_sources)
-    remote = frozenset(remote_blobs)
-    # The plan to keep stable: the first of --prior, the /layers history, the earlier image.
-    plan_source: History | None = prior_history
-    if prior_history is not None:
-        prior.extend(prior_history.layers)
-    if layers_dir:
-        if not os.path.isdir(layers_dir) and not prebuild:
-            os.makedirs(layers_dir, exist_ok=True)
-        history = load_history(os.path.join(layers_dir, "history.json"))
-        if history is not None:
-            prior.extend(history.layers)
-            plan_source = plan_source or history
-        for sub in ("input", "output") if prebuild else ("input",):
-            if os.path.isdir(os.path.join(layers_dir, sub)):
-                inputs.append(BlobDir(os.path.join(layers_dir, sub)))
-
-    earlier: list[LayerRecord] = []
-    earlier_observed: dict[str, ComponentRecord] = {}
-    if oci_dir and os.path.isdir(oci_dir):
-        # Writing over an earlier build of this tag: its blobs are candidates too.
-        earlier, earlier_observed = prior_image(oci_dir, oci_tag)
-        if earlier:
-            inputs.append(BlobDir(oci_dir))
-            prior.extend(earlier)
-    plan_records = plan_source.layers if plan_source else tuple(earlier)
-
     with Rootfs(rootfs_path) as rootfs:
         cache = HashCache(settings.hash_cache_path)
         cache.load(rootfs.path)
         # Content keys are needed before writing only when there is something to reuse.
-        ownership = scan_rootfs(
-            rootfs, settings, hash_content=bool(prior) or layer_cache is not None, cache=cache, progress=progress
-        )
+        ownership = scan_rootfs(rootfs, settings, hash_content=prior.can_reuse, cache=cache, progress=progress)
         log.info("digest cache: %d files unchanged since they were last hashed", cache.hits)
-        arch, variant = oci_platform(ownership.architecture, rootfs)
-        observed = plan_source.components if plan_source else earlier_observed
-        components, the_plan = _plan(ownership, settings, plan_records, observed, replan)
-        plan = the_plan.layers
+        if platform is None:
+            arch, variant = oci_platform(ownership.architecture, rootfs)
+            platform = Platform(arch, "linux", variant)
+        components, plan = plan_components(ownership, settings, prior, replan)
         log.info(
             "%d packages in %d components, %d objects -> %d layers; %s",
             len(ownership.packages), sum(not c.special for c in components), len(ownership.objects),
-            len(plan), the_plan.decision,
+            len(plan.layers), plan.decision,
         )
-
-        if prebuild:
-            assert layer_cache is not None
-            output = layer_cache.blobs
-        else:
-            output = BlobDir(os.path.join(layers_dir, "output") if layers_dir else oci_dir, create=True)
-        members = {
-            layer.name: layer_members(
-                (o for h in layer.homes for o in ownership.homes[h]),
-                ownership.objects,
-                settings.source_date_epoch,
-            )
-            for layer in plan
-        }
-        keys = {name: content_key(ms) for name, ms in members.items()}
-
+        members, keys = layer_contents(plan.layers, ownership, settings.source_date_epoch)
+        reuse = ReuseIndex(
+            prior, settings.compression_spec, LAYER_MEDIA_TYPES[settings.compression], blobs, ownership,
+            settings.source_date_epoch,
+        )
         write_started = time.time()
-        outcomes, rejected = _reuse_or_write(
-            rootfs, ownership, plan, members, keys, prior, inputs, output, settings, progress, layer_cache,
-            remote,
+        outcomes, rejected, hashes = reuse_or_write(
+            rootfs, plan.layers, members, keys, reuse, blobs, settings, prior.cache, progress
         )
-        for obj in ownership.objects.values():
-            if obj.content_hash:
-                cache.put(obj.st, {CONTENT_HASH: obj.content_hash}, write_started)
+        for path, content_hash in hashes.items():
+            cache.put(ownership.objects[path].st, {CONTENT_HASH: content_hash}, write_started)
         cache.save()
 
-    result = BuildResult(
-        ownership=ownership, plan=the_plan, layers=outcomes, architecture=arch, rejected_inputs=rejected
-    )
-    records = [o.record for o in outcomes]
-    created = _rfc3339(settings.source_date_epoch)
-    if prebuild:
-        result.seconds = time.monotonic() - started
-        return result
-    opts = image or ImageOptions()
-    if opts.architecture:
-        arch, variant, result.architecture = opts.architecture, opts.variant, opts.architecture
     history = History(
-        layers=tuple(records),
-        architecture=arch,
-        os=opts.os or "linux",
+        layers=tuple(o.record for o in outcomes),
+        architecture=platform.architecture,
+        os=platform.os,
         generator=f"pkglayer {__version__}",
         tar_format=TAR_FORMAT,
-        components=observe(components, observed),
+        components=observe(components, prior.observed),
     )
-    if oci_dir:
-        env = opts.env or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
-        config = ImageConfig(
-            architecture=arch,
-            os=history.os,
-            variant=variant,
-            env=env,
-            cmd=opts.cmd,
-            entrypoint=opts.entrypoint,
-            labels=_with_history_label(opts.labels, history),
-            workdir=opts.workdir,
-            user=opts.user,
-            exposed_ports=opts.exposed_ports,
-            volumes=opts.volumes,
-            stop_signal=opts.stop_signal,
-            created=created,
-        )
-        fresh = {o.record.digest for o in outcomes if not o.reused or o.cached}
-        external = {
-            o.record.digest
-            for o in outcomes
-            if o.reused and o.record.digest in remote and not any(d.has(o.record.digest) for d in (output, *inputs))
-        }
-        result.image = write_image(
-            oci_dir, oci_tag, records, config, [output, *inputs], fresh=fresh, external=external
-        )
-        result.external_blobs = sorted(external)
-        result.oci_ref = f"oci:{oci_dir}:{oci_tag}"
-    if layers_dir:
-        result.history_path = os.path.join(layers_dir, "history.json")
-        save_history(result.history_path, history)
-    result.seconds = time.monotonic() - started
-    return result
+    return BuildResult(
+        ownership=ownership, components=components, plan=plan, layers=outcomes, platform=platform,
+        history=history, blobs=blobs, rejected_inputs=rejected, seconds=time.monotonic() - started,
+    )
 
 
-def _reuse_or_write(
+def reuse_or_write(
     rootfs: Rootfs,
-    ownership: Ownership,
-    plan: list[PlannedLayer],
+    planned: list[PlannedLayer],
     members: dict[str, list[Member]],
     keys: dict[str, str | None],
-    prior: list[LayerRecord],
-    inputs: list[BlobDir],
+    reuse: ReuseIndex,
     output: BlobDir,
     settings: BuildSettings,
+    layer_cache: LayerCache | None,
     progress: Progress | None,
-    layer_cache: LayerCache | None = None,
-    remote: Collection[str] = frozenset(),
-) -> tuple[list[LayerOutcome], list[str]]:
-    spec = settings.compression_spec
-    media_type = MEDIA_TYPES[settings.compression]
-    by_key: dict[str, LayerRecord] = {}
-    by_packages: dict[tuple[str, ...], list[LayerRecord]] = {}
-    for rec in prior:
-        if rec.compression == spec and rec.media_type == media_type:
-            by_key.setdefault(rec.content_key, rec)
-            # An earlier image in the OCI layout records names only: a one-package
-            # layer is named after its package.
-            by_packages.setdefault(rec.packages or (rec.name,), []).append(rec)
-    sources = (*inputs, output)
-
-    def source_of(rec: LayerRecord) -> BlobDir | None:
-        return next((d for d in sources if d.has(rec.digest) and d.verify(rec.digest)), None)
-
-    def from_cache(key: str | None) -> LayerRecord | None:
-        if layer_cache is None or key is None:
-            return None
-        rec = layer_cache.lookup(key, spec)
-        if rec is None or rec.media_type != media_type:
-            return None
-        if output is not layer_cache.blobs and not (output.has(rec.digest) and output.size(rec.digest) == rec.size):
-            try:
-                layer_cache.export(rec.digest, output)
-            except (PkglayerError, OSError) as e:  # evicted meanwhile: write it instead
-                log.warning("layer cache: %s", e)
-                return None
-        return rec
-
-    def find_reusable(layer: PlannedLayer) -> tuple[LayerRecord | None, str | None]:
-        """A prior blob for this layer, or why a candidate was turned down."""
-        key = keys[layer.name]
-        if key is None:
-            return None, None
-        # The cache first: its blobs need no re-hashing (see LayerCache.export).
-        cached = from_cache(key)
-        if cached is not None:
-            cached_names.add(layer.name)
-            return cached, None
-        exact = by_key.get(key)
-        if exact is not None:
-            if source_of(exact) is not None:
-                return exact, None
-            if exact.digest in remote:  # in the destination registry: reused by digest
-                return exact, None
-            return None, (
-                f"input blob {exact.digest} for layer {layer.name} is missing or does not "
-                "match its digest; rebuilding the layer"
-            )
-        edited = [e for key in layer.packages for e in ownership.modified_by_package.get(key, ())]
-        if edited:
-            expected = layer_members(
-                [*(o for h in layer.homes for o in ownership.homes.get(h, [])), *(obj for obj, _ in edited)],
-                ownership.objects,
-                settings.source_date_epoch,
-            )
-            wanted = {obj.path: (obj, rec) for obj, rec in edited}
-            for rec in by_packages.get(layer.packages, []):
-                src = source_of(rec)
-                if src is not None and is_pristine_layer(src, rec, expected, wanted):
-                    return rec, None
-        return None, None
-
+) -> tuple[list[LayerOutcome], list[str], dict[str, str]]:
+    """Every planned layer, reused or written into `output`, in plan order; the warnings
+    about turned-down inputs; and the content hashes taken while writing (by path)."""
     rejected: list[str] = []
-    cached_names: set[str] = set()
     outcomes: dict[str, LayerOutcome] = {}
+    hashes: dict[str, str] = {}
     to_write: list[PlannedLayer] = []
-    done = 0
-    total = len(plan)
+    total = len(planned)
+    writer = _LayerWriter(rootfs, members, keys, reuse, output, settings, layer_cache)
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
-        checks = {layer.name: pool.submit(find_reusable, layer) for layer in plan}
-        for layer in plan:
-            rec, why_not = checks[layer.name].result()
-            if rec is not None:
+        checks = {layer.name: pool.submit(reuse.find, layer, keys[layer.name]) for layer in planned}
+        for layer in planned:
+            found, why_not = checks[layer.name].result()
+            if found is not None:
                 outcomes[layer.name] = LayerOutcome(
-                    record=LayerRecord(
-                        name=layer.name,
-                        packages=layer.packages,
-                        content_key=rec.content_key,
-                        digest=rec.digest,
-                        diff_id=rec.diff_id,
-                        size=rec.size,
-                        media_type=rec.media_type,
-                        compression=rec.compression,
-                        components=layer.components,
-                    ),
-                    reused=True,
-                    files=len(members[layer.name]),
-                    cached=layer.name in cached_names,
+                    found.record, reused=True, files=len(members[layer.name]), cached=found.cached
                 )
-                done += 1
                 if progress:
-                    progress("layers", done, total)
+                    progress("layers", len(outcomes), total)
                 continue
             if why_not:
                 log.warning("%s", why_not)
                 rejected.append(why_not)
             to_write.append(layer)
 
-        level = settings.gzip_level if settings.compression == "gzip" else settings.zstd_level
-
-        def write_one(layer: PlannedLayer) -> LayerOutcome:
-            if layer_cache is None or keys[layer.name] is None:
-                return write_new(layer)
-            # Another build may be writing the same content right now: wait for it.
-            with layer_cache.claim(keys[layer.name], spec):
-                rec = from_cache(keys[layer.name])
-                if rec is not None:
-                    return LayerOutcome(
-                        record=replace(rec, name=layer.name, packages=layer.packages),
-                        reused=True,
-                        files=len(members[layer.name]),
-                        cached=True,
-                    )
-                outcome = write_new(layer)
-                layer_cache.add(outcome.record, output)
-                return outcome
-
-        def write_new(layer: PlannedLayer) -> LayerOutcome:
-            with output.writer() as w:
-                diff_id, _ = write_layer(rootfs, members[layer.name], settings.compression, level, w)
-                digest, size = w.commit()
-            key = keys[layer.name] or content_key(members[layer.name])
-            assert key is not None  # every file was hashed while writing
-            return LayerOutcome(
-                record=LayerRecord(
-                    name=layer.name,
-                    packages=layer.packages,
-                    content_key=key,
-                    digest=digest,
-                    diff_id=diff_id,
-                    size=size,
-                    media_type=media_type,
-                    compression=spec,
-                    components=layer.components,
-                ),
-                reused=False,
-                files=len(members[layer.name]),
-            )
-
         # Largest first, so the last layers to finish are small ones and the cores stay busy.
-        futures = {
-            pool.submit(write_one, layer): layer
-            for layer in sorted(to_write, key=lambda layer: (-layer.size, layer.name))
-        }
+        futures = [pool.submit(writer.write, layer) for layer in sorted(to_write, key=lambda x: (-x.size, x.name))]
         try:
             for fut in as_completed(futures):
-                outcome = fut.result()
+                outcome, taken = fut.result()
                 outcomes[outcome.record.name] = outcome
-                done += 1
+                hashes.update(taken)
                 if progress:
-                    progress("layers", done, total)
+                    progress("layers", len(outcomes), total)
         except BaseException:
             # Don't start more layers after a failure; running ones drop their temp files.
             for fut in futures:
                 fut.cancel()
             raise
-    return [outcomes[layer.name] for layer in plan], rejected
+    return [outcomes[layer.name] for layer in planned], rejected, hashes
+
+
+class _LayerWriter:
+    """Writes one planned layer; with a layer cache, under the key's claim, so that
+    concurrent builds of the same content write it once and the others take it."""
+
+    def __init__(self, rootfs, members, keys, reuse: ReuseIndex, output: BlobDir, settings: BuildSettings,
+                 layer_cache: LayerCache | None):
+        self.rootfs = rootfs
+        self.members = members
+        self.keys = keys
+        self.reuse = reuse
+        self.output = output
+        self.settings = settings
+        self.cache = layer_cache
+
+    def write(self, layer: PlannedLayer) -> tuple[LayerOutcome, Mapping[str, str]]:
+        key = self.keys[layer.name]
+        if self.cache is None or key is None:
+            return self._write_new(layer)
+        # Another build may be writing the same content right now: wait for it.
+        with self.cache.claim(key, self.settings.compression_spec):
+            found = self.reuse.cached(layer, key)
+            if found is not None:
+                return LayerOutcome(found.record, reused=True, files=len(self.members[layer.name]), cached=True), {}
+            outcome, hashes = self._write_new(layer)
+            self.cache.add(outcome.record, self.output)
+            return outcome, hashes
+
+    def _write_new(self, layer: PlannedLayer) -> tuple[LayerOutcome, Mapping[str, str]]:
+        settings = self.settings
+        members = self.members[layer.name]
+        with self.output.writer() as w:
+            written = write_layer(self.rootfs, members, settings.compression, settings.compression_level, w)
+            digest, size = w.commit()
+        key = self.keys[layer.name] or content_key(members, written.hashes)
+        assert key is not None  # every file was hashed while writing
+        record = LayerRecord(
+            name=layer.name,
+            packages=layer.packages,
+            content_key=key,
+            digest=digest,
+            diff_id=written.diff_id,
+            size=size,
+            media_type=LAYER_MEDIA_TYPES[settings.compression],
+            compression=settings.compression_spec,
+            components=layer.components,
+        )
+        # Member names are the objects' rootfs-relative paths.
+        return LayerOutcome(record, reused=False, files=len(members)), written.hashes

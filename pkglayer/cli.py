@@ -43,20 +43,19 @@ examples:
   pkglayer build ./rootfs --output oci:./image:latest
   pkglayer build ./rootfs --layers /layers            # the /layers protocol (history.json)
   pkglayer build ./rootfs --layers /layers --output oci:./image:v2 --compression zstd
+  pkglayer build --from containers-storage:localhost/app \\
+      --output containers-storage:localhost/app:layered --compression none
+  pkglayer build ./rootfs --output oci-archive:- | podman load
 """
 
 
 def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
     settings = load_settings(args.config)
     changes: dict[str, Any] = {}
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if args.source_date_epoch is not None:
         changes["source_date_epoch"] = args.source_date_epoch
-    elif epoch:
-        try:
-            changes["source_date_epoch"] = int(epoch)
-        except ValueError:
-            raise PkglayerError(f"SOURCE_DATE_EPOCH must be an integer, not {epoch!r}") from None
+    elif os.environ.get("SOURCE_DATE_EPOCH"):
+        changes["source_date_epoch"] = _epoch_from_env()
     if args.exclude:
         changes["extra_excludes"] = settings.extra_excludes + tuple(args.exclude)
     if args.jobs is not None:
@@ -72,6 +71,8 @@ def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
     level = getattr(args, "level", None)
     if level is not None:
         comp = changes.get("compression", settings.compression)
+        if comp == "none":
+            raise PkglayerError("--level does not apply to --compression none")
         changes["gzip_level" if comp == "gzip" else "zstd_level"] = level
     return replace(settings, **changes).validated()
 
@@ -223,108 +224,115 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_prior(spec: str | None):
-    """--prior: an earlier build's plan: a history.json file or a /layers directory."""
-    if spec is None:
-        return None
-    from .history import load_history
+def _labels(values: list[str] | None) -> tuple[dict[str, str], list[str]]:
+    """--label KEY=VALUE sets a label, --label KEY- removes one."""
+    labels: dict[str, str] = {}
+    removed: list[str] = []
+    for v in values or []:
+        if "=" not in v and v.endswith("-") and len(v) > 1:
+            removed.append(v[:-1])
+        else:
+            key, value = _key_value(v, "--label")
+            labels[key] = value
+    return labels, removed
 
-    path = os.path.join(spec, "history.json") if os.path.isdir(spec) else spec
-    history = load_history(path)
-    if history is None:
-        raise PkglayerError(f"--prior {spec}: no such history.json")
-    return history
 
+def _image_options(args: argparse.Namespace, source_runtime, bootc: bool, work, opts, limits):
+    """The output image's config: --config-from (else the --from image's), the command
+    line's settings on top, the labels it removes; for a bootc image, the ostree labels
+    (they describe the repository left out)."""
+    from .imageconfig import config_from, merge_config, ostree_labels
+    from .layout import ImageOptions
+    from .transports import inspect, parse_image_ref
 
-def cmd_build(args: argparse.Namespace) -> int:
-    from .build import ImageOptions, build
-    from .imageio import prepared, publish, with_source_settings
-    from .registry import is_docker_ref
-
-    settings = _settings_from_args(args)
-    image = ImageOptions(
+    labels, removed = _labels(args.label)
+    cli = ImageOptions(
         env=list(args.env or []),
-        labels=dict(_key_value(v, "--label") for v in args.label or []),
+        labels=labels,
         cmd=_command_words(args.cmd, "--cmd"),
         entrypoint=_command_words(args.entrypoint, "--entrypoint"),
         workdir=args.workdir,
         user=args.user,
     )
-    for e in image.env:
+    for e in cli.env:
         _key_value(e, "--env")
+    if args.config_from:
+        runtime = config_from(
+            args.config_from, lambda ref: inspect(parse_image_ref(ref, "--config-from"), work, opts, limits)
+        )
+    else:
+        runtime = source_runtime
+    if bootc:
+        stale = [k for k in ostree_labels(runtime) if k not in labels]
+        if stale:
+            log.warning("bootc image: dropping the labels of the ostree repository left out: %s", ", ".join(stale))
+        removed += stale
+    return merge_config(runtime, cli, removed)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+    from .fsutil import Workspace
+    from .inputs import is_ostree_tree, open_inputs
+    from .outputs import ImageContent, parse_outputs, write_outputs
+    from .prior import resolve_prior
+
+    settings = _settings_from_args(args)
     reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
     opts = _registry_options(args)
     limits = _limits(args)
-    image_prior = args.prior is not None and (args.prior.startswith("oci:") or is_docker_ref(args.prior))
     try:
-        with prepared(
-            rootfs=args.rootfs, source_ref=args.source, outputs=args.output,
-            prior=args.prior if image_prior else None, image=image, opts=opts, limits=limits,
-            tmpdir=args.tmpdir, progress=reporter,
-        ) as prep:
-            result = build(
-                prep.rootfs,
-                with_source_settings(settings, args.source is not None),
-                oci_ref=prep.oci_ref,
-                layers_dir=args.layers,
-                image=prep.image,
-                progress=reporter,
-                prior_history=prep.prior_history if image_prior else _load_prior(args.prior),
-                replan=args.replan,
-                remote_blobs=prep.remote_blobs,
-                prior_sources=prep.prior_sources,
-            )
-            pushed = publish(prep, opts, limits)
+        with Workspace(args.tmpdir) as work:
+            outputs = parse_outputs(args.output, args.layers, work)
+            if args.json and any(d.is_stdout for d in outputs.destinations):
+                raise PkglayerError("--json and --output oci-archive:- both want standard output")
+            # A bad prior fails before a long unpack.
+            prior = resolve_prior(outputs.prior_request(args.prior), work, opts, limits)
+            inputs = open_inputs(args.rootfs, args.source, work, limits, reporter, opts)
+            if inputs.unpacked:  # a fresh temporary tree never hits the digest cache
+                settings = replace(settings, hash_cache="")
+            bootc = args.bootc or is_ostree_tree(inputs.rootfs)
+            if bootc:
+                # The ostree repository (and the deployments in sysroot) describe the
+                # image as it was; the container image is the tree itself.
+                # An ostree checkout sets every mtime to 0: content tells edits apart.
+                log.warning("bootc/ostree image: leaving out the contents of /sysroot")
+                settings = replace(settings, extra_excludes=(*settings.extra_excludes, "sysroot/**"),
+                                   compare_mtimes=False)
+            options = _image_options(args, inputs.image.runtime if inputs.image else None, bootc, work, opts, limits)
+            result = build(inputs.rootfs, settings, prior, outputs.new_blobs(), platform=inputs.platform,
+                           progress=reporter, replan=args.replan)
+            report = write_outputs(ImageContent.of_build(result, prior), outputs, options,
+                                   settings.source_date_epoch, opts, limits)
     finally:
         reporter.close()
-    layers = [
-        {
-            "name": o.record.name,
-            "packages": list(o.record.packages),
-            "reused": o.reused,
-            "digest": o.record.digest,
-            "diffID": o.record.diff_id,
-            "contentKey": o.record.content_key,
-            "size": o.record.size,
-            "mediaType": o.record.media_type,
-        }
-        for o in result.layers
-    ]
     if args.json:
-        out = {
-            "layers": layers,
-            "written": result.written,
-            "reused": result.reused,
-            "architecture": result.architecture,
-            "image": result.oci_ref,
-            "manifestDigest": result.image.manifest_digest if result.image else None,
-            "history": result.history_path,
-            "source": prep.source.as_json() if prep.source else None,
-            "push": pushed.as_json() if pushed else None,
-            "warnings": result.rejected_inputs,
-            "seconds": round(result.seconds, 3),
-        }
+        out = {**result.as_json(), **report.as_json(), "source": inputs.source.as_json() if inputs.source else None}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
+    # With the image on standard output, the summary goes to standard error.
+    say = sys.stderr if any(d.is_stdout for d in outputs.destinations) else sys.stdout
     if not args.quiet:
-        for layer in layers:
-            state = "reused " if layer["reused"] else "written"
-            print(f"{state} {layer['digest'][7:19]} {_human(layer['size']):>10}  {layer['name']}")
-    total = sum(layer["size"] for layer in layers)
+        for o in result.layers:
+            state = "reused " if o.reused else "written"
+            print(f"{state} {o.record.digest[7:19]} {_human(o.record.size):>10}  {o.record.name}", file=say)
+    total = sum(o.record.size for o in result.layers)
     print(
-        f"{len(layers)} layers ({result.written} written, {result.reused} reused), "
-        f"{_human(total)} compressed, {result.seconds:.1f} s"
+        f"{len(result.layers)} layers ({result.written} written, {result.reused} reused), "
+        f"{_human(total)} compressed, {result.seconds:.1f} s", file=say,
     )
-    if prep.source:
-        print(f"from {prep.source.ref} ({prep.source.layers} layers, {prep.source.entries} entries)")
-    staged = prep.push_to is not None and len(args.output) == 1  # a temporary layout: not worth naming
-    if result.image and not staged:
-        print(f"image {result.oci_ref} manifest {result.image.manifest_digest}")
-    if pushed:
-        _print_push(pushed)
-    if result.history_path:
-        print(f"history {result.history_path}")
+    if inputs.source:
+        print(f"from {inputs.source.ref} ({inputs.source.layers} layers, {inputs.source.entries} entries)", file=say)
+    if report.image and not outputs.staged:
+        print(f"image {report.image_ref} manifest {report.image.manifest_digest}", file=say)
+    for dest in report.published:
+        if dest != "oci-archive:-":
+            print(f"wrote {dest}", file=say)
+    if report.push:
+        _print_push(report.push, say)
+    if report.history_path:
+        print(f"history {report.history_path}", file=say)
     return 0
 
 
@@ -336,9 +344,9 @@ def _plan_options(group) -> None:
         "--prior",
         metavar="SOURCE",
         help="earlier build whose layer plan to keep stable: a history.json, a /layers directory, or "
-        "an image built by pkglayer (docker://REF, oci:DIR:TAG) whose config carries the plan; with "
-        "--output docker:// to the same repository its unchanged layers are neither written nor uploaded "
-        "(default: the --layers history, else the earlier image of the --output tag)",
+        "an image built by pkglayer (any transport) whose config carries the plan; when the one output is "
+        "the registry repository or local store the prior image is in, its unchanged layers are neither "
+        "written nor uploaded (default: the --layers history, else the earlier image of the output)",
     )
     group.add_argument(
         "--replan", action="store_true", help="plan afresh, ignoring where the prior plan put each package"
@@ -347,13 +355,15 @@ def _plan_options(group) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .build import plan_rootfs
+    from .fsutil import Workspace
+    from .prior import PriorRequest, resolve_prior
 
     settings = _settings_from_args(args)
     reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
+    with Workspace() as work:
+        prior = resolve_prior(PriorRequest(explicit=args.prior), work, _registry_options(args), _limits(args))
     try:
-        _, components, plan = plan_rootfs(
-            args.rootfs, settings, prior_history=_load_prior(args.prior), replan=args.replan, progress=reporter
-        )
+        _, components, plan = plan_rootfs(args.rootfs, settings, prior, replan=args.replan, progress=reporter)
     finally:
         reporter.close()
     rates = {c.name: c.rate for c in components}
@@ -469,25 +479,23 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 def _registry_options(args: argparse.Namespace):
     from .registry import RegistryOptions
 
-    return RegistryOptions(authfile=args.authfile, tls_verify=args.tls_verify)
+    return RegistryOptions(authfile=getattr(args, "authfile", None), tls_verify=getattr(args, "tls_verify", None))
 
 
 def _limits(args: argparse.Namespace):
-    from .imagesource import Limits
+    from .layout import Limits
 
-    return Limits(image_bytes=args.max_image_size) if args.max_image_size else Limits()
+    size = getattr(args, "max_image_size", None)
+    return Limits(image_bytes=size) if size else Limits()
 
 
 def _size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    number, unit = text.rstrip("KMGTkmgtBb"), text[len(text.rstrip("KMGTkmgtBb")):].upper().rstrip("B")
+    from .config import parse_size
+
     try:
-        value = int(number) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 64G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
+        return parse_size(text, "size")
+    except PkglayerError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
 
 
 def _bool(text: str) -> bool:
@@ -506,31 +514,97 @@ def _registry_flags(p: argparse.ArgumentParser) -> None:
                    help="require HTTPS and verify certificates (default true; false also allows plain HTTP)")
 
 
-def _print_push(report) -> None:
+def _print_push(report, out=None) -> None:
+    out = out or sys.stdout
     if report.uploaded_blobs is None:
         print(f"pushed {report.destination} manifest {report.manifest_digest} "
-              "(could not ask the registry which blobs it already had)")
+              "(could not ask the registry which blobs it already had)", file=out)
         return
     print(f"pushed {report.destination} manifest {report.manifest_digest}: "
           f"{report.uploaded_blobs} blobs uploaded ({_human(report.uploaded_bytes)}), "
-          f"{report.skipped_blobs} already there ({_human(report.skipped_bytes)})")
+          f"{report.skipped_blobs} already there ({_human(report.skipped_bytes)})", file=out)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .imageio import push_layout
-    from .imagesource import parse_layout_ref
-    from .registry import is_docker_ref
+    from .fsutil import Workspace
+    from .transports import fetch, parse_image_ref, publish
 
-    if not is_docker_ref(args.destination):
-        raise PkglayerError(f"destination {args.destination!r} is not docker://REF")
-    layout, tag = parse_layout_ref(args.source)
-    report = push_layout(layout, tag, args.destination, _registry_options(args), _limits(args))
+    source = parse_image_ref(args.source, "source")
+    dest = parse_image_ref(args.destination, "destination")
+    if dest.is_layout:
+        raise PkglayerError(f"destination {dest}: copy into an oci: layout with skopeo copy; push writes elsewhere")
+    with Workspace() as work:
+        layout, tag = fetch(source, work, "source", _registry_options(args))
+        if tag is None:
+            from .layout import open_layout, tag_of
+
+            tag = tag_of(layout, open_layout(layout, None, _limits(args)).manifest_digest)
+        report = publish(layout, tag, dest, _registry_options(args), _limits(args))
     if args.json:
-        json.dump(report.as_json(), sys.stdout, indent=2)
+        json.dump(report.as_json() if report else {"destination": dest.text}, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
+    elif report:
         _print_push(report)
+    elif not dest.is_stdout:
+        print(f"wrote {dest}")
     return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from . import layersdir
+    from .fsutil import Workspace
+    from .outputs import ImageContent, parse_outputs, write_outputs
+    from .transports import parse_image_ref
+
+    opts, limits = _registry_options(args), _limits(args)
+    with Workspace(args.tmpdir) as work:
+        if args.layers_command == "init":
+            init = layersdir.init(args.dir, parse_image_ref(args.source, "--from"), work, opts, limits)
+            if args.json:
+                json.dump(init.as_json(), sys.stdout, indent=2)
+                sys.stdout.write("\n")
+            elif init.image is None:
+                print(f"{args.source}: no such image yet; {args.dir}/input is empty (a first build)")
+            else:
+                origin = "its plan label" if init.from_plan_label else "its config history"
+                print(f"{args.dir}: the blobs of {init.blobs} of the {init.layers} layers of {init.image} in "
+                      f"input/, history.json from {origin}")
+            return 0
+        outputs = parse_outputs(args.output, None, work)
+        if args.json and any(d.is_stdout for d in outputs.destinations):
+            raise PkglayerError("--json and --output oci-archive:- both want standard output")
+        assembled = layersdir.assemble(args.dir, limits)
+        options = _image_options(args, None, False, work, opts, limits)
+        content = ImageContent(
+            history=assembled.history, platform=assembled.platform, blob_sources=assembled.blob_sources,
+            fresh=frozenset(rec.digest for rec in assembled.history.layers),  # every blob was just checked
+        )
+        epoch = args.source_date_epoch if args.source_date_epoch is not None else _epoch_from_env()
+        report = write_outputs(content, outputs, options, epoch, opts, limits)
+    if args.json:
+        json.dump({"layers": len(assembled.history.layers), **report.as_json()}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    say = sys.stderr if any(d.is_stdout for d in outputs.destinations) else sys.stdout
+    print(f"{len(assembled.history.layers)} layers checked (digest, size, diff_id)", file=say)
+    if report.image and not outputs.staged:
+        print(f"image {report.image_ref} manifest {report.image.manifest_digest}", file=say)
+    for dest in report.published:
+        if dest != "oci-archive:-":
+            print(f"wrote {dest}", file=say)
+    if report.push:
+        _print_push(report.push, say)
+    return 0
+
+
+def _epoch_from_env() -> int:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return 0
+    try:
+        return int(epoch)
+    except ValueError:
+        raise PkglayerError(f"SOURCE_DATE_EPOCH must be an integer, not {epoch!r}") from None
 
 
 def _common(p: argparse.ArgumentParser, rootfs_optional: bool = False) -> None:
@@ -571,6 +645,34 @@ def _common(p: argparse.ArgumentParser, rootfs_optional: bool = False) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log what is happening")
 
 
+def _output_option(group) -> None:
+    group.add_argument(
+        "--output", "-o", action="append", metavar="IMAGE",
+        help="where the image goes; repeatable: at most one oci:DIR[:TAG] layout (tag defaults to latest; "
+        "written first, the others are copied from it), and any of docker://REF, "
+        "containers-storage:[DRIVER@ROOT+RUNROOT]NAME[:TAG], oci-archive:PATH[:TAG] (- is standard output, "
+        "for | podman load), docker-archive:PATH[:NAME:TAG]",
+    )
+
+
+def _image_config_options(img) -> None:
+    img.add_argument("--config-from", metavar="IMAGE|FILE",
+                     help="take Env, Cmd, Entrypoint, Labels, WorkingDir, User, ExposedPorts, Volumes and "
+                     "StopSignal from another image (any transport) or a JSON file (an image config, or "
+                     "podman/docker inspect output) instead of the --from image; the options below go on top")
+    img.add_argument("--label", action="append", metavar="KEY=VALUE|KEY-",
+                     help="set an image label, or remove one (KEY-); repeatable")
+    img.add_argument(
+        "--env", action="append", metavar="KEY=VALUE", help="environment variable; repeatable (default PATH only)"
+    )
+    img.add_argument(
+        "--cmd", metavar="CMD", help='default command: JSON array (\'["/bin/sh"]\') or a shell-quoted string'
+    )
+    img.add_argument("--entrypoint", metavar="CMD", help="entrypoint, same forms as --cmd")
+    img.add_argument("--workdir", metavar="DIR", help="working directory")
+    img.add_argument("--user", metavar="USER", help="user[:group] to run as")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pkglayer",
@@ -589,18 +691,19 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _common(b, rootfs_optional=True)
     b.add_argument("--from", dest="source", metavar="IMAGE",
-                   help="rechunk an image instead of a directory: oci:DIR[:TAG] or docker://REF; its "
-                   "configuration is kept unless overridden")
-    b.add_argument("--tmpdir", metavar="DIR", help=f"where to unpack --from images and stage registry "
-                   f"output (default $TMPDIR or {'/var/tmp'}); removed afterwards")
+                   help="rechunk an image instead of a directory, from any transport (oci:, docker://, "
+                   "containers-storage:, oci-archive:, docker-archive:); its configuration is kept unless "
+                   "overridden")
+    b.add_argument("--bootc", action="store_true",
+                   help="a bootc/ostree image: leave out /sysroot's contents (the ostree repository) and its "
+                   "stale ostree.* labels (automatic when the tree has sysroot/ostree/repo)")
+    b.add_argument("--tmpdir", metavar="DIR", help=f"where to unpack --from images and stage other "
+                   f"outputs (default $TMPDIR or {'/var/tmp'}); removed afterwards")
     b.add_argument("--max-image-size", type=_size, metavar="SIZE",
-                   help="refuse source images larger than this uncompressed (default 64G)")
+                   help="refuse source images larger than this uncompressed (default 64Gi; "
+                   "k/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024)")
     out = b.add_argument_group("output (at least one)")
-    out.add_argument(
-        "--output", "-o", action="append", metavar="oci:DIR[:TAG]|docker://REF",
-        help="write an OCI image layout (tag defaults to latest) and/or push to a registry; "
-        "at most one of each",
-    )
+    _output_option(out)
     out.add_argument(
         "--layers",
         metavar="DIR",
@@ -609,37 +712,68 @@ def make_parser() -> argparse.ArgumentParser:
     )
     lay = b.add_argument_group("layers")
     lay.add_argument(
-        "--compression", choices=COMPRESSIONS, help="layer compression (default gzip, the most compatible)"
+        "--compression", choices=COMPRESSIONS,
+        help="layer compression (default gzip, the most compatible; none for outputs that go straight "
+        "into local storage, which keeps layers uncompressed)"
     )
     lay.add_argument("--level", type=int, metavar="N", help="compression level (default gzip 6, zstd 3)")
     _plan_options(lay)
-    img = b.add_argument_group("image config")
-    img.add_argument("--label", action="append", metavar="KEY=VALUE", help="image label; repeatable")
-    img.add_argument(
-        "--env", action="append", metavar="KEY=VALUE", help="environment variable; repeatable (default PATH only)"
-    )
-    img.add_argument(
-        "--cmd", metavar="CMD", help='default command: JSON array (\'["/bin/sh"]\') or a shell-quoted string'
-    )
-    img.add_argument("--entrypoint", metavar="CMD", help="entrypoint, same forms as --cmd")
-    img.add_argument("--workdir", metavar="DIR", help="working directory")
-    img.add_argument("--user", metavar="USER", help="user[:group] to run as")
+    _image_config_options(b.add_argument_group("image config"))
     _registry_flags(b)
     b.set_defaults(func=cmd_build)
 
     p = sub.add_parser(
         "push",
-        help="push an OCI layout to a registry, reporting what was uploaded",
-        description="Copy oci:DIR[:TAG] to docker://REF with skopeo (digests preserved); blobs the "
-        "registry already has are not uploaded.",
+        help="copy an image to a registry, local storage or an archive, reporting what was uploaded",
+        description="Copy an image from any transport to another with skopeo (to a registry: digests "
+        "preserved, blobs the registry already has are not uploaded, and the report says what was).",
     )
-    p.add_argument("source", metavar="oci:DIR[:TAG]")
-    p.add_argument("destination", metavar="docker://REF")
+    p.add_argument("source", metavar="IMAGE", help="oci:, docker://, containers-storage:, oci-archive:, "
+                   "docker-archive:")
+    p.add_argument("destination", metavar="IMAGE", help="docker://, containers-storage:, oci-archive: "
+                   "(- for standard output), docker-archive:")
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is happening")
     p.add_argument("--max-image-size", type=_size, metavar="SIZE", help=argparse.SUPPRESS)
     _registry_flags(p)
     p.set_defaults(func=cmd_push)
+
+    ly = sub.add_parser(
+        "layers",
+        help="the build system's half of the /layers protocol: init before a build, assemble after",
+        description="init fills DIR/input and DIR/history.json from the previous image of a tag; the "
+        "producer inside the build (pkglayer build --layers DIR, or any other) writes DIR/output and a "
+        "new DIR/history.json; assemble makes the image from them, checking every blob. The contract "
+        "for producers is in docs/history-json.md.",
+        epilog="examples:\n  pkglayer layers init /layers --from containers-storage:localhost/app:latest\n"
+        "  buildah build -v /layers:/layers ...   # runs pkglayer build /rootfs --layers /layers\n"
+        "  pkglayer layers assemble /layers --output containers-storage:localhost/app:latest",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lsub = ly.add_subparsers(dest="layers_command", required=True, metavar="ACTION")
+    li = lsub.add_parser("init", help="fill DIR/input and DIR/history.json from an image",
+                         description="A missing image is a first build: input/ stays empty and no history "
+                         "is written. Blobs are hard-linked only from a private copy, never from a "
+                         "published layout.")
+    li.add_argument("dir", metavar="DIR")
+    li.add_argument("--from", dest="source", metavar="IMAGE", required=True,
+                    help="the previous image of the tag, any transport")
+    la = lsub.add_parser("assemble", help="make an image from DIR/history.json and its blobs",
+                         description="Every blob history.json names is taken from DIR/output or DIR/input and "
+                         "checked against its digest, size and diff_id; a missing or wrong blob is a one-line "
+                         "error naming the layer, and nothing is written.")
+    la.add_argument("dir", metavar="DIR")
+    _output_option(la)
+    la.add_argument("--source-date-epoch", type=int, metavar="SECONDS",
+                    help="image timestamps (default: $SOURCE_DATE_EPOCH or 0)")
+    _image_config_options(la.add_argument_group("image config"))
+    for x in (li, la):
+        x.add_argument("--tmpdir", metavar="DIR", help="where to copy images (default $TMPDIR or /var/tmp)")
+        x.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
+        x.add_argument("-v", "--verbose", action="store_true", help="log what is happening")
+        x.add_argument("--max-image-size", type=_size, metavar="SIZE", help=argparse.SUPPRESS)
+        _registry_flags(x)
+    ly.set_defaults(func=cmd_layers)
 
     s = sub.add_parser(
         "scan",

@@ -7,14 +7,18 @@ keeps the two in step.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError
+from .fsutil import read_regular
 from .hashcache import default_path
 
-COMPRESSIONS = ("gzip", "zstd")
+# "none": uncompressed layers, for outputs that go straight into local storage
+# (containers-storage keeps layers uncompressed: compressing would be undone at once).
+COMPRESSIONS = ("gzip", "zstd", "none")
 
 DEFAULT_EXCLUDES = (
     # package-manager caches and downloaded indexes: rebuilt on demand, change every run
@@ -42,6 +46,30 @@ DEFAULT_DROP_XATTRS = ("security.selinux", "security.ima", "security.evm", "trus
 
 SYSTEM_CONFIG = "/etc/pkglayer/pkglayer.toml"
 
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?")
+
+
+def parse_size(value: object, where: str) -> int:
+    """Bytes from an integer or a string: "500M", "64G" (k, M, G, T: powers of 1000) or
+    "512MiB", "64Gi" (Ki, Mi, Gi, Ti: powers of 1024), a trailing B allowed. The one
+    size syntax of the command line and the configuration."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(f"{where}: must be a positive size")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip())
+        if m:
+            number, unit, binary = m.groups()
+            if not (binary and not unit):
+                base = 1024 if binary else 1000
+                size = int(float(number) * base ** " kmgt".index(unit.lower() or " "))
+                if size > 0:
+                    return size
+    raise ConfigError(
+        f"{where}: must be a positive size in bytes or a string like \"500M\" or \"64Gi\", not {value!r}"
+    )
+
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -59,6 +87,9 @@ class BuildSettings:
     # mtime given to every directory entry and to image timestamps (SOURCE_DATE_EPOCH)
     source_date_epoch: int = 0
     one_file_system: bool = True
+    # Whether a package file whose mtime differs from the database's counts as modified.
+    # Off for ostree checkouts (bootc images), where every mtime is 0.
+    compare_mtimes: bool = True
     # package database format to read; None detects it ("rpm", "dpkg", "none")
     package_format: str | None = None
     # file-digest cache (see hashcache.py): None = the per-user default, "" = none
@@ -76,15 +107,20 @@ class BuildSettings:
         return self.hash_cache or None
 
     @property
+    def compression_level(self) -> int:
+        return {"gzip": self.gzip_level, "zstd": self.zstd_level}.get(self.compression, 0)
+
+    @property
     def compression_spec(self) -> str:
         """Names compression and level: a blob is reused only for the same spec."""
-        level = self.gzip_level if self.compression == "gzip" else self.zstd_level
-        return f"{self.compression}-{level}"
+        if self.compression == "none":
+            return "none"
+        return f"{self.compression}-{self.compression_level}"
 
     def validated(self) -> BuildSettings:
         if self.compression not in COMPRESSIONS:
             raise ConfigError(
-                f"unknown compression {self.compression!r} (choose {' or '.join(COMPRESSIONS)})"
+                f"unknown compression {self.compression!r} (choose {', '.join(COMPRESSIONS)})"
             )
         if not 1 <= self.gzip_level <= 9:
             raise ConfigError(f"gzip level must be 1..9, not {self.gzip_level}")
@@ -120,6 +156,25 @@ _TOML_KEYS = {
 }
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """A TOML configuration file. It must be a regular file of at most 1 MiB: a FIFO or a
+    device would block the reader or never end. A symlink is followed (files in /etc are
+    often links), to a regular file only."""
+    real = os.path.realpath(path)
+    raw = read_regular(real, MAX_CONFIG_BYTES, "config file", ConfigError, missing_ok=True)
+    if raw is None:
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def load_settings(path: str | None = None, base: BuildSettings | None = None) -> BuildSettings:
     """Settings from the [build] table of a TOML file. Without a path, the system file is
     read if it exists. Unknown keys are an error: a typo must not silently do nothing."""
@@ -128,13 +183,7 @@ def load_settings(path: str | None = None, base: BuildSettings | None = None) ->
         if not os.path.exists(SYSTEM_CONFIG):
             return settings
         path = SYSTEM_CONFIG
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    data = read_config(path)
     table = data.get("build", {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [build] must be a table")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from .errors import PkglayerError
 from .history import History, LayerRecord, load_history
-from .oci import parse_oci_ref, prior_layers
+from .layout import parse_layout_ref
+from .prior import earlier_image
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,12 @@ class ImageDiff:
 def load_layers(spec: str) -> tuple[LayerRecord, ...]:
     """Layer records of a build: `oci:DIR[:TAG]`, a /layers directory, or a history.json."""
     if spec.startswith("oci:"):
-        layout, tag = parse_oci_ref(spec)
-        records = prior_layers(layout, tag)
-        if not records:
+        layout, tag = parse_layout_ref(spec, "latest")
+        assert tag is not None
+        plan = earlier_image(layout, tag)
+        if plan is None:
             raise PkglayerError(f"{spec}: no image written by pkglayer with that tag (or its blobs are damaged)")
-        return tuple(records)
+        return plan.layers
     path = os.path.join(spec, "history.json") if os.path.isdir(spec) else spec
     history: History | None = load_history(path)
     if history is None:

@@ -17,5 +17,9 @@ class HistoryError(PkglayerError):
     """history.json or the /layers directory is malformed or hostile."""
 
 
+class DigestError(PkglayerError):
+    """A blob digest is malformed (anything but "sha256:" and 64 lower-case hex digits)."""
+
+
 class ConfigError(PkglayerError):
     """A configuration file or option is invalid."""

@@ -10,16 +10,16 @@ The format is documented in docs/history-json.md.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from .blobstore import is_digest, write_file_atomic
+from .digests import is_digest
 from .errors import HistoryError
+from .fsutil import read_regular, write_file_atomic
+from .mediatypes import LAYER_COMPRESSION, is_oci_layer
 
 SCHEMA_VERSION = 1
 MAX_HISTORY_BYTES = 64 << 20
@@ -29,12 +29,8 @@ MAX_HISTORY_BYTES = 64 << 20
 # "_" because rpm names do ("pam_krb5").
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@^_-]{0,254}")
 _MAX_COUNT = 2**31 - 1
-MEDIA_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar": "none",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-}
-COMPRESSION_RE = re.compile(r"none|gzip-[1-9]|zstd-(?:[1-9]|1[0-9]|2[0-2])")
+# A bare "gzip"/"zstd": a blob another tool compressed, at a level nobody recorded.
+COMPRESSION_RE = re.compile(r"none|gzip(?:-[1-9])?|zstd(?:-(?:[1-9]|1[0-9]|2[0-2]))?")
 _PLATFORM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MAX_GENERATOR = 256
 _MAX_SIZE = 2**63 - 1  # OCI descriptor sizes are int64
@@ -80,28 +76,8 @@ def load_history(path: str | os.PathLike[str]) -> History | None:
     The file must be a regular file reached without following a symlink in its last
     component, and at most 64 MiB (checked before reading)."""
     path = os.fspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise HistoryError(f"{path}: is a symlink; refusing to follow it") from None
-        raise HistoryError(f"{path}: cannot open: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise HistoryError(f"{path}: not a regular file")
-        if st.st_size > MAX_HISTORY_BYTES:
-            raise HistoryError(f"{path}: {st.st_size} bytes, larger than the {MAX_HISTORY_BYTES} byte limit")
-        # Read at most one byte past the limit, in case the file grows after fstat.
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_HISTORY_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_HISTORY_BYTES:
-        raise HistoryError(f"{path}: larger than the {MAX_HISTORY_BYTES} byte limit")
-    return parse_history(raw, path)
+    raw = read_regular(path, MAX_HISTORY_BYTES, "history", HistoryError, missing_ok=True)
+    return None if raw is None else parse_history(raw, path)
 
 
 def parse_history(raw: bytes, source: str = "history.json") -> History:
@@ -299,12 +275,12 @@ def _layer_from_json(raw: object, where: str) -> LayerRecord:
     if size > _MAX_SIZE:
         raise HistoryError(f"{where}: field 'size' is beyond the int64 range of OCI descriptors")
     media_type = _field(raw, "mediaType", str, where)
-    if media_type not in MEDIA_TYPES:
+    if not is_oci_layer(media_type):
         raise HistoryError(f"{where}: unknown mediaType {_short(media_type)}")
     compression = _field(raw, "compression", str, where)
     if not COMPRESSION_RE.fullmatch(compression):
         raise HistoryError(f"{where}: unknown compression {_short(compression)}")
-    if compression.split("-")[0] != MEDIA_TYPES[media_type]:
+    if compression.split("-")[0] != LAYER_COMPRESSION[media_type]:
         raise HistoryError(f"{where}: compression {compression!r} does not match mediaType {media_type!r}")
     return LayerRecord(
         name=name,

@@ -1,32 +1,25 @@
 """Give every object of the rootfs exactly one home.
 
 A home is a package key, or one of the special homes: files owned by no package, files a
-package installed but that were changed since, and the package database itself. The
-rootfs is walked once, never following a symlink. Package files are hashed with the
-database's own digest so that edited files can be told apart from pristine ones.
+package installed but that were changed since, and the package database itself. Homes
+are assigned by an ordered list of small rules (`RULES`), each of which may claim
+objects that earlier rules left unowned, or move objects between homes; a new kind of
+claim (a `user.component` xattr, pip's records) is one more rule.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import re
 import stat
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from wcmatch import glob
-
-from .digests import CONTENT_HASH, new_hasher
-from .errors import RootfsError
+from .digests import CONTENT_HASH
 from .hashcache import HashCache
-from .rootfs import FileOpener, Rootfs
+from .rootfs import Rootfs
+from .scan import FsObject, Progress, Scan, walk
 from .sources import FileRecord, Package, PackageSource
-
-log = logging.getLogger(__name__)
 
 HOME_UNOWNED = "unowned"
 HOME_MODIFIED = "modified"
@@ -34,27 +27,9 @@ HOME_PKGDB = "pkgdb"
 # Bottom to top: the database changes on every package transaction, so it goes last.
 SPECIAL_HOMES = (HOME_UNOWNED, HOME_MODIFIED, HOME_PKGDB)
 
-_READ_CHUNK = 1024 * 1024
-
-#: progress(phase, done, total), as in pkglayer.build
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class FsObject:
-    """One object of the rootfs, with what a layer needs to reproduce it."""
-
-    path: str
-    st: os.stat_result
-    home: str = HOME_UNOWNED
-    linkname: str | None = None
-    xattrs: tuple[tuple[str, bytes], ...] = ()
-    content_hash: str | None = None  # CONTENT_HASH of a regular file's data
-
 
 @dataclass
 class Ownership:
-    rootfs: Rootfs
     source_format: str | None
     architecture: str | None
     packages: dict[str, Package]
@@ -106,7 +81,7 @@ def _owner_map(
     return owners, shared
 
 
-def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str]) -> bool:
+def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str], compare_mtimes: bool = True) -> bool:
     st = obj.st
     if stat.S_ISDIR(st.st_mode):
         return False  # directory attributes are normalised, never a package difference
@@ -120,219 +95,77 @@ def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str]) -> boo
     if stat.S_ISREG(st.st_mode):
         if rec.digest and rec.digest_algo and digests.get(rec.digest_algo) != rec.digest.lower():
             return True
-        if rec.mtime is not None and rec.mtime != int(st.st_mtime):
+        if compare_mtimes and rec.mtime is not None and rec.mtime != int(st.st_mtime):
             return True
     return False
-
-
-def _hash_chunk(
-    rootfs: Rootfs, chunk: list[tuple[FsObject, tuple[str, ...]]]
-) -> list[dict[str, str]]:
-    out = []
-    buf = memoryview(bytearray(_READ_CHUNK))  # reused: no allocation per read
-    with FileOpener(rootfs) as opener:
-        for obj, algos in chunk:
-            hashers = [new_hasher(a) for a in algos]
-            try:
-                fd, st = opener.open_fd(obj.path)
-            except FileNotFoundError:
-                raise RootfsError(f"/{obj.path} disappeared while being read") from None
-            try:
-                if (st.st_ino, st.st_size) != (obj.st.st_ino, obj.st.st_size):
-                    raise RootfsError(f"/{obj.path} changed while being read")
-                remaining = st.st_size
-                while remaining:
-                    n = os.readv(fd, [buf[: min(remaining, _READ_CHUNK)]])
-                    if not n:
-                        raise RootfsError(f"/{obj.path} shrank while being read")
-                    remaining -= n
-                    for h in hashers:
-                        h.update(buf[:n])
-            finally:
-                os.close(fd)
-            out.append({a: h.hexdigest() for a, h in zip(algos, hashers)})
-    return out
-
-
-class _Hasher:
-    """Hashes files on worker threads while the walk goes on finding more.
-
-    Files are handed over in runs of `_CHUNK` in walk order: neighbours share directories
-    (see FileOpener), and many small runs keep every worker busy to the end.
-    """
-
-    _CHUNK = 128
-
-    def __init__(self, rootfs: Rootfs, cache: HashCache, jobs: int):
-        self.rootfs = rootfs
-        self.cache = cache
-        self.pool = ThreadPoolExecutor(max_workers=max(1, jobs))
-        self.pending: list[tuple[FsObject, tuple[str, ...]]] = []
-        self.running: list[tuple[list[tuple[FsObject, tuple[str, ...]]], Future[list[dict[str, str]]]]] = []
-        self.digests_of: dict[str, dict[str, str]] = {}
-        self.started = time.time()
-
-    def add(self, obj: FsObject, algos: tuple[str, ...]) -> None:
-        cached = self.cache.get(obj.st, algos)
-        if cached is not None:
-            self.digests_of[obj.path] = cached
-            return
-        self.pending.append((obj, algos))
-        if len(self.pending) >= self._CHUNK:
-            self._submit()
-
-    def _submit(self) -> None:
-        chunk, self.pending = self.pending, []
-        self.running.append((chunk, self.pool.submit(_hash_chunk, self.rootfs, chunk)))
-
-    def abandon(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def results(self, progress: Progress | None = None) -> dict[str, dict[str, str]]:
-        if self.pending:
-            self._submit()
-        total = sum(len(chunk) for chunk, _ in self.running)
-        done = 0
-        try:
-            for chunk, fut in self.running:
-                for (obj, _), digests in zip(chunk, fut.result()):
-                    self.digests_of[obj.path] = digests
-                    self.cache.put(obj.st, digests, self.started)
-                done += len(chunk)
-                if progress:
-                    progress("hashing", done, total)
-        finally:
-            self.pool.shutdown(cancel_futures=True)
-        return self.digests_of
-
-
-def scan(
-    rootfs: Rootfs,
-    source: PackageSource | None,
-    excludes: Iterable[str],
-    drop_xattrs: Iterable[str],
-    one_file_system: bool = True,
-    jobs: int = 1,
-    hash_content: bool = True,
-    cache: HashCache | None = None,
-    progress: Progress | None = None,
-) -> Ownership:
-    packages = source.packages() if source else []
-    owners, shared = _owner_map(rootfs, packages)
-    db_paths = [rootfs.resolve(p) for p in source.database_paths()] if source else []
-    excluded_matcher = _glob_regex(excludes, glob.GLOBSTAR | glob.DOTGLOB)
-    drop_matcher = _glob_regex(drop_xattrs, glob.DOTGLOB)
-
-    excluded: list[str] = []
-    skipped: list[tuple[str, str]] = []
-
-    def prune(path: str, is_dir: bool) -> bool:
-        if excluded_matcher.fullmatch(path):
-            excluded.append(path)
-            return True
-        return False
-
-    # Hash, while walking, what must be known before layers are written: the database's
-    # digest of each package file (to spot edits) and, when earlier layers may be
-    # reused, the content hash that keys are made of (otherwise it is taken while
-    # writing).
-    hasher = _Hasher(rootfs, cache or HashCache(None), jobs)
-    objects: dict[str, FsObject] = {}
-    try:
-        for entry in rootfs.walk(prune=prune, one_file_system=one_file_system):
-            mode = entry.st.st_mode
-            if stat.S_ISSOCK(mode):
-                skipped.append((entry.path, "socket (tar cannot store sockets)"))
-                continue
-            if stat.S_ISDIR(mode) and one_file_system and entry.st.st_dev != rootfs.dev:
-                skipped.append((entry.path, "mount point: contents on another filesystem not included"))
-            obj = FsObject(entry.path, entry.st)
-            if stat.S_ISLNK(mode):
-                obj.linkname = rootfs.readlink(entry.path)
-            elif stat.S_ISREG(mode):
-                algos = {CONTENT_HASH} if hash_content else set()
-                owner = owners.get(entry.path)
-                if owner and owner[1].digest_algo and owner[1].digest:
-                    algos.add(owner[1].digest_algo)
-                if algos:
-                    hasher.add(obj, tuple(sorted(algos)))
-            xattrs = rootfs.getxattrs(entry.path)
-            if xattrs:
-                obj.xattrs = tuple(sorted((k, v) for k, v in xattrs.items() if not drop_matcher.fullmatch(k)))
-            objects[entry.path] = obj
-    except BaseException:
-        hasher.abandon()
-        raise
-    digests_of = hasher.results(progress)
-    for path, digests in digests_of.items():
-        objects[path].content_hash = digests.get(CONTENT_HASH)
-
-    modified: list[str] = []
-    modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = defaultdict(list)
-    for obj in objects.values():
-        if any(obj.path == d or obj.path.startswith(d + "/") for d in db_paths):
-            obj.home = HOME_PKGDB
-            continue
-        owner = owners.get(obj.path)
-        if owner is None:
-            continue
-        pkg, rec = owner
-        if rec.ghost:
-            continue  # a %ghost file's content is the system's, not the package's
-        if _is_modified(obj, rec, digests_of.get(obj.path, {})):
-            obj.home = HOME_MODIFIED
-            modified.append(obj.path)
-            modified_by_package[pkg.key].append((obj, rec))
-        else:
-            obj.home = pkg.key
-
-    _claim_bytecode(objects)
-    _keep_hardlinks_together(objects.values())
-
-    missing: dict[str, list[str]] = defaultdict(list)
-    for real, (pkg, rec) in owners.items():
-        if real not in objects and not rec.ghost and not any(
-            real == e or real.startswith(e + "/") for e in excluded
-        ):
-            missing[pkg.key].append(real)
-
-    homes: dict[str, list[FsObject]] = defaultdict(list)
-    for obj in objects.values():
-        homes[obj.home].append(obj)
-
-    return Ownership(
-        rootfs=rootfs,
-        source_format=source.format if source else None,
-        architecture=source.architecture() if source else None,
-        packages={p.key: p for p in packages},
-        objects=objects,
-        homes=dict(homes),
-        excluded=sorted(excluded),
-        skipped=sorted(skipped),
-        modified=sorted(modified),
-        modified_by_package=dict(modified_by_package),
-        missing={k: sorted(v) for k, v in sorted(missing.items())},
-        shared=dict(sorted(shared.items())),
-    )
-
-
-def _glob_regex(patterns: Iterable[str], flags: int) -> re.Pattern[str]:
-    """All patterns as one regex: one match per path instead of one per pattern."""
-    included, _ = glob.translate(list(patterns), flags=flags)
-    return re.compile("|".join(f"(?:{p})" for p in included) or "(?!)")
 
 
 # dir/__pycache__/NAME.cpython-311.pyc, NAME.cpython-311.opt-1.pyc (PEP 3147, PEP 488)
 _BYTECODE_RE = re.compile(r"(?P<dir>(?:.*/)?)__pycache__/(?P<name>[^/]+?)\.[a-z]+-\d+(?:\.opt-\d+)?\.pyc")
 
 
-def _claim_bytecode(objects: dict[str, FsObject]) -> None:
+def _home_rank(home: str) -> tuple[int, str]:
+    if home in SPECIAL_HOMES:
+        return (1 + SPECIAL_HOMES.index(home), home)
+    return (0, home)
+
+
+@dataclass
+class Claims:
+    """What the rules work on: the scan's objects (each with its home so far), the
+    digests taken, and what the package databases list."""
+
+    objects: dict[str, FsObject]
+    digests: dict[str, dict[str, str]]
+    owners: dict[str, tuple[Package, FileRecord]]  # real path -> the package listing it first
+    db_paths: list[str]
+    excluded: list[str]
+    compare_mtimes: bool = True
+    modified: list[str] = field(default_factory=list)
+    modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    missing: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+
+Rule = Callable[[Claims], None]
+
+
+def claim_database(c: Claims) -> None:
+    """The package database's own files and directories."""
+    for obj in c.objects.values():
+        if any(obj.path == d or obj.path.startswith(d + "/") for d in c.db_paths):
+            obj.home = HOME_PKGDB
+
+
+def claim_package_files(c: Claims) -> None:
+    """A listed file goes to its package if it is as the package installed it, else to
+    `modified` (remembered, so a prior pristine layer of the package can be reused)."""
+    for obj in c.objects.values():
+        if obj.home != HOME_UNOWNED:
+            continue
+        owner = c.owners.get(obj.path)
+        if owner is None:
+            continue
+        pkg, rec = owner
+        if rec.ghost:
+            continue  # a %ghost file's content is the system's, not the package's
+        if _is_modified(obj, rec, c.digests.get(obj.path, {}), c.compare_mtimes):
+            obj.home = HOME_MODIFIED
+            c.modified.append(obj.path)
+            c.modified_by_package[pkg.key].append((obj, rec))
+        else:
+            obj.home = pkg.key
+
+
+def claim_bytecode(c: Claims) -> None:
     """Give unowned Python bytecode to the package whose source file it was compiled from.
 
     Debian packages ship .py files and compile them in postinst (py3compile), so the
     .pyc files are owned by no package and would otherwise sit in the unowned layer,
     which every update re-ships. They change exactly when their package does. A
     __pycache__ directory goes along when everything in it went to one package."""
+    objects = c.objects
     claimed_dirs: dict[str, set[str]] = defaultdict(set)
     for obj in objects.values():
         if obj.home != HOME_UNOWNED or not stat.S_ISREG(obj.st.st_mode):
@@ -357,17 +190,11 @@ def _claim_bytecode(objects: dict[str, FsObject]) -> None:
             d.home = next(iter(homes))
 
 
-def _home_rank(home: str) -> tuple[int, str]:
-    if home in SPECIAL_HOMES:
-        return (1 + SPECIAL_HOMES.index(home), home)
-    return (0, home)
-
-
-def _keep_hardlinks_together(objects: Iterable[FsObject]) -> None:
+def keep_hardlinks_together(c: Claims) -> None:
     """A hard-link set split over layers breaks podman's overlay driver; move a split set
     to the highest of its homes (special homes above packages)."""
     sets: dict[tuple[int, int], list[FsObject]] = defaultdict(list)
-    for obj in objects:
+    for obj in c.objects.values():
         if stat.S_ISREG(obj.st.st_mode) and obj.st.st_nlink > 1:
             sets[(obj.st.st_dev, obj.st.st_ino)].append(obj)
     for members in sets.values():
@@ -376,3 +203,80 @@ def _keep_hardlinks_together(objects: Iterable[FsObject]) -> None:
             top = max(homes, key=_home_rank)
             for m in members:
                 m.home = top
+
+
+def find_missing(c: Claims) -> None:
+    """Files a package lists that are not in the tree (and not excluded): reported only."""
+    for real, (pkg, rec) in c.owners.items():
+        if real not in c.objects and not rec.ghost and not any(
+            real == e or real.startswith(e + "/") for e in c.excluded
+        ):
+            c.missing[pkg.key].append(real)
+
+
+# In this order: each rule sees the homes the ones before it gave.
+RULES: tuple[Rule, ...] = (claim_database, claim_package_files, claim_bytecode, keep_hardlinks_together, find_missing)
+
+
+def assign_homes(
+    scan: Scan,
+    packages: Sequence[Package],
+    owners: dict[str, tuple[Package, FileRecord]],
+    shared: dict[str, list[str]],
+    db_paths: list[str],
+    source: PackageSource | None,
+    rules: Sequence[Rule] = RULES,
+    compare_mtimes: bool = True,
+) -> Ownership:
+    claims = Claims(scan.objects, scan.digests, owners, db_paths, scan.excluded, compare_mtimes)
+    for rule in rules:
+        rule(claims)
+    homes: dict[str, list[FsObject]] = defaultdict(list)
+    for obj in scan.objects.values():
+        homes[obj.home].append(obj)
+    return Ownership(
+        source_format=source.format if source else None,
+        architecture=source.architecture() if source else None,
+        packages={p.key: p for p in packages},
+        objects=scan.objects,
+        homes=dict(homes),
+        excluded=scan.excluded,
+        skipped=scan.skipped,
+        modified=sorted(claims.modified),
+        modified_by_package=dict(claims.modified_by_package),
+        missing={k: sorted(v) for k, v in sorted(claims.missing.items())},
+        shared=dict(sorted(shared.items())),
+    )
+
+
+def scan_ownership(
+    rootfs: Rootfs,
+    source: PackageSource | None,
+    excludes: Iterable[str],
+    drop_xattrs: Iterable[str],
+    one_file_system: bool = True,
+    jobs: int = 1,
+    hash_content: bool = True,
+    cache: HashCache | None = None,
+    progress: Progress | None = None,
+    compare_mtimes: bool = True,
+) -> Ownership:
+    """Read the package database, walk the tree and give every object its home.
+
+    Files are hashed while walking with what must be known before layers are written:
+    the database's digest of each package file (to spot edits) and, when earlier layers
+    may be reused (`hash_content`), the content hash that keys are made of (otherwise
+    it is taken while writing)."""
+    packages = source.packages() if source else []
+    owners, shared = _owner_map(rootfs, packages)
+    db_paths = [rootfs.resolve(p) for p in source.database_paths()] if source else []
+
+    def algos_for(path: str) -> list[str]:
+        algos = [CONTENT_HASH] if hash_content else []
+        owner = owners.get(path)
+        if owner and owner[1].digest_algo and owner[1].digest:
+            algos.append(owner[1].digest_algo)
+        return algos
+
+    scan = walk(rootfs, algos_for, excludes, drop_xattrs, one_file_system, jobs, cache, progress)
+    return assign_homes(scan, packages, owners, shared, db_paths, source, compare_mtimes=compare_mtimes)

@@ -202,7 +202,7 @@ def plan_layers(
     """Place `components` (from find_components) into at most `max_layers` layers.
 
     `prior_groups`: the previous build's package layers, bottom first, as lists of
-    component names (see prior_groups_from_history). `replan` forces a fresh plan."""
+    component names (see prior_groups). `replan` forces a fresh plan."""
     specials = [c for c in components if c.special]
     packages = sorted((c for c in components if not c.special), key=lambda c: c.name)
     budget = max_layers - len(specials)

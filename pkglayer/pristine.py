@@ -22,7 +22,7 @@ import zstandard
 from .blobstore import BlobDir
 from .digests import CONTENT_HASH, new_hasher
 from .history import LayerRecord
-from .ownership import FsObject
+from .scan import FsObject
 from .sources import FileRecord
 from .tarwriter import Member
 

@@ -30,19 +30,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import PkglayerError
-from .imagesource import (
+from .layout import (
     DEFAULT_LIMITS,
-    DOCKER_LIST,
-    OCI_INDEX,
     Descriptor,
+    Image,
     ImageError,
     Limits,
-    SourceImage,
     check_bytes,
     image_from_manifest,
     parse_json,
     pick_from_index,
 )
+from .mediatypes import INDEX_TYPES
 
 DOCKER_PREFIX = "docker://"
 _HEAD_TIMEOUT = 30
@@ -136,7 +135,7 @@ def parse_docker_ref(ref: str) -> DockerRef:
 # ---------------------------------------------------------------- skopeo
 
 
-def _skopeo(args: list[str], what: str, limit: int | None = None, timeout: float = _SKOPEO_TIMEOUT) -> bytes:
+def skopeo(args: list[str], what: str, limit: int | None = None, timeout: float = _SKOPEO_TIMEOUT) -> bytes:
     argv = ["skopeo", *args]
     try:
         with tempfile.TemporaryFile() as err:
@@ -167,25 +166,25 @@ def _skopeo(args: list[str], what: str, limit: int | None = None, timeout: float
 def pull(ref: str, layout: str, tag: str, opts: RegistryOptions) -> None:
     """skopeo copy docker://REF oci:LAYOUT:TAG (for a multi-platform image, the host's)."""
     parse_docker_ref(ref)
-    _skopeo(["copy", "--quiet", *opts.skopeo_args("src"), ref, f"oci:{layout}:{tag}"], f"pulling {ref}")
+    skopeo(["copy", "--quiet", *opts.skopeo_args("src"), ref, f"oci:{layout}:{tag}"], f"pulling {ref}")
 
 
-def fetch_image(ref: str, opts: RegistryOptions, limits: Limits = DEFAULT_LIMITS) -> tuple[DockerRef, SourceImage]:
+def fetch_image(ref: str, opts: RegistryOptions, limits: Limits = DEFAULT_LIMITS) -> tuple[DockerRef, Image]:
     """The manifest and config of a remote image (no layers), checked against their digests.
 
     Returns the reference pinned to the manifest's digest, and the image (whose `layout`
     is empty: its blobs are not local)."""
     dref = parse_docker_ref(ref)
-    raw = _skopeo(["inspect", "--raw", *opts.skopeo_args(""), dref.transport], f"reading {ref}",
+    raw = skopeo(["inspect", "--raw", *opts.skopeo_args(""), dref.transport], f"reading {ref}",
                   limit=max(limits.manifest_bytes, limits.index_bytes))
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     if dref.digest and digest != dref.digest:
         raise ImageError(f"{ref}: the registry sent a manifest with digest {digest}")
     obj = parse_json(raw, f"{ref}: manifest")
-    if obj.get("mediaType") in (OCI_INDEX, DOCKER_LIST):
+    if obj.get("mediaType") in INDEX_TYPES:
         desc = pick_from_index(obj, f"{ref}: index")
         pinned = dref.with_digest(desc.digest)
-        raw = _skopeo(["inspect", "--raw", *opts.skopeo_args(""), pinned.transport], f"reading {ref}",
+        raw = skopeo(["inspect", "--raw", *opts.skopeo_args(""), pinned.transport], f"reading {ref}",
                       limit=limits.manifest_bytes)
         check_bytes(raw, desc, "manifest")
         digest = desc.digest
@@ -194,7 +193,7 @@ def fetch_image(ref: str, opts: RegistryOptions, limits: Limits = DEFAULT_LIMITS
     def read_config(desc: Descriptor) -> bytes:
         if desc.size > limits.config_bytes:
             raise ImageError(f"{ref}: config is {desc.size} bytes, more than the limit of {limits.config_bytes}")
-        data = _skopeo(["inspect", "--raw", "--config", *opts.skopeo_args(""), pinned.transport],
+        data = skopeo(["inspect", "--raw", "--config", *opts.skopeo_args(""), pinned.transport],
                        f"reading the config of {ref}", limit=limits.config_bytes)
         return check_bytes(data, desc, "config")
 
@@ -377,7 +376,7 @@ class PushReport:
         }
 
 
-def push(layout: str, tag: str, image: SourceImage, ref: str, opts: RegistryOptions,
+def push(layout: str, tag: str, image: Image, ref: str, opts: RegistryOptions,
          local: Iterable[str] | None = None) -> PushReport:
     """Copy oci:LAYOUT:TAG to docker://REF with skopeo, reporting what had to be uploaded.
 
@@ -401,7 +400,7 @@ def push(layout: str, tag: str, image: SourceImage, ref: str, opts: RegistryOpti
                 "the local layout either; rebuild without --prior docker:// or push the prior image there first")
     with tempfile.TemporaryDirectory(prefix="pkglayer-push-") as tmp:
         digest_file = os.path.join(tmp, "digest")
-        _skopeo(["copy", "--quiet", "--preserve-digests", *opts.skopeo_args("dest"),
+        skopeo(["copy", "--quiet", "--preserve-digests", *opts.skopeo_args("dest"),
                  "--digestfile", digest_file, f"oci:{layout}:{tag}", dref.transport], f"pushing to {ref}")
         with open(digest_file) as f:
             pushed = f.read().strip()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .errors import RootfsError
+from .fsutil import open_dir_nofollow
 
 _MAX_SYMLINKS = 40  # same limit as the kernel's path walk
 
@@ -127,18 +128,7 @@ class Rootfs:
 
     def _open_dirs(self, comps: list[str]) -> int:
         """Open a directory below the root, component by component, never following a link."""
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._fd)
-        try:
-            for c in comps:
-                nfd = os.open(
-                    c, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                )
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return open_dir_nofollow(self._fd, comps)
 
     def open_fd(self, relpath: str, resolve: bool = True) -> int:
         """Open a regular file for reading. With resolve, in-root symlinks are followed

@@ -15,15 +15,15 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import zstandard
 
 from .digests import CONTENT_HASH, new_hasher
 from .errors import RootfsError
-from .ownership import FsObject
 from .rootfs import FileOpener, Rootfs
+from .scan import FsObject
 
 # Bump whenever the bytes written for the same members change: it is part of every
 # content key, so old blobs are never reused for a different tar encoding.
@@ -37,11 +37,6 @@ _NO_DEV = b"\0" * 16
 _PREFIX_AND_PAD = b"\0" * (155 + 12)
 _RECORD = tarfile.RECORDSIZE
 _FLUSH = 1024 * 1024
-
-MEDIA_TYPES = {
-    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-}
 
 
 @dataclass(frozen=True)
@@ -57,22 +52,16 @@ class Member:
     devmajor: int = 0
     devminor: int = 0
     xattrs: tuple[tuple[str, bytes], ...] = ()
-    content_hash: str = ""  # of a regular file's data, when not taken from `source`
+    content_hash: str = ""  # of a regular file's data; "" while not hashed yet
     source: FsObject | None = None  # where the data comes from (regular files)
 
-    @property
-    def data_hash(self) -> str:
-        if self.source is not None and self.source.content_hash:
-            return self.source.content_hash
-        return self.content_hash
-
-    def key_line(self) -> str:
+    def key_line(self, content_hash: str | None = None) -> str:
         xa = ",".join(f"{k}={v.hex()}" for k, v in self.xattrs)
         return (
             f"{self.name.encode('utf-8', 'surrogateescape').hex()}\0{self.type.decode()}\0"
             f"{self.mode:o}\0{self.uid}\0{self.gid}\0{self.mtime}\0{self.size}\0"
             f"{self.linkname.encode('utf-8', 'surrogateescape').hex()}\0"
-            f"{self.devmajor}\0{self.devminor}\0{xa}\0{self.data_hash}\n"
+            f"{self.devmajor}\0{self.devminor}\0{xa}\0{content_hash or self.content_hash}\n"
         )
 
     def header(self) -> bytes:
@@ -151,7 +140,10 @@ def _member(obj: FsObject, dir_mtime: int) -> Member:
         return Member(type=tarfile.DIRTYPE, mtime=dir_mtime, **common)
     mtime = int(st.st_mtime)
     if stat.S_ISREG(mode):
-        return Member(type=tarfile.REGTYPE, mtime=mtime, size=st.st_size, source=obj, **common)
+        return Member(
+            type=tarfile.REGTYPE, mtime=mtime, size=st.st_size, source=obj, content_hash=obj.content_hash or "",
+            **common,
+        )
     if stat.S_ISLNK(mode):
         return Member(type=tarfile.SYMTYPE, mtime=mtime, linkname=obj.linkname or "", **common)
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -197,14 +189,17 @@ def layer_members(
     return members
 
 
-def content_key(members: Iterable[Member]) -> str | None:
+def content_key(members: Iterable[Member], hashes: Mapping[str, str] | None = None) -> str | None:
     """sha256 over everything that decides the tar bytes (see module docstring); None
-    while some file's data has not been hashed yet (write_layer hashes it)."""
+    while some file's data has not been hashed yet. `hashes` supplies the content
+    hashes of members that lacked one (write_layer returns those it took)."""
+    hashes = hashes or {}
     h = hashlib.sha256(f"pkglayer-tar-format-{TAR_FORMAT} {CONTENT_HASH}\n".encode())
     for m in members:
-        if m.type == tarfile.REGTYPE and not m.data_hash:
+        data_hash = m.content_hash or hashes.get(m.name, "")
+        if m.type == tarfile.REGTYPE and not data_hash:
             return None
-        h.update(m.key_line().encode())
+        h.update(m.key_line(data_hash).encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -222,6 +217,8 @@ class _Compressor:
             # threads=0 (in-process, single-threaded) is the reproducible mode; layers
             # are compressed in parallel instead.
             self._c = zstandard.ZstdCompressor(level=level, threads=0).compressobj()
+        elif compression == "none":
+            self._c = _Uncompressed()
         else:
             raise ValueError(compression)
         self._buf = bytearray()
@@ -256,47 +253,66 @@ class _Compressor:
         self.out.write(self._c.flush())
 
 
-def write_layer(
-    rootfs: Rootfs, members: list[Member], compression: str, level: int, out
-) -> tuple[str, int]:
-    """Write the layer to `out` (a binary writer). Returns (diff_id, uncompressed size).
+@dataclass(frozen=True)
+class WrittenLayer:
+    diff_id: str  # sha256 of the uncompressed tar
+    tar_size: int
+    hashes: dict[str, str]  # member name -> content hash, for the members that had none
 
-    Files not hashed yet are hashed on the way (their FsObject.content_hash is set), so the
-    content key can be taken afterwards. Each file is checked against what the scan saw
-    (inode, size, mtime, ctime): a file changed since then would make the content key
-    lie, so the build stops instead.
+
+class _Uncompressed:
+    """The compressor interface, passing the tar through (compression "none")."""
+
+    def compress(self, data) -> bytes:
+        return bytes(data)
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: int, out) -> WrittenLayer:
+    """Write the layer to `out` (a binary writer).
+
+    Files not hashed yet are hashed on the way and returned, so the content key can be
+    taken afterwards. Each file is checked against what the scan saw (inode, size,
+    mtime, ctime): a file changed since then would make the content key lie, so the
+    build stops instead.
     """
     c = _Compressor(compression, level, out)
     buf = memoryview(bytearray(_FLUSH))  # reused for every read of this layer
+    hashes: dict[str, str] = {}
     with FileOpener(rootfs) as opener:
         for m in members:
             c.write(m.header())
             if m.type == tarfile.REGTYPE and m.size:
-                _copy_file(opener, m, c, buf)
+                taken = _copy_file(opener, m, c, buf)
+                if taken is not None:
+                    hashes[m.name] = taken
                 pad = -m.size % _BLOCK
                 if pad:
                     c.write(b"\0" * pad)
-            elif m.type == tarfile.REGTYPE and m.source is not None and not m.source.content_hash:
-                m.source.content_hash = _EMPTY_HASH
+            elif m.type == tarfile.REGTYPE and not m.content_hash:
+                hashes[m.name] = _EMPTY_HASH
     # End of archive: two zero blocks, padded to a full record like tarfile and GNU tar.
     end = 2 * _BLOCK
     total = c.offset + end
     c.write(b"\0" * (end + (-total % _RECORD)))
     c.finish()
-    return "sha256:" + c.tar_hash.hexdigest(), c.tar_size
+    return WrittenLayer("sha256:" + c.tar_hash.hexdigest(), c.tar_size, hashes)
 
 
 _EMPTY_HASH = new_hasher(CONTENT_HASH).hexdigest()
 
 
-def _copy_file(opener: FileOpener, m: Member, c: _Compressor, buf: memoryview) -> None:
+def _copy_file(opener: FileOpener, m: Member, c: _Compressor, buf: memoryview) -> str | None:
+    """Copy one file's data into the layer; its content hash if it had none yet."""
     obj = m.source
     assert obj is not None
     try:
         fd, st = opener.open_fd(obj.path)
     except FileNotFoundError:
         raise RootfsError(f"/{obj.path} disappeared during the build; nothing was written, rerun") from None
-    hasher = None if obj.content_hash else new_hasher(CONTENT_HASH)
+    hasher = None if m.content_hash else new_hasher(CONTENT_HASH)
     try:
         seen = obj.st
         if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
@@ -318,5 +334,4 @@ def _copy_file(opener: FileOpener, m: Member, c: _Compressor, buf: memoryview) -
                 c.write(chunk)
     finally:
         os.close(fd)
-    if hasher is not None:
-        obj.content_hash = hasher.hexdigest()
+    return hasher.hexdigest() if hasher is not None else None

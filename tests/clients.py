@@ -213,13 +213,18 @@ def _runroot(storage_root: Path) -> Path:
     return Path("/tmp") / f"pkglayer-podman-{key}"
 
 
-def podman(storage_root: str | os.PathLike[str], *args: str, timeout: float = 900) -> str:
-    """Run podman with its images, containers and tmp files under storage_root (runtime
-    state in _runroot(storage_root)); `run` and `create` get --network none and the
-    ulimits. Returns stdout."""
+def podman_argv(storage_root: str | os.PathLike[str]) -> list[str]:
+    """podman with its images, containers and tmp files under storage_root (runtime state
+    in _runroot(storage_root))."""
     root = Path(storage_root)
-    argv = ["podman", "--root", str(root / "root"), "--runroot", str(_runroot(root)),
+    return ["podman", "--root", str(root / "root"), "--runroot", str(_runroot(root)),
             "--tmpdir", str(root / "tmp"), *_PODMAN_GLOBAL]
+
+
+def podman(storage_root: str | os.PathLike[str], *args: str, timeout: float = 900) -> str:
+    """Run podman_argv(storage_root); `run` and `create` get --network none and the
+    ulimits. Returns stdout."""
+    argv = podman_argv(storage_root)
     if args and args[0] in ("run", "create"):
         args = (args[0], *_PODMAN_CONTAINER, *args[1:])
     return run([*argv, *args], timeout=timeout)

@@ -16,9 +16,9 @@ from tests.helpers import pytest_runtest_makereport, require_root, require_tools
 _TOOLS = ("debootstrap", "chroot", "getcap", "alien", "rpm", "rpmbuild")
 
 
-def _require_builder() -> None:
+def _require_builder(tools: tuple[str, ...] = _TOOLS) -> None:
     require_root("building the real rootfs fixtures (chroot, device nodes, ownership, capabilities)")
-    require_tools(*_TOOLS)
+    require_tools(*tools)
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +47,36 @@ def rpm_upgrade_pair() -> factory.UpgradePair:
     """rpm_rootfs and a copy with pkglayer-demo upgraded 1.0-1 -> 1.0-2."""
     _require_builder()
     return factory.rpm_upgrade_pair()
+
+
+@pytest.fixture(scope="session")
+def pacman_rootfs() -> Path:
+    """pkglayer-hello 1.0-1 and the split pkglayer-split-{lib,tools} 2.0-3, built by
+    makepkg and installed by pacman -S from a local repository. Read-only."""
+    _require_builder(factory.PACMAN_TOOLS)
+    return factory.pacman_rootfs()
+
+
+@pytest.fixture(scope="session")
+def pacman_upgrade_pair() -> factory.UpgradePair:
+    """pacman_rootfs and a copy with pkglayer-hello upgraded to 1:1.1-1 by pacman -U."""
+    _require_builder(factory.PACMAN_TOOLS)
+    return factory.pacman_upgrade_pair()
+
+
+@pytest.fixture(scope="session")
+def pip_rootfs() -> Path:
+    """Debian minbase + python3-pip/venv/six, then six, idna 3.7 and pyflakes from PyPI
+    wheels installed by that pip into /usr/local, and six into the venv /opt/app/venv."""
+    _require_builder()
+    return factory.pip_rootfs()
+
+
+@pytest.fixture(scope="session")
+def pip_upgrade_pair() -> factory.UpgradePair:
+    """pip_rootfs and a copy where pip upgraded idna 3.7 -> 3.10."""
+    _require_builder()
+    return factory.pip_upgrade_pair()
 
 
 @pytest.fixture(scope="session")

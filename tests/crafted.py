@@ -9,7 +9,8 @@ import json
 import tarfile
 from pathlib import Path
 
-from pkglayer.imagesource import DEFAULT_LIMITS, Limits, open_layout, unpack
+from pkglayer.layout import DEFAULT_LIMITS, Limits, open_layout
+from pkglayer.unpack import unpack
 from tests.helpers import sha256_digest
 
 

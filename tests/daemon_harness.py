@@ -217,3 +217,8 @@ def temp_files(d: DaemonProcess) -> list[str]:
     """Names in the cache's temp directory (blob-*.tmp: a layer write in progress or cut short)."""
     tmp = d.cache_dir / ".pkglayer-tmp"
     return sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
+
+
+def written_layers(result: dict[str, Any]) -> dict[str, list[str]]:
+    """The layers a build or prebuild wrote, with their packages."""
+    return {layer["name"]: layer["packages"] for layer in result["layers"] if not layer["reused"]}

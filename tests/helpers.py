@@ -78,15 +78,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 # ------------------------------------------------------------------ the pkglayer CLI
 
 
+# The CLI as this interpreter (the venv's) runs it; for shell pipelines too.
+PKGLAYER = (sys.executable, "-m", "pkglayer")
+
+
 def pkglayer(*args: str | os.PathLike[str], check: bool = True, env: dict[str, str] | None = None,
-             timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    """`python -m pkglayer ARGS` with this interpreter (the venv's); env adds to os.environ.
-    With check, a non-zero exit raises AssertionError with stderr."""
-    argv = [sys.executable, "-m", "pkglayer", *map(os.fspath, args)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+             timeout: float = 1800, binary: bool = False) -> subprocess.CompletedProcess:
+    """`python -m pkglayer ARGS`; env adds to os.environ; with `binary` the output is bytes
+    (an archive on standard output). With check, a non-zero exit raises AssertionError
+    with stderr."""
+    argv = [*PKGLAYER, *map(os.fspath, args)]
+    proc = subprocess.run(argv, capture_output=True, text=not binary, timeout=timeout,
                           env={**os.environ, **env} if env else None)
     if check and proc.returncode != 0:
-        raise AssertionError(f"pkglayer {' '.join(argv[3:])} exited {proc.returncode}:\n{proc.stderr[-6000:]}")
+        stderr = proc.stderr.decode(errors="replace") if binary else proc.stderr
+        raise AssertionError(f"pkglayer {' '.join(argv[3:])} exited {proc.returncode}:\n{stderr[-6000:]}")
     return proc
 
 

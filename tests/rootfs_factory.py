@@ -490,3 +490,231 @@ def rpm_upgrade_pair() -> UpgradePair:
 
     new = cached(f"{RPM_UPGRADED_RECIPE}+{old.name}", build)
     return UpgradePair(old, new, diff_versions(rpm_versions(old), rpm_versions(new)))
+
+
+# ------------------------------------------------------------------- pacman
+
+PKGBUILDS_DIR = Path(__file__).resolve().parent / "pkgbuilds"
+PACMAN_PKGS_RECIPE = "pacman-pkgs.v2"
+PACMAN_ROOTFS_RECIPE = "pacman-rootfs.v1"
+PACMAN_UPGRADED_RECIPE = "pacman-upgraded.v1"
+PACMAN_DBPATH = "var/lib/pacman"
+PACMAN_TOOLS = ("pacman", "makepkg", "repo-add", "bsdtar", "fakeroot", "runuser")
+
+# (PKGBUILD directory, epoch, pkgver, pkgrel, SOURCE_DATE_EPOCH: file mtimes and
+# %BUILDDATE%); pkgver/pkgrel of the split package are fixed in its PKGBUILD.
+PACMAN_BUILDS = (
+    ("pkglayer-hello", "0", "1.0", "1", 1700000000),
+    ("pkglayer-hello", "1", "1.1", "1", 1710000000),
+    ("pkglayer-split", None, None, None, 1690000000),
+)
+# What each root's repository offers: the old and the new state of one upgrade.
+PACMAN_REPO = "repo"
+
+
+def _pkgbuild_digest() -> str:
+    h = hashlib.sha256()
+    for f in sorted(PKGBUILDS_DIR.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(PKGBUILDS_DIR)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+# makepkg records its build and start directories in .BUILDINFO: one fixed place (under
+# a lock) keeps the packages byte-identical from one build to the next.
+MAKEPKG_WORKDIR = Path("/tmp/pkglayer-makepkg")
+
+
+def _makepkg(pkgbuild_dir: Path, outdir: Path, env: dict[str, str]) -> None:
+    """Run makepkg as `nobody` (it refuses root) on a copy of pkgbuild_dir."""
+    with open(f"{MAKEPKG_WORKDIR}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        work = MAKEPKG_WORKDIR
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        try:
+            shutil.copytree(pkgbuild_dir, work / "src")
+            (work / "out").mkdir()
+            run(["chown", "-R", "nobody:nogroup", work])
+            build_env = {
+                "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                "LC_ALL": "C",
+                "HOME": str(work),
+                "BUILDDIR": str(work / "build"),
+                "PKGDEST": str(work / "out"),
+                "SRCDEST": str(work / "src"),
+                # makepkg asks pacman for the host's installed packages (for .BUILDINFO);
+                # the host has no pacman database, and the list does not matter here.
+                "PACMAN": "true",
+                **env,
+            }
+            run(["runuser", "-u", "nobody", "--", "makepkg", "--nodeps", "--noconfirm", "--noprogressbar"],
+                cwd=work / "src", env=build_env)
+            for pkg in (work / "out").glob("*.pkg.tar.*"):
+                shutil.copy2(pkg, outdir / pkg.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def pacman_packages() -> Path:
+    """Real pacman packages built by makepkg from tests/pkgbuilds (deterministically:
+    SOURCE_DATE_EPOCH), plus a repository (`repo/`, made by repo-add) offering
+    pkglayer-hello 1.0-1 and the split pkglayer-split-{lib,tools} 2.0-3."""
+
+    def build(dest: Path) -> None:
+        for directory, epoch, pkgver, pkgrel, built in PACMAN_BUILDS:
+            env = {"SOURCE_DATE_EPOCH": str(built)}
+            if pkgver is not None:
+                env |= {"PKGLAYER_EPOCH": epoch or "0", "PKGLAYER_PKGVER": pkgver,
+                        "PKGLAYER_PKGREL": pkgrel or "1"}
+            _makepkg(PKGBUILDS_DIR / directory, dest, env)
+        repo = dest / PACMAN_REPO
+        repo.mkdir()
+        offered = [dest / "pkglayer-hello-1.0-1-x86_64.pkg.tar.gz",
+                   *sorted(dest.glob("pkglayer-split-*.pkg.tar.gz"))]
+        for pkg in offered:
+            shutil.copy2(pkg, repo / pkg.name)
+        run(["repo-add", "--quiet", repo / "pkglayer.db.tar.gz", *sorted(repo.glob("*.pkg.tar.gz"))])
+
+    return cached(f"{PACMAN_PKGS_RECIPE}-{_pkgbuild_digest()}", build)
+
+
+def pacman(root: Path, *args: str) -> str:
+    """pacman on root with every path inside root (the host has no pacman setup)."""
+    return run([
+        "pacman", "--root", root, "--dbpath", root / PACMAN_DBPATH,
+        "--config", root / "etc/pacman.conf", "--cachedir", root / "var/cache/pacman/pkg",
+        "--logfile", root / "var/log/pacman.log", "--hookdir", root / "etc/pacman.d/hooks",
+        "--gpgdir", root / "etc/pacman.d/gnupg", *args,
+    ])
+
+
+def pacman_versions(root: Path) -> dict[str, str]:
+    """Installed packages of a pacman tree: name -> [epoch:]pkgver-pkgrel."""
+    return dict(line.split(" ", 1) for line in pacman(root, "-Q").splitlines())
+
+
+def _build_pacman_rootfs(dest: Path, pkgs: Path) -> None:
+    for d in ("etc/pacman.d/hooks", PACMAN_DBPATH, "var/log", "var/cache/pacman/pkg"):
+        (dest / d).mkdir(parents=True)
+    # The packages are not signed, and there is no keyring: signature checks off.
+    (dest / "etc/pacman.conf").write_text(
+        "[options]\nArchitecture = x86_64\nSigLevel = Never\nLocalFileSigLevel = Never\n\n"
+        f"[pkglayer]\nServer = file://{pkgs / PACMAN_REPO}\n"
+    )
+    # As a user would: sync the repository, install by name (split-lib comes in as a
+    # dependency); pacman keeps the sync db and the downloaded packages.
+    pacman(dest, "-Sy", "--noconfirm", "--noprogressbar", "pkglayer-hello", "pkglayer-split-tools")
+
+
+def pacman_rootfs() -> Path:
+    """pkglayer-hello 1.0-1 and pkglayer-split-{lib,tools} 2.0-3 installed by pacman -S
+    into an otherwise empty root. Read-only."""
+    pkgs = pacman_packages()
+    return cached(f"{PACMAN_ROOTFS_RECIPE}+{pkgs.name}", lambda dest: _build_pacman_rootfs(dest, pkgs))
+
+
+def pacman_upgrade_pair() -> UpgradePair:
+    """pacman_rootfs and a copy with pkglayer-hello upgraded to 1:1.1-1 by pacman -U."""
+    old, pkgs = pacman_rootfs(), pacman_packages()
+
+    def build(dest: Path) -> None:
+        copy_tree(old, dest)
+        pacman(dest, "-U", "--noconfirm", "--noprogressbar",
+               str(pkgs / "pkglayer-hello-1:1.1-1-x86_64.pkg.tar.gz"))
+
+    new = cached(f"{PACMAN_UPGRADED_RECIPE}+{old.name}", build)
+    return UpgradePair(old, new, diff_versions(pacman_versions(old), pacman_versions(new)))
+
+
+# ---------------------------------------------------------------------- pip
+
+PIP_WHEELS_RECIPE = "pip-wheels.v1"
+PIP_ROOTFS_RECIPE = "deb-pip.v1"
+PIP_UPGRADED_RECIPE = "deb-pip-upgraded.v1"
+# Small pure-Python wheels from PyPI, pinned by hash. six is also a Debian package
+# (python3-six 1.16.0), idna gets upgraded, pyflakes installs a console script.
+PIP_WHEELS = {
+    "six-1.17.0-py2.py3-none-any.whl": "4721f391ed90541fddacab5acf947aa0d3dc7d27b2e1e8eda2be8970586c3274",
+    "idna-3.7-py3-none-any.whl": "82fee1fc78add43492d3a1898bfa6d8a904cc97d8427f683ed8e798d07761aa0",
+    "idna-3.10-py3-none-any.whl": "946d195a0d259cbba61165e88e65941f16e9b36ea6ddb97f00452bae8b1287d3",
+    "pyflakes-3.2.0-py2.py3-none-any.whl": "84b5be138a2dfbb40689ca07e2152deb896a65c3a3e24c251c5c62489568074a",
+}
+PIP_SYSTEM = ("six==1.17.0", "idna==3.7", "pyflakes==3.2.0")  # into /usr/local
+PIP_VENV = "/opt/app/venv"
+PIP_VENV_PACKAGES = ("six==1.17.0",)
+PIP_UPGRADE = "idna==3.10"
+
+
+def pip_wheels() -> Path:
+    """PIP_WHEELS downloaded from PyPI by the test interpreter's pip, hashes checked."""
+
+    def build(dest: Path) -> None:
+        for wheel, sha256 in PIP_WHEELS.items():
+            name, version = wheel.split("-")[:2]
+            run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-cache-dir",
+                 "--only-binary", ":all:", "--dest", dest, f"{name}=={version}"])
+            got = hashlib.sha256((dest / wheel).read_bytes()).hexdigest()
+            if got != sha256:
+                raise RuntimeError(f"{wheel}: sha256 {got}, expected {sha256}")
+
+    return cached(PIP_WHEELS_RECIPE, build)
+
+
+def _pip(root: Path, *args: str, python: str | None = None) -> str:
+    """Debian's own pip in the root, as a Dockerfile would run it (on the environment
+    of `python` when given)."""
+    target = ("--python", python) if python else ()
+    return _chroot(root, "python3", "-m", "pip", "--no-cache-dir", "--disable-pip-version-check",
+                   *target, *args)
+
+
+def _pip_install(root: Path, wheels: Path, *args: str, python: str | None = None) -> None:
+    """pip install from the local wheels only."""
+    staged = root / "tmp/pkglayer-wheels"
+    shutil.copytree(wheels, staged)
+    try:
+        _pip(root, "install", "--no-index", "--find-links", "/tmp/pkglayer-wheels", *args, python=python)
+    finally:
+        shutil.rmtree(staged)
+
+
+def _install_pip_packages(dest: Path, wheels: Path) -> None:
+    _chroot(dest, "apt-get", "install", "-y", "--no-install-recommends",
+            "python3-pip", "python3-venv", "python3-six")
+    _chroot(dest, "apt-get", "clean")
+    # PEP 668: Debian's pip refuses the system environment without this flag; it
+    # installs into /usr/local/lib/python3.11/dist-packages, scripts into /usr/local/bin.
+    _pip_install(dest, wheels, "--break-system-packages", *PIP_SYSTEM)
+    _chroot(dest, "python3", "-m", "venv", "--without-pip", PIP_VENV)
+    _pip_install(dest, wheels, *PIP_VENV_PACKAGES, python=f"{PIP_VENV}/bin/python")
+
+
+def pip_rootfs() -> Path:
+    """deb_base plus Debian's python3-pip, python3-venv and python3-six (1.16.0), and
+    wheels installed by that pip: six 1.17.0, idna 3.7 and pyflakes 3.2.0 into
+    /usr/local, six 1.17.0 into the venv /opt/app/venv. Read-only."""
+    base, wheels = deb_base(), pip_wheels()
+    return cached(
+        f"{PIP_ROOTFS_RECIPE}+{base.name}",
+        lambda dest: _derive_deb(base, dest, lambda d: _install_pip_packages(d, wheels)),
+    )
+
+
+def pip_versions(root: Path) -> dict[str, str]:
+    """Distributions pip installed in root's system environment: name -> version
+    (read by the root's own pip)."""
+    out = _pip(root, "list", "--format", "freeze", "--path", "/usr/local/lib/python3.11/dist-packages")
+    return dict(line.split("==", 1) for line in out.splitlines())
+
+
+def pip_upgrade_pair() -> UpgradePair:
+    """pip_rootfs and a copy where `pip install --upgrade idna==3.10` ran."""
+    old, wheels = pip_rootfs(), pip_wheels()
+
+    def build(dest: Path) -> None:
+        copy_tree(old, dest)
+        _pip_install(dest, wheels, "--break-system-packages", "--upgrade", PIP_UPGRADE)
+
+    new = cached(f"{PIP_UPGRADED_RECIPE}+{old.name}", build)
+    return UpgradePair(old, new, diff_versions(pip_versions(old), pip_versions(new)))

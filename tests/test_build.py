@@ -14,7 +14,7 @@ from pkglayer import build as build_mod
 from pkglayer.blobstore import BlobDir
 from pkglayer.config import BuildSettings
 from pkglayer.errors import RootfsError
-from pkglayer.ownership import scan
+from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
 from pkglayer.tarwriter import layer_members, write_layer
@@ -31,6 +31,7 @@ from tests.helpers import (
     stop_mid_write,
     tmpfs,
 )
+from tests.inprocess import build_into_layers
 from tests.rootfs_factory import copy_tree
 
 
@@ -110,7 +111,7 @@ def _rebuild_counting_tars(monkeypatch, rootfs: Path, layers: Path) -> tuple[bui
         return real(rootfs_, members, *a, **kw)
 
     monkeypatch.setattr(build_mod, "write_layer", counting)
-    result = build_mod.build(str(rootfs), BuildSettings(), layers_dir=str(layers))
+    result = build_into_layers(rootfs, BuildSettings(), layers)
     return result, tarred
 
 
@@ -448,7 +449,7 @@ def test_file_changed_after_scan_stops_the_layer(deb_rootfs: Path, tmp_path: Pat
     copy_tree(deb_rootfs, root)
     settings = BuildSettings()
     with Rootfs(root) as rootfs:
-        own = scan(rootfs, open_source(rootfs), settings.all_excludes, settings.drop_xattrs)
+        own = scan_ownership(rootfs, open_source(rootfs), settings.all_excludes, settings.drop_xattrs)
         key = next(k for k in own.homes if k.startswith("bash-"))
         members = layer_members(own.homes[key], own.objects, 0)
         with open(root / "usr/bin/bash", "r+b") as f:
@@ -514,7 +515,7 @@ def test_image_config_options(deb_rootfs: Path, tmp_path: Path) -> None:
     assert config["architecture"] == "amd64" and config["os"] == "linux"
     assert config["created"] == "2023-11-14T22:13:20Z"
     c = config["config"]
-    # The build's plan travels in the config as a label (see tests/test_imageio.py).
+    # The build's plan travels in the config as a label (see tests/test_image_inputs.py).
     plan = json.loads(c["Labels"].pop("org.pkglayer.history"))
     assert [layer["digest"] for layer in plan["layers"]] == [layer["digest"] for layer in result["layers"]]
     assert c["Labels"] == {"org.opencontainers.image.title": "demo", "empty": ""}

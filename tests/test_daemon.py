@@ -6,6 +6,7 @@ watches what it does through its control API; nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,8 +17,8 @@ import pytest
 
 from pkglayer.daemon.watch import watch_targets
 from tests import rootfs_factory as factory
-from tests.daemon_harness import cache_blobs, copy_root, root_entry, start, temp_files, wait_until
-from tests.helpers import TOP_LAYERS, dpkg_install, sha256_file, stop_mid_write
+from tests.daemon_harness import cache_blobs, copy_root, root_entry, start, temp_files, wait_until, written_layers
+from tests.helpers import TOP_LAYERS, dpkg_install, layout_manifest, pkglayer, sha256_file, stop_mid_write
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_install_prebuilds_the_new_layer_and_a_build_writes_only_top_layers(
     d = start(daemons, tmp_path / "d", [root_entry("deb", root, output=f"oci:{out}:latest")])
     first = d.wait_settled("deb", rescans=0)
     assert first["packages"] == 88
-    assert first["lastPrebuild"]["written"] == first["lastPrebuild"]["layers"]
+    assert first["lastPrebuild"]["written"] == len(first["lastPrebuild"]["layers"])
     before = set(cache_blobs(d))
 
     dpkg_install(root, *extra_debs)
@@ -54,7 +55,7 @@ def test_install_prebuilds_the_new_layer_and_a_build_writes_only_top_layers(
     assert any(k.startswith("iputils-ping-") for k in added) and any(k.startswith("libcap2-bin-") for k in added)
     # Nobody asked: the layers holding the new packages are in the cache already, and
     # nothing else was rebuilt (the daemon keeps its plan stable across prebuilds).
-    written = after["lastPrebuild"]["writtenLayerPackages"]
+    written = written_layers(after["lastPrebuild"])
     assert set(added) <= {k for keys in written.values() for k in keys}
     assert all(name in TOP_LAYERS or set(keys) & set(added) for name, keys in written.items()), written
     assert len(cache_blobs(d)) > len(before)
@@ -66,13 +67,13 @@ def test_install_prebuilds_the_new_layer_and_a_build_writes_only_top_layers(
     build = body["build"]
     assert build["state"] == "succeeded", build
     result = build["result"]
-    assert set(result["writtenLayers"]) <= TOP_LAYERS
-    assert "unowned" in result["writtenLayers"]  # /etc/motd is unowned in minbase... or modified
-    assert result["fromCache"] == result["layers"] - result["written"]
+    assert set(written_layers(result)) <= TOP_LAYERS
+    assert "unowned" in written_layers(result)  # /etc/motd is unowned in minbase... or modified
+    assert result["fromCache"] == len(result["layers"]) - result["written"]
     assert result["manifestDigest"] and (out / "index.json").exists()
     # The image is complete: every layer blob is in the layout.
-    for digest in result["digests"]:
-        assert (out / "blobs/sha256" / digest[7:]).is_file()
+    for layer in result["layers"]:
+        assert (out / "blobs/sha256" / layer["digest"][7:]).is_file()
     assert d.root("deb")["lastBuild"]["manifestDigest"] == result["manifestDigest"]
     assert d.stop() == 0
 
@@ -90,7 +91,7 @@ def test_the_layer_plan_survives_a_restart(
     d.start()
     after = d.wait_settled("deb", rescans=0)
     assert after["lastPrebuild"]["planDecision"].startswith("kept the prior plan: 1 added"), after["lastPrebuild"]
-    written = after["lastPrebuild"]["writtenLayerPackages"]
+    written = written_layers(after["lastPrebuild"])
     new_keys = {k for keys in written.values() for k in keys if k.startswith(("iputils-ping-", "libcap2-bin-"))}
     assert len(new_keys) == 2
     assert all(name in TOP_LAYERS or set(keys) & new_keys for name, keys in written.items()), written
@@ -112,10 +113,10 @@ def test_two_roots_with_the_same_packages_build_each_layer_once(
     pa, pb = ra["lastPrebuild"], rb["lastPrebuild"]
     # Whichever root came first wrote the shared layers; the other took them from the cache.
     first, second = (pa, pb) if pa["finished"] < pb["finished"] else (pb, pa)
-    assert first["written"] == first["layers"]
-    shared = set(first["writtenLayers"]) & set(second["writtenLayers"])
+    assert first["written"] == len(first["layers"])
+    shared = set(written_layers(first)) & set(written_layers(second))
     assert not (shared - TOP_LAYERS), f"layers written twice: {shared}"
-    assert second["fromCache"] >= second["layers"] - 4  # all but libcap2, iputils and the top layers
+    assert second["fromCache"] >= len(second["layers"]) - 4  # all but libcap2, iputils and the top layers
     # Count: every layer content was written exactly once overall.
     status, cache = d.api("GET", "/v1/cache")
     assert status == 200
@@ -135,7 +136,7 @@ def test_two_roots_with_the_same_packages_build_each_layer_once(
     d.write_config()
     d.signal(signal.SIGHUP)
     rc = d.wait_settled("c", rescans=0)
-    package_layers = set(rc["lastPrebuild"]["writtenLayers"]) - TOP_LAYERS
+    package_layers = set(written_layers(rc["lastPrebuild"])) - TOP_LAYERS
     assert not package_layers, f"package layers written again for root c: {package_layers}"
     assert d.stop() == 0
 
@@ -208,11 +209,56 @@ def test_rpm_root_upgrade_prebuilds_the_new_package_layer(
                  "--ignorearch", "--force-debian", str(new)])
     after = d.wait_settled("rpm", rescans=1)
     assert after["changes"]["changed"] == ["pkglayer-demo-1.0-2-noarch"]
-    written = after["lastPrebuild"]["writtenLayerPackages"]
+    written = written_layers(after["lastPrebuild"])
     demo = [name for name, keys in written.items() if "pkglayer-demo-1.0-2-noarch" in keys]
     assert len(demo) == 1
     assert set(written) - set(demo) <= TOP_LAYERS
     assert d.stop() == 0
+
+
+def _plan_label(layout: Path) -> dict:
+    """The plan label (org.pkglayer.history) of the image tagged latest in a layout."""
+    _, _, config = layout_manifest(layout, "latest")
+    return json.loads(config["config"]["Labels"]["org.pkglayer.history"])
+
+
+def test_daemon_builds_keep_the_planners_observations_like_the_cli(
+    tmp_path: Path, rpm_rootfs: Path, daemons
+) -> None:
+    """Two daemon builds with an upgrade between them record the change in the plan's
+    `components`, and the daemon's image carries the plan label a command-line build of
+    the same sequence writes."""
+    new = factory.synthetic_rpms() / "pkglayer-demo-1.0-2.noarch.rpm"
+
+    def upgrade(root: Path) -> None:
+        factory.run(["rpm", "--root", str(root), "--dbpath", factory.RPM_DBPATH, "-U", "--nodeps", "--noscripts",
+                     "--ignorearch", "--force-debian", str(new)])
+
+    root = copy_root(rpm_rootfs, tmp_path / "roots" / "rpm")
+    out = tmp_path / "out"
+    d = start(daemons, tmp_path / "d", [root_entry("rpm", root, output=f"oci:{out}:latest")])
+    d.wait_settled("rpm", rescans=0)
+    snapshots = []  # the trees the daemon built, for the command line to build the same
+    for step in (1, 2):
+        if step == 2:
+            upgrade(root)
+            d.wait_settled("rpm", rescans=1)
+        status, body = d.api("POST", "/v1/roots/rpm/build", {"wait": True})
+        assert status == 200 and body["build"]["state"] == "succeeded", body
+        snapshots.append(copy_root(root, tmp_path / "snapshots" / str(step)))
+    record = json.loads((d.state_dir / "roots" / "rpm.json").read_text())
+    demo = record["plan"]["components"]["pkglayer-demo"]
+    assert (demo["builds"], demo["changes"]) == (1, 1), demo
+    unchanged = [c for name, c in record["plan"]["components"].items() if name != "pkglayer-demo"]
+    assert unchanged and all((c["builds"], c["changes"]) == (1, 0) for c in unchanged)
+    assert d.stop() == 0
+
+    cli_out = tmp_path / "cli-out"
+    for snapshot in snapshots:
+        pkglayer("build", snapshot, "--compression", "zstd", "--output", f"oci:{cli_out}:latest", "--quiet")
+    daemon_label = _plan_label(out)
+    assert daemon_label["components"]["pkglayer-demo"] == demo
+    assert daemon_label == _plan_label(cli_out)
 
 
 # ------------------------------------------------------------ crash safety
@@ -243,7 +289,7 @@ def test_kill_9_during_a_layer_write_leaves_no_partial_blob_and_the_cache_is_reu
     prebuild = after["lastPrebuild"]
     # Layers committed before the kill were reused, not written again.
     assert prebuild["fromCache"] >= committed - 1  # one may be committed but not yet indexed (orphan)
-    assert prebuild["written"] == prebuild["layers"] - prebuild["fromCache"]
+    assert prebuild["written"] == len(prebuild["layers"]) - prebuild["fromCache"]
     for digest, path in cache_blobs(d).items():
         assert sha256_file(path) == digest
     assert d.stop() == 0

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from pkglayer.blobstore import BlobDir
+from pkglayer.config import parse_size
 from pkglayer.daemon.api import bind_unix_socket
 from pkglayer.daemon.cache import LayerCache
-from pkglayer.daemon.config import load_daemon_config, parse_size
+from pkglayer.daemon.config import load_daemon_config
 from pkglayer.daemon.notify import Notifier, watchdog_interval
 from pkglayer.errors import ConfigError, PkglayerError
 from pkglayer.history import LayerRecord

@@ -88,3 +88,47 @@ def test_build_rpm_is_reproducible(rpm_specs_dir: Path, tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
     out = subprocess.run(["rpm", "-qp", a], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "pkglayer-extra-2.0-7.noarch"
+
+
+def test_pacman_rootfs(pacman_rootfs: Path) -> None:
+    assert factory.pacman_versions(pacman_rootfs) == {
+        "pkglayer-hello": "1.0-1", "pkglayer-split-lib": "2.0-3", "pkglayer-split-tools": "2.0-3",
+    }
+    # pacman's own check of every file against the package's mtree
+    check = factory.pacman(pacman_rootfs, "-Qkk")
+    assert check.count(" 0 altered files") == 3, check
+    assert os.readlink(pacman_rootfs / "usr/share/pkglayer-hello/data-link") == "data.txt"
+    assert (pacman_rootfs / "var/lib/pacman/sync/pkglayer.db").is_file()
+    assert len(list((pacman_rootfs / "var/cache/pacman/pkg").glob("*.pkg.tar.gz"))) == 3
+
+
+def test_pacman_upgrade_pair(pacman_upgrade_pair: factory.UpgradePair) -> None:
+    pair = pacman_upgrade_pair
+    assert pair.upgraded == {"pkglayer-hello": ("1.0-1", "1:1.1-1")}
+    data = "usr/share/pkglayer-hello/data.txt"
+    assert (pair.old / data).read_text() == "data of version 1.0\n"
+    assert (pair.new / data).read_text() == "data of version 1.1\n"
+
+
+def test_makepkg_is_reproducible(pacman_rootfs: Path, tmp_path: Path) -> None:
+    """A rebuild with the recipe's SOURCE_DATE_EPOCH gives the cached package's bytes."""
+    _, epoch, pkgver, pkgrel, built = factory.PACMAN_BUILDS[0]
+    factory._makepkg(factory.PKGBUILDS_DIR / "pkglayer-hello", tmp_path, {
+        "SOURCE_DATE_EPOCH": str(built), "PKGLAYER_EPOCH": epoch or "0",
+        "PKGLAYER_PKGVER": pkgver or "", "PKGLAYER_PKGREL": pkgrel or "",
+    })
+    (rebuilt,) = tmp_path.glob("*.pkg.tar.gz")
+    assert rebuilt.read_bytes() == (factory.pacman_packages() / rebuilt.name).read_bytes()
+
+
+def test_pip_rootfs(pip_rootfs: Path) -> None:
+    assert {"python3-pip", "python3-six", "python3-venv"} <= factory.dpkg_versions(pip_rootfs).keys()
+    assert factory.pip_versions(pip_rootfs) == dict(r.split("==") for r in factory.PIP_SYSTEM)
+    assert (pip_rootfs / "opt/app/venv/pyvenv.cfg").is_file()
+    assert (pip_rootfs / "usr/local/lib/python3.11/dist-packages/six-1.17.0.dist-info/INSTALLER").read_text() == "pip\n"
+    assert not (pip_rootfs / "tmp/pkglayer-wheels").exists()
+    out = subprocess.run(
+        ["chroot", pip_rootfs, "python3", "-B", "/usr/local/bin/pyflakes", "--version"],
+        capture_output=True, text=True, check=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
+    assert out.stdout.startswith("3.2.0")

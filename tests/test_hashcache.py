@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pkglayer import build as build_mod
-from pkglayer import hashcache, ownership
+from pkglayer import hashcache, scan
 from pkglayer.config import BuildSettings
 from pkglayer.hashcache import HashCache
+from tests.inprocess import build_into_layers
 
 
 def test_entry_survives_a_reload_and_dies_with_an_in_place_edit(tmp_path: Path) -> None:
@@ -78,20 +78,20 @@ def test_rebuild_reads_no_file_and_an_in_place_edit_is_still_seen(
     old_tree: Path, tmp_path: Path, monkeypatch
 ) -> None:
     hashed: list[str] = []
-    real = ownership._hash_chunk
+    real = scan._hash_chunk
 
     def counting(rootfs, chunk):
         hashed.extend(obj.path for obj, _ in chunk)
         return real(rootfs, chunk)
 
-    monkeypatch.setattr(ownership, "_hash_chunk", counting)
+    monkeypatch.setattr(scan, "_hash_chunk", counting)
     settings = replace(BuildSettings(), hash_cache=str(tmp_path / "cache.sqlite"))
     layers = str(tmp_path / "layers")
-    first = build_mod.build(str(old_tree), settings, layers_dir=layers)
+    first = build_into_layers(old_tree, settings, layers)
     assert first.written == 1
 
     hashed.clear()
-    second = build_mod.build(str(old_tree), settings, layers_dir=layers)
+    second = build_into_layers(old_tree, settings, layers)
     assert second.reused == 1 and hashed == []  # every digest came from the cache
 
     target = old_tree / "d1/f5"
@@ -100,7 +100,7 @@ def test_rebuild_reads_no_file_and_an_in_place_edit_is_still_seen(
     data[10] ^= 0xFF
     target.write_bytes(bytes(data))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    third = build_mod.build(str(old_tree), settings, layers_dir=layers)
+    third = build_into_layers(old_tree, settings, layers)
     assert hashed == ["d1/f5"]
     assert third.written == 1
     assert third.layers[0].record.content_key != first.layers[0].record.content_key

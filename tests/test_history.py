@@ -165,7 +165,7 @@ def test_oversized_file_rejected_before_reading(tmp_path) -> None:
     with open(path, "wb") as f:
         f.truncate(65 << 20)  # sparse: 65 MiB that takes no disk
     assert os.stat(path).st_size > MAX_HISTORY_BYTES
-    with pytest.raises(HistoryError, match="larger than"):
+    with pytest.raises(HistoryError, match="more than the limit"):
         load_history(path)
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pkglayer.config import BuildSettings
-from pkglayer.ownership import scan
+from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
 from tests.helpers import deb_package, dpkg_install
@@ -33,7 +33,7 @@ def test_bytecode_goes_with_the_package_of_its_source(deb_rootfs: Path, tmp_path
 
     with Rootfs(str(root)) as rootfs:
         settings = BuildSettings()
-        own = scan(rootfs, open_source(rootfs, None), settings.all_excludes, settings.drop_xattrs)
+        own = scan_ownership(rootfs, open_source(rootfs, None), settings.all_excludes, settings.drop_xattrs)
     key = next(k for k, p in own.packages.items() if p.name == "python3-pkglayer-demo")
     pycs = sorted(p for p in own.objects if p.endswith(".pyc"))
     demo_pycs = [p for p in pycs if "pkglayer_demo" in p]

@@ -18,9 +18,10 @@ from pkglayer.blobstore import BlobDir
 from pkglayer.build import scan_rootfs
 from pkglayer.config import BuildSettings
 from pkglayer.history import LayerRecord
+from pkglayer.mediatypes import LAYER_MEDIA_TYPES
 from pkglayer.pristine import is_pristine_layer
 from pkglayer.rootfs import Rootfs
-from pkglayer.tarwriter import MEDIA_TYPES, content_key, layer_members, write_layer
+from pkglayer.tarwriter import content_key, layer_members, write_layer
 from tests.helpers import deb_package, decompress, dpkg_install, dpkg_root, require_tools, sha256_digest
 from tests.rootfs_factory import copy_tree
 
@@ -56,10 +57,11 @@ def _layer(root: Path, blobs: BlobDir, compression: str = "gzip") -> LayerRecord
     holding the files of ROOT as they are (edited ones too)."""
     key, members, _ = _members(root)
     with Rootfs(root) as rootfs, blobs.writer() as w:
-        diff_id = write_layer(rootfs, members, compression, 6, w)[0]
+        diff_id = write_layer(rootfs, members, compression, 6, w).diff_id
         digest, size = w.commit()
     return LayerRecord(name=key, packages=(key,), content_key=content_key(members) or "", digest=digest,
-                       diff_id=diff_id, size=size, media_type=MEDIA_TYPES[compression], compression=f"{compression}-6")
+                       diff_id=diff_id, size=size, media_type=LAYER_MEDIA_TYPES[compression],
+                       compression=f"{compression}-6")
 
 
 def _expected(root: Path):

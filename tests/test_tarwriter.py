@@ -25,7 +25,7 @@ import zstandard
 
 from pkglayer.build import scan_rootfs
 from pkglayer.config import BuildSettings
-from pkglayer.ownership import scan
+from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
 from pkglayer.tarwriter import Member, content_key, layer_members, write_layer
@@ -41,7 +41,9 @@ def reference(m: Member) -> bytes:
 def test_headers_match_tarfile_on_a_real_tree(deb_rootfs: Path) -> None:
     settings = BuildSettings()
     with Rootfs(deb_rootfs) as rootfs:
-        own = scan(rootfs, open_source(rootfs), settings.all_excludes, settings.drop_xattrs, hash_content=False)
+        own = scan_ownership(
+            rootfs, open_source(rootfs), settings.all_excludes, settings.drop_xattrs, hash_content=False
+        )
         members = layer_members(own.objects.values(), own.objects, 0)
     kinds = {m.type for m in members}
     assert {tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE} <= kinds
@@ -194,8 +196,8 @@ def build_layer(root: Path, compression: str = "gzip", level: int = 6) -> Layer:
         members = layer_members(own.objects.values(), own.objects, DIR_MTIME)
         key = content_key(members)
         out = io.BytesIO()
-        diff_id, tar_size = write_layer(rootfs, members, compression, level, out)[:2]
-    return Layer(members, key, out.getvalue(), diff_id, tar_size)
+        written = write_layer(rootfs, members, compression, level, out)
+    return Layer(members, key, out.getvalue(), written.diff_id, written.tar_size)
 
 
 def tar_of(blob: bytes, compression: str) -> bytes:
@@ -474,8 +476,8 @@ def test_files_hashed_while_writing_give_the_key_of_files_hashed_before(tree: Pa
         own = scan_rootfs(rootfs, BuildSettings(), hash_content=False)
         members = layer_members(own.objects.values(), own.objects, DIR_MTIME)
         assert content_key(members) is None  # not hashed yet
-        write_layer(rootfs, members, "gzip", 1, io.BytesIO())
-        written = content_key(members)  # the writer recorded each file's hash
+        hashes = write_layer(rootfs, members, "gzip", 1, io.BytesIO()).hashes
+    written = content_key(members, hashes)  # with the hashes the writer took
     assert written is not None and written == build_layer(tree).key
 
 

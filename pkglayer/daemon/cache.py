@@ -37,8 +37,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..blobstore import BlobDir, fsync_dir
+from ..blobstore import BlobDir
 from ..errors import PkglayerError
+from ..fsutil import fsync_dir
 from ..history import LayerRecord
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class CacheStats:
 
 
 class LayerCache:
-    """Implements pkglayer.build.LayerCache. Thread-safe; several processes may share it."""
+    """Implements pkglayer.prior.LayerCache. Thread-safe; several processes may share it."""
 
     def __init__(self, root: str, max_bytes: int):
         self.root = os.path.abspath(root)
@@ -145,7 +146,7 @@ class LayerCache:
         self.last_check = {"entries": len(rows) - len(bad), "dropped": len(bad), "orphans": orphans, "temps": temps}
         return self.last_check
 
-    # ------------------------------------------------------ build.LayerCache
+    # ------------------------------------------------------ prior.LayerCache
 
     def lookup(self, content_key: str, compression: str) -> LayerRecord | None:
         with self._db_lock:

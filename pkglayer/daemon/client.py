@@ -97,11 +97,12 @@ def _build_lines(build: dict[str, Any]) -> list[str]:
     res = build.get("result") or {}
     if res:
         lines.append(
-            f"{res['layers']} layers: {res['written']} written, {res['fromCache']} from the cache, "
+            f"{len(res['layers'])} layers: {res['written']} written, {res['fromCache']} from the cache, "
             f"{res['reused'] - res['fromCache']} reused from earlier output; {res['seconds']:.2f} s"
         )
-        if res.get("writtenLayers"):
-            lines.append("written: " + ", ".join(res["writtenLayers"]))
+        written = [layer["name"] for layer in res["layers"] if not layer["reused"]]
+        if written:
+            lines.append("written: " + ", ".join(written))
         if res.get("image"):
             lines.append(f"image {res['image']} manifest {res['manifestDigest']}")
         if res.get("history"):
@@ -139,7 +140,7 @@ def run_ctl(args) -> int:
             pb = data.get("lastPrebuild")
             if pb:
                 out.append(f"{'last prebuild:':<16} " + (
-                    f"{pb['layers']} layers, {pb['written']} written, {pb['fromCache']} cached, {pb['seconds']} s"
+                    f"{len(pb['layers'])} layers, {pb['written']} written, {pb['fromCache']} cached, {pb['seconds']} s"
                     if pb.get("ok") else f"failed: {pb.get('error')}"))
             lb = data.get("lastBuild")
             if lb:

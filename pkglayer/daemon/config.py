@@ -10,20 +10,19 @@ from __future__ import annotations
 import grp
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import COMPRESSIONS, BuildSettings, load_settings
+from ..config import COMPRESSIONS, BuildSettings, load_settings, parse_size, read_config
 from ..errors import ConfigError, PkglayerError
-from ..oci import parse_oci_ref
+from ..layout import parse_layout_ref
+from ..sources import source_formats
 
 DEFAULT_SOCKET = "/run/pkglayer/pkglayer.sock"
 DEFAULT_STATE_DIR = "/var/lib/pkglayer"
 DEFAULT_CACHE_SIZE = 20 * 1000**3
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?")
 
 
 @dataclass(frozen=True)
@@ -55,25 +54,6 @@ class DaemonConfig:
     @property
     def cache_dir(self) -> str:
         return os.path.join(self.state_dir, "cache")
-
-
-def parse_size(value: object, where: str) -> int:
-    """Bytes from an integer or a string like "20G", "512MiB" (k/M/G/T: powers of 1000,
-    with "i" powers of 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigError(f"{where}: must be a positive size")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value.strip())
-        if m:
-            number, unit, binary = m.groups()
-            base = 1024 if binary else 1000
-            power = " kmgt".index(unit.lower() or " ")
-            size = int(float(number) * base**power)
-            if size > 0:
-                return size
-    raise ConfigError(f"{where}: must be a positive size in bytes or a string like \"20G\", not {value!r}")
 
 
 class _Table:
@@ -112,15 +92,7 @@ class _Table:
 
 
 def load_daemon_config(path: str) -> DaemonConfig:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    data = read_config(path)
     defaults = load_settings(path)  # [build]: validated there; its errors name the file already
     try:
         return _parse(data, path, defaults)
@@ -210,7 +182,7 @@ def _parse_root(entry: dict[str, Any], where: str, defaults: BuildSettings) -> R
     output = t.take("output", str, "an oci:DIR[:TAG] reference")
     if output is not None:
         try:
-            layout, _ = parse_oci_ref(output)
+            layout, _ = parse_layout_ref(output, "latest")
         except PkglayerError as e:
             raise ConfigError(f"{where}.output: {e}") from None
         if not os.path.isabs(layout):
@@ -234,10 +206,11 @@ def _parse_root(entry: dict[str, Any], where: str, defaults: BuildSettings) -> R
     excludes = t.strings("excludes")
     if excludes is not None:
         changes["extra_excludes"] = defaults.extra_excludes + excludes
-    fmt = t.take("format", str, 'one of "rpm", "dpkg", "none"')
+    formats = [*source_formats(), "none"]
+    fmt = t.take("format", str, f"one of {', '.join(formats)}")
     if fmt is not None:
-        if fmt not in ("rpm", "dpkg", "none"):
-            raise ConfigError(f'{where}.format: must be one of "rpm", "dpkg", "none", not {fmt!r}')
+        if fmt not in formats:
+            raise ConfigError(f"{where}.format: must be one of {', '.join(formats)}, not {fmt!r}")
         changes["package_format"] = fmt
     debounce = t.take("debounce", (int, float), "a positive number", 2.0)
     if not 0 < debounce <= 3600:

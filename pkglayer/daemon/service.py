@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiofiles
-import aiofiles.os
 
 from .. import __version__
 from ..errors import HistoryError, PkglayerError
+from ..fsutil import write_file_atomic
 from ..history import History, dumps_history, parse_history
+from ..layout import parse_layout_ref
 from ..rootfs import Rootfs
 from ..sources import open_source
-from ..tarwriter import TAR_FORMAT
 from .cache import LayerCache
 from .config import DaemonConfig, RootConfig, load_daemon_config
 from .notify import Notifier, watchdog_interval
@@ -198,7 +198,7 @@ class RootState:
             "autoBuild": self.config.auto_build,
             "output": self.config.output,
             "layers": self.config.layers,
-            "layersReady": (self.last_prebuild or {}).get("layers") if self.state == "ready" else None,
+            "layersReady": len((self.last_prebuild or {}).get("layers") or []) if self.state == "ready" else None,
             "events": self.events,
             "rescans": self.rescans,
             "prebuilds": self.prebuilds,
@@ -229,19 +229,12 @@ class RootState:
         return d
 
 
-def _outcome_json(result, elapsed: float) -> dict[str, Any]:
-    return {
-        "ok": True,
-        "layers": len(result.layers),
-        "written": result.written,
-        "fromCache": sum(1 for o in result.layers if o.cached),
-        "reused": result.reused,
-        "writtenLayers": [o.record.name for o in result.layers if not o.reused],
-        "writtenLayerPackages": {o.record.name: list(o.record.packages) for o in result.layers if not o.reused},
-        "planDecision": result.plan.decision,
-        "seconds": round(elapsed, 3),
-        "finished": time.time(),
-    }
+def _layout_of(output: str | None) -> tuple[str, str] | None:
+    if output is None:
+        return None
+    directory, tag = parse_layout_ref(output, "latest")
+    assert tag is not None
+    return directory, tag
 
 
 class Daemon:
@@ -355,15 +348,17 @@ class Daemon:
                 log.warning("root %s: ignoring the saved plan: %s", state.name, e)
 
     async def _save_record(self, state: RootState) -> None:
+        assert self._loop is not None
         path = self._record_path(state.name)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        plan = json.loads(dumps_history(state.plan)) if state.plan else None
+        data = (json.dumps({"lastBuild": state.last_build, "plan": plan}, indent=2) + "\n").encode()
+
+        def save() -> None:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            write_file_atomic(path, data, mode=0o600)
+
         try:
-            await aiofiles.os.makedirs(os.path.dirname(path), exist_ok=True)
-            async with aiofiles.open(tmp, "w") as f:
-                plan = json.loads(dumps_history(state.plan)) if state.plan else None
-                await f.write(json.dumps({"lastBuild": state.last_build, "plan": plan}, indent=2) + "\n")
-                await f.flush()
-            await aiofiles.os.replace(tmp, path)
+            await self._loop.run_in_executor(self._pool, save)
         except OSError as e:
             log.warning("root %s: cannot save %s: %s", state.name, path, e)
 
@@ -594,6 +589,9 @@ class Daemon:
 
     async def _build(self, state: RootState, job: BuildJob) -> None:
         from ..build import build
+        from ..layout import ImageOptions
+        from ..outputs import ImageContent, Outputs, write_outputs
+        from ..prior import resolve_prior
 
         assert self._loop is not None and self.cache is not None
         cfg = state.config
@@ -623,15 +621,22 @@ class Daemon:
             def run():
                 gc.collect()
                 with cache.session():
-                    # A prebuild reads the outputs' prior plan too, so it plans the
-                    # layers the real build will want.
-                    return build(cfg.path, settings, oci_ref=cfg.output, layers_dir=cfg.layers,
-                                 layer_cache=cache, progress=progress, prebuild=job.kind == "prebuild",
-                                 prior_history=state.plan)
+                    # A prebuild reads the outputs' prior plan and blobs too (without
+                    # writing them), so it plans and caches the layers the real build will want.
+                    prebuild = job.kind == "prebuild"
+                    outputs = Outputs(layout=_layout_of(cfg.output), layers_dir=cfg.layers)
+                    prior = resolve_prior(outputs.prior_request(state.plan, read_outputs=prebuild, cache=cache))
+                    blobs = cache.blobs if prebuild else outputs.new_blobs()
+                    result = build(cfg.path, settings, prior, blobs, progress=progress)
+                    if prebuild:
+                        return result, None
+                    report = write_outputs(ImageContent.of_build(result, prior), outputs, ImageOptions(),
+                                           settings.source_date_epoch)
+                    return result, report
 
             started = time.monotonic()
             try:
-                result = await self._loop.run_in_executor(self._pool, run)
+                result, report = await self._loop.run_in_executor(self._pool, run)
             except Cancelled:
                 log.info("root %s: %s %s abandoned: the daemon is stopping", cfg.name, job.kind, job.id)
                 self._finish(job, "cancelled", error="the daemon stopped during the build")
@@ -647,36 +652,26 @@ class Daemon:
                 state.progress = None
                 state.activity = None
             elapsed = time.monotonic() - started
-            state.plan = History(
-                layers=tuple(o.record for o in result.layers),
-                architecture=result.architecture,
-                os="linux",
-                generator="pkglayer daemon",
-                tar_format=TAR_FORMAT,
-            )
-            outcome = _outcome_json(result, elapsed)
+            # The next build keeps this plan stable and continues its observations.
+            state.plan = result.history
+            outcome = {
+                "ok": True, **result.as_json(), **(report.as_json() if report else {}),
+                "seconds": round(elapsed, 3), "finished": time.time(),
+            }
             state.layers_written += result.written
-            state.layers_from_cache += outcome["fromCache"]
+            state.layers_from_cache += result.from_cache
             if job.kind == "prebuild":
                 state.prebuilds += 1
                 state.last_prebuild = outcome
             else:
                 state.builds += 1
-                outcome.update(
-                    {
-                        "id": job.id,
-                        "image": result.oci_ref,
-                        "manifestDigest": result.image.manifest_digest if result.image else None,
-                        "history": result.history_path,
-                        "digests": [o.record.digest for o in result.layers],
-                    }
-                )
+                outcome["id"] = job.id
                 state.last_build = outcome
             await self._save_record(state)
             self._finish(job, "succeeded", result=outcome)
             log.info(
                 "root %s: %s %s: %d layers, %d written, %d from the cache, %.2f s",
-                cfg.name, job.kind, job.id, outcome["layers"], outcome["written"], outcome["fromCache"], elapsed,
+                cfg.name, job.kind, job.id, len(result.layers), result.written, result.from_cache, elapsed,
             )
         await self._loop.run_in_executor(self._pool, cache.evict)
         self._status(self._status_line())

@@ -7,9 +7,10 @@ from ..errors import DatabaseError
 from ..rootfs import Rootfs
 from .base import FileRecord, Package, PackageSource
 from .dpkg import DpkgSource
+from .pacman import PacmanSource
 from .rpmdb import RpmSource
 
-SOURCES: list[type[PackageSource]] = [RpmSource, DpkgSource]
+SOURCES: list[type[PackageSource]] = [RpmSource, DpkgSource, PacmanSource]
 
 __all__ = ["FileRecord", "Package", "PackageSource", "SOURCES", "open_source", "source_formats"]
 

@@ -2,7 +2,8 @@
 
 A reader turns a rootfs's package database into `Package` records. It reads through
 `Rootfs` only and must not change the rootfs. Adding a format (apk, pacman...) means one
-new module with a `PackageSource` subclass, listed in `pkglayer.sources.SOURCES`.
+new module with a `PackageSource` subclass, listed in `pkglayer.sources.SOURCES` (pip's
+reader, which runs beside a distro database rather than instead of one, is not listed).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ CHANGELOG_SPAN = 2 * 366 * 24 * 3600
 class Package:
     name: str
     version: str  # upstream version (rpm) or the full Debian version without epoch
-    arch: str
+    arch: str  # "" where the format has none (pip): the key then ends with the version
     epoch: str | None = None
     release: str | None = None  # rpm release; None for dpkg (the revision is in version)
     source: str | None = None  # source package (deb Source:, SRPM name)
@@ -55,11 +56,11 @@ class Package:
 
     @property
     def key(self) -> str:
-        """Stable name of this exact build: name-[epoch:]version[-release]-arch."""
+        """Stable name of this exact build: name-[epoch:]version[-release][-arch]."""
         evr = f"{self.epoch}:{self.version}" if self.epoch not in (None, "", "0") else self.version
         if self.release:
             evr = f"{evr}-{self.release}"
-        return f"{self.name}-{evr}-{self.arch}"
+        return f"{self.name}-{evr}-{self.arch}" if self.arch else f"{self.name}-{evr}"
 
 
 class PackageSource(ABC):

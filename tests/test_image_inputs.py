@@ -1,6 +1,6 @@
-"""Images as build input and prior (pkglayer.imageio and `pkglayer build --from`): a source
-image's config carried over, the plan label (org.pkglayer.history) read back and
-cross-checked, and hand-made layouts through the CLI.
+"""Images as build input and prior (pkglayer.inputs, imageconfig, prior and `pkglayer build
+--from`): a source image's config carried over, the plan label (org.pkglayer.history)
+read back and cross-checked, and hand-made layouts through the CLI.
 
 Needs root (unpacking keeps owners).
 """
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pkglayer.build import ImageOptions
 from pkglayer.errors import PkglayerError
-from pkglayer.imageio import merge_config, plan_from_image
-from pkglayer.imagesource import ImageError, open_layout
+from pkglayer.imageconfig import merge_config
+from pkglayer.inputs import image_platform
+from pkglayer.layout import ImageError, ImageOptions, Platform, open_layout
+from pkglayer.prior import plan_from_image
 from tests.crafted import Layer, listing, make_layout, manifest_file, rewrite_layout, unpack_layout
 from tests.helpers import (
     CAP_VALUE,
@@ -74,13 +75,14 @@ def test_source_config_is_carried_over_and_overridable(tmp_path: Path) -> None:
     layout = make_layout(tmp_path / "img", [Layer().add("f").bytes()], runtime=runtime,
                          extra_config={"architecture": "arm64", "variant": "v8"})
     src = open_layout(str(layout), "t")
-    kept = merge_config(src, ImageOptions())
+    kept = merge_config(src.runtime, ImageOptions())
     assert (kept.env, kept.entrypoint, kept.cmd, kept.workdir, kept.user) == (
         ["PATH=/usr/bin", "LANG=C"], ["/init"], ["--serve"], "/srv", "1000:1000")
     assert (kept.exposed_ports, kept.volumes, kept.stop_signal) == ({"8080/tcp": {}}, {"/data": {}}, "SIGRTMIN+3")
     assert kept.labels == {"containers.bootc": "1", "a": "b"}
-    assert (kept.architecture, kept.os, kept.variant) == ("arm64", "linux", "v8")
-    over = merge_config(src, ImageOptions(env=["LANG=C.UTF-8", "X=1"], labels={"a": "c"}, cmd=["other"], user="0"))
+    assert image_platform(src, "src") == Platform("arm64", "linux", "v8")
+    cli = ImageOptions(env=["LANG=C.UTF-8", "X=1"], labels={"a": "c"}, cmd=["other"], user="0")
+    over = merge_config(src.runtime, cli)
     assert over.env == ["PATH=/usr/bin", "LANG=C.UTF-8", "X=1"]
     assert over.labels == {"containers.bootc": "1", "a": "c"}
     assert (over.cmd, over.entrypoint, over.user) == (["other"], ["/init"], "0")
@@ -89,7 +91,7 @@ def test_source_config_is_carried_over_and_overridable(tmp_path: Path) -> None:
 def test_bad_source_config_is_refused(tmp_path: Path) -> None:
     layout = make_layout(tmp_path / "img", [Layer().add("f").bytes()], runtime={"Env": "PATH=/bin"})
     with pytest.raises(ImageError, match="Env must be an array of strings"):
-        merge_config(open_layout(str(layout), "t"), ImageOptions())
+        merge_config(open_layout(str(layout), "t").runtime, ImageOptions())
 
 
 def _tiny_rootfs(root: Path) -> Path:

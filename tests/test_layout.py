@@ -13,7 +13,7 @@ import pytest
 from pkglayer.blobstore import BlobDir
 from pkglayer.errors import PkglayerError
 from pkglayer.history import LayerRecord
-from pkglayer.oci import LAYER_NAME, REF_NAME, ImageConfig, created_by, parse_oci_ref, write_image
+from pkglayer.layout import LAYER_NAME, REF_NAME, ImageOptions, Platform, created_by, parse_layout_ref, write_image
 from tests.helpers import read_blob, run, sha256_digest
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -55,12 +55,10 @@ def built(tmp_path):
         make_layer(out, "base-files-12.4-amd64", ("base-files-12.4-amd64",), {"etc/os-release": b"ID=test\n"}),
         make_layer(out, "unowned", (), {"etc/hostname": b"box\n", "usr/bin/hello": b"#!/bin/sh\necho hi\n"}),
     ]
-    config = ImageConfig(
-        architecture="amd64",
-        env=["PATH=/usr/bin:/bin"],
-        cmd=["/bin/sh"],
-        labels={"org.example": "yes"},
-        created="1970-01-01T00:00:00Z",
+    config = (
+        ImageOptions(env=["PATH=/usr/bin:/bin"], cmd=["/bin/sh"], labels={"org.example": "yes"}),
+        Platform("amd64"),
+        "1970-01-01T00:00:00Z",
     )
     return tmp_path, out, layers, config
 
@@ -70,13 +68,13 @@ def read_json(layout, digest: str) -> dict:
 
 
 def test_parse_oci_ref() -> None:
-    assert parse_oci_ref("oci:out/img:v1") == ("out/img", "v1")
-    assert parse_oci_ref("oci:/abs/dir") == ("/abs/dir", "latest")
-    assert parse_oci_ref("oci:dir:a:b") == ("dir", "a:b")  # as skopeo splits it
-    assert parse_oci_ref("oci:dir:quay.io/x/y:1.0") == ("dir", "quay.io/x/y:1.0")
+    assert parse_layout_ref("oci:out/img:v1", "latest") == ("out/img", "v1")
+    assert parse_layout_ref("oci:/abs/dir", "latest") == ("/abs/dir", "latest")
+    assert parse_layout_ref("oci:dir:a:b", "latest") == ("dir", "a:b")  # as skopeo splits it
+    assert parse_layout_ref("oci:dir:quay.io/x/y:1.0", "latest") == ("dir", "quay.io/x/y:1.0")
     for bad in ["docker://x", "dir:x", "oci:", "oci::tag", "oci:dir:", "oci:dir:-bad", "oci:dir:a b", "oci:dir:a//b"]:
         with pytest.raises(PkglayerError):
-            parse_oci_ref(bad)
+            parse_layout_ref(bad, "latest")
 
 
 def test_created_by() -> None:
@@ -95,7 +93,7 @@ def test_created_by() -> None:
 def test_write_image_structure(built) -> None:
     tmp_path, out, layers, config = built
     layout = tmp_path / "layout"
-    result = write_image(layout, "v1", layers, config, [out])
+    result = write_image(layout, "v1", layers, *config, [out])
 
     assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
     index = json.loads((layout / "index.json").read_text())
@@ -126,7 +124,7 @@ def test_write_image_structure(built) -> None:
 def test_real_clients_accept_the_image(built) -> None:
     tmp_path, out, layers, config = built
     layout = str(tmp_path / "layout")
-    result = write_image(layout, "v1", layers, config, [out])
+    result = write_image(layout, "v1", layers, *config, [out])
 
     run(["oci-image-tool", "validate", "--type", "image", "--ref", "name=v1", layout])
 
@@ -152,16 +150,16 @@ def test_real_clients_accept_the_image(built) -> None:
 
 def test_deterministic_and_second_tag_keeps_first(built) -> None:
     tmp_path, out, layers, config = built
-    first = write_image(tmp_path / "a", "v1", layers, config, [out])
-    again = write_image(tmp_path / "b", "v1", layers, config, [out])
+    first = write_image(tmp_path / "a", "v1", layers, *config, [out])
+    again = write_image(tmp_path / "b", "v1", layers, *config, [out])
     assert again == first
-    rewrite = write_image(tmp_path / "a", "v1", layers, config, [out])  # same tag, same image: unchanged
+    rewrite = write_image(tmp_path / "a", "v1", layers, *config, [out])  # same tag, same image: unchanged
     assert rewrite == first
     index = json.loads((tmp_path / "a" / "index.json").read_text())
     assert len(index["manifests"]) == 1
 
-    config2 = ImageConfig(architecture="amd64", cmd=["/usr/bin/hello"])
-    second = write_image(tmp_path / "a", "v2", layers[:1], config2, [out])
+    config2 = (ImageOptions(cmd=["/usr/bin/hello"]), Platform("amd64"), None)
+    second = write_image(tmp_path / "a", "v2", layers[:1], *config2, [out])
     assert second.manifest_digest != first.manifest_digest
     index = json.loads((tmp_path / "a" / "index.json").read_text())
     assert [(m["annotations"][REF_NAME], m["digest"]) for m in index["manifests"]] == [
@@ -173,7 +171,7 @@ def test_deterministic_and_second_tag_keeps_first(built) -> None:
     assert json.loads(run(["skopeo", "inspect", f"oci:{layout}:v2"]))["Digest"] == second.manifest_digest
 
     # Retagging v1 replaces only v1, in place.
-    third = write_image(tmp_path / "a", "v1", layers[1:], config2, [out])
+    third = write_image(tmp_path / "a", "v1", layers[1:], *config2, [out])
     index = json.loads((tmp_path / "a" / "index.json").read_text())
     assert [m["digest"] for m in index["manifests"]] == [third.manifest_digest, second.manifest_digest]
 
@@ -183,19 +181,19 @@ def test_blob_sources_fallback_and_errors(built) -> None:
     # A corrupt copy in the first source is skipped in favour of a good one in the second.
     bad = BlobDir(tmp_path / "input", create=True)
     os.link(out.path(layers[1].digest), bad.path(layers[0].digest))
-    result = write_image(tmp_path / "layout", "v1", layers, config, [bad, out])
+    result = write_image(tmp_path / "layout", "v1", layers, *config, [bad, out])
     assert BlobDir(tmp_path / "layout").verify(layers[0].digest)
     assert result.manifest_digest
 
     with pytest.raises(PkglayerError, match=r"layer base-files-12.4-amd64: blob sha256:\w+ not found in .*corrupt"):
-        write_image(tmp_path / "other", "v1", layers, config, [bad])
+        write_image(tmp_path / "other", "v1", layers, *config, [bad])
     empty = BlobDir(tmp_path / "empty", create=True)
     with pytest.raises(PkglayerError, match="layer base-files-12.4-amd64: blob .* not found in"):
-        write_image(tmp_path / "other", "v1", layers, config, [empty])
+        write_image(tmp_path / "other", "v1", layers, *config, [empty])
 
     wrong_size = LayerRecord(**{**layers[0].__dict__, "size": layers[0].size + 1})
     with pytest.raises(PkglayerError, match="history says"):
-        write_image(tmp_path / "other", "v1", [wrong_size], config, [out])
+        write_image(tmp_path / "other", "v1", [wrong_size], *config, [out])
 
 
 def test_refuses_to_clobber_a_broken_index(built) -> None:
@@ -204,15 +202,15 @@ def test_refuses_to_clobber_a_broken_index(built) -> None:
     layout.mkdir()
     (layout / "index.json").write_text("not json")
     with pytest.raises(PkglayerError, match="refusing to overwrite"):
-        write_image(layout, "v1", layers, config, [out])
+        write_image(layout, "v1", layers, *config, [out])
     assert (layout / "index.json").read_text() == "not json"
 
 
 def test_variant_and_runtime_fields(built) -> None:
     tmp_path, out, layers, _ = built
-    config = ImageConfig(architecture="arm64", variant="v8", entrypoint=["/bin/sh", "-c"], workdir="/root",
-                         user="0:0")
-    result = write_image(tmp_path / "layout", "arm", layers, config, [out])
+    config = (ImageOptions(entrypoint=["/bin/sh", "-c"], workdir="/root", user="0:0"),
+              Platform("arm64", "linux", "v8"), None)
+    result = write_image(tmp_path / "layout", "arm", layers, *config, [out])
     cfg = read_json(tmp_path / "layout", result.config_digest)
     assert cfg["variant"] == "v8" and "created" not in cfg and "created" not in cfg["history"][0]
     assert cfg["config"] == {"Entrypoint": ["/bin/sh", "-c"], "WorkingDir": "/root", "User": "0:0"}

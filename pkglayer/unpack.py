@@ -1,17 +1,13 @@
-"""Read an OCI image layout that someone else wrote, and unpack its layers into a tree.
+"""Apply the layers of an untrusted image, in order, to a private working tree.
 
-Everything here treats the image as hostile:
-
-- every blob (index, manifest, config, layer) is read from a regular file opened without
-  following a symlink, its size must be the descriptor's and within `Limits`, and its
-  sha256 must be the descriptor's digest; layers are checked twice, once before
-  extraction (so a corrupt blob is reported as such, not as a broken tar) and again
-  while extracting (so a blob swapped in between is caught too), and their uncompressed
-  stream must hash to the config's `rootfs.diff_ids` entry;
-- member names are relative paths without `..`; a name or hard-link target whose parent
-  is a symlink is refused rather than followed, so nothing is ever written outside the
-  working tree, whatever the symlinks in it point to (they are stored, never followed);
-- the total uncompressed size and the number of entries are bounded.
+The image was validated by layout.py (manifest, config, digests, sizes); here each
+layer blob is checked twice, once before extraction (so a corrupt blob is reported as
+such, not as a broken tar) and again while extracting (so a blob swapped in between is
+caught too), and its uncompressed stream must hash to the config's `rootfs.diff_ids`
+entry. Member names are relative paths without `..`; a name or hard-link target whose
+parent is a symlink is refused rather than followed, so nothing is ever written outside
+the working tree, whatever the symlinks in it point to (they are stored, never
+followed). The total uncompressed size and the number of entries are bounded.
 
 Whiteouts follow the image-spec: `.wh.NAME` removes NAME from the layers below, and
 `.wh..wh..opq` hides everything the layers below had in its directory. Entries keep
@@ -25,9 +21,7 @@ import errno
 import gzip
 import hashlib
 import io
-import json
 import os
-import platform
 import shutil
 import stat
 import tarfile
@@ -36,93 +30,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
-from typing import Any
 
-from .blobstore import is_digest
-from .errors import PkglayerError
-from .oci import REF_NAME, REF_RE
+from .blobstore import BlobDir
+from .fsutil import open_dir_nofollow
+from .layout import DEFAULT_LIMITS, Descriptor, Image, ImageError, Limits
+from .mediatypes import LAYER_COMPRESSION
 
-
-class ImageError(PkglayerError):
-    """A source image is malformed, hostile, too large, or unsupported."""
-
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
-# layer media type -> compression
-LAYER_TYPES = {
-    "application/vnd.oci.image.layer.v1.tar": "none",
-    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
-    "application/vnd.docker.image.rootfs.diff.tar": "none",
-}
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 _CHUNK = 1 << 20
 # Never set from an image: host-specific labels and overlay bookkeeping.
 DEFAULT_SKIP_XATTRS = ("security.selinux", "security.ima", "security.evm", "trusted.*")
-
-_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
-           "s390x": "s390x", "riscv64": "riscv64"}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds for reading an untrusted image. The defaults fit any real OS image."""
-
-    index_bytes: int = 4 << 20
-    manifest_bytes: int = 4 << 20
-    config_bytes: int = 16 << 20
-    layers: int = 512
-    # total of the uncompressed layer streams, and so also of each compressed blob
-    image_bytes: int = 64 << 30
-    entries: int = 5_000_000
-    path_bytes: int = 4096
-
-
-DEFAULT_LIMITS = Limits()
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-
-
-@dataclass
-class SourceImage:
-    """A validated manifest and config of an image in a layout (blobs not yet read)."""
-
-    layout: str
-    manifest_digest: str
-    manifest: dict[str, Any]
-    config_digest: str
-    config: dict[str, Any]
-    config_raw: bytes
-    layers: list[Descriptor]
-    diff_ids: list[str]
-
-    @property
-    def architecture(self) -> str:
-        return self.config["architecture"]
-
-    @property
-    def os(self) -> str:
-        return self.config["os"]
-
-    @property
-    def variant(self) -> str | None:
-        return self.config.get("variant")
-
-    @property
-    def runtime(self) -> dict[str, Any]:
-        """The config's `config` object (Env, Cmd, Labels...); {} when absent."""
-        return self.config.get("config") or {}
 
 
 @dataclass
@@ -133,184 +51,6 @@ class UnpackStats:
     opaque: int = 0
     layers: int = 0
     skipped_xattrs: set[str] = field(default_factory=set)
-
-
-# ---------------------------------------------------------------- reading the layout
-
-
-def _read_file(path: str, limit: int, what: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ImageError(f"{what}: {path} does not exist") from None
-    except OSError as e:
-        raise ImageError(f"{what}: cannot open {path} (a symlink?): {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(f"{what}: {path} is not a regular file")
-        if st.st_size > limit:
-            raise ImageError(f"{what}: {path} is {st.st_size} bytes, more than the limit of {limit}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ImageError(f"{what}: {path} is more than the limit of {limit} bytes")
-    return data
-
-
-def _blob_path(layout: str, digest: str) -> str:
-    if not is_digest(digest):
-        raise ImageError(f"unsupported or malformed digest {str(digest)[:100]!r} (expected sha256:<64 hex>)")
-    return os.path.join(layout, "blobs", "sha256", digest[len("sha256:"):])
-
-
-def read_blob(layout: str, desc: Descriptor, limit: int, what: str) -> bytes:
-    """A small blob (manifest, config, index), checked against its descriptor."""
-    if desc.size > limit:
-        raise ImageError(f"{what} {desc.digest} is {desc.size} bytes, more than the limit of {limit}")
-    data = _read_file(_blob_path(layout, desc.digest), limit, f"{what} {desc.digest}")
-    return check_bytes(data, desc, what)
-
-
-def check_bytes(data: bytes, desc: Descriptor, what: str) -> bytes:
-    actual = "sha256:" + hashlib.sha256(data).hexdigest()
-    if actual != desc.digest:
-        raise ImageError(f"{what} {desc.digest} does not match its digest: the content has {actual}")
-    if len(data) != desc.size:
-        raise ImageError(f"{what} {desc.digest} is {len(data)} bytes, its descriptor says {desc.size}")
-    return data
-
-
-def parse_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ImageError(f"{what}: not valid JSON: {str(e)[:200]}") from None
-    if not isinstance(obj, dict):
-        raise ImageError(f"{what}: not a JSON object")
-    return obj
-
-
-def descriptor(obj: object, what: str) -> Descriptor:
-    if not isinstance(obj, dict):
-        raise ImageError(f"{what}: descriptor is not a JSON object")
-    media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
-    if not isinstance(media_type, str):
-        raise ImageError(f"{what}: descriptor has no mediaType")
-    if not is_digest(digest):
-        raise ImageError(f"{what}: unsupported or malformed digest {str(digest)[:100]!r} (expected sha256:<64 hex>)")
-    if type(size) is not int or size < 0:
-        raise ImageError(f"{what}: descriptor size must be a non-negative integer")
-    return Descriptor(media_type, digest, size)
-
-
-def host_platform() -> tuple[str, str]:
-    machine = platform.machine()
-    return "linux", _GOARCH.get(machine, machine)
-
-
-def pick_from_index(index: dict[str, Any], what: str, tag: str | None = None) -> Descriptor:
-    """The manifest an index names `tag`, or for a platform index the host's platform."""
-    manifests = index.get("manifests")
-    if not isinstance(manifests, list):
-        raise ImageError(f"{what}: no manifests array")
-    if tag is not None:
-        named = [m for m in manifests if isinstance(m, dict) and (m.get("annotations") or {}).get(REF_NAME) == tag]
-        if len(named) > 1:
-            raise ImageError(f"{what}: {len(named)} manifests are tagged {tag!r}")
-        if named:
-            return descriptor(named[0], f"{what}: tag {tag!r}")
-    want_os, want_arch = host_platform()
-    by_platform = [
-        m for m in manifests
-        if isinstance(m, dict) and isinstance(m.get("platform"), dict)
-        and m["platform"].get("os") == want_os and m["platform"].get("architecture") == want_arch
-    ]
-    if tag is None and len(manifests) == 1:
-        return descriptor(manifests[0], what)
-    if tag is None and by_platform:
-        return descriptor(by_platform[0], f"{what}: {want_os}/{want_arch}")
-    if tag is None:
-        raise ImageError(f"{what}: {len(manifests)} manifests and none for {want_os}/{want_arch}")
-    raise ImageError(f"{what}: no image tagged {tag!r}")
-
-
-def parse_layout_ref(ref: str) -> tuple[str, str | None]:
-    """"oci:DIR[:TAG]" -> (DIR, TAG or None). As with skopeo, DIR ends at the first ":"."""
-    if not ref.startswith("oci:"):
-        raise ImageError(f"image reference {ref!r} is not of the form oci:DIR[:TAG]")
-    directory, sep, tag = ref[len("oci:"):].partition(":")
-    if not directory:
-        raise ImageError(f"image reference {ref!r} has an empty directory")
-    if not sep:
-        return directory, None
-    if not REF_RE.fullmatch(tag):
-        raise ImageError(f"image reference {ref!r}: {tag!r} is not a valid OCI ref name")
-    return directory, tag
-
-
-def open_layout(layout: str, tag: str | None, limits: Limits = DEFAULT_LIMITS) -> SourceImage:
-    """Find the image `tag` (None: the only image, or the host platform's) in an OCI
-    layout and validate its manifest and config. Layer blobs are not read here."""
-    where = f"oci:{layout}" + (f":{tag}" if tag else "")
-    index = parse_json(_read_file(os.path.join(layout, "index.json"), limits.index_bytes, f"{where}: index.json"),
-                       f"{where}: index.json")
-    desc = pick_from_index(index, f"{where}: index.json", tag)
-    for _ in range(2):  # one nested index (a multi-platform image) at most
-        if desc.media_type not in (OCI_INDEX, DOCKER_LIST):
-            break
-        nested = parse_json(read_blob(layout, desc, limits.index_bytes, "image index"), f"{where}: image index")
-        desc = pick_from_index(nested, f"{where}: image index {desc.digest}")
-    raw = read_blob(layout, desc, limits.manifest_bytes, "manifest")
-    return image_from_manifest(layout, desc.digest, raw, lambda d: read_blob(layout, d, limits.config_bytes, "config"),
-                               limits, where)
-
-
-def image_from_manifest(layout: str, manifest_digest: str, raw: bytes, read_config, limits: Limits,
-                        where: str) -> SourceImage:
-    """Validate a manifest (already checked against its digest) and the config it names."""
-    manifest = parse_json(raw, f"{where}: manifest")
-    media_type = manifest.get("mediaType", OCI_MANIFEST)
-    if media_type in (OCI_INDEX, DOCKER_LIST):
-        raise ImageError(f"{where}: is a multi-platform index, not an image manifest")
-    if media_type not in (OCI_MANIFEST, DOCKER_MANIFEST) or manifest.get("schemaVersion") != 2:
-        raise ImageError(f"{where}: unsupported manifest type {str(media_type)[:100]!r}")
-    config_desc = descriptor(manifest.get("config"), f"{where}: manifest config")
-    if config_desc.media_type not in CONFIG_TYPES:
-        raise ImageError(f"{where}: unsupported config type {config_desc.media_type[:100]!r}")
-    raw_layers = manifest.get("layers")
-    if not isinstance(raw_layers, list):
-        raise ImageError(f"{where}: manifest has no layers array")
-    if len(raw_layers) > limits.layers:
-        raise ImageError(f"{where}: {len(raw_layers)} layers, more than the limit of {limits.layers}")
-    layers = [descriptor(d, f"{where}: layer {i}") for i, d in enumerate(raw_layers)]
-    for i, layer in enumerate(layers):
-        if layer.media_type not in LAYER_TYPES:
-            raise ImageError(f"{where}: layer {i} has unsupported media type {layer.media_type[:100]!r}")
-        if layer.size > limits.image_bytes:
-            raise ImageError(f"{where}: layer {i} is {layer.size} bytes, more than the limit of {limits.image_bytes}")
-    config_raw = read_config(config_desc)
-    config = parse_json(config_raw, f"{where}: config")
-    for key in ("architecture", "os"):
-        if not isinstance(config.get(key), str) or not config[key]:
-            raise ImageError(f"{where}: config has no {key}")
-    if "variant" in config and not isinstance(config["variant"], str):
-        raise ImageError(f"{where}: config variant is not a string")
-    rootfs = config.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(is_digest(d) for d in diff_ids):
-        raise ImageError(f"{where}: config rootfs.diff_ids is missing or malformed")
-    if len(diff_ids) != len(layers):
-        raise ImageError(f"{where}: config lists {len(diff_ids)} diff_ids for {len(layers)} layers")
-    runtime = config.get("config")
-    if runtime is not None and not isinstance(runtime, dict):
-        raise ImageError(f"{where}: config.config is not a JSON object")
-    return SourceImage(
-        layout=layout, manifest_digest=manifest_digest, manifest=manifest, config_digest=config_desc.digest,
-        config=config, config_raw=config_raw, layers=layers, diff_ids=list(diff_ids),
-    )
 
 
 # ---------------------------------------------------------------- streams
@@ -366,6 +106,18 @@ def _decompressor(raw, compression: str):
     return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
 
 
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def _sniff_compression(fd: int, declared: str) -> str:
+    """The compression the blob's first bytes show, as containers-storage decides it; the
+    media type is only the default. skopeo copies local storage's uncompressed layers
+    out under a +gzip media type (--dest-oci-accept-uncompressed-layers, skopeo 1.9)."""
+    head = os.pread(fd, 4, 0)
+    found = next((name for magic, name in _MAGIC if head.startswith(magic)), "none")
+    return found if found != "none" or len(head) >= 4 else declared
+
+
 def _verify_blob_fd(fd: int, desc: Descriptor, what: str) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -418,35 +170,20 @@ class _Tree:
         os.close(self.root_fd)
 
     def _open_dir(self, parts: tuple[str, ...], create: bool, what: str) -> int:
-        fd = os.dup(self.root_fd)
+        # A parent the layer did not list: 0755 root:root, as umoci and containers-storage do.
         try:
-            for i, part in enumerate(parts):
-                try:
-                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    # A parent the layer did not list: 0755 root:root, as umoci and containers-storage do.
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                    os.fchmod(nfd, 0o755)
-                except OSError as e:
-                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    here = "/" + "/".join(parts[: i + 1])
-                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                    if stat.S_ISLNK(st.st_mode):
-                        target = os.readlink(part, dir_fd=fd)
-                        raise ImageError(
-                            f"{what}: {here} is a symlink (-> {target[:200]}); refusing to write through it"
-                        ) from None
-                    raise ImageError(f"{what}: {here} is not a directory") from None
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return open_dir_nofollow(self.root_fd, parts, 0o755 if create else None)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            here = str(e.filename)
+            st = os.stat(here, dir_fd=self.root_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(here, dir_fd=self.root_fd)
+                raise ImageError(
+                    f"{what}: /{here} is a symlink (-> {target[:200]}); refusing to write through it"
+                ) from None
+            raise ImageError(f"{what}: /{here} is not a directory") from None
 
     def _lstat(self, dir_fd: int, name: str) -> os.stat_result | None:
         try:
@@ -643,7 +380,7 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
 
 
 def unpack(
-    image: SourceImage,
+    image: Image,
     dest: str,
     limits: Limits = DEFAULT_LIMITS,
     skip_xattrs: tuple[str, ...] = DEFAULT_SKIP_XATTRS,
@@ -668,7 +405,7 @@ def unpack(
 
 def _unpack_layer(layout: str, desc: Descriptor, diff_id: str, tree: _Tree, limits: Limits,
                   stats: UnpackStats, what: str) -> None:
-    path = _blob_path(layout, desc.digest)
+    path = BlobDir(layout).path(desc.digest)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -677,8 +414,9 @@ def _unpack_layer(layout: str, desc: Descriptor, diff_id: str, tree: _Tree, limi
         raise ImageError(f"{what}: cannot open blob {desc.digest} (a symlink?): {e.strerror}") from None
     try:
         _verify_blob_fd(fd, desc, what)
+        compression = _sniff_compression(fd, LAYER_COMPRESSION[desc.media_type])
         compressed = _Hashing(_FdReader(fd), desc.size, f"{what}: blob")
-        plain = _Hashing(_decompressor(compressed, LAYER_TYPES[desc.media_type]),
+        plain = _Hashing(_decompressor(compressed, compression),
                          limits.image_bytes - stats.bytes, f"{what}: the image's uncompressed size")
         added: set[tuple[str, ...]] = set()
         try:

@@ -1,0 +1,163 @@
+"""File-safety primitives every module uses: a bounded read that never follows a symlink
+or blocks on a FIFO, an atomic small-file write, and a directory walk one component at a
+time without following links.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Sequence
+
+from .errors import PkglayerError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def read_regular(
+    path: str | os.PathLike[str],
+    limit: int,
+    what: str,
+    error: type[PkglayerError] = PkglayerError,
+    missing_ok: bool = False,
+) -> bytes | None:
+    """The bytes of a regular file of at most `limit` bytes, opened without following a
+    symlink in its last component and without blocking on a FIFO.
+
+    A missing file is None with `missing_ok`, else an error; anything else that is wrong
+    (a symlink, not a regular file, too big) raises `error` with a one-line message
+    naming `what` and the path."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise error(f"{what}: {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{what}: {path} is a symlink; refusing to follow it") from None
+        raise error(f"{what}: cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{what}: {path} is not a regular file")
+        if st.st_size > limit:
+            raise error(f"{what}: {path} is {st.st_size} bytes, more than the limit of {limit}")
+        # Read at most one byte past the limit, in case the file grows after fstat.
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"{what}: cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise error(f"{what}: {path} is more than the limit of {limit} bytes")
+    return data
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or unlink in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that readers see the old or the new file, never a mix,
+    also after a crash: temp file in the same directory, fsync, rename, fsync the directory."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quiet(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def unlink_quiet(path: str | os.PathLike[str]) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def open_dir_nofollow(base_fd: int, parts: Sequence[str], create_mode: int | None = None) -> int:
+    """Open base/parts[0]/.../parts[-1] as a directory, one component at a time, never
+    following a symlink (a link swapped in fails instead of escaping). Missing components
+    are created with `create_mode` when it is given.
+
+    On failure the OSError's `filename` is the path, relative to the base, of the
+    component that failed, so the caller can say what is in the way."""
+    fd = os.dup(base_fd)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if create_mode is None:
+                        raise
+                    os.mkdir(part, create_mode, dir_fd=fd)
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    os.fchmod(nfd, create_mode)  # not narrowed by the umask
+            except OSError as e:
+                e.filename = "/".join(parts[: i + 1])
+                raise
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Workspace:
+    """A private temporary directory (an unpacked source image, a staged layout), made on
+    first use under `base` (default $TMPDIR, else /var/tmp: disk-backed on Debian, and an
+    unpacked OS image can be large) and removed at the end, whether the work succeeded
+    or not."""
+
+    DEFAULT_BASE = "/var/tmp"
+
+    def __init__(self, base: str | None = None):
+        self.base = base or os.environ.get("TMPDIR") or self.DEFAULT_BASE
+        self._path: str | None = None
+        self._names = 0
+
+    def path(self, name: str) -> str:
+        """A path for `name` inside the workspace (not created)."""
+        if self._path is None:
+            try:
+                self._path = tempfile.mkdtemp(prefix="pkglayer-", dir=self.base)
+            except OSError as e:
+                raise PkglayerError(f"cannot create a working directory in {self.base}: {e.strerror}") from None
+        return os.path.join(self._path, name)
+
+    def new(self, prefix: str) -> str:
+        """A name inside the workspace that no earlier call returned."""
+        self._names += 1
+        return f"{prefix}-{self._names}"
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None

@@ -1,0 +1,108 @@
+"""The configuration of the output image: the runtime config of a source image (or of
+another image or an inspect file, --config-from), with what the command line sets on top
+and the labels it removes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .errors import PkglayerError
+from .fsutil import read_regular
+from .layout import ImageError, ImageOptions
+
+log = logging.getLogger(__name__)
+
+MAX_CONFIG_FILE = 16 << 20
+# Labels that describe an ostree repository inside the image: stale once it is left out.
+OSTREE_LABEL_PREFIX = "ostree."
+
+
+def _str_list(value: object, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ImageError(f"source image config: {what} must be an array of strings")
+    return list(value)
+
+
+def _str(value: object, what: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ImageError(f"source image config: {what} must be a string")
+    return value
+
+
+def _set(value: object, what: str) -> dict[str, dict] | None:
+    if not value:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ImageError(f"source image config: {what} must be an object with string keys")
+    return {k: {} for k in value}
+
+
+def merge_config(
+    runtime: Mapping[str, Any] | None, cli: ImageOptions, remove_labels: Iterable[str] = ()
+) -> ImageOptions:
+    """A runtime config (an image's `config` object: Env, Cmd, Labels...), with what the
+    command line set on top: --env and --label replace or add single keys,
+    --cmd/--entrypoint/--workdir/--user replace; then the labels in `remove_labels` go."""
+    if runtime is None:
+        runtime = {}
+    env = _str_list(runtime.get("Env"), "Env") or []
+    for item in cli.env:
+        key = item.partition("=")[0]
+        env = [e for e in env if e.partition("=")[0] != key]
+        env.append(item)
+    labels = runtime.get("Labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ImageError("source image config: Labels must be an object of strings")
+    drop = set(remove_labels)
+    return ImageOptions(
+        env=env,
+        labels={k: v for k, v in {**labels, **cli.labels}.items() if k not in drop},
+        cmd=cli.cmd if cli.cmd is not None else _str_list(runtime.get("Cmd"), "Cmd"),
+        entrypoint=cli.entrypoint if cli.entrypoint is not None else _str_list(runtime.get("Entrypoint"), "Entrypoint"),
+        workdir=cli.workdir if cli.workdir is not None else _str(runtime.get("WorkingDir"), "WorkingDir"),
+        user=cli.user if cli.user is not None else _str(runtime.get("User"), "User"),
+        exposed_ports=_set(runtime.get("ExposedPorts"), "ExposedPorts"),
+        volumes=_set(runtime.get("Volumes"), "Volumes"),
+        stop_signal=_str(runtime.get("StopSignal"), "StopSignal"),
+    )
+
+
+def config_from(spec: str, read_image) -> dict[str, Any]:
+    """--config-from IMAGE|FILE: an image's runtime config (`read_image(ref)` reads it,
+    any transport), or a JSON file: an OCI/Docker image config, or what `podman inspect`
+    or `docker inspect` prints for an image (a list of one object with `Config`)."""
+    from .transports import PREFIXES
+
+    if any(spec.startswith(prefix) for _, prefix in PREFIXES):
+        return dict(read_image(spec).runtime)
+    raw = read_regular(os.path.abspath(spec), MAX_CONFIG_FILE, "--config-from", PkglayerError)
+    assert raw is not None
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise PkglayerError(f"--config-from {spec}: not JSON: {str(e)[:200]}") from None
+    if isinstance(obj, list):
+        if len(obj) != 1:
+            raise PkglayerError(f"--config-from {spec}: an inspect list of {len(obj)} images; give one")
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        raise PkglayerError(f"--config-from {spec}: not a JSON object")
+    for key in ("Config", "config"):  # inspect output, then an image config
+        runtime = obj.get(key)
+        if isinstance(runtime, dict):
+            return runtime
+    raise PkglayerError(f"--config-from {spec}: no Config object (expected an image config or inspect output)")
+
+
+def ostree_labels(runtime: Mapping[str, Any] | None) -> list[str]:
+    """The labels of a bootc/ostree image that describe its ostree repository."""
+    labels = (runtime or {}).get("Labels") or {}
+    return sorted(k for k in labels if isinstance(k, str) and k.startswith(OSTREE_LABEL_PREFIX))

@@ -1,0 +1,118 @@
+"""Which earlier blob, if any, a planned layer can reuse instead of being written.
+
+In this order:
+1. the daemon's layer cache, by content key: its blobs need no re-hashing, only the
+   cache's owner writes them;
+2. a prior layer with the same content key, whose blob is present and verified in one of
+   the prior's blob directories (or the output's), or is known to be in the destination
+   registry;
+3. for a package whose files were edited since installation, a prior layer of exactly
+   its packages that is the pristine form of it, read through and checked member by
+   member (pristine.py).
+
+A prior blob is reusable only when it was made with the same compression spec and media
+type: the content key names the uncompressed tar, the spec the compressed bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from .blobstore import BlobDir
+from .errors import PkglayerError
+from .history import LayerRecord
+from .ownership import Ownership
+from .plan import PlannedLayer
+from .prior import Prior
+from .pristine import is_pristine_layer
+from .tarwriter import layer_members
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reuse:
+    record: LayerRecord  # the earlier layer, renamed after the planned one
+    cached: bool = False  # from the layer cache
+
+
+class ReuseIndex:
+    def __init__(
+        self, prior: Prior, compression: str, media_type: str, output: BlobDir, ownership: Ownership, dir_mtime: int
+    ):
+        self.prior = prior
+        self.compression = compression
+        self.media_type = media_type
+        self.output = output
+        self.ownership = ownership
+        self.dir_mtime = dir_mtime
+        self.sources = (*prior.blob_sources, output)
+        self.by_key: dict[str, LayerRecord] = {}
+        self.by_packages: dict[tuple[str, ...], list[LayerRecord]] = {}
+        for rec in prior.reusable:
+            if rec.compression == compression and rec.media_type == media_type:
+                self.by_key.setdefault(rec.content_key, rec)
+                # An earlier image in the OCI layout may record names only: a one-package
+                # layer is named after its package.
+                self.by_packages.setdefault(rec.packages or (rec.name,), []).append(rec)
+
+    def find(self, layer: PlannedLayer, key: str | None) -> tuple[Reuse | None, str | None]:
+        """An earlier blob for this layer, or why a candidate was turned down."""
+        if key is None:
+            return None, None
+        cached = self.cached(layer, key)
+        if cached is not None:
+            return cached, None
+        exact = self.by_key.get(key)
+        if exact is not None:
+            if self._blob_dir(exact) is not None or exact.digest in self.prior.remote_blobs:
+                return Reuse(_renamed(exact, layer)), None
+            return None, (
+                f"input blob {exact.digest} for layer {layer.name} is missing or does not "
+                "match its digest; rebuilding the layer"
+            )
+        pristine = self._pristine(layer)
+        return (Reuse(_renamed(pristine, layer)) if pristine else None), None
+
+    def cached(self, layer: PlannedLayer, key: str) -> Reuse | None:
+        """The cached layer of this key, made present in the output; None when not cached."""
+        cache = self.prior.cache
+        if cache is None:
+            return None
+        rec = cache.lookup(key, self.compression)
+        if rec is None or rec.media_type != self.media_type:
+            return None
+        out = self.output
+        if out is not cache.blobs and not (out.has(rec.digest) and out.size(rec.digest) == rec.size):
+            try:
+                cache.export(rec.digest, out)
+            except (PkglayerError, OSError) as e:  # evicted meanwhile: write it instead
+                log.warning("layer cache: %s", e)
+                return None
+        return Reuse(_renamed(rec, layer), cached=True)
+
+    def _blob_dir(self, rec: LayerRecord) -> BlobDir | None:
+        return next((d for d in self.sources if d.has(rec.digest) and d.verify(rec.digest, rec.size)), None)
+
+    def _pristine(self, layer: PlannedLayer) -> LayerRecord | None:
+        own = self.ownership
+        edited = [e for key in layer.packages for e in own.modified_by_package.get(key, ())]
+        if not edited:
+            return None
+        expected = layer_members(
+            [*(o for h in layer.homes for o in own.homes.get(h, [])), *(obj for obj, _ in edited)],
+            own.objects,
+            self.dir_mtime,
+        )
+        wanted = {obj.path: (obj, rec) for obj, rec in edited}
+        for rec in self.by_packages.get(layer.packages, []):
+            src = self._blob_dir(rec)
+            if src is not None and is_pristine_layer(src, rec, expected, wanted):
+                return rec
+        return None
+
+
+def _renamed(rec: LayerRecord, layer: PlannedLayer) -> LayerRecord:
+    """An earlier layer's blob under this build's name and membership."""
+    return replace(rec, name=layer.name, packages=layer.packages, components=layer.components)
