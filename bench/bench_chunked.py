@@ -270,7 +270,8 @@ def measure_pull(layouts: dict[str, Path], work: Path) -> dict[str, dict]:
     """Push each OCI layout's v1 and v2; pull v1 then v2 with partial pulls on; bytes sent for v2."""
     out = {}
     (work / "registry-work").mkdir()
-    with serve_registry(work / "registry-work", log_level="info") as address:
+    with serve_registry(work / "registry-work", log_level="info") as registry:
+        address = registry.address
         for name, layout in layouts.items():
             for tag in ("v1", "v2"):
                 subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:{tag}",

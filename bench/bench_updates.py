@@ -229,10 +229,10 @@ def _rebuilt(pair, settings: BuildSettings):
     """Build the old tree into /layers, then the new one reusing it: (result, seconds)."""
     with tempfile.TemporaryDirectory(prefix="pkglayer-bench-") as work:
         layers = os.path.join(work, "layers")
-        _build_layers(pair.old, settings, layers)
+        build_to(str(pair.old), settings, layers_dir=layers)
         os.rename(os.path.join(layers, "output"), os.path.join(layers, "input"))
         t = time.monotonic()
-        result = _build_layers(pair.new, settings, layers)
+        result, _ = build_to(str(pair.new), settings, layers_dir=layers)
         return result, time.monotonic() - t
 
 

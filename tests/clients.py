@@ -1,9 +1,10 @@
 """Real third-party OCI clients (umoci, skopeo, oci-image-tool, podman, a registry)
-driven against images written by the installed ``pkglayer`` CLI.
+driven against images written by pkglayer.
 
-Test modules import the fixtures they use: ``from tests.clients import registry``.
-Everything here needs root: umoci keeps ownership only when not rootless, and podman
-runs with the flags measured in /work/shared/notes/field-facts.md.
+The fixtures here (podman_store, session_podman_store, registry) are made available to
+every test module by tests/conftest.py. Everything here needs root: umoci keeps
+ownership only when not rootless, and podman runs with the flags measured in
+/work/shared/notes/field-facts.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -28,49 +30,9 @@ from pathlib import Path
 
 import pytest
 
-CAPABILITY_XATTR = "security.capability"
+from tests.helpers import CAPABILITY_XATTR, require_tools, run, sha256_file
 
-# ------------------------------------------------------------------ running tools
-
-
-def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 900, **kwargs: object) -> str:
-    """Run a command and return its stdout; on failure raise with its stderr."""
-    argv = [os.fspath(c) for c in cmd]
-    proc = subprocess.run(  # type: ignore[call-overload]
-        argv, check=False, capture_output=True, text=True, timeout=timeout, **kwargs
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} exited {proc.returncode}\n"
-            f"stderr:\n{proc.stderr[-6000:]}\nstdout:\n{proc.stdout[-2000:]}"
-        )
-    return proc.stdout
-
-
-def pkglayer_cli() -> str:
-    """The installed pkglayer entry point: the one beside the running interpreter (the
-    venv's), else whatever is on PATH."""
-    beside = Path(sys.executable).parent / "pkglayer"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("pkglayer")
-    if found is None:
-        raise RuntimeError("the pkglayer CLI is not installed")
-    return found
-
-
-def build_image(
-    rootfs: str | os.PathLike[str], out_dir: str | os.PathLike[str], tag: str, *extra_args: str
-) -> dict:
-    """``pkglayer build ROOTFS --output oci:OUT_DIR:TAG --json EXTRA...``; the parsed JSON."""
-    out = run([pkglayer_cli(), "build", rootfs, "--output", f"oci:{os.fspath(out_dir)}:{tag}",
-               "--json", "-q", *extra_args])
-    return json.loads(out)
-
-
-def scan(rootfs: str | os.PathLike[str], *extra_args: str) -> dict:
-    """``pkglayer scan ROOTFS --json``; the parsed JSON."""
-    return json.loads(run([pkglayer_cli(), "scan", rootfs, "--json", "-q", *extra_args]))
+# ------------------------------------------------------------------ umoci
 
 
 def umoci_unpack(layout: str | os.PathLike[str], tag: str, dest: str | os.PathLike[str]) -> Path:
@@ -132,14 +94,6 @@ def _excluded(path: str, globs: Sequence[str]) -> bool:
     return False
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _capability(path: str) -> bytes | None:
     try:
         return os.getxattr(path, CAPABILITY_XATTR, follow_symlinks=False)
@@ -170,7 +124,7 @@ def snapshot(root: str | os.PathLike[str], exclude_globs: Iterable[str] = ()) ->
             gid=st.st_gid,
             mtime=None if kind == "dir" else st.st_mtime_ns // 1_000_000_000,
             size=st.st_size if is_reg else None,
-            sha256=_sha256(full) if is_reg else None,
+            sha256=sha256_file(full) if is_reg else None,
             target=os.readlink(full) if kind == "symlink" else None,
             rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("chr", "blk") else None,
             capability=_capability(full),
@@ -344,14 +298,62 @@ def _registry_answers(url: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Registry:
+    """A running registry: its address and the directory it stores blobs in, so tests
+    can count what it holds on its own side."""
+
+    address: str  # 127.0.0.1:PORT
+    data: Path
+    log: Path
+
+    def blobs(self) -> dict[str, int]:
+        """digest -> size of every blob the registry stores (layers, configs, manifests)."""
+        root = self.data / "docker/registry/v2/blobs/sha256"
+        if not root.exists():
+            return {}
+        return {f"sha256:{p.parent.name}": p.stat().st_size for p in root.glob("*/*/data")}
+
+    def ref(self, name: str) -> str:
+        """docker://ADDRESS/NAME"""
+        return f"docker://{self.address}/{name}"
+
+    def blob(self, digest: str) -> bytes:
+        hexa = digest.split(":")[1]
+        return (self.data / "docker/registry/v2/blobs/sha256" / hexa[:2] / hexa / "data").read_bytes()
+
+    def manifest(self, name: str) -> dict:
+        return json.loads(run(["skopeo", "inspect", "--tls-verify=false", "--raw", self.ref(name)]))
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size
+
+    def served(self, since: int) -> dict[str, int]:
+        """Bytes sent per request path since log offset `since` (blobs by digest); the
+        registry logs them at log level "info"."""
+        with open(self.log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode("utf-8", "replace")
+        out: dict[str, int] = {}
+        for line in text.splitlines():
+            if 'msg="response completed"' not in line:
+                continue
+            uri = re.search(r'http\.request\.uri="?([^" ]+)', line)
+            written = re.search(r"http\.response\.written=(\d+)", line)
+            assert uri and written, line
+            key = uri.group(1).rsplit("/", 1)[-1]
+            out[key] = out.get(key, 0) + int(written.group(1))
+        return out
+
+
 @contextlib.contextmanager
-def serve_registry(work: Path, log_level: str = "warn") -> Iterator[str]:
+def serve_registry(work: Path, log_level: str = "warn") -> Iterator[Registry]:
     """Debian's docker-registry on 127.0.0.1 (loopback only, no auth, no TLS), storing
-    blobs and its log (work/registry.log) under `work`. Yields "127.0.0.1:PORT". At log
-    level "info" it logs every request with the bytes it sent (http.response.written)."""
+    blobs and its log (work/registry.log) under `work`. At log level "info" it logs every
+    request with the bytes it sent (http.response.written)."""
+    require_tools("docker-registry")
     exe = shutil.which("docker-registry")
-    if exe is None:
-        raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
+    assert exe is not None
     port = _free_loopback_port()
     address = f"127.0.0.1:{port}"
     # JSON is YAML: no dependency needed to write the config.
@@ -366,27 +368,27 @@ def serve_registry(work: Path, log_level: str = "warn") -> Iterator[str]:
         proc = subprocess.Popen(
             [exe, "serve", str(work / "config.yml")], stdout=log, stderr=subprocess.STDOUT
         )
+    try:
+        deadline = time.monotonic() + 30
+        while not _registry_answers(f"http://{address}/v2/"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"docker-registry did not come up on {address}:\n"
+                    + (work / "registry.log").read_text(errors="replace")[-4000:]
+                )
+            time.sleep(0.1)
+        yield Registry(address, work / "data", work / "registry.log")
+    finally:
+        proc.terminate()
         try:
-            deadline = time.monotonic() + 30
-            while not _registry_answers(f"http://{address}/v2/"):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"docker-registry did not come up on {address}:\n"
-                        + (work / "registry.log").read_text(errors="replace")[-4000:]
-                    )
-                time.sleep(0.1)
-            yield address
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A docker-registry for the session (see serve_registry). Yields "127.0.0.1:PORT"."""
-    with serve_registry(tmp_path_factory.mktemp("registry")) as address:
-        yield address
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """One registry for the session (see serve_registry); tests use repositories of their own."""
+    with serve_registry(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg

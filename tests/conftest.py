@@ -1,25 +1,24 @@
-"""Session fixtures: real, cached root filesystems (see tests/rootfs_factory.py)."""
+"""Session fixtures: real, cached root filesystems (see tests/rootfs_factory.py), the
+third-party clients' fixtures of tests/clients.py, and the CI rule of tests/helpers.py:
+on CI a skipped test fails."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests import rootfs_factory as factory
+from tests.clients import podman_store, registry, session_podman_store  # noqa: F401  (fixtures)
+from tests.helpers import pytest_runtest_makereport, require_root, require_tools  # noqa: F401  (hook)
 
 _TOOLS = ("debootstrap", "chroot", "getcap", "alien", "rpm", "rpmbuild")
 
 
 def _require_builder(tools: tuple[str, ...] = _TOOLS) -> None:
-    # Building trees needs root (chroot, device nodes, ownership, capabilities).
-    if os.geteuid() != 0:
-        pytest.skip("real rootfs fixtures need root")
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"real rootfs fixtures need {', '.join(missing)}")
+    require_root("building the real rootfs fixtures (chroot, device nodes, ownership, capabilities)")
+    require_tools(*tools)
 
 
 @pytest.fixture(scope="session")

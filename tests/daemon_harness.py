@@ -1,5 +1,5 @@
 """Run the real daemon (`python -m pkglayer daemon`) as a subprocess for tests and the
-benchmark, and talk to it over its Unix socket."""
+benchmark, talk to it over its Unix socket, and look into its cache."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tests import rootfs_factory as factory
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -180,3 +182,43 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+
+
+# ------------------------------------------------------------------ for the daemon's tests
+
+
+def start(daemons: list[DaemonProcess], *args: Any, **kwargs: Any) -> DaemonProcess:
+    """A started DaemonProcess(*args, **kwargs), added to the `daemons` fixture's list
+    (killed at the end of the test)."""
+    d = DaemonProcess(*args, **kwargs)
+    daemons.append(d)
+    return d.start()
+
+
+def root_entry(name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    """A [[root]] of the daemon's configuration: zstd, one second of debounce, EXTRA."""
+    return {"name": name, "path": str(path), "compression": "zstd", "debounce": 1.0, **extra}
+
+
+def copy_root(src: Path, dst: Path) -> Path:
+    """A private copy of a cached tree (see rootfs_factory.copy_tree) at DST."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    factory.copy_tree(src, dst)
+    return dst
+
+
+def cache_blobs(d: DaemonProcess) -> dict[str, Path]:
+    """digest -> path of every blob in the daemon's layer cache."""
+    blobs = d.cache_dir / "blobs" / "sha256"
+    return {f"sha256:{p.name}": p for p in blobs.iterdir()} if blobs.is_dir() else {}
+
+
+def temp_files(d: DaemonProcess) -> list[str]:
+    """Names in the cache's temp directory (blob-*.tmp: a layer write in progress or cut short)."""
+    tmp = d.cache_dir / ".pkglayer-tmp"
+    return sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
+
+
+def written_layers(result: dict[str, Any]) -> dict[str, list[str]]:
+    """The layers a build or prebuild wrote, with their packages."""
+    return {layer["name"]: layer["packages"] for layer in result["layers"] if not layer["reused"]}

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from pkglayer.blobstore import TMP_DIR, BlobDir
 from pkglayer.digests import is_digest
 from pkglayer.errors import DigestError, PkglayerError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+from tests.helpers import run, sha256_digest, tmpfs
 
 
 def blob_names(bd: BlobDir) -> list[str]:
@@ -40,7 +36,7 @@ def test_is_digest() -> None:
 def test_add_bytes_roundtrip(tmp_path) -> None:
     bd = BlobDir(tmp_path / "d", create=True)
     digest, size = bd.add_bytes(b"hello")
-    assert (digest, size) == (sha(b"hello"), 5)
+    assert (digest, size) == (sha256_digest(b"hello"), 5)
     assert bd.has(digest) and bd.verify(digest)
     with open(bd.path(digest), "rb") as f:
         assert f.read() == b"hello"
@@ -60,7 +56,7 @@ def test_missing_root_without_create(tmp_path) -> None:
     with pytest.raises(PkglayerError, match="does not exist"):
         BlobDir(tmp_path / "nope")
     empty = BlobDir(tmp_path)  # exists, but has no blobs/sha256 yet
-    assert not empty.has(sha(b"x")) and not empty.verify(sha(b"x"))
+    assert not empty.has(sha256_digest(b"x")) and not empty.verify(sha256_digest(b"x"))
 
 
 def test_writer_streams_and_commits(tmp_path) -> None:
@@ -71,7 +67,7 @@ def test_writer_streams_and_commits(tmp_path) -> None:
             w.write(c)
         assert blob_names(bd) == []  # nothing under the final name before commit
         digest, size = w.commit()
-    assert digest == sha(b"".join(chunks)) and size == 3_000_000
+    assert digest == sha256_digest(b"".join(chunks)) and size == 3_000_000
     assert bd.verify(digest) and tmp_names(bd) == []
 
 
@@ -89,7 +85,7 @@ def test_commit_expected_digest_mismatch(tmp_path) -> None:
     with bd.writer() as w:
         w.write(b"abc")
         with pytest.raises(PkglayerError, match="expected"):
-            w.commit(expected_digest=sha(b"abd"))
+            w.commit(expected_digest=sha256_digest(b"abd"))
     assert blob_names(bd) == [] and tmp_names(bd) == []
 
 
@@ -113,12 +109,12 @@ def test_verify_false_on_tampered_and_symlinked_blobs(tmp_path) -> None:
     assert not bd.verify(digest)
 
     with open("/etc/shadow", "rb") as f:
-        shadow_digest = sha(f.read())
+        shadow_digest = sha256_digest(f.read())
     os.symlink("/etc/shadow", bd.path(shadow_digest))
     assert not bd.has(shadow_digest)
     assert not bd.verify(shadow_digest)
 
-    fifo_digest = sha(b"fifo")
+    fifo_digest = sha256_digest(b"fifo")
     os.mkfifo(bd.path(fifo_digest))
     assert not bd.has(fifo_digest) and not bd.verify(fifo_digest)  # and does not block
 
@@ -134,9 +130,9 @@ def test_import_blob_hard_links_on_same_fs(tmp_path) -> None:
     assert tmp_names(dst) == []
 
 
-def test_import_blob_copies_across_filesystems(tmp_path, tmpfs) -> None:
+def test_import_blob_copies_across_filesystems(tmp_path, small_tmpfs) -> None:
     src = BlobDir(tmp_path / "in", create=True)
-    dst = BlobDir(tmpfs, create=True)
+    dst = BlobDir(small_tmpfs, create=True)
     digest, _ = src.add_bytes(b"cross-device")
     dst.import_blob(src, digest)
     assert dst.verify(digest)
@@ -153,9 +149,9 @@ def test_import_blob_rejects_corrupt_missing_and_symlinked_sources(tmp_path) -> 
     with pytest.raises(PkglayerError, match="corrupt"):
         dst.import_blob(src, digest)
     with pytest.raises(PkglayerError, match="missing"):
-        dst.import_blob(src, sha(b"absent"))
+        dst.import_blob(src, sha256_digest(b"absent"))
     with open("/etc/shadow", "rb") as f:
-        shadow_digest = sha(f.read())
+        shadow_digest = sha256_digest(f.read())
     os.symlink("/etc/shadow", src.path(shadow_digest))
     with pytest.raises(PkglayerError, match="not a regular file"):
         dst.import_blob(src, shadow_digest)
@@ -164,8 +160,7 @@ def test_import_blob_rejects_corrupt_missing_and_symlinked_sources(tmp_path) -> 
 
 _CHILD = textwrap.dedent(
     """
-    import os, sys
-    sys.path.insert(0, {repo!r})
+    import sys
     from pkglayer.blobstore import BlobDir
     w = BlobDir({root!r}, create=True).writer()
     w.write(b"x" * 1_500_000)  # more than the 1 MiB write buffer: some of it reaches the file
@@ -178,7 +173,7 @@ _CHILD = textwrap.dedent(
 def test_writer_killed_mid_write_then_rerun(tmp_path) -> None:
     root = str(tmp_path / "layout")
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD.format(repo=REPO, root=root)],
+        [sys.executable, "-c", _CHILD.format(root=root)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -219,24 +214,116 @@ def test_stale_link_temps_removed_only_when_old(tmp_path) -> None:
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
+def small_tmpfs(tmp_path: Path):
     """A real 1 MiB tmpfs, unmounted afterwards."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "tmpfs", size="1M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_enospc_gives_clear_error_and_no_temp(tmpfs) -> None:
-    bd = BlobDir(tmpfs, create=True)
+def test_enospc_gives_clear_error_and_no_temp(small_tmpfs) -> None:
+    bd = BlobDir(small_tmpfs, create=True)
     with pytest.raises(PkglayerError, match=r"^no space left on device while writing blob to .*tmpfs"):
         with bd.writer() as w:
             for _ in range(32):
                 w.write(os.urandom(64 * 1024))  # 2 MiB in all
             w.commit()
     assert blob_names(bd) == [] and tmp_names(bd) == []
-    assert BlobDir(tmpfs).add_bytes(b"small")[1] == 5  # the directory still works
-    assert TMP_DIR in os.listdir(tmpfs)
+    assert BlobDir(small_tmpfs).add_bytes(b"small")[1] == 5  # the directory still works
+    assert TMP_DIR in os.listdir(small_tmpfs)
+
+
+# ------------------------------------------------------------------ error paths
+
+# A child process whose file-size limit makes the kernel fail writes with EFBIG (SIGXFSZ
+# ignored): a write error that is neither ENOSPC nor EDQUOT, in write() (past the 1 MiB
+# buffer) and in commit() (the final flush).
+_EFBIG_CHILD = textwrap.dedent(
+    """
+    import os, resource, signal, sys
+    from pkglayer.blobstore import BlobDir
+    from pkglayer.errors import PkglayerError
+    bd = BlobDir(sys.argv[1], create=True)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+    for size in (3_000_000, 200_000):
+        try:
+            with bd.writer() as w:
+                w.write(b"x" * size)
+                print("written", flush=True)
+                w.commit()
+        except PkglayerError as e:
+            print(e, flush=True)
+    print(sorted(os.listdir(bd.tmp)), sorted(os.listdir(bd.blobs)))
+    """
+)
+
+
+def test_other_write_errors_are_reported_as_such_and_leave_nothing(tmp_path) -> None:
+    root = tmp_path / "d"
+    out = run([sys.executable, "-c", _EFBIG_CHILD, root]).splitlines()
+    reason = os.strerror(errno.EFBIG)  # "File too large"
+    assert out == [
+        f"cannot write blob to {root}: {reason}",  # in write()
+        "written",
+        f"cannot write blob to {root}: {reason}",  # in commit()
+        "[] []",
+    ]
+
+
+def test_a_finished_writer_refuses_more(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    committed = bd.writer()
+    committed.write(b"data")
+    committed.commit()
+    aborted = bd.writer()
+    aborted.write(b"data")
+    aborted.abort()
+    aborted.abort()  # twice is fine
+    for w in (committed, aborted):
+        with pytest.raises(ValueError, match="committed or aborted"):
+            w.write(b"more")
+        with pytest.raises(ValueError, match="already committed or aborted"):
+            w.commit()
+    assert blob_names(bd) == [sha256_digest(b"data")[7:]] and tmp_names(bd) == []
+
+
+def test_stale_temps_among_foreign_files(tmp_path) -> None:
+    """Every dead writer's temp file goes, wherever it sorts among files that are not
+    ours, a live writer's temp file and a symlink, which all stay."""
+    bd = BlobDir(tmp_path / "d", create=True)
+    live = bd.writer()
+    live.write(b"in progress")
+    live_name = os.path.basename(live.tmp_path)
+    outside = tmp_path / "outside"
+    outside.write_text("not to be touched")
+    dead = ["blob-" + "0" * 32 + ".tmp", "blob-" + "7" * 32 + ".tmp", "blob-" + "f" * 32 + ".tmp"]
+    old_links = ["link-" + "1" * 32 + ".tmp", "link-" + "9" * 32 + ".tmp"]
+    young_link = "link-" + "5" * 32 + ".tmp"
+    foreign = ["0-first", "blob-0.tmp", "blob-" + "3" * 32 + ".tmp.keep", "m-middle", "zz-last"]
+    for name in [*dead, *old_links, young_link, *foreign]:
+        Path(bd.tmp, name).write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    for name in [*old_links, *foreign]:
+        os.utime(os.path.join(bd.tmp, name), (two_hours_ago, two_hours_ago))
+    not_files = ["blob-" + "8" * 32 + ".tmp", "blob-" + "9" * 32 + ".tmp"]
+    os.symlink(outside, os.path.join(bd.tmp, not_files[0]))
+    os.mkfifo(os.path.join(bd.tmp, not_files[1]))
+    assert dead[0] < live_name < dead[-1]  # the live one sorts among the dead ones
+
+
+    assert bd.remove_stale_temps() == sorted([*dead, *old_links])
+    assert tmp_names(bd) == sorted([*foreign, young_link, live_name, *not_files])
+    assert outside.read_text() == "not to be touched"
+    live.write(b" and done")
+    digest, _ = live.commit()
+    assert bd.verify(digest)
+
+
+def test_read_only_filesystem_is_a_clear_error(tmp_path) -> None:
+    with tmpfs(tmp_path / "ro", size="1M") as mnt:
+        BlobDir(mnt / "ready", create=True)
+        run(["mount", "-o", "remount,ro", mnt])
+        with pytest.raises(PkglayerError, match=rf"^cannot create blob directory in {mnt}/new: Read-only file system$"):
+            BlobDir(mnt / "new", create=True)
+        with pytest.raises(PkglayerError, match=r"^cannot create a temp file in .*: Read-only file system$"):
+            BlobDir(mnt / "ready").writer()

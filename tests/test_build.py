@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tarfile
-import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -24,22 +18,21 @@ from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
 from pkglayer.tarwriter import layer_members, write_layer
-from tests.inprocess import build_into_layers
+from tests.helpers import (
+    TOP_LAYERS,
+    blob_files,
+    build_into_layers,
+    build_json,
+    layout_manifest,
+    pkglayer,
+    pkglayer_json,
+    promote_outputs,
+    read_layer,
+    sha256_file,
+    stop_mid_write,
+    tmpfs,
+)
 from tests.rootfs_factory import copy_tree
-
-PKGLAYER = [sys.executable, "-m", "pkglayer"]
-TOP = {"unowned", "modified", "pkgdb"}
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*PKGLAYER, *args], capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"pkglayer {' '.join(args)} failed:\n{proc.stderr}")
-    return proc
-
-
-def build_json(rootfs: Path, *args: str) -> dict:
-    return json.loads(run_cli("build", str(rootfs), "--json", "-q", *args).stdout)
 
 
 def layer_digests(result: dict) -> dict[str, str]:
@@ -51,27 +44,6 @@ def layer_holding(result: dict, package: str) -> str:
     return next(
         layer["name"] for layer in result["layers"] if any(k.startswith(package + "-") for k in layer["packages"])
     )
-
-
-def blob_files(d: Path) -> set[str]:
-    p = d / "blobs" / "sha256"
-    return {f.name for f in p.iterdir()} if p.exists() else set()
-
-
-def promote_outputs(layers: Path) -> None:
-    """What a build system does between builds: last output becomes next input."""
-    src = layers / "output" / "blobs" / "sha256"
-    dst = layers / "input" / "blobs" / "sha256"
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        os.replace(f, dst / f.name)
-
-
-def read_layer(layout: Path, digest: str) -> tarfile.TarFile:
-    data = (layout / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
-    import io
-
-    return tarfile.open(fileobj=io.BytesIO(zlib.decompress(data, 31)), mode="r:")
 
 
 # -- determinism -----------------------------------------------------------------------
@@ -93,7 +65,7 @@ def test_same_package_in_two_trees_gives_the_same_layer(
     per_component = ("--max-layers", "120")
     a = layer_digests(build_json(deb_rootfs, "--output", f"oci:{tmp_path}/a:t", *per_component))
     b = layer_digests(build_json(deb_upgrade_pair.old, "--output", f"oci:{tmp_path}/b:t", *per_component))
-    common = (set(a) & set(b)) - TOP
+    common = (set(a) & set(b)) - TOP_LAYERS
     assert len(common) > 60
     differing = sorted(n for n in common if a[n] != b[n])
     assert differing == []
@@ -164,7 +136,7 @@ def test_upgrade_rewrites_only_the_upgraded_package(
     }
     assert upgraded_names and new_keys
     # only the upgraded packages and top layers were tarred again, and exactly once each
-    assert written - TOP == new_keys, (written, upgraded_names)
+    assert written - TOP_LAYERS == new_keys, (written, upgraded_names)
     assert len(tarred) == len(written)
     assert "pkgdb" in written  # the database did change
     assert len(reused) == len(result.layers) - len(written) > 50
@@ -221,7 +193,7 @@ def test_edited_conffile_goes_to_the_modified_layer(deb_rootfs: Path, tmp_path: 
     copy_tree(deb_rootfs, root)
     with open(root / "etc/login.defs", "a") as f:
         f.write("# local edit\n")
-    assert json.loads(run_cli("scan", str(root), "--json").stdout)["modified"] == ["etc/login.defs"]
+    assert pkglayer_json("scan", str(root))["modified"] == ["etc/login.defs"]
 
     result = build_json(root, "--layers", str(layers), "--output", f"oci:{tmp_path}/img:t")
     edited = layer_digests(result)
@@ -229,7 +201,7 @@ def test_edited_conffile_goes_to_the_modified_layer(deb_rootfs: Path, tmp_path: 
     # the package layer is the pristine one (its blob from the earlier build, checked
     # member by member against the database), the edit sits in the layer above it
     assert edited[login] == pristine[login]
-    assert {layer["name"] for layer in result["layers"] if not layer["reused"]} <= TOP
+    assert {layer["name"] for layer in result["layers"] if not layer["reused"]} <= TOP_LAYERS
     with read_layer(tmp_path / "img", edited[login]) as tf:
         assert not tf.extractfile("etc/login.defs").read().endswith(b"# local edit\n")
     with read_layer(tmp_path / "img", edited["modified"]) as tf:
@@ -279,7 +251,7 @@ def test_edited_rpm_config_file_goes_to_the_modified_layer(rpm_rootfs: Path, tmp
     promote_outputs(layers)
     root = tmp_path / "root"
     copy_tree(rpm_rootfs, root)
-    scan_before = json.loads(run_cli("scan", str(root), "--json").stdout)
+    scan_before = pkglayer_json("scan", str(root))
     assert scan_before["modified"] == []
     demo = next(p for p in scan_before["packages"] if p["name"] == "pkglayer-demo")
     conf = next(
@@ -297,7 +269,7 @@ def test_edited_rpm_config_file_goes_to_the_modified_layer(rpm_rootfs: Path, tmp
     assert demo["key"] in next(x["packages"] for x in first["layers"] if x["name"] == layer)
     assert edited[layer] == pristine[layer]
     assert edited["modified"]
-    assert json.loads(run_cli("scan", str(root), "--json").stdout)["modified"] == [conf.lstrip("/")]
+    assert pkglayer_json("scan", str(root))["modified"] == [conf.lstrip("/")]
 
 
 # -- layer budget, hard links, no database ----------------------------------------------
@@ -311,7 +283,7 @@ def test_layer_budget_groups_whole_components(deb_rootfs: Path, tmp_path: Path) 
     grouped = [p for layer in small["layers"] for p in layer["packages"]]
     assert sorted(grouped) == sorted(everything)  # every package exactly once
     # packages built from one source share a layer: util-linux ships several in minbase
-    scan_out = json.loads(run_cli("scan", str(deb_rootfs), "--json").stdout)
+    scan_out = pkglayer_json("scan", str(deb_rootfs))
     by_source: dict[str, set[str]] = {}
     for p in scan_out["packages"]:
         by_source.setdefault(p["source"], set()).add(p["key"])
@@ -344,7 +316,7 @@ def test_rootfs_without_database_is_all_unowned(tmp_path: Path) -> None:
     (root / "etc/config").write_text("x=1\n")
     (root / "tmp").mkdir()
     (root / "tmp/scratch").write_text("gone")
-    scan_out = json.loads(run_cli("scan", str(root), "--json").stdout)
+    scan_out = pkglayer_json("scan", str(root))
     assert scan_out["format"] is None and scan_out["packages"] == []
     assert sorted(scan_out["unowned"]) == ["bin", "bin/tool", "etc", "etc/config", "tmp"]
     assert scan_out["excluded"] == ["tmp/scratch"]
@@ -360,17 +332,17 @@ def _no_blobs_written(d: Path) -> bool:
 
 
 def test_missing_rootfs_is_a_clear_error(tmp_path: Path) -> None:
-    proc = run_cli("build", str(tmp_path / "nope"), "--output", f"oci:{tmp_path}/img", check=False)
+    proc = pkglayer("build", str(tmp_path / "nope"), "--output", f"oci:{tmp_path}/img", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"pkglayer: error: rootfs {tmp_path}/nope does not exist"
 
 
 def test_unknown_compression_is_rejected(deb_rootfs: Path, tmp_path: Path) -> None:
-    proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/i", "--compression", "lz4", check=False)
+    proc = pkglayer("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/i", "--compression", "lz4", check=False)
     assert proc.returncode == 2 and "invalid choice: 'lz4'" in proc.stderr
     conf = tmp_path / "c.toml"
     conf.write_text('[build]\ncompression = "lz4"\n')
-    proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/i", "--config", str(conf), check=False)
+    proc = pkglayer("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/i", "--config", str(conf), check=False)
     assert proc.returncode == 1 and "unknown compression 'lz4'" in proc.stderr
     assert _no_blobs_written(tmp_path / "i")
 
@@ -379,7 +351,7 @@ def test_garbage_dpkg_status_is_a_clear_error(deb_rootfs: Path, tmp_path: Path) 
     root = tmp_path / "root"
     copy_tree(deb_rootfs, root)
     (root / "var/lib/dpkg/status").write_bytes(os.urandom(4096))
-    proc = run_cli("build", str(root), "--output", f"oci:{tmp_path}/img", check=False)
+    proc = pkglayer("build", str(root), "--output", f"oci:{tmp_path}/img", check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("pkglayer: error: ") and "status" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -393,7 +365,7 @@ def test_truncated_rpmdb_is_a_clear_error(rpm_rootfs: Path, tmp_path: Path) -> N
     with open(db, "r+b") as f:
         f.truncate(db.stat().st_size // 3)
     before = sorted(os.listdir(db.parent))
-    proc = run_cli("build", str(root), "--output", f"oci:{tmp_path}/img", check=False)
+    proc = pkglayer("build", str(root), "--output", f"oci:{tmp_path}/img", check=False)
     assert proc.returncode == 1
     assert "corrupt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(db.parent)) == before  # no -shm/-wal created in the rootfs
@@ -421,7 +393,7 @@ def test_hostile_history_is_a_clear_error(deb_rootfs: Path, tmp_path: Path, hist
     else:
         text = text.replace(valid["layers"][0]["name"], history)
     (layers / "history.json").write_text(text)
-    proc = run_cli("build", str(deb_rootfs), "--layers", str(layers), check=False)
+    proc = pkglayer("build", str(deb_rootfs), "--layers", str(layers), check=False)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert _no_blobs_written(layers / "output")
@@ -498,40 +470,36 @@ def test_file_changed_after_scan_stops_the_layer(deb_rootfs: Path, tmp_path: Pat
 def test_killed_build_leaves_no_partial_blob_and_rerun_completes(deb_rootfs: Path, tmp_path: Path) -> None:
     layout = tmp_path / "img"
     proc = subprocess.Popen(
-        [*PKGLAYER, "build", str(deb_rootfs), "--output", f"oci:{layout}:t", "-q", "-j", "1"],
+        [sys.executable, "-m", "pkglayer", "build", str(deb_rootfs), "--output", f"oci:{layout}:t", "-q", "-j", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while len(blob_files(layout)) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert blob_files(layout), "the build was killed before writing any blob"
-    for name in blob_files(layout):
-        data = (layout / "blobs/sha256" / name).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == name
+    try:
+        # Killed while provably writing a layer, after three were committed.
+        writing = stop_mid_write(proc, layout / ".pkglayer-tmp", lambda: len(blob_files(layout)) >= 3)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert set(writing) <= {p.name for p in (layout / ".pkglayer-tmp").iterdir()}
+    committed = blob_files(layout)
+    assert len(committed) >= 3
+    for name in committed:
+        assert sha256_file(layout / "blobs/sha256" / name) == f"sha256:{name}"
     assert not (layout / "index.json").exists()
     rerun = build_json(deb_rootfs, "--output", f"oci:{layout}:t")
     clean = build_json(deb_rootfs, "--output", f"oci:{tmp_path}/clean:t")
     assert rerun["manifestDigest"] == clean["manifestDigest"]
+    assert not list((layout / ".pkglayer-tmp").iterdir()), "the rerun removes the dead writer's temp file"
 
 
 def test_full_disk_is_a_clear_error_without_partial_blobs(deb_rootfs: Path, tmp_path: Path) -> None:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)], check=True)
-    try:
-        proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{mnt}/img:t", check=False)
+    with tmpfs(tmp_path / "small", size="4M") as mnt:
+        proc = pkglayer("build", str(deb_rootfs), "--output", f"oci:{mnt}/img:t", check=False)
         assert proc.returncode == 1
         assert "no space left" in proc.stderr.lower()
         for name in blob_files(mnt / "img"):
-            data = (mnt / "img/blobs/sha256" / name).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == name
+            assert sha256_file(mnt / "img/blobs/sha256" / name) == f"sha256:{name}"
         leftovers = [p for p in (mnt / "img").rglob("*") if p.is_file() and "blobs" not in p.parts]
         assert leftovers == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-    shutil.rmtree(mnt, ignore_errors=True)
 
 
 def test_image_config_options(deb_rootfs: Path, tmp_path: Path) -> None:
@@ -542,15 +510,12 @@ def test_image_config_options(deb_rootfs: Path, tmp_path: Path) -> None:
         "--cmd", '["/bin/sh", "-c", "echo hi"]', "--entrypoint", "/usr/bin/env -i",
         "--workdir", "/root", "--user", "0:0", "--source-date-epoch", "1700000000",
     )
-    layout = tmp_path / "img"
-    index = json.loads((layout / "index.json").read_text())
-    assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "v1"
-    manifest = json.loads((layout / "blobs/sha256" / result["manifestDigest"][7:]).read_text())
-    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text())
+    digest, _, config = layout_manifest(tmp_path / "img", "v1")
+    assert digest == result["manifestDigest"]
     assert config["architecture"] == "amd64" and config["os"] == "linux"
     assert config["created"] == "2023-11-14T22:13:20Z"
     c = config["config"]
-    # The build's plan travels in the config as a label (see tests/test_imagesource.py).
+    # The build's plan travels in the config as a label (see tests/test_image_inputs.py).
     plan = json.loads(c["Labels"].pop("org.pkglayer.history"))
     assert [layer["digest"] for layer in plan["layers"]] == [layer["digest"] for layer in result["layers"]]
     assert c["Labels"] == {"org.opencontainers.image.title": "demo", "empty": ""}
@@ -565,20 +530,20 @@ def test_image_config_options(deb_rootfs: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", [["--label", "novalue"], ["--env", "=x"], ["--cmd", "[1, 2]"]])
 def test_bad_image_options_are_clear_errors(deb_rootfs: Path, tmp_path: Path, bad: list[str]) -> None:
-    proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/img", *bad, check=False)
+    proc = pkglayer("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/img", *bad, check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("pkglayer: error: ")
     assert _no_blobs_written(tmp_path / "img")
 
 
 def test_format_none_treats_everything_as_unowned(deb_rootfs: Path) -> None:
-    out = json.loads(run_cli("scan", str(deb_rootfs), "--json", "--format", "none", "--big-file-size", "1T").stdout)
+    out = json.loads(pkglayer("scan", str(deb_rootfs), "--json", "--format", "none", "--big-file-size", "1T").stdout)
     assert out["packages"] == [] and out["homes"]["pkgdb"]["files"] == 0
     assert "usr/bin/bash" in out["unowned"]
     # but for the big files, which get components of their own (bash is 1.2 MB)
-    out = json.loads(run_cli("scan", str(deb_rootfs), "--json", "--format", "none").stdout)
+    out = json.loads(pkglayer("scan", str(deb_rootfs), "--json", "--format", "none").stdout)
     assert {p["origin"] for p in out["packages"]} == {"big file"}
     assert "usr/bin/bash" not in out["unowned"] and "usr/bin/ls" in out["unowned"]
-    proc = run_cli("scan", str(deb_rootfs), "--format", "rpm", check=False)
+    proc = pkglayer("scan", str(deb_rootfs), "--format", "rpm", check=False)
     assert proc.returncode == 1 and "no rpm database" in proc.stderr
 
 
@@ -596,13 +561,12 @@ def test_sockets_mounts_and_odd_names(tmp_path: Path) -> None:
     (root / "srv/long-link").symlink_to("x" * 200)
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(root / "run/app.sock"))
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "mnt/data")], check=True)
     try:
-        (root / "mnt/data/on-tmpfs").write_text("not part of the rootfs's filesystem")
-        scan_out = json.loads(run_cli("scan", str(root), "--json").stdout)
-        result = build_json(root, "--output", f"oci:{tmp_path}/img:t")
+        with tmpfs(root / "mnt/data"):
+            (root / "mnt/data/on-tmpfs").write_text("not part of the rootfs's filesystem")
+            scan_out = pkglayer_json("scan", str(root))
+            result = build_json(root, "--output", f"oci:{tmp_path}/img:t")
     finally:
-        subprocess.run(["umount", str(root / "mnt/data")], check=True)
         sock.close()
     reasons = {item["path"]: item["reason"] for item in scan_out["skipped"]}
     assert "socket" in reasons["run/app.sock"] and "mount point" in reasons["mnt/data"]
@@ -623,7 +587,7 @@ def test_pristine_layer_from_the_earlier_image_in_the_same_layout(deb_rootfs: Pa
     second = build_json(root, "--output", f"oci:{tmp_path}/img:t")
     login = layer_holding(second, "login")
     assert layer_digests(second)[login] == first[login]
-    assert {layer["name"] for layer in second["layers"] if not layer["reused"]} <= TOP
+    assert {layer["name"] for layer in second["layers"] if not layer["reused"]} <= TOP_LAYERS
 
 
 def test_rpm_wal_with_committed_data_is_kept(rpm_rootfs: Path, tmp_path: Path) -> None:
@@ -666,7 +630,7 @@ def test_rpm_wal_with_committed_data_is_kept(rpm_rootfs: Path, tmp_path: Path) -
 
 
 def test_progress_is_logged_for_journals(deb_rootfs: Path, tmp_path: Path) -> None:
-    proc = run_cli("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/img:t", "-v", "--no-hash-cache")
+    proc = pkglayer("build", str(deb_rootfs), "--output", f"oci:{tmp_path}/img:t", "-v", "--no-hash-cache")
     lines = proc.stderr.splitlines()
     assert any(line.startswith("pkglayer: hashing: ") for line in lines)
     layer_lines = [line for line in lines if line.startswith("pkglayer: layers: ")]

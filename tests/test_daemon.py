@@ -6,22 +6,19 @@ watches what it does through its control API; nothing is mocked.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
 import socket
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from pkglayer.daemon.watch import watch_targets
 from tests import rootfs_factory as factory
-from tests.daemon_harness import DaemonProcess, wait_until
-
-TOP_LAYERS = {"unowned", "modified", "pkgdb"}
+from tests.daemon_harness import cache_blobs, copy_root, root_entry, start, temp_files, wait_until, written_layers
+from tests.helpers import TOP_LAYERS, dpkg_install, layout_manifest, pkglayer, sha256_file, stop_mid_write
 
 
 @pytest.fixture(scope="module")
@@ -35,49 +32,6 @@ def extra_debs(deb_rootfs: Path) -> list[Path]:
     """Real .debs not installed in deb_base, in dependency order: libcap2-bin, iputils-ping."""
     archives = deb_rootfs / "var/cache/apt/archives"
     return [next(archives.glob("libcap2-bin_*.deb")), next(archives.glob("iputils-ping_*.deb"))]
-
-
-def copy_root(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    factory.copy_tree(src, dst)
-    return dst
-
-
-def dpkg_install(root: Path, *debs: Path) -> None:
-    factory.run(["dpkg", f"--root={root}", "--force-unsafe-io", "-i", *map(str, debs)])
-
-
-def cache_blobs(d: DaemonProcess) -> dict[str, Path]:
-    blobs = d.cache_dir / "blobs" / "sha256"
-    return {f"sha256:{p.name}": p for p in blobs.iterdir()} if blobs.is_dir() else {}
-
-
-def temp_files(d: DaemonProcess) -> list[str]:
-    tmp = d.cache_dir / ".pkglayer-tmp"
-    return sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def written_layers(result: dict) -> dict[str, list[str]]:
-    """The layers a build or prebuild wrote, with their packages."""
-    return {layer["name"]: layer["packages"] for layer in result["layers"] if not layer["reused"]}
-
-
-def start(daemons: list[DaemonProcess], *args, **kwargs) -> DaemonProcess:
-    d = DaemonProcess(*args, **kwargs)
-    daemons.append(d)
-    return d.start()
-
-
-def root_entry(name: str, path: Path, **extra) -> dict:
-    return {"name": name, "path": str(path), "compression": "zstd", "debounce": 1.0, **extra}
 
 
 # ------------------------------------------------------------------ watching
@@ -187,6 +141,29 @@ def test_two_roots_with_the_same_packages_build_each_layer_once(
     assert d.stop() == 0
 
 
+def _close_the_burst(root: Path) -> tuple[set[str], set[str]]:
+    """Create and delete a marker file in every directory the daemon watches for ROOT
+    (the same watch_targets it uses). Returns the events the daemon logs for the
+    deletions, and every event the markers cause (watchdog follows each with a
+    "modified" event of the directory).
+
+    Each directory's events reach the daemon in the order they happened, so once it has
+    logged every deletion it has seen every earlier event too."""
+    targets, _ = watch_targets(str(root), None)
+    deletions, closing = set(), set()
+    for directory, only in targets.items():
+        if only is not None:  # the root's parent, filtered on the root's own name
+            continue
+        marker = os.path.join(directory, ".pkglayer-test-marker")
+        with open(marker, "w"):
+            pass
+        os.unlink(marker)
+        deletions.add(f"deleted {marker}")
+        closing |= {f"deleted {marker}", f"modified {directory}"}
+    assert len(deletions) >= 3, targets  # var/lib/dpkg, its info/ and updates/ at least
+    return deletions, closing
+
+
 def test_a_burst_of_database_writes_is_rescanned_once(
     tmp_path: Path, deb_base: Path, deb_rootfs: Path, extra_debs: list[Path], daemons
 ) -> None:
@@ -198,19 +175,24 @@ def test_a_burst_of_database_writes_is_rescanned_once(
     # One dpkg transaction: two new packages and ten reinstalled ones.
     again = sorted(archives.glob("lib[a-m]*.deb"))[:10]
     dpkg_install(root, *again, *extra_debs)
-    settled = d.wait_settled("deb", rescans=1)
-    # Give a second (wrong) rescan the chance to happen: three debounce periods of quiet.
-    time.sleep(4.5)
-    final = d.root("deb")
-    assert final["events"] - events_before > 50, final["events"]
+    deletions, closing = _close_the_burst(root)
+    wait_until(lambda: all(f"root deb: {m}" in d.log() for m in deletions), 60, "the daemon to see the markers")
+    # Every event of the burst has been seen; settled after that means the debounce timer
+    # expired, the rescan and its prebuild finished and nothing is armed: no second
+    # rescan can follow.
+    final = d.wait_settled("deb", rescans=1)
     assert final["rescans"] == 1, final
+    assert final["lastEvent"] in closing, final["lastEvent"]  # no event came after the markers
+    assert final["events"] - events_before > 50, final["events"]
     assert final["prebuilds"] == 2  # the initial one and one for the burst
-    assert settled["packages"] == 90
+    assert final["packages"] == 90
 
     # A second burst later is a second rescan.
     dpkg_install(root, *again[:3])
-    d.wait_settled("deb", rescans=2)
-    assert d.root("deb")["rescans"] == 2
+    deletions, closing = _close_the_burst(root)
+    wait_until(lambda: all(d.log().count(f"root deb: {m}") == 2 for m in deletions), 60, "the second markers")
+    final = d.wait_settled("deb", rescans=2)
+    assert final["rescans"] == 2 and final["lastEvent"] in closing, final
     assert d.stop() == 0
 
 
@@ -236,11 +218,7 @@ def test_rpm_root_upgrade_prebuilds_the_new_package_layer(
 
 def _plan_label(layout: Path) -> dict:
     """The plan label (org.pkglayer.history) of the image tagged latest in a layout."""
-    index = json.loads((layout / "index.json").read_text())
-    digest = next(m["digest"] for m in index["manifests"]
-                  if m["annotations"]["org.opencontainers.image.ref.name"] == "latest")
-    manifest = json.loads((layout / "blobs/sha256" / digest[7:]).read_text())
-    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text())
+    _, _, config = layout_manifest(layout, "latest")
     return json.loads(config["config"]["Labels"]["org.pkglayer.history"])
 
 
@@ -277,8 +255,7 @@ def test_daemon_builds_keep_the_planners_observations_like_the_cli(
 
     cli_out = tmp_path / "cli-out"
     for snapshot in snapshots:
-        factory.run([sys.executable, "-m", "pkglayer", "build", str(snapshot), "--compression", "zstd",
-                     "--output", f"oci:{cli_out}:latest", "--quiet"])
+        pkglayer("build", snapshot, "--compression", "zstd", "--output", f"oci:{cli_out}:latest", "--quiet")
     daemon_label = _plan_label(out)
     assert daemon_label["components"]["pkglayer-demo"] == demo
     assert daemon_label == _plan_label(cli_out)
@@ -294,11 +271,10 @@ def test_kill_9_during_a_layer_write_leaves_no_partial_blob_and_the_cache_is_reu
     # gzip -9 makes layer writes slow enough to be caught in the middle.
     entry = root_entry("deb", root, compression="gzip", level=9)
     d = start(daemons, tmp_path / "d", [entry], daemon={"jobs": 1})
-    wait_until(lambda: len(cache_blobs(d)) >= 5 and any(n.startswith("blob-") for n in temp_files(d)),
-               120, "a layer write in progress", interval=0.01)
+    assert d.proc is not None
+    writing = stop_mid_write(d.proc, d.cache_dir / ".pkglayer-tmp", lambda: len(cache_blobs(d)) >= 5, 120)
     d.kill()
-    partial = [n for n in temp_files(d) if n.startswith("blob-")]
-    assert partial, "the kill should have interrupted a layer write"
+    assert set(writing) <= set(temp_files(d)), "the interrupted write's temp file is left behind"
     blobs = cache_blobs(d)
     # No blob is visible under its final name unless complete.
     for digest, path in blobs.items():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import grp
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -19,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests import rootfs_factory as factory
-from tests.daemon_harness import REPO, DaemonProcess, wait_until
-from tests.test_daemon import copy_root, root_entry, start
+from tests.daemon_harness import REPO, DaemonProcess, copy_root, root_entry, start, wait_until
+from tests.helpers import require_tools
 
 
 class NotifyListener:
@@ -222,8 +221,7 @@ def test_ctl_tables_json_and_errors(tmp_path: Path, small_root: Path, daemons) -
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
+    require_tools("systemd-analyze")
     unit = (REPO / "systemd/pkglayer.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "ProtectSystem=strict" in unit
     # ExecStart must name an existing binary for verify: point it at this venv's.

@@ -23,7 +23,7 @@ from pkglayer.ownership import Ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.usercomponents import ComponentSpec, big_file_name, shown, spec_from_argument
 from tests import rootfs_factory as factory
-from tests.inprocess import build_into_layers
+from tests.helpers import build_into_layers
 
 REPO = Path(__file__).resolve().parent.parent
 TOP = {"unowned", "modified", "pkgdb"}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pkglayer import scan
+from pkglayer import hashcache, scan
 from pkglayer.config import BuildSettings
 from pkglayer.hashcache import HashCache
-from tests.inprocess import build_into_layers
+from tests.helpers import build_into_layers
 
 
 def test_entry_survives_a_reload_and_dies_with_an_in_place_edit(tmp_path: Path) -> None:
@@ -61,13 +61,16 @@ def test_unreadable_cache_is_ignored(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def old_tree(tmp_path: Path) -> Path:
+def old_tree(tmp_path: Path, monkeypatch) -> Path:
+    """A tree whose files the first build may cache. ctime cannot be set back, so instead
+    of waiting out the racy window (test_recently_changed_files_are_not_cached checks
+    it), the window is closed: files changed before the hashing are old enough."""
+    monkeypatch.setattr(hashcache, "_RACY_SECONDS", 0)
     root = tmp_path / "root"
     for i in range(20):
         d = root / f"d{i % 4}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}").write_bytes(os.urandom(3000 + i))
-    time.sleep(2.5)  # older than the racy window, so the first build may cache them
     return root
 
 

@@ -91,7 +91,12 @@ def test_planner_state_roundtrips(tmp_path) -> None:
         os="linux",
         generator="pkglayer test",
         tar_format=1,
-        components={"bash": ComponentRecord(packages=("bash-5.2.15-2-amd64",), builds=3, changes=1)},
+        components={
+            "bash": ComponentRecord(packages=("bash-5.2.15-2-amd64",), builds=3, changes=1),
+            # changed in every build: as many changes as builds is valid
+            "tzdata": ComponentRecord(packages=("tzdata-2024a-0-all",), builds=4, changes=4),
+            "new": ComponentRecord(packages=(), builds=0, changes=0),
+        },
     )
     path = str(tmp_path / "history.json")
     save_history(path, history)

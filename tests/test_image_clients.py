@@ -4,13 +4,9 @@ podman (containers-storage), skopeo and a distribution registry.
 Slow (podman's vfs driver copies every layer: about a minute per image) and needs root.
 """
 
-# Fixtures are imported by name and then used as parameters of the same name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import stat
@@ -19,22 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients import (
+from tests.clients import Coverage, Registry, compare_trees, podman, snapshot, umoci_unpack
+from tests.helpers import (
     CAPABILITY_XATTR,
-    Coverage,
-    build_image,
-    compare_trees,
-    podman,
-    podman_store,  # noqa: F401  (fixture)
-    registry,  # noqa: F401  (fixture)
+    build_json,
+    layout_manifest,
+    needs_root,
+    pkglayer_json,
+    read_blob,
     run,
-    scan,
-    session_podman_store,  # noqa: F401  (fixture)
-    snapshot,
-    umoci_unpack,
+    sha256_digest,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="umoci without --rootless and podman need root")
+pytestmark = needs_root("umoci without --rootless and podman")
 
 HELLO = "/bin/sh -c 'echo hello from pkglayer; id -u'"
 GZIP_MT = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -56,38 +49,17 @@ class Image:
 # ------------------------------------------------------------------ helpers
 
 
-def blob(layout: Path, digest: str) -> bytes:
-    algo, hexdigest = digest.split(":", 1)
-    return (layout / "blobs" / algo / hexdigest).read_bytes()
-
-
-def manifest_digest(layout: Path, tag: str) -> str:
-    """Digest of the manifest that index.json names TAG."""
-    index = json.loads((layout / "index.json").read_text())
-    found = [
-        m["digest"]
-        for m in index["manifests"]
-        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag
-    ]
-    assert len(found) == 1, f"{tag!r} in {layout}/index.json: {index}"
-    return found[0]
-
-
 def manifest(image: Image) -> dict:
-    return json.loads(blob(image.layout, manifest_digest(image.layout, image.tag)))
+    return layout_manifest(image.layout, image.tag)[1]
 
 
 def config(image: Image) -> dict:
-    return json.loads(blob(image.layout, manifest(image)["config"]["digest"]))
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return layout_manifest(image.layout, image.tag)[2]
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, rootfs: Path, name: str, *args: str) -> Image:
     layout = tmp_path_factory.mktemp(name) / "layout"
-    result = build_image(rootfs, layout, name, *args)
+    result = build_json(rootfs, "--output", f"oci:{layout}:{name}", *args)
     return Image(rootfs, layout, name, result)
 
 
@@ -144,7 +116,7 @@ def mounted_capability(store: Path, image_id: str, path: str) -> bytes:
 
 
 def _round_trip(image: Image, tmp_path: Path) -> tuple[list[str], Coverage, dict]:
-    summary = scan(image.rootfs)
+    summary = pkglayer_json("scan", image.rootfs)
     exclude = [*summary["excluded"], *(item["path"] for item in summary["skipped"])]
     unpacked = umoci_unpack(image.layout, image.tag, tmp_path / "bundle")
     coverage = Coverage()
@@ -217,11 +189,11 @@ def test_image_config(which: str, request: pytest.FixtureRequest) -> None:
             assert hist["created_by"].endswith(f" and {unlisted} more"), hist
         package_layers += bool(reported["packages"])
         # diff_id is the sha256 of the uncompressed tar, the descriptor's digest that of the blob.
-        data = blob(image.layout, desc["digest"])
+        data = read_blob(image.layout, desc["digest"])
         assert sha256_digest(data) == desc["digest"] and len(data) == desc["size"]
         assert sha256_digest(gzip.decompress(data)) == diff_id
     assert package_layers >= len(layers) - 3, "nearly every layer should be one package's"
-    packages = {p["key"] for p in scan(image.rootfs)["packages"]}
+    packages = {p["key"] for p in pkglayer_json("scan", image.rootfs)["packages"]}
     named = {p for r in image.result["layers"] for p in r["packages"]}
     assert named == packages
 
@@ -276,44 +248,44 @@ def test_zstd_and_gzip_layers_have_same_diff_ids(deb_image: Image, deb_zstd_imag
     assert [r["diffID"] for r in deb_zstd_image.result["layers"]] == [
         r["diffID"] for r in deb_image.result["layers"]
     ]
-    assert manifest_digest(deb_zstd_image.layout, deb_zstd_image.tag) != manifest_digest(
+    assert layout_manifest(deb_zstd_image.layout, deb_zstd_image.tag)[0] != layout_manifest(
         deb_image.layout, deb_image.tag
-    )
+    )[0]
 
 
 # ------------------------------------------------------------------ skopeo and a registry
 
 
-def _registry_round_trip(image: Image, registry: str, repo: str, tmp_path: Path) -> None:
+def _registry_round_trip(image: Image, registry: Registry, repo: str, tmp_path: Path) -> None:
     """Push image to the registry and pull it back into a new layout; the manifest
     digest must be the build's on every side."""
     built = image.result["manifestDigest"]
-    assert built == manifest_digest(image.layout, image.tag)
-    remote = f"docker://{registry}/{repo}:{image.tag}"
+    assert built == layout_manifest(image.layout, image.tag)[0]
+    remote = registry.ref(f"{repo}:{image.tag}")
     run(["skopeo", "copy", "--preserve-digests", "--dest-tls-verify=false", image.ref, remote])
     raw = run(["skopeo", "inspect", "--raw", "--tls-verify=false", remote]).encode()
     assert sha256_digest(raw) == built
-    assert raw == blob(image.layout, built), "the registry should serve the manifest bytes pushed"
+    assert raw == read_blob(image.layout, built), "the registry should serve the manifest bytes pushed"
     inspected = json.loads(run(["skopeo", "inspect", "--tls-verify=false", remote]))
     assert inspected["Digest"] == built
 
     back = tmp_path / "back"
     run(["skopeo", "copy", "--preserve-digests", "--src-tls-verify=false", remote, f"oci:{back}:{image.tag}"])
-    assert manifest_digest(back, image.tag) == built
-    man = json.loads(blob(back, built))
+    assert layout_manifest(back, image.tag)[0] == built
+    man = json.loads(read_blob(back, built))
     assert man["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     # Every blob came back byte-identical (skopeo verifies digests as it copies).
     for desc in [man["config"], *man["layers"]]:
-        assert blob(back, desc["digest"]) == blob(image.layout, desc["digest"])
+        assert read_blob(back, desc["digest"]) == read_blob(image.layout, desc["digest"])
     raw_back = run(["skopeo", "inspect", "--raw", f"oci:{back}:{image.tag}"]).encode()
     assert sha256_digest(raw_back) == built
 
 
-def test_skopeo_registry_round_trip_gzip(deb_image: Image, registry: str, tmp_path: Path) -> None:
+def test_skopeo_registry_round_trip_gzip(deb_image: Image, registry: Registry, tmp_path: Path) -> None:
     _registry_round_trip(deb_image, registry, "pkglayer/deb", tmp_path)
 
 
-def test_skopeo_registry_round_trip_zstd(deb_zstd_image: Image, registry: str, tmp_path: Path) -> None:
+def test_skopeo_registry_round_trip_zstd(deb_zstd_image: Image, registry: Registry, tmp_path: Path) -> None:
     _registry_round_trip(deb_zstd_image, registry, "pkglayer/deb-zstd", tmp_path)
     # skopeo also reads every zstd blob into a dir: transport, checking each digest.
     run(["skopeo", "copy", "--preserve-digests", deb_zstd_image.ref, f"dir:{tmp_path / 'dir'}"])

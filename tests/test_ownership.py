@@ -10,31 +10,19 @@ from pkglayer.config import BuildSettings
 from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
+from tests.helpers import deb_package, dpkg_install
 from tests.rootfs_factory import copy_tree
-
-
-def _deb_with_python_module(tmp_path: Path) -> Path:
-    """A real .deb (dpkg-deb) shipping a .py file, as Debian python packages do."""
-    pkg = tmp_path / "pkg"
-    (pkg / "DEBIAN").mkdir(parents=True)
-    (pkg / "DEBIAN/control").write_text(
-        "Package: python3-pkglayer-demo\nVersion: 1.0-1\nArchitecture: all\n"
-        "Maintainer: tests <t@pkglayer.invalid>\nDescription: demo module\n"
-    )
-    mod = pkg / "usr/lib/python3/dist-packages/pkglayer_demo"
-    mod.mkdir(parents=True)
-    (mod / "__init__.py").write_text("VALUE = 1\n")
-    (mod / "helper.py").write_text("def f():\n    return 2\n")
-    deb = tmp_path / "python3-pkglayer-demo_1.0-1_all.deb"
-    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", pkg, deb], check=True, capture_output=True)
-    return deb
 
 
 def test_bytecode_goes_with_the_package_of_its_source(deb_rootfs: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     copy_tree(deb_rootfs, root)
-    deb = _deb_with_python_module(tmp_path)
-    subprocess.run(["dpkg", f"--root={root}", "-i", deb], check=True, capture_output=True)
+    # a real .deb shipping .py files, as Debian python packages do
+    deb = deb_package(tmp_path, "python3-pkglayer-demo", "1.0-1", {
+        "usr/lib/python3/dist-packages/pkglayer_demo/__init__.py": b"VALUE = 1\n",
+        "usr/lib/python3/dist-packages/pkglayer_demo/helper.py": b"def f():\n    return 2\n",
+    })
+    dpkg_install(root, deb)
     mod = root / "usr/lib/python3/dist-packages/pkglayer_demo"
     # what py3compile does in a postinst: bytecode next to the sources, owned by nobody
     subprocess.run([sys.executable, "-m", "compileall", "-q", mod], check=True)

@@ -18,7 +18,7 @@ from pkglayer.rootfs import Rootfs
 from pkglayer.sources.pip import PipSource
 from tests import rootfs_factory as factory
 from tests.daemon_harness import DaemonProcess
-from tests.inprocess import build_into_layers
+from tests.helpers import build_into_layers
 
 SYSTEM_SITE = "usr/local/lib/python3.11/dist-packages"
 DEBIAN_SITE = "usr/lib/python3/dist-packages"

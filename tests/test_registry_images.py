@@ -7,115 +7,32 @@ What the registry stored is counted on the registry's side (its storage director
 Needs root (umoci unpack without --rootless, podman) and takes a few minutes.
 """
 
-# Fixtures are imported by name and then used as parameters of the same name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import shutil
-import subprocess
 import tarfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests import rootfs_factory as factory
-from tests.clients import (
-    Coverage,
-    _free_loopback_port,
-    _registry_answers,
-    compare_trees,
-    pkglayer_cli,
-    podman,
-    podman_store,  # noqa: F401  (fixture)
-    run,
-    scan,
-    umoci_unpack,
-)
+from tests.clients import Coverage, Registry, compare_trees, podman, umoci_unpack
+from tests.helpers import layout_manifest, needs_root, pkglayer, pkglayer_json, run, sha256_digest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="umoci without --rootless and podman need root")
+pytestmark = needs_root("umoci without --rootless and podman")
 
 HISTORY_LABEL = "org.pkglayer.history"
-
-
-# ------------------------------------------------------------------ a registry we can look into
-
-
-@dataclass
-class Registry:
-    address: str
-    data: Path
-
-    def blobs(self) -> dict[str, int]:
-        """digest -> size of every blob the registry stores (layers, configs, manifests)."""
-        root = self.data / "docker/registry/v2/blobs/sha256"
-        if not root.exists():
-            return {}
-        return {f"sha256:{p.parent.name}": p.stat().st_size for p in root.glob("*/*/data")}
-
-    def ref(self, name: str) -> str:
-        return f"docker://{self.address}/{name}"
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """Debian's docker-registry on 127.0.0.1 only, storage in a temporary directory."""
-    exe = shutil.which("docker-registry")
-    if exe is None:
-        pytest.fail("docker-registry is not installed (apt-get install docker-registry)")
-    work = tmp_path_factory.mktemp("registry")
-    address = f"127.0.0.1:{_free_loopback_port()}"
-    config = {
-        "version": 0.1,
-        "log": {"level": "warn"},
-        "storage": {"filesystem": {"rootdirectory": str(work / "data")}},
-        "http": {"addr": address},
-    }
-    (work / "config.yml").write_text(json.dumps(config))
-    with open(work / "registry.log", "wb") as log:
-        proc = subprocess.Popen([exe, "serve", str(work / "config.yml")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not _registry_answers(f"http://{address}/v2/"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("docker-registry did not come up:\n" + (work / "registry.log").read_text()[-4000:])
-            time.sleep(0.1)
-        yield Registry(address, work / "data")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ------------------------------------------------------------------ helpers
 
 
-def pkglayer(*args: str, env: dict[str, str] | None = None) -> dict:
-    out = run([pkglayer_cli(), *args, "--json"], env={**os.environ, **(env or {})})
-    return json.loads(out)
-
-
 def skopeo_inspect(ref: str, *flags: str) -> bytes:
     return run(["skopeo", "inspect", "--tls-verify=false", *flags, ref]).encode("utf-8", "surrogateescape")
-
-
-def layout_manifest(layout: Path, tag: str) -> tuple[str, dict, dict]:
-    index = json.loads((layout / "index.json").read_text())
-    digest = next(m["digest"] for m in index["manifests"]
-                  if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
-    manifest = json.loads((layout / "blobs/sha256" / digest[7:]).read_bytes())
-    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_bytes())
-    return digest, manifest, config
 
 
 def compare_unpacked(source_layout: Path, source_tag: str, out_layout: Path, out_tag: str, tmp: Path
@@ -123,7 +40,7 @@ def compare_unpacked(source_layout: Path, source_tag: str, out_layout: Path, out
     """Unpack both images with umoci and compare the trees (minus what pkglayer excludes)."""
     src = umoci_unpack(source_layout, source_tag, tmp / "src-bundle")
     out = umoci_unpack(out_layout, out_tag, tmp / "out-bundle")
-    summary = scan(src)
+    summary = pkglayer_json("scan", src)
     exclude = [*summary["excluded"], *(item["path"] for item in summary["skipped"])]
     coverage = Coverage()
     return compare_trees(src, out, exclude, coverage), coverage
@@ -204,7 +121,7 @@ def rechunked(tmp_path_factory: pytest.TempPathFactory, sources: Sources) -> dic
     out = {}
     for tag in ("single", "multi"):
         layout = tmp_path_factory.mktemp(f"rechunked-{tag}") / "layout"
-        result = pkglayer("build", "--from", f"oci:{sources.layout}:{tag}", "--output", f"oci:{layout}:r", "-q")
+        result = pkglayer_json("build", "--from", f"oci:{sources.layout}:{tag}", "--output", f"oci:{layout}:r", "-q")
         out[tag] = (layout, result)
     return out
 
@@ -243,12 +160,12 @@ def test_rechunk_keeps_tree_and_config(tag: str, sources: Sources, rechunked, tm
 def test_rechunk_from_registry_and_overrides(sources: Sources, rechunked, registry: Registry, tmp_path: Path) -> None:
     src = registry.ref("source/minbase:multi")
     run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{sources.layout}:multi", src])
-    result = pkglayer("build", "--from", src, "--tls-verify=false", "--output", f"oci:{tmp_path}/out:r", "-q",
+    result = pkglayer_json("build", "--from", src, "--tls-verify=false", "--output", f"oci:{tmp_path}/out:r", "-q",
                       "--tmpdir", str(tmp_path))
     # Same image, same layers and config: the same manifest as rechunking the local layout.
     assert result["manifestDigest"] == rechunked["multi"][1]["manifestDigest"]
     assert sorted(os.listdir(tmp_path)) == ["out"], "pulled layout and working tree are removed"
-    over = pkglayer("build", "--from", src, "--tls-verify=false", "--output", f"oci:{tmp_path}/over:r", "-q",
+    over = pkglayer_json("build", "--from", src, "--tls-verify=false", "--output", f"oci:{tmp_path}/over:r", "-q",
                     "--label", "containers.bootc=0", "--env", "APP_MODE=override", "--cmd", "echo overridden")
     _, _, config = layout_manifest(tmp_path / "over", "r")
     c = config["config"]
@@ -274,7 +191,7 @@ class Host:
 
     def build(self, rootfs: Path, *args: str) -> dict:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
-        result = pkglayer("build", str(rootfs), "-q", "--tls-verify=false", *args, env=self.env)
+        result = pkglayer_json("build", rootfs, "-q", "--tls-verify=false", *args, env=self.env)
         assert os.listdir(self.root / "tmp") == [], "staging layout removed"
         return result
 
@@ -324,7 +241,7 @@ def test_round_trip_keeps_manifest_digest_and_podman_runs(registry: Registry, tw
     inspected = json.loads(skopeo_inspect(ref))
     assert inspected["Digest"] == v2["manifestDigest"] == v2["push"]["manifestDigest"]
     raw = skopeo_inspect(ref, "--raw")
-    assert "sha256:" + hashlib.sha256(raw).hexdigest() == v2["manifestDigest"]
+    assert sha256_digest(raw) == v2["manifestDigest"]
     # The plan is in the config the registry serves.
     config = json.loads(skopeo_inspect(ref, "--config", "--raw"))
     plan = json.loads(config["config"]["Labels"][HISTORY_LABEL])
@@ -350,7 +267,7 @@ def test_prior_from_registry_without_registry_output_plans_only(
     assert v2_local["manifestDigest"] == v2["manifestDigest"]
     run(["skopeo", "copy", f"oci:{layout}:v2", f"dir:{tmp_path / 'dir'}"])  # every blob present and valid
     before = registry.blobs()
-    pushed = pkglayer("push", f"oci:{layout}:v2", registry.ref("fleet/app:2-again"), "--tls-verify=false")
+    pushed = pkglayer_json("push", f"oci:{layout}:v2", registry.ref("fleet/app:2-again"), "--tls-verify=false")
     assert pushed["manifestDigest"] == v2["manifestDigest"]
     assert pushed["uploadedBlobs"] == 0 and pushed["uploadedBytes"] == 0
     assert pushed["skippedBlobs"] == len(v2["layers"]) + 1
@@ -360,7 +277,7 @@ def test_prior_from_registry_without_registry_output_plans_only(
 def test_push_of_a_fresh_repository_reports_every_blob(registry: Registry, rechunked) -> None:
     layout, result = rechunked["single"]
     before = registry.blobs()
-    pushed = pkglayer("push", f"oci:{layout}:r", registry.ref("pushed/single:r"), "--tls-verify=false")
+    pushed = pkglayer_json("push", f"oci:{layout}:r", registry.ref("pushed/single:r"), "--tls-verify=false")
     new = {d: s for d, s in registry.blobs().items() if d not in before}
     config_digest = json.loads(skopeo_inspect(registry.ref("pushed/single:r"), "--raw"))["config"]["digest"]
     assert pushed["manifestDigest"] == result["manifestDigest"]
@@ -370,7 +287,7 @@ def test_push_of_a_fresh_repository_reports_every_blob(registry: Registry, rechu
     assert set(new) <= {layer["digest"] for layer in result["layers"]} | {config_digest, result["manifestDigest"]}
     assert config_digest in new and result["manifestDigest"] in new
     # Pushed again under another tag: everything is there.
-    again = pkglayer("push", f"oci:{layout}:r", registry.ref("pushed/single:again"), "--tls-verify=false")
+    again = pkglayer_json("push", f"oci:{layout}:r", registry.ref("pushed/single:again"), "--tls-verify=false")
     assert again["uploadedBlobs"] == 0 and again["skippedBlobs"] == len(result["layers"]) + 1
 
 
@@ -387,11 +304,8 @@ def test_prior_with_a_tampered_registry_label_is_refused(registry: Registry, two
     run(["umoci", "config", "--image", f"{layout}:t", "--config.label",
          f"{HISTORY_LABEL}={json.dumps(plan, separators=(',', ':'))}"])
     run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:t", registry.ref("fleet/tampered:1")])
-    proc = subprocess.run(
-        [pkglayer_cli(), "build", str(pair.new), "--prior", registry.ref("fleet/tampered:1"), "--tls-verify=false",
-         "--output", registry.ref("fleet/tampered:2")],
-        capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
-    )
+    proc = pkglayer("build", pair.new, "--prior", registry.ref("fleet/tampered:1"), "--tls-verify=false",
+                    "--output", registry.ref("fleet/tampered:2"), check=False, env={"TMPDIR": str(tmp_path)})
     assert proc.returncode == 1
     assert "label org.pkglayer.history layer 0" in proc.stderr and "does not match the manifest" in proc.stderr
     assert proc.stderr.startswith("pkglayer: error: ")

@@ -1,4 +1,3 @@
-# ruff: noqa: F811
 """Images in and out through every transport the containers tools know (skopeo, a private
 containers-storage, podman load), --compression none, --config-from, and the build
 system's half of the /layers protocol (`pkglayer layers init|assemble`).
@@ -24,9 +23,20 @@ import pytest
 
 from pkglayer.errors import PkglayerError
 from pkglayer.transports import DOCKER_ARCHIVE, OCI, OCI_ARCHIVE, STORAGE, parse_image_ref
-from tests.clients import pkglayer_cli, podman, podman_argv, podman_store, run  # noqa: F401
+from tests.clients import podman, podman_argv
+from tests.helpers import (
+    PKGLAYER,
+    deb_package,
+    dpkg_install,
+    dpkg_root,
+    needs_root,
+    pkglayer,
+    pkglayer_json,
+    run,
+    sha256_digest,
+)
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dpkg --root, containers-storage and --from need root")
+pytestmark = needs_root("dpkg --root, containers-storage and --from")
 
 PACKAGES = {
     # name -> {version: {path: content}}
@@ -36,51 +46,25 @@ PACKAGES = {
 }
 
 
-def _deb(workdir: Path, name: str, version: str, files: dict[str, bytes]) -> Path:
-    pkg = workdir / f"{name}-{version}"
-    (pkg / "DEBIAN").mkdir(parents=True)
-    (pkg / "DEBIAN/control").write_text(
-        f"Package: {name}\nVersion: {version}\nArchitecture: all\nSource: {name}\n"
-        "Maintainer: tests <t@pkglayer.invalid>\nDescription: tiny test package\n"
-    )
-    for rel, data in files.items():
-        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
-        (pkg / rel).write_bytes(data)
-    deb = workdir / f"{name}_{version}_all.deb"
-    run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", pkg, deb])
-    return deb
-
-
 @pytest.fixture(scope="module")
 def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
     work = tmp_path_factory.mktemp("debs")
-    return {(n, v): _deb(work, n, v, files) for n, versions in PACKAGES.items() for v, files in versions.items()}
-
-
-def dpkg_install(root: Path, *debs: Path) -> None:
-    run(["dpkg", f"--root={root}", "--force-unsafe-io", "--force-not-root", "-i", *map(str, debs)])
+    return {(n, v): deb_package(work, n, v, files, source=n)
+            for n, versions in PACKAGES.items() for v, files in versions.items()}
 
 
 def tiny_root(path: Path, debs: dict[tuple[str, str], Path]) -> Path:
     """An empty root with a dpkg database and the three packages at 1.0 installed."""
-    for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "etc", "usr/bin"):
+    dpkg_root(path)
+    for d in ("etc", "usr/bin"):
         (path / d).mkdir(parents=True, exist_ok=True)
-    (path / "var/lib/dpkg/status").write_text("")
     (path / "etc/hostname").write_text("tiny\n")
     dpkg_install(path, *(debs[(n, "1.0")] for n in PACKAGES))
     return path
 
 
-def pkglayer(*args: str, stdin=None, stdout=None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([pkglayer_cli(), *args], input=stdin, stdout=stdout or subprocess.PIPE,
-                          stderr=subprocess.PIPE, check=False, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"pkglayer {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()[-3000:]}")
-    return proc
-
-
 def build_json(*args: str) -> dict:
-    return json.loads(pkglayer("build", "--json", "--no-hash-cache", *args).stdout)
+    return pkglayer_json("build", "--no-hash-cache", *args)
 
 
 def store(tmp: Path) -> str:
@@ -141,7 +125,7 @@ def test_bad_references_are_one_line_errors_and_write_nothing(tmp_path: Path, de
     ]
     for args, message in cases:
         proc = pkglayer(*args, check=False)
-        err = proc.stderr.decode()
+        err = proc.stderr
         assert proc.returncode == 1, (args, err)
         assert err.startswith("pkglayer: error:") and message in err and err.count("\n") == 1, (args, err)
         assert not out.exists()
@@ -193,7 +177,7 @@ def test_compression_none_layers_are_uncompressed_and_reused(tmp_path: Path, deb
     assert again["written"] == 0 and [x["digest"] for x in again["layers"]] == [x["digest"] for x in first["layers"]]
     # The layers round-trip through local storage unchanged: a /layers init takes them all.
     layers = tmp_path / "layers"
-    init = json.loads(pkglayer("layers", "init", str(layers), "--from", f"{s}localhost/raw:1", "--json").stdout)
+    init = pkglayer_json("layers", "init", str(layers), "--from", f"{s}localhost/raw:1")
     assert init["blobs"] == init["layers"] == len(first["layers"]) and init["fromPlanLabel"]
     rebuilt = build_json(str(root), "--compression", "none", "--layers", str(layers))
     assert rebuilt["written"] == 0
@@ -205,12 +189,12 @@ def test_compression_none_layers_are_uncompressed_and_reused(tmp_path: Path, deb
 def test_oci_archive_on_standard_output_loads_into_podman(tmp_path: Path, debs, podman_store: Path) -> None:
     root = tiny_root(tmp_path / "root", debs)
     to_stdout = ("build", str(root), "--no-hash-cache", "-q", "--output", "oci-archive:-:localhost/tiny:v1")
-    archive = pkglayer(*to_stdout).stdout
+    archive = pkglayer(*to_stdout, binary=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         assert {"oci-layout", "index.json"} <= set(tar.getnames())
     # The same image gives the same archive, byte for byte.
-    assert hashlib.sha256(pkglayer(*to_stdout).stdout).digest() == hashlib.sha256(archive).digest()
-    pipeline = f"{shlex.join([pkglayer_cli(), *to_stdout])} | {shlex.join(podman_argv(podman_store))} load"
+    assert hashlib.sha256(pkglayer(*to_stdout, binary=True).stdout).digest() == hashlib.sha256(archive).digest()
+    pipeline = f"{shlex.join([*PKGLAYER, *to_stdout])} | {shlex.join(podman_argv(podman_store))} load"
     loaded = subprocess.run(["sh", "-c", pipeline], capture_output=True, check=False)
     assert loaded.returncode == 0, loaded.stderr.decode()
     assert b"localhost/tiny:v1" in loaded.stdout
@@ -271,7 +255,7 @@ def _app_layer(tmp_path: Path) -> tuple[bytes, str, str]:
             tar.addfile(ti, io.BytesIO(data))
     raw = buf.getvalue()
     blob = gzip.compress(raw, mtime=0)
-    return blob, "sha256:" + hashlib.sha256(blob).hexdigest(), "sha256:" + hashlib.sha256(raw).hexdigest()
+    return blob, sha256_digest(blob), sha256_digest(raw)
 
 
 def test_assemble_takes_a_layer_from_another_producer(tmp_path: Path, debs) -> None:
@@ -297,7 +281,7 @@ def test_assemble_takes_a_layer_from_another_producer(tmp_path: Path, debs) -> N
 
     # The next build system run seeds input/ from that image: copies, never links into it.
     layers2 = tmp_path / "layers2"
-    init = json.loads(pkglayer("layers", "init", str(layers2), "--from", f"oci:{out}:v1", "--json").stdout)
+    init = pkglayer_json("layers", "init", str(layers2), "--from", f"oci:{out}:v1")
     assert init["fromPlanLabel"] and init["blobs"] == init["layers"] == len(history["layers"])
     for blob_path in (layers2 / "input/blobs/sha256").iterdir():
         published = out / "blobs/sha256" / blob_path.name
@@ -309,13 +293,13 @@ def test_assemble_takes_a_layer_from_another_producer(tmp_path: Path, debs) -> N
     (layers / "output/blobs/sha256" / digest[7:]).unlink()
     out2 = tmp_path / "out2"
     proc = pkglayer("layers", "assemble", str(layers), "--output", f"oci:{out2}", check=False)
-    assert proc.returncode == 1 and "layer app-1.0: blob" in proc.stderr.decode() and not out2.exists()
+    assert proc.returncode == 1 and "layer app-1.0: blob" in proc.stderr and not out2.exists()
     # A blob whose uncompressed content is not its diffID.
     (layers / "output/blobs/sha256" / digest[7:]).write_bytes(blob)
     history["layers"][-1]["diffID"] = "sha256:" + "0" * 64
     (layers / "history.json").write_text(json.dumps(history))
     proc = pkglayer("layers", "assemble", str(layers), "--output", f"oci:{out2}", check=False)
-    assert proc.returncode == 1 and "diffID" in proc.stderr.decode() and not out2.exists()
+    assert proc.returncode == 1 and "diffID" in proc.stderr and not out2.exists()
 
 
 def test_init_from_an_image_pkglayer_did_not_write_and_from_no_image(tmp_path: Path) -> None:
@@ -328,7 +312,7 @@ def test_init_from_an_image_pkglayer_did_not_write_and_from_no_image(tmp_path: P
     run(["umoci", "insert", "--history.created_by", "COPY hello /etc/hello", "--image", f"{layout}:v1",
          str(content / "etc/hello"), "/etc/hello"])
     layers = tmp_path / "layers"
-    init = json.loads(pkglayer("layers", "init", str(layers), "--from", f"oci:{layout}:v1", "--json").stdout)
+    init = pkglayer_json("layers", "init", str(layers), "--from", f"oci:{layout}:v1")
     assert not init["fromPlanLabel"] and init["layers"] == init["blobs"] == 1
     history = json.loads((layers / "history.json").read_text())
     assert history["layers"][0]["name"] == "000-COPY-hello-etc-hello"
@@ -339,6 +323,6 @@ def test_init_from_an_image_pkglayer_did_not_write_and_from_no_image(tmp_path: P
 
     empty = tmp_path / "first"
     proc = pkglayer("layers", "init", str(empty), "--from", f"oci:{tmp_path}/none:v1")
-    assert proc.returncode == 0 and "first build" in proc.stdout.decode()
+    assert proc.returncode == 0 and "first build" in proc.stdout
     assert not (empty / "history.json").exists() and (empty / "input").is_dir()
     shutil.rmtree(empty)

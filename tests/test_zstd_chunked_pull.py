@@ -29,6 +29,7 @@ import zstandard
 
 from pkglayer.config import DEFAULT_EXCLUDES
 from tests.clients import (
+    Registry,
     _mounts_below,
     _runroot,
     compare_trees,
@@ -42,41 +43,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="podman with overlay s
 
 CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
 POSITION = "io.containers.zstd-chunked.manifest-position"
-
-
-@dataclass
-class Registry:
-    address: str
-    work: Path
-
-    def ref(self, name: str) -> str:
-        return f"docker://{self.address}/{name}"
-
-    def log_size(self) -> int:
-        return (self.work / "registry.log").stat().st_size
-
-    def served(self, since: int) -> dict[str, int]:
-        """Bytes sent per request path since log offset `since` (blobs by digest)."""
-        with open(self.work / "registry.log", "rb") as f:
-            f.seek(since)
-            text = f.read().decode("utf-8", "replace")
-        out: dict[str, int] = {}
-        for line in text.splitlines():
-            if 'msg="response completed"' not in line:
-                continue
-            uri = re.search(r'http\.request\.uri="?([^" ]+)', line)
-            written = re.search(r"http\.response\.written=(\d+)", line)
-            assert uri and written, line
-            key = uri.group(1).rsplit("/", 1)[-1]
-            out[key] = out.get(key, 0) + int(written.group(1))
-        return out
-
-    def blob(self, digest: str) -> bytes:
-        hexa = digest.split(":")[1]
-        return (self.work / "data/docker/registry/v2/blobs/sha256" / hexa[:2] / hexa / "data").read_bytes()
-
-    def manifest(self, name: str) -> dict:
-        return json.loads(run(["skopeo", "inspect", "--tls-verify=false", "--raw", self.ref(name)]))
 
 
 @dataclass
@@ -100,8 +66,7 @@ def _build(host: Path, rootfs: Path, *args: str) -> dict:
 def published(tmp_path_factory: pytest.TempPathFactory, deb_upgrade_pair) -> Iterator[Published]:
     pair = deb_upgrade_pair
     work = tmp_path_factory.mktemp("registry")
-    with serve_registry(work, log_level="info") as address:
-        reg = Registry(address, work)
+    with serve_registry(work, log_level="info") as reg:
         v1 = _build(tmp_path_factory.mktemp("host-a"), pair.old, "--output", reg.ref("chunked:1"))
         v2 = _build(tmp_path_factory.mktemp("host-b"), pair.new, "--prior", reg.ref("chunked:1"),
                     "--output", reg.ref("chunked:2"))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import subprocess
 import tarfile
 import zlib
 
@@ -16,12 +14,9 @@ from pkglayer.blobstore import BlobDir
 from pkglayer.errors import PkglayerError
 from pkglayer.history import LayerRecord
 from pkglayer.layout import LAYER_NAME, REF_NAME, ImageOptions, Platform, created_by, parse_layout_ref, write_image
+from tests.helpers import read_blob, run, sha256_digest
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def make_layer(blobs: BlobDir, name: str, packages: tuple[str, ...], files: dict[str, bytes]) -> LayerRecord:
@@ -44,9 +39,9 @@ def make_layer(blobs: BlobDir, name: str, packages: tuple[str, ...], files: dict
     return LayerRecord(
         name=name,
         packages=packages,
-        content_key=sha(b"key:" + raw),
+        content_key=sha256_digest(b"key:" + raw),
         digest=digest,
-        diff_id=sha(raw),
+        diff_id=sha256_digest(raw),
         size=size,
         media_type=GZIP,
         compression="gzip-6",
@@ -68,15 +63,8 @@ def built(tmp_path):
     return tmp_path, out, layers, config
 
 
-def run(*args: str) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{args}: {proc.stderr}"
-    return proc.stdout
-
-
-def read_blob(layout, digest: str) -> dict:
-    with open(BlobDir(layout).path(digest), "rb") as f:
-        return json.load(f)
+def read_json(layout, digest: str) -> dict:
+    return json.loads(read_blob(layout, digest))
 
 
 def test_parse_oci_ref() -> None:
@@ -113,13 +101,13 @@ def test_write_image_structure(built) -> None:
     assert index["manifests"][0]["annotations"] == {REF_NAME: "v1"}
     assert index["manifests"][0]["size"] == result.manifest_size
 
-    manifest = read_blob(layout, result.manifest_digest)
+    manifest = read_json(layout, result.manifest_digest)
     assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert manifest["config"]["digest"] == result.config_digest
     assert [(d["digest"], d["size"], d["annotations"][LAYER_NAME]) for d in manifest["layers"]] == [
         (layer.digest, layer.size, layer.name) for layer in layers
     ]
-    cfg = read_blob(layout, result.config_digest)
+    cfg = read_json(layout, result.config_digest)
     assert cfg["rootfs"] == {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}
     assert cfg["history"] == [
         {"created_by": "pkglayer: base-files-12.4-amd64", "comment": "base-files-12.4-amd64",
@@ -138,10 +126,10 @@ def test_real_clients_accept_the_image(built) -> None:
     layout = str(tmp_path / "layout")
     result = write_image(layout, "v1", layers, *config, [out])
 
-    run("oci-image-tool", "validate", "--type", "image", "--ref", "name=v1", layout)
+    run(["oci-image-tool", "validate", "--type", "image", "--ref", "name=v1", layout])
 
     bundle = str(tmp_path / "bundle")
-    run("umoci", "unpack", "--image", f"{layout}:v1", bundle)
+    run(["umoci", "unpack", "--image", f"{layout}:v1", bundle])
     rootfs = os.path.join(bundle, "rootfs")
     with open(os.path.join(rootfs, "etc/os-release"), "rb") as f:
         assert f.read() == b"ID=test\n"
@@ -149,13 +137,13 @@ def test_real_clients_accept_the_image(built) -> None:
         assert f.read() == b"#!/bin/sh\necho hi\n"
     assert os.path.isfile(os.path.join(rootfs, "etc/hostname"))
 
-    inspect = json.loads(run("skopeo", "inspect", f"oci:{layout}:v1"))
+    inspect = json.loads(run(["skopeo", "inspect", f"oci:{layout}:v1"]))
     assert inspect["Digest"] == result.manifest_digest
     assert inspect["Layers"] == [layer.digest for layer in layers]
     assert inspect["Architecture"] == "amd64"
 
     copy_dir = str(tmp_path / "copy")
-    run("skopeo", "copy", "--quiet", f"oci:{layout}:v1", f"dir:{copy_dir}")  # reads and checks every blob
+    run(["skopeo", "copy", "--quiet", f"oci:{layout}:v1", f"dir:{copy_dir}"])  # reads and checks every blob
     for layer in layers:
         assert os.path.isfile(os.path.join(copy_dir, layer.digest.split(":")[1]))
 
@@ -179,8 +167,8 @@ def test_deterministic_and_second_tag_keeps_first(built) -> None:
         ("v2", second.manifest_digest),
     ]
     layout = str(tmp_path / "a")
-    assert json.loads(run("skopeo", "inspect", f"oci:{layout}:v1"))["Digest"] == first.manifest_digest
-    assert json.loads(run("skopeo", "inspect", f"oci:{layout}:v2"))["Digest"] == second.manifest_digest
+    assert json.loads(run(["skopeo", "inspect", f"oci:{layout}:v1"]))["Digest"] == first.manifest_digest
+    assert json.loads(run(["skopeo", "inspect", f"oci:{layout}:v2"]))["Digest"] == second.manifest_digest
 
     # Retagging v1 replaces only v1, in place.
     third = write_image(tmp_path / "a", "v1", layers[1:], *config2, [out])
@@ -223,6 +211,6 @@ def test_variant_and_runtime_fields(built) -> None:
     config = (ImageOptions(entrypoint=["/bin/sh", "-c"], workdir="/root", user="0:0"),
               Platform("arm64", "linux", "v8"), None)
     result = write_image(tmp_path / "layout", "arm", layers, *config, [out])
-    cfg = read_blob(tmp_path / "layout", result.config_digest)
+    cfg = read_json(tmp_path / "layout", result.config_digest)
     assert cfg["variant"] == "v8" and "created" not in cfg and "created" not in cfg["history"][0]
     assert cfg["config"] == {"Entrypoint": ["/bin/sh", "-c"], "WorkingDir": "/root", "User": "0:0"}

@@ -14,12 +14,12 @@ from pathlib import Path
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
 from pkglayer.sources.base import CHANGELOG_SPAN
+from tests.helpers import TOP_LAYERS, build_json, layout_manifest, pkglayer, pkglayer_json, promote_outputs
 from tests.rootfs_factory import RPM_DBPATH, build_rpm, copy_tree
-from tests.test_build import TOP, build_json, promote_outputs, run_cli
 
 
 def _plan_json(rootfs: Path, *args: str) -> dict:
-    return json.loads(run_cli("plan", str(rootfs), "--json", *args).stdout)
+    return pkglayer_json("plan", rootfs, *args)
 
 
 def _membership(result: dict) -> dict[str, tuple[str, ...]]:
@@ -50,7 +50,7 @@ def test_changelog_times_come_from_the_debian_changelogs(deb_rootfs: Path) -> No
 def test_plan_groups_by_source_and_stays_in_budget(deb_rootfs: Path) -> None:
     plan = _plan_json(deb_rootfs)
     assert len(plan["layers"]) <= plan["budget"] == 64
-    scan = json.loads(run_cli("scan", str(deb_rootfs), "--json").stdout)
+    scan = pkglayer_json("scan", deb_rootfs)
     placed = [k for layer in plan["layers"] for k in layer["packages"]]
     with_files = sorted(p["key"] for p in scan["packages"] if p["files"])
     assert sorted(placed) == with_files
@@ -58,7 +58,7 @@ def test_plan_groups_by_source_and_stays_in_budget(deb_rootfs: Path) -> None:
     util_linux = [p["key"] for p in scan["packages"] if p["source"] == "util-linux" and p["files"]]
     assert len(util_linux) > 2 and len({layer_of[k] for k in util_linux}) == 1
     # the estimates come from changelogs: some components changed in the last year, most did not
-    rates = [c for layer in plan["layers"] for c in layer["components"] if c["name"] not in TOP]
+    rates = [c for layer in plan["layers"] for c in layer["components"] if c["name"] not in TOP_LAYERS]
     busy = [c for c in rates if not c["evidence"].startswith("changelog in 0/")]
     assert 0 < len(busy) < len(rates) / 2
     assert all(c["weekly"] > min(r["weekly"] for r in rates) for c in busy)
@@ -70,7 +70,7 @@ def test_plan_groups_by_source_and_stays_in_budget(deb_rootfs: Path) -> None:
 
 
 def test_plan_text_output_explains_each_layer(deb_rootfs: Path) -> None:
-    out = run_cli("plan", str(deb_rootfs), "--max-layers", "16").stdout
+    out = pkglayer("plan", str(deb_rootfs), "--max-layers", "16").stdout
     lines = out.splitlines()
     assert lines[0].split()[:6] == ["#", "layer", "size", "p/week", "bytes/update", "members"]
     assert any(line.split()[1] == "pkgdb" for line in lines[1:])
@@ -140,11 +140,11 @@ def test_upgrade_keeps_every_package_in_its_layer(deb_upgrade_pair, tmp_path: Pa
     assert len(first["layers"]) == len(second["layers"])
     by_name = lambda r: {k.split("-")[0]: v for k, v in _membership(r).items()}  # noqa: E731
     assert by_name(first) == by_name(second)
-    changed = {layer["name"] for layer in second["layers"] if not layer["reused"]} - TOP
+    changed = {layer["name"] for layer in second["layers"] if not layer["reused"]} - TOP_LAYERS
     upgraded = set(deb_upgrade_pair.upgraded)
     for layer in second["layers"]:
         holds_upgrade = any(k.rsplit("-", 2)[0].startswith(tuple(upgraded)) for k in layer["packages"])
-        assert (layer["name"] in changed) == holds_upgrade or layer["name"] in TOP
+        assert (layer["name"] in changed) == holds_upgrade or layer["name"] in TOP_LAYERS
     # the planner remembers what it saw: one more build of each component, and a change
     # for the upgraded ones
     history = json.loads((layers / "history.json").read_text())
@@ -152,7 +152,7 @@ def test_upgrade_keeps_every_package_in_its_layer(deb_upgrade_pair, tmp_path: Pa
     assert all(s["builds"] == 1 for s in stats.values())
     changed_components = {n for n, s in stats.items() if s["changes"]}
     assert changed_components and len(changed_components) <= len(upgraded)
-    assert all(layer["components"] for layer in history["layers"] if layer["name"] not in TOP)
+    assert all(layer["components"] for layer in history["layers"] if layer["name"] not in TOP_LAYERS)
 
 
 def test_adding_and_removing_packages_moves_nothing_else(deb_upgrade_pair, deb_rootfs: Path, tmp_path: Path) -> None:
@@ -170,7 +170,7 @@ def test_adding_and_removing_packages_moves_nothing_else(deb_upgrade_pair, deb_r
     assert any(k.startswith("iputils-ping-") for k in new_keys)
     untouched = [layer for layer in base["layers"] if not set(layer["packages"]) & {k for k in new_keys}]
     for layer in base["layers"]:
-        if layer["name"] in TOP:
+        if layer["name"] in TOP_LAYERS:
             continue
         same = next((x for x in added["layers"] if x["digest"] == layer["digest"]), None)
         holds_new_company = any(after.get(k) != before[k] for k in layer["packages"])
@@ -184,7 +184,7 @@ def test_adding_and_removing_packages_moves_nothing_else(deb_upgrade_pair, deb_r
     subprocess.run(["dpkg", f"--root={root}", "--purge", "iputils-ping"], check=True, capture_output=True)
     removed = build_json(root, "--layers", str(layers))
     kept = {layer["digest"] for layer in removed["layers"]}
-    lost = [layer for layer in added["layers"] if layer["digest"] not in kept and layer["name"] not in TOP]
+    lost = [layer for layer in added["layers"] if layer["digest"] not in kept and layer["name"] not in TOP_LAYERS]
     assert [k for layer in lost for k in layer["packages"] if not k.startswith("iputils-ping-")] == []
 
 
@@ -197,7 +197,7 @@ def test_diff_shows_changed_layers_their_packages_and_the_download(deb_upgrade_p
     written = [layer for layer in second["layers"] if not layer["reused"]]
 
     for a, b in ((old, new), (f"oci:{tmp_path}/img:old", f"oci:{tmp_path}/img:new")):
-        diff = json.loads(run_cli("diff", str(a), str(b), "--json").stdout)
+        diff = pkglayer_json("diff", a, b)
         assert diff["download"] == sum(layer["size"] for layer in written)
         assert diff["total"] == sum(layer["size"] for layer in second["layers"])
         changed = [c for c in diff["layers"] if c["status"] != "unchanged"]
@@ -205,14 +205,14 @@ def test_diff_shows_changed_layers_their_packages_and_the_download(deb_upgrade_p
         for name in deb_upgrade_pair.upgraded:
             (c,) = [c for c in changed if any(k.startswith(f"{name}-") for k in c["added"])]
             assert any(k.startswith(f"{name}-") for k in c["removed"]) and c["status"] == "changed"
-    text = run_cli("diff", str(old), str(new)).stdout
+    text = pkglayer("diff", str(old), str(new)).stdout
     assert "a client with the old image downloads" in text and "\n" + " " * 23 + "+ " in text
 
 
 def test_diff_of_something_that_is_not_a_build_is_a_clear_error(tmp_path: Path) -> None:
-    r = run_cli("diff", str(tmp_path / "nope"), str(tmp_path / "nope2"), check=False)
+    r = pkglayer("diff", str(tmp_path / "nope"), str(tmp_path / "nope2"), check=False)
     assert r.returncode == 1 and "no such history.json" in r.stderr
-    r = run_cli("diff", f"oci:{tmp_path}/none:t", str(tmp_path), check=False)
+    r = pkglayer("diff", f"oci:{tmp_path}/none:t", str(tmp_path), check=False)
     assert r.returncode == 1 and "no image written by pkglayer" in r.stderr
 
 
@@ -222,10 +222,7 @@ def test_observations_carry_over_through_the_image_label(deb_upgrade_pair, tmp_p
     layout = tmp_path / "img"
     build_json(deb_upgrade_pair.old, "--output", f"oci:{layout}:t")
     build_json(deb_upgrade_pair.new, "--output", f"oci:{layout}:t")
-    index = json.loads((layout / "index.json").read_text())
-    (entry,) = [m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "t"]
-    manifest = json.loads((layout / "blobs/sha256" / entry["digest"][7:]).read_text())
-    config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"][7:]).read_text())
+    _, _, config = layout_manifest(layout, "t")
     stats = json.loads(config["config"]["Labels"]["org.pkglayer.history"])["components"]
     assert stats and all(s["builds"] == 1 for s in stats.values())
     changed = {n for n, s in stats.items() if s["changes"]}
