@@ -29,7 +29,8 @@ from pkglayer.errors import HistoryError
 from pkglayer.history import parse_history
 from pkglayer.tarwriter import Member
 from pkglayer.zstd_chunked import ChunkedEncoder, read_annotations
-from tests.clients import pkglayer_cli, run, snapshot
+from tests.clients import snapshot
+from tests.helpers import PKGLAYER, run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="test trees need root (owners, devices)")
 
@@ -222,7 +223,7 @@ def chunked_layers(layout: Path, tag: str = "t", pure_crc: bool = False) -> list
 
 
 def build(rootfs: Path, layout: Path, *extra: str) -> dict:
-    out = run([pkglayer_cli(), "build", rootfs, "--output", f"oci:{layout}:t", "--compression", "zstd:chunked",
+    out = run([*PKGLAYER, "build", rootfs, "--output", f"oci:{layout}:t", "--compression", "zstd:chunked",
                "--no-hash-cache", "--json", "-q", *extra])
     return json.loads(out)
 
@@ -361,7 +362,7 @@ def test_two_fresh_builds_give_the_same_bytes(deb_image: tuple[Path, dict], deb_
                                               tmp_path: Path) -> None:
     layout, first = deb_image
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
-    second = json.loads(run([pkglayer_cli(), "build", deb_rootfs, "--output", f"oci:{tmp_path / 'b'}:t",
+    second = json.loads(run([*PKGLAYER, "build", deb_rootfs, "--output", f"oci:{tmp_path / 'b'}:t",
                              "--compression", "zstd:chunked", "--jobs", "2", "--json", "-q"], env=env))
     assert second["manifestDigest"] == first["manifestDigest"]
     assert [layer["digest"] for layer in second["layers"]] == [layer["digest"] for layer in first["layers"]]
@@ -375,7 +376,7 @@ def test_reused_layers_keep_their_annotations(deb_image: tuple[Path, dict], deb_
     assert again["reused"] == len(again["layers"]) and again["manifestDigest"] == first["manifestDigest"]
     # Through a /layers history.json too.
     layers_dir = tmp_path / "layers"
-    run([pkglayer_cli(), "build", deb_rootfs, "--layers", layers_dir, "--compression", "zstd:chunked",
+    run([*PKGLAYER, "build", deb_rootfs, "--layers", layers_dir, "--compression", "zstd:chunked",
          "--no-hash-cache", "-q"])
     history = parse_history((layers_dir / "history.json").read_bytes())
     manifest, _, blobs = read_image(layout)
@@ -384,7 +385,7 @@ def test_reused_layers_keep_their_annotations(deb_image: tuple[Path, dict], deb_
         assert dict(record.annotations) == notes == read_annotations(io.BytesIO(blob), len(blob))
         assert record.compression == "zstd:chunked-3"
     (layers_dir / "output").rename(layers_dir / "input")
-    rebuilt = json.loads(run([pkglayer_cli(), "build", deb_rootfs, "--layers", layers_dir, "--output",
+    rebuilt = json.loads(run([*PKGLAYER, "build", deb_rootfs, "--layers", layers_dir, "--output",
                               f"oci:{tmp_path / 'c'}:t", "--compression", "zstd:chunked", "--json", "-q"]))
     assert rebuilt["reused"] == len(rebuilt["layers"]) and rebuilt["manifestDigest"] == first["manifestDigest"]
 
@@ -409,7 +410,7 @@ def test_a_name_a_toc_cannot_hold_fails_before_writing(tmp_path: Path) -> None:
     root.mkdir()
     (root / "ok").write_text("x")
     os.mkdir(os.path.join(os.fsencode(root), b"latin1-\xe9"))
-    proc = subprocess.run([pkglayer_cli(), "build", root, "--output", f"oci:{tmp_path / 'out'}:t",
+    proc = subprocess.run([*PKGLAYER, "build", root, "--output", f"oci:{tmp_path / 'out'}:t",
                            "--compression", "zstd:chunked", "--no-hash-cache", "-q"], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "not UTF-8" in proc.stderr and "zstd:chunked" in proc.stderr and len(proc.stderr.splitlines()) == 1

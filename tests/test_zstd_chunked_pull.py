@@ -33,11 +33,10 @@ from tests.clients import (
     _mounts_below,
     _runroot,
     compare_trees,
-    pkglayer_cli,
-    run,
     serve_registry,
     snapshot,
 )
+from tests.helpers import PKGLAYER, run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="podman with overlay storage needs root")
 
@@ -57,7 +56,7 @@ class Published:
 def _build(host: Path, rootfs: Path, *args: str) -> dict:
     env = {**os.environ, "XDG_CACHE_HOME": str(host / "cache"), "TMPDIR": str(host / "tmp")}
     (host / "tmp").mkdir(parents=True, exist_ok=True)
-    out = run([pkglayer_cli(), "build", rootfs, "-q", "--json", "--tls-verify=false",
+    out = run([*PKGLAYER, "build", rootfs, "-q", "--json", "--tls-verify=false",
                "--compression", "zstd:chunked", *args], env=env)
     return json.loads(out)
 
