@@ -27,10 +27,12 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   fakeroot               | newuidmap: uidmap (podman/buildah) | ca-certificates: https
 #   db5.3_load: db5.3-util (test of an old Berkeley DB rpm database)
 #   systemd-analyze: systemd (the daemon's unit file is verified by a test)
+#   ostree: a real ostree repository in the bootc test image
 packages=(
     python3-rpm rpm alien debootstrap
     umoci skopeo podman buildah runc oci-image-tool docker-registry
     pigz zstd tar libcap2-bin attr fakeroot uidmap ca-certificates db5.3-util systemd
+    ostree
 )
 
 [[ $(id -u) -eq 0 ]] || die "run as root (apt-get, debootstrap, chroot and podman need it)"
