@@ -28,11 +28,12 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   db5.3_load: db5.3-util (test of an old Berkeley DB rpm database)
 #   systemd-analyze: systemd (the daemon's unit file is verified by a test)
 #   pacman, makepkg, repo-add: pacman-package-manager, makepkg; bsdtar (makepkg): libarchive-tools
+#   ostree: a real ostree repository in the bootc test image
 packages=(
     python3-rpm rpm alien debootstrap
     umoci skopeo podman buildah runc oci-image-tool docker-registry
     pigz zstd tar libcap2-bin attr fakeroot uidmap ca-certificates db5.3-util systemd
-    pacman-package-manager makepkg libarchive-tools
+    pacman-package-manager makepkg libarchive-tools ostree
 )
 
 [[ $(id -u) -eq 0 ]] || die "run as root (apt-get, debootstrap, chroot and podman need it)"

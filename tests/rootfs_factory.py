@@ -45,6 +45,7 @@ RPM_ROOTFS_RECIPE = "rpm-rootfs.v1"
 RPM_UPGRADED_RECIPE = "rpm-upgraded.v1"
 LARGE_DEB_RECIPE = "deb-large.v2"
 LARGE_DEB_UPGRADED_RECIPE = "deb-large-upgraded.v1"
+BOOTC_RECIPE = "bootc-rootfs.v1"
 
 # The benchmark wants 300-600 MB (du -sh; the tree keeps debootstrap's .debs and
 # lists). Measured on bookworm: minbase 206 MB; this set 536 MB, 140 packages;
@@ -818,3 +819,56 @@ def app_upgrade_pair() -> UpgradePair:
         return dict(line.split("==", 1) for line in out.splitlines())
 
     return UpgradePair(old, new, diff_versions(versions(old), versions(new)))
+
+
+# ------------------------------------------------------------ bootc / ostree
+
+# Where rpm-ostree has kept the rpm database: usr/share/rpm (Fedora CoreOS and
+# bootc images before rpm 4.17's move) or usr/lib/sysimage/rpm (newer Fedora).
+BOOTC_RPMDB_LOCATIONS = ("usr/lib/sysimage/rpm", "usr/share/rpm")
+BOOTC_REF = "pkglayer/bootc"
+
+
+def _build_bootc_rootfs(dest: Path, rpm_root: Path, rpmdb: str) -> None:
+    # Stage the rpm root with its database where the variant wants it, commit it into
+    # a real ostree repository at sysroot/ostree/repo, and check it out over dest with
+    # hard links into that repository, which is how an ostree-container image holds
+    # its content. ostree stores no mtimes: every checked-out file has mtime 0.
+    stage = dest.parent / f"{dest.name}.stage"
+    copy_tree(rpm_root, stage)
+    try:
+        if rpmdb != RPM_DBPATH.lstrip("/"):
+            (stage / rpmdb).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(stage / RPM_DBPATH.lstrip("/"), stage / rpmdb)
+            (stage / "var/lib/rpm").unlink()
+            (stage / "var/lib/rpm").symlink_to(os.path.relpath(stage / rpmdb, stage / "var/lib"))
+        repo = dest / "sysroot/ostree/repo"
+        repo.parent.mkdir(parents=True)
+        run(["ostree", f"--repo={repo}", "init", "--mode=bare"])
+        run(["ostree", f"--repo={repo}", "commit", f"--branch={BOOTC_REF}", f"--tree=dir={stage}",
+             "--timestamp=1970-01-01T00:00:00Z", "--subject=pkglayer test bootc tree"])
+        run(["ostree", f"--repo={repo}", "checkout", "--union", "--require-hardlinks", BOOTC_REF, dest])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    (dest / "ostree").symlink_to("sysroot/ostree")
+
+
+def bootc_rootfs(rpmdb: str = "usr/lib/sysimage/rpm") -> Path:
+    """rpm_rootfs as a bootc image's tree holds it: its content committed into a real
+    ostree repository at sysroot/ostree/repo (made with Debian's ostree tool), checked
+    out over the tree with hard links into the repository, ``ostree -> sysroot/ostree``,
+    the rpm database at `rpmdb` (one of BOOTC_RPMDB_LOCATIONS; var/lib/rpm links to it).
+    Read ostree_commit() for the commit. Never run ostree on the cached tree itself:
+    even a read takes a lock file in the repository."""
+    if rpmdb not in BOOTC_RPMDB_LOCATIONS:
+        raise ValueError(f"rpmdb must be one of {BOOTC_RPMDB_LOCATIONS}, not {rpmdb!r}")
+    base = rpm_rootfs()
+    variant = rpmdb.replace("/", "-")
+    return cached(
+        f"{BOOTC_RECIPE}-{variant}+{base.name}", lambda dest: _build_bootc_rootfs(dest, base, rpmdb)
+    )
+
+
+def ostree_commit(root: Path) -> str:
+    """The checksum of the commit a bootc_rootfs tree holds (read from the ref file)."""
+    return (root / "sysroot/ostree/repo/refs/heads" / BOOTC_REF).read_text().strip()
