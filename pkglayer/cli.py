@@ -709,10 +709,11 @@ def _output_option(group) -> None:
 
 
 def _image_config_options(img) -> None:
-    img.add_argument("--config-from", metavar="IMAGE|FILE",
+    img.add_argument("--config-from", metavar="IMAGE|FILE|-",
                      help="take Env, Cmd, Entrypoint, Labels, WorkingDir, User, ExposedPorts, Volumes and "
-                     "StopSignal from another image (any transport) or a JSON file (an image config, or "
-                     "podman/docker inspect output) instead of the --from image; the options below go on top")
+                     "StopSignal from another image (any transport) or JSON in a file or on standard input (an "
+                     "image config, or podman/docker inspect output) instead of the --from image; the options "
+                     "below go on top")
     img.add_argument("--label", action="append", metavar="KEY=VALUE|KEY-",
                      help="set an image label, or remove one (KEY-); repeatable")
     img.add_argument(

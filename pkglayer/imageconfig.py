@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -76,14 +77,20 @@ def merge_config(
 
 
 def config_from(spec: str, read_image) -> dict[str, Any]:
-    """--config-from IMAGE|FILE: an image's runtime config (`read_image(ref)` reads it,
-    any transport), or a JSON file: an OCI/Docker image config, or what `podman inspect`
-    or `docker inspect` prints for an image (a list of one object with `Config`)."""
+    """--config-from IMAGE|FILE|-: an image's runtime config (`read_image(ref)` reads it,
+    any transport), or JSON from a file or standard input: an OCI/Docker image config, or
+    what `podman inspect` or `docker inspect` prints for an image (a list of one object
+    with `Config`)."""
     from .transports import PREFIXES
 
     if any(spec.startswith(prefix) for _, prefix in PREFIXES):
         return dict(read_image(spec).runtime)
-    raw = read_regular(os.path.abspath(spec), MAX_CONFIG_FILE, "--config-from", PkglayerError)
+    if spec == "-":  # e.g. `printf %s "$(podman inspect BASE)" | pkglayer build ... --config-from -`
+        raw = sys.stdin.buffer.read(MAX_CONFIG_FILE + 1)
+        if len(raw) > MAX_CONFIG_FILE:
+            raise PkglayerError(f"--config-from -: more than {MAX_CONFIG_FILE} bytes on standard input")
+    else:
+        raw = read_regular(os.path.abspath(spec), MAX_CONFIG_FILE, "--config-from", PkglayerError)
     assert raw is not None
     try:
         obj = json.loads(raw)

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import zlib
 from dataclasses import dataclass
 
@@ -53,7 +54,13 @@ class InitReport:
 
 
 def init(directory: str, ref: ImageRef, work: Workspace, opts=None, limits: Limits = DEFAULT_LIMITS) -> InitReport:
-    """Fill DIR/input and DIR/history.json from the image `ref` (see the module docstring)."""
+    """Fill DIR/input and DIR/history.json from the image `ref` (see the module docstring).
+    A new build starts here: the blobs the previous one left in DIR/output are in that
+    image now, so output/ is emptied."""
+    output = os.path.join(directory, "output")
+    if os.path.isdir(output):
+        log.info("%s: emptied (its blobs belong to the previous build)", output)
+        shutil.rmtree(output)
     input_blobs = BlobDir(os.path.join(directory, "input"), create=True)
     storage = ref.transport == STORAGE
     try:

@@ -144,9 +144,11 @@ def session_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 
 def one_layer_image(rootfs: Path, layout: Path, tag: str = BASE_TAG) -> str:
     """`oci:LAYOUT:TAG` of `rootfs` as one layer, as debian:bookworm is published
-    (pkglayer with --format none: everything unowned). The package database stays;
-    apt's .debs and lists do not (default excludes). Returns the reference."""
-    build_json(rootfs, "--output", f"oci:{layout}:{tag}", "--format", "none")
+    (pkglayer with --format none and no big-file components: everything unowned), with a
+    label of its own as a base image has. The package database stays; apt's .debs and
+    lists do not (default excludes). Returns the reference."""
+    build_json(rootfs, "--output", f"oci:{layout}:{tag}", "--format", "none", "--big-file-size", "1T",
+               "--label", f"org.example.base={tag}", "--cmd", '["/bin/bash"]')
     return f"oci:{layout}:{tag}"
 
 

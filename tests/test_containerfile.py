@@ -14,7 +14,7 @@ import pytest
 from tests import containers
 from tests import rootfs_factory as factory
 from tests.containers import REPO, Store
-from tests.helpers import build_json
+from tests.helpers import build_json, pkglayer_json, run
 
 # The fixtures this module uses; pytest finds them by name here.
 session_store = containers.session_store
@@ -84,16 +84,6 @@ def _blobs(layers: Path, sub: str) -> set[str]:
     return {f"sha256:{p.name}" for p in d.iterdir()} if d.is_dir() else set()
 
 
-def _hand_over(layers: Path) -> None:
-    """The build system's half of /layers between builds: this build's output becomes the
-    next build's input (`pkglayer layers init` will do this from the image)."""
-    src, dst = layers / "output/blobs/sha256", layers / "input/blobs/sha256"
-    dst.mkdir(parents=True, exist_ok=True)
-    for blob in src.iterdir():
-        blob.rename(dst / blob.name)
-    shutil.rmtree(layers / "output")
-
-
 @pytest.mark.parametrize("tool", ["buildah", "podman"])
 def test_containerfile_build_owns_its_layers(
     tool: str, session_store: Store, tool_image: str, flow_inputs, tmp_path: Path
@@ -107,14 +97,20 @@ def test_containerfile_build_owns_its_layers(
     for deb in install:
         shutil.copy2(deb, ctx / "debs" / deb.name)
 
+    # The base image's config, as `podman image inspect` or `skopeo inspect --config` prints it.
+    base_config = run(["skopeo", "inspect", "--config", base])
+
     def build(n: int) -> tuple[str, dict]:
         name = f"localhost/app-{tool}:{n}"
+        # The build system's half of /layers: the previous image's blobs and plan as input.
+        init = pkglayer_json("layers", "init", layers, "--from", f"oci:{layers}/image:latest")
+        assert (init["image"] is None) == (n == 1), init
         store.build(
             # --layers=false: podman build caches RUN steps by default, and would skip
             # both RUNs of the second build (their text is unchanged).
             tool, ctx, "--layers=false", "--skip-unused-stages=false", "-v", f"{layers}:/layers",
             "--build-arg", f"BASE={base}", "--build-arg", f"PKGLAYER={tool_image}",
-            "--build-arg", f"LAYERS={layers}", "-t", name,
+            "--build-arg", f"LAYERS={layers}", "--build-arg", f"BASE_CONFIG={base_config}", "-t", name,
             # Few layers: vfs copies the whole tree for each one.
             "--build-arg", "PKGLAYER_OPTIONS=--max-layers 12",
         )
@@ -124,7 +120,6 @@ def test_containerfile_build_owns_its_layers(
     digests1 = [layer["digest"] for layer in history1["layers"]]
     assert _blobs(layers, "output") == set(digests1)
 
-    _hand_over(layers)
     for deb in upgrade:
         shutil.copy2(deb, ctx / "debs" / deb.name)
     second, history2 = build(2)
@@ -165,4 +160,7 @@ def test_containerfile_build_owns_its_layers(
         assert got == version, package
     assert "cap_net_raw" in store.podman("run", "--rm", second, "getcap", "/usr/bin/ping")
     store.podman("run", "--rm", second, "sh", "-c", "test ! -e /layers")
-    assert store.inspect(second)["Config"]["Labels"]["org.opencontainers.image.title"] == "app"
+    config = store.inspect(second)["Config"]
+    assert config["Labels"]["org.opencontainers.image.title"] == "app"
+    # The base image's config came through --config-from (its label and command).
+    assert config["Labels"]["org.example.base"] == "bookworm" and config["Cmd"] == ["/bin/bash"]
