@@ -65,6 +65,8 @@ def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
         changes["package_format"] = args.format
     if args.no_hash_cache:
         changes["hash_cache"] = ""
+    if getattr(args, "verify_reused", False):
+        changes["verify_reused"] = True
     for name in ("compression", "max_layers"):
         value = getattr(args, name, None)
         if value is not None:
@@ -596,6 +598,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--compression", choices=COMPRESSIONS, help="layer compression (default gzip, the most compatible)"
     )
     lay.add_argument("--level", type=int, metavar="N", help="compression level (default gzip 6, zstd 3)")
+    lay.add_argument("--verify-reused", action="store_true",
+                     help="read each reused blob through once and reuse it only if it holds the layer its "
+                     "history says (for input/ or layouts from elsewhere; see docs/security.md)")
     _plan_options(lay)
     img = b.add_argument_group("image config")
     img.add_argument("--label", action="append", metavar="KEY=VALUE", help="image label; repeatable")

@@ -89,6 +89,8 @@ class BuildSettings:
     package_format: str | None = None
     # file-digest cache (see hashcache.py): None = the per-user default, "" = none
     hash_cache: str | None = None
+    # read reused blobs through once and check the layer they hold (docs/security.md)
+    verify_reused: bool = False
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -142,6 +144,7 @@ _TOML_KEYS = {
     "source-date-epoch": int,
     "one-file-system": bool,
     "hash-cache": str,
+    "verify-reused": bool,
     "jobs": int,
 }
 

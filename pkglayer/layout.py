@@ -6,7 +6,8 @@ the descriptor's and within `Limits`, and its sha256 must be the descriptor's di
 Layer blobs are not read here (see unpack.py for applying them, blobstore.py for copying).
 
 Writing takes pkglayer's LayerRecords, whose blobs already exist somewhere: they are
-imported (hard link or copy, always verified) from the first BlobDir that has them. The
+imported (always verified; a hard link only to a file nobody else can write, else a
+copy: blobstore.shareable) from the first BlobDir that has them. The
 config and manifest are serialised canonically, so the same layers and config always
 give the same manifest digest. `index.json` is updated as skopeo does: the manifest with
 the same ref name is replaced, others are kept.
@@ -173,12 +174,12 @@ def parse_json(data: bytes, what: str) -> dict[str, Any]:
 
 
 def check_bytes(data: bytes, desc: Descriptor, what: str) -> bytes:
-    """`data` is what `desc` describes (digest and size), or ImageError."""
+    """`data` is what `desc` describes (size, then digest), or ImageError."""
+    if len(data) != desc.size:
+        raise ImageError(f"{what} {desc.digest} is {len(data)} bytes, its descriptor says {desc.size}")
     actual = "sha256:" + hashlib.sha256(data).hexdigest()
     if actual != desc.digest:
         raise ImageError(f"{what} {desc.digest} does not match its digest: the content has {actual}")
-    if len(data) != desc.size:
-        raise ImageError(f"{what} {desc.digest} is {len(data)} bytes, its descriptor says {desc.size}")
     return data
 
 
@@ -459,13 +460,13 @@ def write_image(
 def _import_layer(dest: BlobDir, layer: LayerRecord, sources: Sequence[BlobDir]) -> None:
     if not is_oci_layer(layer.media_type):
         raise PkglayerError(f"layer {layer.name}: unknown media type {layer.media_type!r}")
-    if not dest.verify(layer.digest, layer.size):
+    if not dest.has_own(layer.digest, layer.size):
         problems: list[str] = []
         for source in sources:
             if not source.has(layer.digest):
                 continue
             try:
-                dest.import_blob(source, layer.digest)
+                dest.import_blob(source, layer.digest, layer.size)
                 break
             except PkglayerError as e:  # a corrupt copy: try the next source
                 problems.append(str(e))
