@@ -1,9 +1,20 @@
 """The configuration of the output image: what a source image's config carries over, with
-what the command line sets on top."""
+what the command line sets on top.
+
+The source config is untrusted: every string carried over must be text that can be
+written back (JSON allows lone surrogates, UTF-8 does not), and keys (labels, Env names)
+must be non-empty and free of control characters. `merge_config` checks all of it, and
+inputs.py calls it before anything is unpacked or written.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+
 from .layout import Image, ImageError, ImageOptions
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _str_list(value: object, what: str) -> list[str] | None:
@@ -30,6 +41,20 @@ def _set(value: object, what: str) -> dict[str, dict] | None:
     return {k: {} for k in value}
 
 
+def _key(key: str, what: str) -> None:
+    if not key or _CONTROL.search(key):
+        raise ImageError(f"source image config: {what} key {key[:80]!r} is empty or holds control characters")
+
+
+def _writable(options: ImageOptions) -> None:
+    """Every string can be written back as UTF-8 JSON."""
+    try:
+        json.dumps(options.__dict__, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ImageError(f"source image config: a string is not valid Unicode ({e.reason}: "
+                         f"{e.object[max(e.start - 20, 0):e.end + 20]!r})") from None
+
+
 def merge_config(source: Image | None, cli: ImageOptions) -> ImageOptions:
     """The source image's configuration, with what the command line set on top: --env
     and --label replace or add single keys, --cmd/--entrypoint/--workdir/--user replace."""
@@ -37,6 +62,8 @@ def merge_config(source: Image | None, cli: ImageOptions) -> ImageOptions:
         return cli
     runtime = source.runtime
     env = _str_list(runtime.get("Env"), "Env") or []
+    for item in env:
+        _key(item.partition("=")[0], "Env")
     for item in cli.env:
         key = item.partition("=")[0]
         env = [e for e in env if e.partition("=")[0] != key]
@@ -44,7 +71,9 @@ def merge_config(source: Image | None, cli: ImageOptions) -> ImageOptions:
     labels = runtime.get("Labels") or {}
     if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise ImageError("source image config: Labels must be an object of strings")
-    return ImageOptions(
+    for key in labels:
+        _key(key, "Labels")
+    merged = ImageOptions(
         env=env,
         labels={**labels, **cli.labels},
         cmd=cli.cmd if cli.cmd is not None else _str_list(runtime.get("Cmd"), "Cmd"),
@@ -55,3 +84,5 @@ def merge_config(source: Image | None, cli: ImageOptions) -> ImageOptions:
         volumes=_set(runtime.get("Volumes"), "Volumes"),
         stop_signal=_str(runtime.get("StopSignal"), "StopSignal"),
     )
+    _writable(merged)
+    return merged

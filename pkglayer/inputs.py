@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import PkglayerError
 from .fsutil import Workspace
-from .layout import DEFAULT_LIMITS, Image, ImageError, Limits, Platform, open_layout, parse_layout_ref
+from .imageconfig import merge_config
+from .layout import DEFAULT_LIMITS, Image, ImageError, ImageOptions, Limits, Platform, open_layout, parse_layout_ref
 from .scan import Progress
 from .unpack import unpack
 
@@ -89,7 +90,9 @@ def open_inputs(
     else:
         layout, tag = parse_layout_ref(source_ref)
     image = open_layout(layout, tag, limits)
+    # Everything copied from the source config is checked before anything is written.
     platform = image_platform(image, source_ref)
+    merge_config(image, ImageOptions())
     tree = work.path("rootfs")
     os.mkdir(tree, 0o755)
     stats = unpack(image, tree, limits, progress=progress)

@@ -69,7 +69,8 @@ class _Header(tarfile.TarInfo):
         except tarfile.InvalidHeaderError as e:
             raise TarReadError(f"invalid tar header at offset {tf.offset}: {e}") from None
         except (ValueError, OverflowError, UnicodeError) as e:
-            raise TarReadError(f"malformed tar header at offset {tf.offset}: {str(e)[:200]}") from None
+            # (Python's int-size message goes on to suggest a setting: not for users.)
+            raise TarReadError(f"malformed tar header at offset {tf.offset}: {str(e).split(';')[0][:200]}") from None
         finally:
             tf._pkglayer_chain = depth
 

@@ -163,17 +163,22 @@ def test_sizes_are_compared_before_anything_is_hashed(tmp_path: Path) -> None:
     assert rchar() - before < 1 << 20, "a size mismatch was found by reading the file"
 
 
-def test_a_huge_input_blob_costs_a_build_nothing(tmp_path: Path) -> None:
+def test_a_huge_blob_under_a_wanted_name_costs_a_build_nothing(tmp_path: Path) -> None:
+    """Every blob directory a build looks in is checked by size before hashing: here the
+    --prior layout, consulted first, holds a 16 GiB file under the layer's name."""
     root = _tree(tmp_path / "root", "hello")
     layers = tmp_path / "layers"
-    _build(str(root), "--layers", str(layers))
+    _build(str(root), "--layers", str(layers), "--output", f"oci:{tmp_path}/prior:t")
     (layers / "output").rename(layers / "input")
     for blob in (layers / "input" / "blobs" / "sha256").iterdir():
-        os.chmod(blob, 0o644)
-        os.truncate(blob, 16 << 30)
+        fake = tmp_path / "prior" / "blobs" / "sha256" / blob.name
+        fake.unlink()
+        with open(fake, "wb") as f:
+            f.truncate(16 << 30)
     before = rchar()
-    _build(str(root), "--layers", str(layers), "--output", f"oci:{tmp_path}/image:t", "--no-hash-cache")
-    assert rchar() - before < 64 << 20, "the build read the oversized input blobs"
+    _build(str(root), "--layers", str(layers), "--prior", f"oci:{tmp_path}/prior:t",
+           "--output", f"oci:{tmp_path}/image:t")
+    assert rchar() - before < 64 << 20, "the build read the oversized blob"
     image = open_layout(str(tmp_path / "image"), "t")
     assert BlobDir(str(tmp_path / "image")).verify(image.layers[0].digest, image.layers[0].size)
 
