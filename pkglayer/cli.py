@@ -692,7 +692,47 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stdout:
+    """stdout for a reader that may leave early (`pkglayer ctl build --wait | head -1`):
+    a closed pipe is not an error. The rest of the output is dropped quietly, as
+    coreutils do, and the command's exit status is its own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> None:
+        # What is still buffered, and later writes, go to /dev/null from now on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _main(argv: list[str] | None) -> int:
     # A build allocates one small object per file and entry and frees them all at the
     # end: cyclic garbage collection passes over them cost ~5% and find nothing.
     gc.disable()

@@ -6,9 +6,11 @@ keeps the two in step.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -152,6 +154,16 @@ _TOML_KEYS = {
 MAX_CONFIG_BYTES = 1 << 20
 
 
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """What to add to "unknown setting": the known key it most resembles (state_dir:
+    state-dir), else the known keys."""
+    known = sorted(known)
+    match = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
+    if match:
+        return f" (did you mean {match[0]!r}?)"
+    return f" (known: {', '.join(known)})"
+
+
 def read_config(path: str) -> dict[str, Any]:
     """A TOML configuration file. It must be a regular file of at most 1 MiB: a FIFO or a
     device would block the reader or never end. A symlink is followed (files in /etc are
@@ -184,7 +196,7 @@ def load_settings(path: str | None = None, base: BuildSettings | None = None) ->
     for key, value in table.items():
         want = _TOML_KEYS.get(key)
         if want is None:
-            raise ConfigError(f"{path}: unknown setting build.{key}")
+            raise ConfigError(f"{path}: unknown setting build.{key}{did_you_mean(key, _TOML_KEYS)}")
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: build.{key} must be a {want.__name__}")
         if want is list:
