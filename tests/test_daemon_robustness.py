@@ -143,6 +143,8 @@ def test_malformed_requests_are_one_warning_line_each(tmp_path: Path, daemons) -
 def test_each_root_has_one_state_that_says_when_it_has_settled(tmp_path: Path, daemons) -> None:
     roots = [
         {"name": "auto", "path": str(tiny_root(tmp_path / "roots" / "auto")), "format": "none", "debounce": 0.5},
+        # with one build slot (parallel-builds = 1), one of these waits for the other
+        {"name": "auto2", "path": str(tiny_root(tmp_path / "roots" / "auto2", "other")), "format": "none"},
         {"name": "manual", "path": str(tiny_root(tmp_path / "roots" / "manual")), "format": "none",
          "auto-build": False},
         {"name": "nowhere", "path": str(tmp_path / "roots" / "nowhere"), "format": "none"},
@@ -150,7 +152,7 @@ def test_each_root_has_one_state_that_says_when_it_has_settled(tmp_path: Path, d
     d = DaemonProcess(tmp_path / "d", roots)
     daemons.append(d)
     d.start(wait_ready=False)
-    seen: dict[str, list[str]] = {"auto": [], "manual": [], "nowhere": []}
+    seen: dict[str, list[str]] = {"auto": [], "auto2": [], "manual": [], "nowhere": []}
 
     def settled() -> bool:
         try:
@@ -159,13 +161,17 @@ def test_each_root_has_one_state_that_says_when_it_has_settled(tmp_path: Path, d
             return False
         for r in body["roots"]:
             seen[r["name"]].append(r["state"])
-        return all(seen[n] and seen[n][-1] in SETTLED for n in seen) and seen["auto"][-1] == "ready"
+        return all(seen[n] and seen[n][-1] in SETTLED for n in seen) and \
+            seen["auto"][-1] == seen["auto2"][-1] == "ready"
     wait_until(settled, 60, "every root to settle", interval=0.01)
-    # Before settling, a root never looks settled: no "idle" or "ready" while it starts.
-    first_auto_settled = seen["auto"].index("ready")
-    assert set(seen["auto"][:first_auto_settled]) <= {"starting", "waiting", "prebuilding"}, seen["auto"]
+    # Before settling, a root never looks settled: no "idle" or "ready" while it starts,
+    # waits for a build slot or prebuilds.
+    for name in ("auto", "auto2"):
+        states = seen[name]
+        assert set(states[: states.index("ready")]) <= {"starting", "waiting", "prebuilding"}, (name, states)
+        assert "idle" not in states, (name, states)
+    assert "waiting" in seen["auto"] + seen["auto2"], "one root waited for the other's build slot"
     assert seen["manual"][-1] == "idle" and seen["nowhere"][-1] == "missing"
-    assert "idle" not in seen["auto"], seen["auto"]
     status, auto = d.api("GET", "/v1/roots/auto")
     assert auto["lastPrebuild"]["ok"] and not auto["pending"]
 
