@@ -204,7 +204,8 @@ class BlobDir:
         try:
             st = os.fstat(fd)
             if size is not None and st.st_size != size:
-                raise PkglayerError(f"blob {digest} in {src.root} is {st.st_size} bytes, expected {size}")
+                raise PkglayerError(f"blob {digest} in {src.root} is corrupt: it is {st.st_size} bytes, "
+                                    f"history says {size}")
             if shareable(st) and self._link(src, digest, fd, st):
                 return
             self._copy(src, digest, fd)

@@ -158,7 +158,7 @@ def test_sizes_are_compared_before_anything_is_hashed(tmp_path: Path) -> None:
     out = BlobDir(tmp_path / "out", create=True)
     before = rchar()
     assert not src.verify(digest, size)
-    with pytest.raises(Exception, match=f"is {16 << 30} bytes, expected {size}"):
+    with pytest.raises(Exception, match=f"is corrupt: it is {16 << 30} bytes, history says {size}"):
         out.import_blob(src, digest, size)
     assert rchar() - before < 1 << 20, "a size mismatch was found by reading the file"
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import COMPRESSIONS, BuildSettings, load_settings, parse_size, read_config, did_you_mean
+from ..config import COMPRESSIONS, BuildSettings, did_you_mean, load_settings, parse_size, read_config
 from ..errors import ConfigError, PkglayerError
 from ..layout import parse_layout_ref
 

@@ -503,7 +503,7 @@ class Daemon:
         future = self._track(Work(f"reloading {path}", None), self._reload_pool, load_daemon_config, path)
         try:
             new = await asyncio.wait_for(future, RELOAD_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("reload: reading %s did not finish within %g s; keeping the running configuration",
                       path, RELOAD_TIMEOUT)
             self.notifier.notify(READY=1, STATUS=f"{self._status_line()}; reload failed: {path} cannot be read")
