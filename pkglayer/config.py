@@ -45,6 +45,9 @@ DEFAULT_EXCLUDES = (
 DEFAULT_DROP_XATTRS = ("security.selinux", "security.ima", "security.evm", "trusted.*")
 
 SYSTEM_CONFIG = "/etc/pkglayer/pkglayer.toml"
+# The latest time unpacking accepts (tarread.MAX_MTIME): SOURCE_DATE_EPOCH ends up in
+# every directory entry and in the image config.
+MAX_EPOCH = 2**34 - 1
 
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?")
 
@@ -129,8 +132,9 @@ class BuildSettings:
             raise ConfigError(f"replan-horizon must be between 0 and 10000 builds, not {self.replan_horizon}")
         if self.jobs < 1:
             raise ConfigError("jobs must be at least 1")
-        if self.source_date_epoch < 0:
-            raise ConfigError("source-date-epoch must not be negative")
+        if not 0 <= self.source_date_epoch <= MAX_EPOCH:
+            raise ConfigError(f"source-date-epoch must be between 0 and {MAX_EPOCH} (2514), "
+                              f"not {self.source_date_epoch}")
         return self
 
 

@@ -49,9 +49,10 @@ class LayerCache(Protocol):
     def add(self, record: LayerRecord, source: BlobDir) -> None:
         """Take the blob `record.digest` from `source` (just written, trusted) into the cache."""
 
-    def export(self, digest: str, dest: BlobDir) -> None:
-        """Make the cached blob present in `dest` (a hard link where possible). Cached blobs
-        are trusted like fresh ones: only the cache's owner writes them, always by rename."""
+    def export(self, digest: str, dest: BlobDir, size: int | None = None) -> None:
+        """Make the cached blob (of `size` bytes) present in `dest` (a hard link where
+        possible). Cached blobs are trusted like fresh ones: only the cache's owner writes
+        them, always by rename."""
 
 
 @dataclass(frozen=True)

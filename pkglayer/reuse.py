@@ -108,7 +108,7 @@ class ReuseIndex:
         out = self.output
         if out is not cache.blobs and not (out.has(rec.digest) and out.size(rec.digest) == rec.size):
             try:
-                cache.export(rec.digest, out)
+                cache.export(rec.digest, out, rec.size)
             except (PkglayerError, OSError) as e:  # evicted meanwhile: write it instead
                 log.warning("layer cache: %s", e)
                 return None

@@ -26,7 +26,8 @@ MAX_PAX_KEYS = 1024
 MAX_ID = 2**32 - 2
 # A mode field holds 7 octal digits; some tools put the file type bits there too.
 MAX_MODE = 0o7777777
-# What ext4, xfs and btrfs store: 1901-12-13 .. 2446-05-10.
+# 1901-12-13 .. 2514-05-30: what a file system can be asked to store (ext4 keeps up to
+# 2446 and clamps beyond; Python and the kernel take any of it).
 MIN_MTIME = -(2**31)
 MAX_MTIME = 2**34 - 1
 # Linux dev_t as mknod(2) takes it: 12 bits of major, 20 of minor.

@@ -130,3 +130,13 @@ def test_config_strings_are_checked_before_anything_is_written(tmp_path: Path, c
     assert len(proc.stderr.splitlines()) == 1
     assert not (layers / "output").exists() and not (layers / "history.json").exists()
     assert os.listdir(work) == []
+
+
+def test_a_source_date_epoch_out_of_range_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "x").write_text("x")
+    proc = subprocess.run([pkglayer_cli(), "build", str(root), "--format", "none", "--output", f"oci:{tmp_path}/out"],
+                          capture_output=True, text=True, env={**os.environ, "SOURCE_DATE_EPOCH": "99999999999999"})
+    assert proc.returncode == 1 and proc.stderr.startswith("pkglayer: error: source-date-epoch must be between")
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -196,8 +196,8 @@ class LayerCache:
             )
         self.added += 1
 
-    def export(self, digest: str, dest: BlobDir) -> None:
-        _link_in(self.blobs, dest, digest, overwrite=True)
+    def export(self, digest: str, dest: BlobDir, size: int | None = None) -> None:
+        _link_in(self.blobs, dest, digest, size, overwrite=True)
 
     # ---------------------------------------------------------------- bounds
 
