@@ -216,7 +216,9 @@ def plan_from_image(image: Image, where: str) -> History:
     if (history.architecture, history.os) != (image.architecture, image.os):
         raise ImageError(f"{where}: label {HISTORY_LABEL} is for {history.os}/{history.architecture}, "
                          f"the image for {image.os}/{image.architecture}")
-    entries = [h for h in image.config.get("history") or [] if isinstance(h, dict) and not h.get("empty_layer")]
+    raw_entries = image.config.get("history")
+    entries = [h for h in raw_entries if isinstance(h, dict) and not h.get("empty_layer")] \
+        if isinstance(raw_entries, list) else []
     for i, (rec, desc, diff_id) in enumerate(zip(history.layers, image.layers, image.diff_ids)):
         if (rec.digest, rec.size, rec.media_type) != (desc.digest, desc.size, desc.media_type):
             raise ImageError(f"{where}: label {HISTORY_LABEL} layer {i} ({rec.name}) does not match the "

@@ -317,3 +317,16 @@ def test_a_mutated_oci_layout_opens_and_unpacks_or_fails_cleanly(data) -> None:
         assert sorted(os.listdir(base)) == ["img", "tree"]
     finally:
         remove_tree(base)
+
+
+def test_a_config_history_that_is_not_an_array_is_ignored_by_the_plan_label_check() -> None:
+    """Found by the plan-label property above: `"history": 5` raised a TypeError."""
+    label = json.loads(dumps_history(History((), "amd64", "linux", "pkglayer 0.1.0", 1)))
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+                         "history": 5, "config": {"Labels": {HISTORY_LABEL: json.dumps(label)}}}).encode()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": tarcraft.sha(config), "size": len(config)}, "layers": []}
+    image = image_from_manifest("", "sha256:" + "e" * 64, json.dumps(manifest).encode(), lambda d: config,
+                                DEFAULT_LIMITS, "oci:x:t")
+    assert plan_from_image(image, "oci:x:t").layers == ()
