@@ -217,6 +217,12 @@ def read_index(layout: str, limit: int, missing_ok: bool = False) -> dict[str, A
     return index
 
 
+def _ref_name(entry: object) -> object:
+    """An index entry's ref name; None when the entry or its annotations are malformed."""
+    notes = entry.get("annotations") if isinstance(entry, dict) else None
+    return notes.get(REF_NAME) if isinstance(notes, dict) else None
+
+
 def host_platform() -> tuple[str, str]:
     machine = platform.machine()
     return "linux", _GOARCH.get(machine, machine)
@@ -228,7 +234,7 @@ def pick_from_index(index: dict[str, Any], what: str, tag: str | None = None) ->
     if not isinstance(manifests, list):
         raise ImageError(f"{what}: no manifests array")
     if tag is not None:
-        named = [m for m in manifests if isinstance(m, dict) and (m.get("annotations") or {}).get(REF_NAME) == tag]
+        named = [m for m in manifests if _ref_name(m) == tag]
         if len(named) > 1:
             raise ImageError(f"{what}: {len(named)} manifests are tagged {tag!r}")
         if named:
@@ -251,7 +257,7 @@ def tag_of(layout: str, digest: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """The ref name index.json gives the manifest `digest` (skopeo needs one)."""
     for m in read_index(layout, limits.index_bytes)["manifests"]:
         if isinstance(m, dict) and m.get("digest") == digest:
-            name = (m.get("annotations") or {}).get(REF_NAME)
+            name = _ref_name(m)
             if isinstance(name, str) and REF_RE.fullmatch(name):
                 return name
     raise PkglayerError(f"oci:{layout}: the image has no tag; give oci:{layout}:TAG")
@@ -536,7 +542,7 @@ def _update_index(layout_dir: str, tag: str, descriptor_: dict[str, Any]) -> Non
         manifests: list[Any] = []
         replaced = False
         for entry in index["manifests"]:
-            if isinstance(entry, dict) and (entry.get("annotations") or {}).get(REF_NAME) == tag:
+            if _ref_name(entry) == tag:
                 if not replaced:  # keep the tag's position in the list
                     manifests.append(descriptor_)
                     replaced = True

@@ -8,7 +8,7 @@ Hypothesis draws the inputs from what attackers and broken tools produce: names 
 `..`, absolute, long and non-UTF-8 names, every entry type (hard links, symlinks, devices,
 whiteouts, opaque directories, sparse and unknown types), numeric fields out of range in
 headers and in PAX records, truncated and misaligned streams, and mutated JSON. The runs
-are bounded and deterministic (derandomize), so CI sees the same examples every time.
+are bounded and derandomized; set PKGLAYER_FUZZ_EXAMPLES to explore further.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ from tests import tarcraft
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking keeps owners and makes devices: needs root")
 
 LIMITS = Limits(image_bytes=1 << 20, entries=300)
-FUZZ = settings(max_examples=150, deadline=5000, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# PKGLAYER_FUZZ_EXAMPLES=5000 explores further, with fresh random examples each run.
+_EXPLORE = int(os.environ.get("PKGLAYER_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(max_examples=_EXPLORE or 150, deadline=None if _EXPLORE else 5000, derandomize=not _EXPLORE,
+                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # ------------------------------------------------------------------ tar members
 
