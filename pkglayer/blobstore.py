@@ -5,7 +5,13 @@ directories. A blob only ever appears under its final name complete and fsynced:
 written to `<root>/.pkglayer-tmp/` (same filesystem) and renamed into place.
 
 Blobs in `input/` come from a previous build and are not trusted: every read opens the
-file with O_NOFOLLOW, insists on a regular file, and imports are re-hashed.
+file with O_NOFOLLOW, insists on a regular file, and imports are re-hashed (the size
+compared first: a huge file under a wanted name costs nothing).
+
+A published blob never shares its file with anything that someone else could write to:
+an import hard-links a file only when it is `shareable` (owned by this process's user
+and writable by nobody, so that no one but its owner can ever change it), and copies it
+otherwise (docs/security.md).
 
 Stale temp files: every BlobWriter holds an exclusive flock() on its temp file for as
 long as it lives. The kernel drops the lock when the owning process dies, however it
@@ -40,8 +46,9 @@ _LINK_TMP_RE = re.compile(r"link-[0-9a-f]{32}\.tmp")
 # they live for one call, so one left for this long was abandoned by a dead process.
 _LINK_TMP_MAX_AGE = 3600
 _CHUNK = 1 << 20
-# Blobs are immutable, and an imported blob may share its inode with input/ via a hard link.
+# Blobs are immutable; read-only files are also what makes a hard link safe (shareable).
 _BLOB_MODE = 0o444
+_LINK_FALLBACK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)
 
 
 def _open_regular(path: str) -> int | None:
@@ -65,6 +72,14 @@ def _sha256_fd(fd: int) -> str:
     while chunk := os.read(fd, _CHUNK):
         h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+def shareable(st: os.stat_result) -> bool:
+    """A blob file that may be hard-linked into another directory: a regular file owned by
+    this process's user and writable by nobody. Only its owner could make it writable
+    again; anyone else who can write to the directory holding it can only replace the
+    name, which leaves the linked file alone."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o222
 
 
 def _space_error(e: OSError, root: str) -> PkglayerError | None:
@@ -126,15 +141,25 @@ class BlobDir:
     def verify(self, digest: str, size: int | None = None) -> bool:
         """The blob is a regular file whose sha256 equals its name (and of `size` bytes,
         checked first: a huge file under a wanted name costs nothing)."""
+        return self._valid(digest, size) is not None
+
+    def _valid(self, digest: str, size: int | None) -> os.stat_result | None:
         fd = _open_regular(self.path(digest))
         if fd is None:
-            return False
+            return None
         try:
-            if size is not None and os.fstat(fd).st_size != size:
-                return False
-            return _sha256_fd(fd) == digest
+            st = os.fstat(fd)
+            if size is not None and st.st_size != size:
+                return None
+            return st if _sha256_fd(fd) == digest else None
         finally:
             os.close(fd)
+
+    def has_own(self, digest: str, size: int | None = None) -> bool:
+        """`verify`, and the file is this directory's own: not a hard link to a file that
+        someone else could write (as an import by an older version might have left)."""
+        st = self._valid(digest, size)
+        return st is not None and (st.st_nlink == 1 or shareable(st))
 
     def read(
         self, digest: str, size: int, limit: int, what: str, error: type[PkglayerError] = PkglayerError
@@ -159,66 +184,92 @@ class BlobDir:
     def add_bytes(self, data: bytes) -> tuple[str, int]:
         """Store `data` and return (digest, size). No-op when a valid copy is already present."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if self.verify(digest):
+        if self.has_own(digest, len(data)):
             return digest, len(data)
         with self.writer() as w:
             w.write(data)
             return w.commit(expected_digest=digest)
 
-    def import_blob(self, src: BlobDir, digest: str) -> None:
-        """Make `digest` present here, taken from `src`: a hard link when both are on one
-        filesystem, else a copy. The result is verified before it gets its final name.
-        No-op if a valid copy is already here. Raises PkglayerError if `src` lacks the
-        blob or its content does not match the digest."""
-        final = self.path(digest)
-        if self.verify(digest):
+    def import_blob(self, src: BlobDir, digest: str, size: int | None = None) -> None:
+        """Make `digest` present here, taken from `src`, and verified (size first) before
+        it gets its final name. A hard link when the source file is `shareable` and on the
+        same filesystem, else a copy. No-op if a valid copy of our own is already here.
+        Raises PkglayerError if `src` lacks the blob, or it is not `size` bytes, or its
+        content does not match the digest."""
+        if self.has_own(digest, size):
             return
-        src_path = src.path(digest)
-        self._ensure_dirs()
-        tmp = os.path.join(self.tmp, f"link-{secrets.token_hex(16)}.tmp")
-        try:
-            # follow_symlinks=False: a symlink in src is linked as a symlink, and then
-            # fails the regular-file check below instead of importing its target.
-            os.link(src_path, tmp, follow_symlinks=False)
-        except FileNotFoundError:
-            raise PkglayerError(f"blob {digest} is missing from {src.root}") from None
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
-                raise PkglayerError(f"cannot link blob {digest} from {src.root}: {e.strerror}") from e
-            self.copy_blob(src, digest)
-            return
-        try:
-            fd = _open_regular(tmp)
-            if fd is None:
-                raise PkglayerError(f"blob {digest} in {src.root} is not a regular file")
-            try:
-                actual = _sha256_fd(fd)
-            finally:
-                os.close(fd)
-            if actual != digest:
-                raise PkglayerError(f"blob {digest} in {src.root} is corrupt: its content has digest {actual}")
-            os.replace(tmp, final)
-        except BaseException:
-            unlink_quiet(tmp)
-            raise
-        fsync_dir(self.blobs)
-
-    def copy_blob(self, src: BlobDir, digest: str) -> None:
-        """Make `digest` present here as a copy of the one in `src`, verified before it
-        gets its final name (never a link: the two stay independent)."""
         fd = _open_regular(src.path(digest))
         if fd is None:
             raise PkglayerError(f"blob {digest} is missing from {src.root} or is not a regular file")
         try:
-            with self.writer() as w:
-                while chunk := os.read(fd, _CHUNK):
-                    w.write(chunk)
-                try:
-                    w.commit(expected_digest=digest)
-                except PkglayerError as e:
-                    raise PkglayerError(f"blob {digest} in {src.root} is corrupt: {e}") from None
+            st = os.fstat(fd)
+            if size is not None and st.st_size != size:
+                raise PkglayerError(f"blob {digest} in {src.root} is corrupt: it is {st.st_size} bytes, "
+                                    f"history says {size}")
+            if shareable(st) and self._link(src, digest, fd, st):
+                return
+            self._copy(src, digest, fd)
         finally:
             os.close(fd)
+
+    def copy_blob(self, src: BlobDir, digest: str, size: int | None = None) -> None:
+        """Make `digest` present here as a copy of the one in `src` (never a link: for
+        blobs of a published image handed to someone who may write to them), verified
+        before it gets its final name."""
+        if self.has_own(digest, size):
+            return
+        fd = _open_regular(src.path(digest))
+        if fd is None:
+            raise PkglayerError(f"blob {digest} is missing from {src.root} or is not a regular file")
+        try:
+            st = os.fstat(fd)
+            if size is not None and st.st_size != size:
+                raise PkglayerError(f"blob {digest} in {src.root} is corrupt: it is {st.st_size} bytes, "
+                                    f"history says {size}")
+            self._copy(src, digest, fd)
+        finally:
+            os.close(fd)
+
+    def _link(self, src: BlobDir, digest: str, fd: int, st: os.stat_result) -> bool:
+        """Publish the file `fd` (checked shareable) by a hard link, hashed first; False
+        where a link cannot be made (another filesystem) or the name now holds another file."""
+        self._ensure_dirs()
+        tmp = os.path.join(self.tmp, f"link-{secrets.token_hex(16)}.tmp")
+        try:
+            # follow_symlinks=False: a symlink swapped in is linked as a symlink, and then
+            # is not the file checked below.
+            os.link(src.path(digest), tmp, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if e.errno in _LINK_FALLBACK:
+                return False
+            raise PkglayerError(f"cannot link blob {digest} from {src.root}: {e.strerror}") from e
+        try:
+            linked = os.lstat(tmp)
+            if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):
+                unlink_quiet(tmp)
+                return False
+            actual = _sha256_fd(fd)
+            if actual != digest:
+                raise PkglayerError(f"blob {digest} in {src.root} is corrupt: its content has digest {actual}")
+            os.replace(tmp, self.path(digest))
+        except BaseException:
+            unlink_quiet(tmp)
+            raise
+        fsync_dir(self.blobs)
+        return True
+
+    def _copy(self, src: BlobDir, digest: str, fd: int) -> None:
+        """Copy from `fd`, hashing exactly the bytes written (the source may change meanwhile)."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        with self.writer() as w:
+            while chunk := os.read(fd, _CHUNK):
+                w.write(chunk)
+            try:
+                w.commit(expected_digest=digest)
+            except PkglayerError as e:
+                raise PkglayerError(f"blob {digest} in {src.root} is corrupt: {e}") from None
 
     def remove_stale_temps(self) -> list[str]:
         """Remove temp files of writers that are gone (see the module docstring); return their names."""

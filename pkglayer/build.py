@@ -207,7 +207,8 @@ def build(
         members, keys = layer_contents(plan.layers, ownership, settings.source_date_epoch, with_root)
         reuse = ReuseIndex(
             prior, settings.compression_spec, LAYER_MEDIA_TYPES[settings.compression], blobs, ownership,
-            settings.source_date_epoch, with_root,
+            settings.source_date_epoch, with_root, verify=settings.verify_reused,
+            digest_cache=settings.hash_cache_path,
         )
         write_started = time.time()
         outcomes, rejected, hashes = reuse_or_write(

@@ -70,6 +70,8 @@ def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
         changes["components"] = settings.components + tuple(spec_from_argument(c) for c in args.component)
     if args.big_file_size is not None:
         changes["big_file_size"] = args.big_file_size
+    if getattr(args, "verify_reused", False):
+        changes["verify_reused"] = True
     for name in ("compression", "max_layers"):
         value = getattr(args, name, None)
         if value is not None:
@@ -771,6 +773,9 @@ def make_parser() -> argparse.ArgumentParser:
         "into local storage, which keeps layers uncompressed)"
     )
     lay.add_argument("--level", type=int, metavar="N", help="compression level (default gzip 6, zstd 3)")
+    lay.add_argument("--verify-reused", action="store_true",
+                     help="read each reused blob through once and reuse it only if it holds the layer its "
+                     "history says (for input/ or layouts from elsewhere; see docs/security.md)")
     _plan_options(lay)
     _image_config_options(b.add_argument_group("image config"))
     _registry_flags(b)
@@ -891,7 +896,47 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stdout:
+    """stdout for a reader that may leave early (`pkglayer ctl build --wait | head -1`):
+    a closed pipe is not an error. The rest of the output is dropped quietly, as
+    coreutils do, and the command's exit status is its own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def _gone(self) -> None:
+        # What is still buffered, and later writes, go to /dev/null from now on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stdout, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _main(argv: list[str] | None) -> int:
     # A build allocates one small object per file and entry and frees them all at the
     # end: cyclic garbage collection passes over them cost ~5% and find nothing.
     gc.disable()

@@ -6,9 +6,11 @@ keeps the two in step.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -51,6 +53,9 @@ DEFAULT_EXCLUDES = (
 DEFAULT_DROP_XATTRS = ("security.selinux", "security.ima", "security.evm", "trusted.*")
 
 SYSTEM_CONFIG = "/etc/pkglayer/pkglayer.toml"
+# The latest time unpacking accepts (tarread.MAX_MTIME): SOURCE_DATE_EPOCH ends up in
+# every directory entry and in the image config.
+MAX_EPOCH = 2**34 - 1
 
 # Unowned files from this size on get components of their own (as chunkah's).
 DEFAULT_BIG_FILE_SIZE = 1 << 20
@@ -106,6 +111,8 @@ class BuildSettings:
     # [[component]] tables and --component: paths users group into components
     components: tuple[ComponentSpec, ...] = ()
     big_file_size: int = DEFAULT_BIG_FILE_SIZE
+    # read reused blobs through once and check the layer they hold (docs/security.md)
+    verify_reused: bool = False
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -149,8 +156,9 @@ class BuildSettings:
             raise ConfigError(f"replan-horizon must be between 0 and 10000 builds, not {self.replan_horizon}")
         if self.jobs < 1:
             raise ConfigError("jobs must be at least 1")
-        if self.source_date_epoch < 0:
-            raise ConfigError("source-date-epoch must not be negative")
+        if not 0 <= self.source_date_epoch <= MAX_EPOCH:
+            raise ConfigError(f"source-date-epoch must be between 0 and {MAX_EPOCH} (2514), "
+                              f"not {self.source_date_epoch}")
         if self.big_file_size < 1:
             raise ConfigError(f"big-file-size must be a positive size, not {self.big_file_size}")
         return self
@@ -168,12 +176,23 @@ _TOML_KEYS = {
     "source-date-epoch": int,
     "one-file-system": bool,
     "hash-cache": str,
+    "verify-reused": bool,
     "jobs": int,
     "big-file-size": (int, str),
 }
 
 
 MAX_CONFIG_BYTES = 1 << 20
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """What to add to "unknown setting": the known key it most resembles (state_dir:
+    state-dir), else the known keys."""
+    known = sorted(known)
+    match = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
+    if match:
+        return f" (did you mean {match[0]!r}?)"
+    return f" (known: {', '.join(known)})"
 
 
 def read_config(path: str) -> dict[str, Any]:
@@ -208,7 +227,7 @@ def load_settings(path: str | None = None, base: BuildSettings | None = None) ->
     for key, value in table.items():
         want = _TOML_KEYS.get(key)
         if want is None:
-            raise ConfigError(f"{path}: unknown setting build.{key}")
+            raise ConfigError(f"{path}: unknown setting build.{key}{did_you_mean(key, _TOML_KEYS)}")
         if key == "big-file-size":
             changes["big_file_size"] = parse_size(value, f"{path}: build.{key}")
             continue

@@ -1,18 +1,23 @@
 """File-safety primitives every module uses: a bounded read that never follows a symlink
-or blocks on a FIFO, an atomic small-file write, and a directory walk one component at a
-time without following links.
+or blocks on a FIFO, an atomic small-file write, a directory walk one component at a
+time without following links, and the removal of a tree of any depth.
+
+Nothing here recurses over path depth: a tree from an image may be as deep as its path
+limit allows (2,000 levels), far beyond Python's recursion limit.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
-import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import PkglayerError
+
+log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -94,10 +99,15 @@ def unlink_quiet(path: str | os.PathLike[str]) -> None:
         pass
 
 
-def open_dir_nofollow(base_fd: int, parts: Sequence[str], create_mode: int | None = None) -> int:
+def open_dir_nofollow(
+    base_fd: int,
+    parts: Sequence[str],
+    create_mode: int | None = None,
+    on_create: Callable[[], None] | None = None,
+) -> int:
     """Open base/parts[0]/.../parts[-1] as a directory, one component at a time, never
     following a symlink (a link swapped in fails instead of escaping). Missing components
-    are created with `create_mode` when it is given.
+    are created with `create_mode` when it is given, calling `on_create` for each.
 
     On failure the OSError's `filename` is the path, relative to the base, of the
     component that failed, so the caller can say what is in the way."""
@@ -110,6 +120,8 @@ def open_dir_nofollow(base_fd: int, parts: Sequence[str], create_mode: int | Non
                 except FileNotFoundError:
                     if create_mode is None:
                         raise
+                    if on_create is not None:
+                        on_create()
                     os.mkdir(part, create_mode, dir_fd=fd)
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                     os.fchmod(nfd, create_mode)  # not narrowed by the umask
@@ -159,5 +171,85 @@ class Workspace:
 
     def close(self) -> None:
         if self._path is not None:
-            shutil.rmtree(self._path, ignore_errors=True)
+            try:
+                remove_tree(self._path)
+            except OSError as e:
+                # Never hides the error that ended the work; says what is left behind.
+                log.warning("could not remove the working directory %s: %s", self._path, e.strerror or e)
             self._path = None
+
+
+def _ident(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _clear(fd: int) -> list[str]:
+    """Unlink every entry of the directory `fd` but its subdirectories; return those."""
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                try:
+                    os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+    return subdirs
+
+
+def remove_tree(name: str | os.PathLike[str], dir_fd: int | None = None) -> None:
+    """Remove `name` (relative to `dir_fd` when given) and, for a directory, everything
+    below it. Symlinks are removed, never followed. A missing `name` is no error.
+
+    Iterative and holding one directory open at a time, so any depth works (shutil.rmtree
+    recurses per level and keeps a descriptor per level). Going back up uses "..",
+    checked to be the very directory we came down from: a directory moved away meanwhile
+    stops the removal (OSError) instead of leading it elsewhere."""
+    name = os.fspath(name)
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    # From the top down to the directory `fd` is: (its name in its parent, its (dev, ino),
+    # subdirectories still to remove; None until it has been cleared).
+    path: list[tuple[str, tuple[int, int], list[str] | None]] = [(name, _ident(fd), None)]
+    try:
+        while True:
+            here, ident, pending = path[-1]
+            if pending is None:
+                pending = _clear(fd)
+                path[-1] = (here, ident, pending)
+            if pending:
+                child = pending.pop()
+                try:
+                    cfd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    os.unlink(child, dir_fd=fd)  # no longer a directory
+                    continue
+                os.close(fd)
+                fd = cfd
+                path.append((child, _ident(fd), None))
+                continue
+            path.pop()
+            if not path:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            if _ident(parent) != path[-1][1]:
+                os.close(parent)
+                raise OSError(errno.ESTALE, f"{here} was moved while being removed", name)
+            os.close(fd)
+            fd = parent
+            os.rmdir(here, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)

@@ -1,12 +1,19 @@
 """The configuration of the output image: the runtime config of a source image (or of
 another image or an inspect file, --config-from), with what the command line sets on top
-and the labels it removes."""
+and the labels it removes.
+
+A source config is untrusted: every string carried over must be text that can be
+written back (JSON allows lone surrogates, UTF-8 does not), and keys (labels, Env names)
+must be non-empty and free of control characters. `merge_config` checks all of it, and
+inputs.py calls it before anything is unpacked or written.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -20,6 +27,8 @@ log = logging.getLogger(__name__)
 MAX_CONFIG_FILE = 16 << 20
 # Labels that describe an ostree repository inside the image: stale once it is left out.
 OSTREE_LABEL_PREFIX = "ostree."
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _str_list(value: object, what: str) -> list[str] | None:
@@ -46,6 +55,20 @@ def _set(value: object, what: str) -> dict[str, dict] | None:
     return {k: {} for k in value}
 
 
+def _key(key: str, what: str) -> None:
+    if not key or _CONTROL.search(key):
+        raise ImageError(f"source image config: {what} key {key[:80]!r} is empty or holds control characters")
+
+
+def _writable(options: ImageOptions) -> None:
+    """Every string can be written back as UTF-8 JSON."""
+    try:
+        json.dumps(options.__dict__, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ImageError(f"source image config: a string is not valid Unicode ({e.reason}: "
+                         f"{e.object[max(e.start - 20, 0):e.end + 20]!r})") from None
+
+
 def merge_config(
     runtime: Mapping[str, Any] | None, cli: ImageOptions, remove_labels: Iterable[str] = ()
 ) -> ImageOptions:
@@ -55,6 +78,8 @@ def merge_config(
     if runtime is None:
         runtime = {}
     env = _str_list(runtime.get("Env"), "Env") or []
+    for item in env:
+        _key(item.partition("=")[0], "Env")
     for item in cli.env:
         key = item.partition("=")[0]
         env = [e for e in env if e.partition("=")[0] != key]
@@ -62,8 +87,10 @@ def merge_config(
     labels = runtime.get("Labels") or {}
     if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise ImageError("source image config: Labels must be an object of strings")
+    for key in labels:
+        _key(key, "Labels")
     drop = set(remove_labels)
-    return ImageOptions(
+    merged = ImageOptions(
         env=env,
         labels={k: v for k, v in {**labels, **cli.labels}.items() if k not in drop},
         cmd=cli.cmd if cli.cmd is not None else _str_list(runtime.get("Cmd"), "Cmd"),
@@ -74,6 +101,8 @@ def merge_config(
         volumes=_set(runtime.get("Volumes"), "Volumes"),
         stop_signal=_str(runtime.get("StopSignal"), "StopSignal"),
     )
+    _writable(merged)
+    return merged
 
 
 def config_from(spec: str, read_image) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import PkglayerError
 from .fsutil import Workspace
-from .layout import DEFAULT_LIMITS, Image, ImageError, Limits, Platform, open_layout
+from .imageconfig import merge_config
+from .layout import DEFAULT_LIMITS, Image, ImageError, ImageOptions, Limits, Platform, open_layout
 from .scan import Progress
 from .transports import STORAGE, check_readable, fetch, parse_image_ref
 from .unpack import unpack
@@ -92,7 +93,9 @@ def open_inputs(
     # Local storage keeps layers uncompressed: take them so rather than compressed anew.
     layout, tag = fetch(ref, work, "source", registry_options, decompress=ref.transport == STORAGE, what="--from")
     image = open_layout(layout, tag, limits)
+    # Everything copied from the source config is checked before anything is written.
     platform = image_platform(image, source_ref)
+    merge_config(image.runtime, ImageOptions())  # an unusable config fails before the unpack
     tree = work.path("rootfs")
     os.mkdir(tree, 0o755)
     stats = unpack(image, tree, limits, progress=progress)

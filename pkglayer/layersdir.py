@@ -16,14 +16,13 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import zlib
 from dataclasses import dataclass
 
 from . import __version__
 from .blobstore import BlobDir
 from .errors import HistoryError, PkglayerError
-from .fsutil import Workspace
+from .fsutil import Workspace, remove_tree
 from .history import NAME_RE, History, LayerRecord, load_history, save_history
 from .layout import DEFAULT_LIMITS, Image, Limits, Platform, open_layout
 from .mediatypes import LAYER_COMPRESSION, LAYER_MEDIA_TYPES
@@ -60,7 +59,7 @@ def init(directory: str, ref: ImageRef, work: Workspace, opts=None, limits: Limi
     output = os.path.join(directory, "output")
     if os.path.isdir(output):
         log.info("%s: emptied (its blobs belong to the previous build)", output)
-        shutil.rmtree(output)
+        remove_tree(output)
     input_blobs = BlobDir(os.path.join(directory, "input"), create=True)
     storage = ref.transport == STORAGE
     try:

@@ -6,7 +6,8 @@ the descriptor's and within `Limits`, and its sha256 must be the descriptor's di
 Layer blobs are not read here (see unpack.py for applying them, blobstore.py for copying).
 
 Writing takes pkglayer's LayerRecords, whose blobs already exist somewhere: they are
-imported (hard link or copy, always verified) from the first BlobDir that has them. The
+imported (always verified; a hard link only to a file nobody else can write, else a
+copy: blobstore.shareable) from the first BlobDir that has them. The
 config and manifest are serialised canonically, so the same layers and config always
 give the same manifest digest. `index.json` is updated as skopeo does: the manifest with
 the same ref name is replaced, others are kept.
@@ -173,12 +174,12 @@ def parse_json(data: bytes, what: str) -> dict[str, Any]:
 
 
 def check_bytes(data: bytes, desc: Descriptor, what: str) -> bytes:
-    """`data` is what `desc` describes (digest and size), or ImageError."""
+    """`data` is what `desc` describes (size, then digest), or ImageError."""
+    if len(data) != desc.size:
+        raise ImageError(f"{what} {desc.digest} is {len(data)} bytes, its descriptor says {desc.size}")
     actual = "sha256:" + hashlib.sha256(data).hexdigest()
     if actual != desc.digest:
         raise ImageError(f"{what} {desc.digest} does not match its digest: the content has {actual}")
-    if len(data) != desc.size:
-        raise ImageError(f"{what} {desc.digest} is {len(data)} bytes, its descriptor says {desc.size}")
     return data
 
 
@@ -216,6 +217,12 @@ def read_index(layout: str, limit: int, missing_ok: bool = False) -> dict[str, A
     return index
 
 
+def _ref_name(entry: object) -> object:
+    """An index entry's ref name; None when the entry or its annotations are malformed."""
+    notes = entry.get("annotations") if isinstance(entry, dict) else None
+    return notes.get(REF_NAME) if isinstance(notes, dict) else None
+
+
 def host_platform() -> tuple[str, str]:
     machine = platform.machine()
     return "linux", _GOARCH.get(machine, machine)
@@ -227,7 +234,7 @@ def pick_from_index(index: dict[str, Any], what: str, tag: str | None = None) ->
     if not isinstance(manifests, list):
         raise ImageError(f"{what}: no manifests array")
     if tag is not None:
-        named = [m for m in manifests if isinstance(m, dict) and (m.get("annotations") or {}).get(REF_NAME) == tag]
+        named = [m for m in manifests if _ref_name(m) == tag]
         if len(named) > 1:
             raise ImageError(f"{what}: {len(named)} manifests are tagged {tag!r}")
         if named:
@@ -250,7 +257,7 @@ def tag_of(layout: str, digest: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """The ref name index.json gives the manifest `digest` (skopeo needs one)."""
     for m in read_index(layout, limits.index_bytes)["manifests"]:
         if isinstance(m, dict) and m.get("digest") == digest:
-            name = (m.get("annotations") or {}).get(REF_NAME)
+            name = _ref_name(m)
             if isinstance(name, str) and REF_RE.fullmatch(name):
                 return name
     raise PkglayerError(f"oci:{layout}: the image has no tag; give oci:{layout}:TAG")
@@ -465,13 +472,13 @@ def write_image(
 def _import_layer(dest: BlobDir, layer: LayerRecord, sources: Sequence[BlobDir]) -> None:
     if not is_oci_layer(layer.media_type):
         raise PkglayerError(f"layer {layer.name}: unknown media type {layer.media_type!r}")
-    if not dest.verify(layer.digest, layer.size):
+    if not dest.has_own(layer.digest, layer.size):
         problems: list[str] = []
         for source in sources:
             if not source.has(layer.digest):
                 continue
             try:
-                dest.import_blob(source, layer.digest)
+                dest.import_blob(source, layer.digest, layer.size)
                 break
             except PkglayerError as e:  # a corrupt copy: try the next source
                 problems.append(str(e))
@@ -541,7 +548,7 @@ def _update_index(layout_dir: str, tag: str, descriptor_: dict[str, Any]) -> Non
         manifests: list[Any] = []
         replaced = False
         for entry in index["manifests"]:
-            if isinstance(entry, dict) and (entry.get("annotations") or {}).get(REF_NAME) == tag:
+            if _ref_name(entry) == tag:
                 if not replaced:  # keep the tag's position in the list
                     manifests.append(descriptor_)
                     replaced = True

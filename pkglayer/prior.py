@@ -62,9 +62,10 @@ class LayerCache(Protocol):
     def add(self, record: LayerRecord, source: BlobDir) -> None:
         """Take the blob `record.digest` from `source` (just written, trusted) into the cache."""
 
-    def export(self, digest: str, dest: BlobDir) -> None:
-        """Make the cached blob present in `dest` (a hard link where possible). Cached blobs
-        are trusted like fresh ones: only the cache's owner writes them, always by rename."""
+    def export(self, digest: str, dest: BlobDir, size: int | None = None) -> None:
+        """Make the cached blob (of `size` bytes) present in `dest` (a hard link where
+        possible). Cached blobs are trusted like fresh ones: only the cache's owner writes
+        them, always by rename."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,9 @@ def plan_from_image(image: Image, where: str, blobs_as_labelled: bool = True) ->
         raise ImageError(
             f"{where}: label {HISTORY_LABEL} lists {labelled} layers, the manifest {len(image.layers)}"
         )
-    entries = [h for h in image.config.get("history") or [] if isinstance(h, dict) and not h.get("empty_layer")]
+    raw_entries = image.config.get("history")
+    entries = [h for h in raw_entries if isinstance(h, dict) and not h.get("empty_layer")] \
+        if isinstance(raw_entries, list) else []
     for i, (rec, desc, diff_id) in enumerate(zip(history.layers, image.layers, image.diff_ids)):
         if blobs_as_labelled and (rec.digest, rec.size, rec.media_type) != (desc.digest, desc.size, desc.media_type):
             raise ImageError(f"{where}: label {HISTORY_LABEL} layer {i} ({rec.name}) does not match the "

@@ -12,22 +12,34 @@ In this order:
 
 A prior blob is reusable only when it was made with the same compression spec and media
 type: the content key names the uncompressed tar, the spec the compressed bytes.
+
+history.json (and a plan label) is trusted to pair a content key with a blob: a blob is
+checked against its digest and size, not against the key. With `verify` (--verify-reused)
+a blob reused by key is also read through once, and reused only if the layer it holds
+has that content key and diff_id; the result is remembered in the digest cache for as
+long as the blob file's inode, size, mtime and ctime stay the same (docs/security.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass, replace
 
 from .blobstore import BlobDir
 from .errors import PkglayerError
+from .hashcache import HashCache
 from .history import LayerRecord
 from .ownership import Ownership
 from .plan import PlannedLayer
 from .prior import Prior
-from .pristine import is_pristine_layer
+from .pristine import blob_identity, is_pristine_layer
 from .tarwriter import layer_members
 from .zstd_chunked import read_annotations
+
+# The digest-cache "algorithm" under which a blob's checked identity is remembered.
+_IDENTITY = "layer-identity-v1"
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +53,12 @@ class Reuse:
 class ReuseIndex:
     def __init__(
         self, prior: Prior, compression: str, media_type: str, output: BlobDir, ownership: Ownership, dir_mtime: int,
-        with_root: bool = False,
+        with_root: bool = False, verify: bool = False, digest_cache: str | None = None,
     ):
         self.prior = prior
+        self.verify = verify
+        self.digest_cache = digest_cache
+        self._identities: dict[str, HashCache] = {}
         self.compression = compression
         self.media_type = media_type
         self.output = output
@@ -69,7 +84,13 @@ class ReuseIndex:
             return cached, None
         exact = self.by_key.get(key)
         if exact is not None:
-            if self._blob_dir(exact) is not None or exact.digest in self.prior.remote_blobs:
+            src = self._blob_dir(exact)
+            if src is not None and self.verify and not self._holds(src, exact):
+                return None, (
+                    f"input blob {exact.digest} in {src.root} for layer {layer.name} does not hold the layer "
+                    "its history says (content key or diff_id differ); rebuilding the layer"
+                )
+            if src is not None or exact.digest in self.prior.remote_blobs:
                 return Reuse(_renamed(exact, layer)), None
             return None, (
                 f"input blob {exact.digest} for layer {layer.name} is missing or does not "
@@ -98,7 +119,7 @@ class ReuseIndex:
         out = self.output
         if out is not cache.blobs and not (out.has(rec.digest) and out.size(rec.digest) == rec.size):
             try:
-                cache.export(rec.digest, out)
+                cache.export(rec.digest, out, rec.size)
             except (PkglayerError, OSError) as e:  # evicted meanwhile: write it instead
                 log.warning("layer cache: %s", e)
                 return None
@@ -106,6 +127,28 @@ class ReuseIndex:
 
     def _blob_dir(self, rec: LayerRecord) -> BlobDir | None:
         return next((d for d in self.sources if d.has(rec.digest) and d.verify(rec.digest, rec.size)), None)
+
+    def _holds(self, src: BlobDir, rec: LayerRecord) -> bool:
+        """The blob (already checked against its digest) holds the layer of `rec`'s
+        content key and diff_id; read through once per blob file, then remembered."""
+        cache = self._identities.get(src.root)
+        if cache is None:
+            cache = self._identities[src.root] = HashCache(self.digest_cache)
+            cache.load(os.path.realpath(src.root))
+        try:
+            st = os.lstat(src.path(rec.digest))
+        except OSError:
+            return False
+        known = cache.get(st, (_IDENTITY,))
+        if known is None:
+            started = time.time()
+            found = blob_identity(src, rec)
+            if found is None:
+                return False
+            known = {_IDENTITY: f"{rec.digest} {found[0]} {found[1]}"}
+            cache.put(st, known, started)
+            cache.save()
+        return known[_IDENTITY] == f"{rec.digest} {rec.content_key} {rec.diff_id}"
 
     def _pristine(self, layer: PlannedLayer) -> LayerRecord | None:
         own = self.ownership

@@ -278,14 +278,24 @@ class FileOpener:
         if fd is not None:
             self._dirs.move_to_end(rel)
             return fd
-        if rel:
-            parent, _, name = rel.rpartition("/")
-            fd = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir(parent)
-            )
-        else:
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.rootfs._fd)
+        # From the nearest open ancestor down, one component at a time (a loop, not a
+        # recursion: trees may be thousands of levels deep).
+        parts = rel.split("/") if rel else []
+        i = len(parts) - 1
+        while i > 0 and "/".join(parts[:i]) not in self._dirs:
+            i -= 1
+        if i <= 0 and "" not in self._dirs:
+            self._add("", os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.rootfs._fd))
+        fd = self._dirs["/".join(parts[:max(i, 0)])]
+        for j in range(max(i, 0), len(parts)):
+            # The parent was added last, so _add never evicts it before this open.
+            child = os.open(parts[j], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            fd = self._add("/".join(parts[: j + 1]), child)
+        return fd
+
+    def _add(self, rel: str, fd: int) -> int:
         self._dirs[rel] = fd
+        self._dirs.move_to_end(rel)
         if len(self._dirs) > self.max_dirs:
             os.close(self._dirs.popitem(last=False)[1])
         return fd

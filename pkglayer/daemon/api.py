@@ -10,7 +10,9 @@
 
 Errors are JSON too: {"error": {"status": 404, "message": "..."}}: 400 malformed
 request, 404 unknown root/build/path, 405 wrong method, 409 the root cannot be built
-now (missing, no output), 503 the daemon is stopping.
+now (missing, no output), 503 the daemon is stopping. Any client can send anything: a
+malformed request is answered with 400 and logged as one warning line; only a fault of
+the daemon's own is logged as an error (with its traceback, in one journal entry).
 
 The socket file is bound under a temporary name, given its owner (root and the optional
 group) and mode (0660 with a group, else 0600) before listen(), and only then renamed
@@ -28,10 +30,12 @@ import math
 import os
 import socket
 import stat
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .. import __version__
 from ..errors import PkglayerError
@@ -49,6 +53,10 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"status": status, "message": message}}, status=status)
 
 
+def _line(text: object, limit: int = 200) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
 @web.middleware
 async def _json_errors(request: web.Request, handler):
     try:
@@ -61,7 +69,26 @@ async def _json_errors(request: web.Request, handler):
             message = f"no such endpoint: {request.method} {request.path}"
         if e.status == 405:
             message = f"method {request.method} is not allowed on {request.path}"
+        if e.status == 400:
+            log.warning("bad request %s %s: %s", request.method, _line(request.path, 100), _line(message))
         return _error(e.status, message)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("request %s %s failed", request.method, _line(request.path, 100))
+        return _error(500, "internal error (see the daemon's log)")
+
+
+class _ProtocolLog(logging.LoggerAdapter):
+    """aiohttp's server logger, for requests that never reach a handler (not HTTP, bad
+    headers, a body too large): one warning line each, not a traceback per client."""
+
+    def log(self, level, msg, *args, exc_info=None, **kwargs):  # type: ignore[override]
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1] if exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            self.logger.warning("malformed request: %s", _line(exc.message or exc))
+        else:
+            self.logger.log(level, msg, *args, exc_info=exc_info, **kwargs)
 
 
 def bind_unix_socket(path: str, group: str | None) -> socket.socket:
@@ -129,7 +156,10 @@ class ApiServer:
         sock = bind_unix_socket(path, group)
         st = os.stat(path)
         self.path, self._ident = path, (st.st_dev, st.st_ino)
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # shutdown_timeout: requests still open when the daemon stops get 2 s (their
+        # builds have been settled by then, see Daemon._shutdown).
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                                    logger=_ProtocolLog(log, {}))
         await self.runner.setup()
         await web.SockSite(self.runner, sock).start()
 
@@ -153,17 +183,25 @@ class ApiServer:
         return state
 
     async def health(self, request: web.Request) -> web.Response:
+        """status: "ok"; "starting"; "stuck" (some work has not progressed for
+        daemon.stall-timeout seconds: `stuck` lists it); "stopping"."""
         d = self.daemon
-        errors = sorted(s.name for s in d.roots.values() if s.error)
+        errors = sorted(s.name for s in d.roots.values() if s.state == "error")
+        now = time.monotonic()
+        stuck = d.stuck()
+        status = "stopping" if d.stopping else "stuck" if stuck else "starting" if not d.ready else "ok"
         return web.json_response(
             {
-                "status": "stopping" if d.stopping else "ok" if d.ready else "starting",
+                "status": status,
                 "version": __version__,
                 "pid": os.getpid(),
                 "uptime": round(time.time() - d.started, 3),
                 "roots": len(d.roots),
                 "rootsWithErrors": errors,
                 "ready": d.ready,
+                "work": [w.to_json(now) for w in d.work.values()],
+                "stuck": [w.to_json(now) for w in stuck],
+                "stallTimeout": d.config.stall_timeout,
                 "memory": await d.memory(),
             }
         )
@@ -184,20 +222,21 @@ class ApiServer:
             if raw.strip():
                 try:
                     body = json.loads(raw)
-                except (ValueError, UnicodeDecodeError) as e:
-                    return _error(400, f"request body is not valid JSON: {e}")
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                    raise web.HTTPBadRequest(text=f"request body is not valid JSON: {_line(e)}") from None
         if not isinstance(body, dict):
-            return _error(400, "request body must be a JSON object")
+            raise web.HTTPBadRequest(text="request body must be a JSON object")
         unknown = sorted(set(body) - {"wait", "timeout"})
         if unknown:
-            return _error(400, f"unknown field {unknown[0]!r} in request body (known: wait, timeout)")
+            raise web.HTTPBadRequest(text=f"unknown field {_line(unknown[0], 80)!r} in request body "
+                                     "(known: wait, timeout)")
         wait = body.get("wait", _flag(request.query.get("wait")))
         if not isinstance(wait, bool):
-            return _error(400, "'wait' must be true or false")
+            raise web.HTTPBadRequest(text="'wait' must be true or false")
         timeout = body.get("timeout", request.query.get("timeout", _MAX_WAIT))
         timeout = _seconds(timeout)
         if timeout is None:
-            return _error(400, "'timeout' must be a positive number of seconds")
+            raise web.HTTPBadRequest(text="'timeout' must be a positive number of seconds")
         cfg = state.config
         if not cfg.output and not cfg.layers:
             return _error(409, f"root {cfg.name} has no output or layers directory configured")
@@ -220,7 +259,7 @@ class ApiServer:
         if "wait" in request.query:
             timeout = _seconds(request.query["wait"] or _MAX_WAIT)
             if timeout is None:
-                return _error(400, "'wait' must be a positive number of seconds")
+                raise web.HTTPBadRequest(text="'wait' must be a positive number of seconds")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(job.done.wait(), timeout)
         return web.json_response({"build": job.to_json()})

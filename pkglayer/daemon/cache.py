@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..blobstore import BlobDir
+from ..blobstore import BlobDir, shareable
 from ..errors import PkglayerError
 from ..fsutil import fsync_dir
 from ..history import LayerRecord
@@ -186,7 +186,7 @@ class LayerCache:
 
     def add(self, record: LayerRecord, source: BlobDir) -> None:
         if os.path.realpath(source.root) != self.root:
-            _link_in(source, self.blobs, record.digest)
+            _link_in(source, self.blobs, record.digest, record.size)
         now = time.time()
         with self._db_lock, self._db:
             self._db.execute(
@@ -196,8 +196,8 @@ class LayerCache:
             )
         self.added += 1
 
-    def export(self, digest: str, dest: BlobDir) -> None:
-        _link_in(self.blobs, dest, digest, overwrite=True)
+    def export(self, digest: str, dest: BlobDir, size: int | None = None) -> None:
+        _link_in(self.blobs, dest, digest, size, overwrite=True)
 
     # ---------------------------------------------------------------- bounds
 
@@ -263,11 +263,21 @@ class LayerCache:
             os.close(fd)
 
 
-def _link_in(source: BlobDir, dest: BlobDir, digest: str, overwrite: bool = False) -> None:
+def _link_in(source: BlobDir, dest: BlobDir, digest: str, size: int | None = None, overwrite: bool = False) -> None:
     """Put a blob this process has just written and hashed into `dest` without hashing
-    it again: a hard link (a copy across filesystems), published by rename. With
-    `overwrite`, a file already under that name (maybe damaged) is replaced."""
+    it again: a hard link, published by rename. Only a file that is `shareable` (ours,
+    read-only) is linked: anything else under that name (a file someone swapped into an
+    output directory they can write) is copied and verified instead, as is a blob on
+    another filesystem. With `overwrite`, a file already under that name (maybe damaged)
+    is replaced."""
     if not overwrite and dest.has(digest):
+        return
+    try:
+        st = os.lstat(source.path(digest))
+    except FileNotFoundError:
+        raise PkglayerError(f"blob {digest} is missing from {source.root}") from None
+    if not shareable(st):
+        dest.import_blob(source, digest, size)  # copies and verifies
         return
     tmp = os.path.join(dest.tmp, f"link-{os.urandom(16).hex()}.tmp")
     os.makedirs(dest.tmp, exist_ok=True)
@@ -276,9 +286,14 @@ def _link_in(source: BlobDir, dest: BlobDir, digest: str, overwrite: bool = Fals
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
             raise PkglayerError(f"cannot add blob {digest} to the layer cache: {e.strerror}") from e
-        dest.import_blob(source, digest)  # copies and verifies
+        dest.import_blob(source, digest, size)  # copies and verifies
         return
     try:
+        linked = os.lstat(tmp)
+        if (linked.st_dev, linked.st_ino) != (st.st_dev, st.st_ino):  # swapped meanwhile
+            os.unlink(tmp)
+            dest.import_blob(source, digest, size)
+            return
         os.replace(tmp, dest.path(digest))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

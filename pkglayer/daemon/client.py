@@ -123,6 +123,10 @@ def run_ctl(args) -> int:
         out.append(f"{data['status']}: pkglayer {data['version']} pid {data['pid']}, up {data['uptime']:.0f} s, "
                    f"{data['roots']} roots" + (f", errors in: {', '.join(data['rootsWithErrors'])}"
                                                if data["rootsWithErrors"] else ""))
+        for work in data.get("stuck") or []:
+            out.append(f"stuck: {work['what']}: no progress for {work['idleSeconds']:.0f} s"
+                       + (f" (in {work['phase']})" if work.get("phase") else ""))
+        code = 0 if data["status"] == "ok" else 1
     elif args.action == "roots":
         data = request(sock, "GET", "/v1/roots")
         out += _roots_table(data["roots"])
@@ -163,9 +167,12 @@ def run_ctl(args) -> int:
                        body={"wait": bool(args.wait), "timeout": args.timeout},
                        timeout=args.timeout + 30 if args.wait else 30)
         build = data["build"]
-        out += _build_lines(build)
-        if args.wait and build["state"] != "succeeded":
-            code = 1
+        if args.wait:
+            out += _build_lines(build)
+            code = 0 if build["state"] == "succeeded" else 1
+        else:
+            # The answer comes before anything is built: say so, and how to follow it.
+            out.append(f"queued build {build['id']} of {build['root']}; pkglayer ctl wait {build['id']}")
     elif args.action == "wait":
         data = request(sock, "GET", f"/v1/builds/{args.name}?wait={args.timeout}", timeout=args.timeout + 30)
         out += _build_lines(data["build"])

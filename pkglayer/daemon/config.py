@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import COMPRESSIONS, BuildSettings, components_from, load_settings, parse_size, read_config
+from ..config import COMPRESSIONS, BuildSettings, components_from, did_you_mean, load_settings, parse_size, read_config
 from ..errors import ConfigError, PkglayerError
 from ..layout import parse_layout_ref
 from ..sources import source_formats
@@ -21,6 +21,12 @@ from ..sources import source_formats
 DEFAULT_SOCKET = "/run/pkglayer/pkglayer.sock"
 DEFAULT_STATE_DIR = "/var/lib/pkglayer"
 DEFAULT_CACHE_SIZE = 20 * 1000**3
+# Work reported stuck by `health` when it has not progressed for this long: longer than
+# the slowest single layer write (a build reports progress per file hashed and per layer).
+DEFAULT_STALL_TIMEOUT = 600.0
+# How long SIGTERM waits for work in progress: below systemd/pkglayer.service's
+# TimeoutStopSec=120, after which systemd would SIGKILL.
+DEFAULT_STOP_TIMEOUT = 90.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -45,6 +51,8 @@ class DaemonConfig:
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     cache_max_size: int = DEFAULT_CACHE_SIZE
     parallel_builds: int = 1
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
     roots: tuple[RootConfig, ...] = ()
     path: str | None = None  # the file it came from
 
@@ -62,11 +70,13 @@ class _Table:
     def __init__(self, table: dict[str, Any], where: str):
         self.table = dict(table)
         self.where = where
+        self.known: set[str] = set()  # every key asked for: the table's valid keys by done()
 
     def key(self, name: str) -> str:
         return f"{self.where}.{name}"
 
     def take(self, name: str, kind: type | tuple[type, ...], what: str, default: Any = None) -> Any:
+        self.known.add(name)
         if name not in self.table:
             return default
         value = self.table.pop(name)
@@ -88,7 +98,7 @@ class _Table:
     def done(self) -> None:
         if self.table:
             unknown = sorted(self.table)[0]
-            raise ConfigError(f"{self.key(unknown)}: unknown setting")
+            raise ConfigError(f"{self.key(unknown)}: unknown setting{did_you_mean(unknown, self.known)}")
 
 
 def load_daemon_config(path: str) -> DaemonConfig:
@@ -103,7 +113,10 @@ def load_daemon_config(path: str) -> DaemonConfig:
 def _parse(data: dict[str, Any], path: str, defaults: BuildSettings) -> DaemonConfig:
     unknown = sorted(set(data) - {"build", "component", "daemon", "root"})
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown table (expected [build], [[component]], [daemon], [[root]])")
+        raise ConfigError(
+            f"{unknown[0]}: unknown table{did_you_mean(unknown[0], ('build', 'component', 'daemon', 'root'))}; "
+            "expected [build], [[component]], [daemon], [[root]]"
+        )
     raw = data.get("daemon", {})
     if not isinstance(raw, dict):
         raise ConfigError("daemon: must be a table ([daemon])")
@@ -133,6 +146,12 @@ def _parse(data: dict[str, Any], path: str, defaults: BuildSettings) -> DaemonCo
         raise ConfigError(f"daemon.parallel-builds: must be a positive integer, not {parallel}")
     size_raw = t.take("cache-max-size", (int, str), "a size", DEFAULT_CACHE_SIZE)
     cache_max = parse_size(size_raw, "daemon.cache-max-size")
+    timeouts = {}
+    for key, default in (("stall-timeout", DEFAULT_STALL_TIMEOUT), ("stop-timeout", DEFAULT_STOP_TIMEOUT)):
+        value = t.take(key, (int, float), "a positive number of seconds", default)
+        if not 0 < value <= 86400:
+            raise ConfigError(f"daemon.{key}: must be a positive number of seconds (at most 86400), not {value}")
+        timeouts[key.replace("-", "_")] = float(value)
     t.done()
 
     raw_roots = data.get("root", [])
@@ -159,6 +178,7 @@ def _parse(data: dict[str, Any], path: str, defaults: BuildSettings) -> DaemonCo
         jobs=jobs,
         cache_max_size=cache_max,
         parallel_builds=parallel,
+        **timeouts,
         roots=tuple(roots),
         path=os.path.abspath(path),
     )

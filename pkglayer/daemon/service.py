@@ -2,6 +2,12 @@
 sd_notify and logging. Everything that touches the state runs on the event loop; scans
 and builds run in a thread pool (tar, compression and hashing release the GIL, and
 `build()` fans layer writes out over `jobs` threads of its own).
+
+Nothing can wedge it for good (docs/security.md): a reload reads the configuration in a
+thread of its own, with a time limit, never in the build pool; every piece of pool work
+is tracked, and `health` reports work that has not progressed for `stall-timeout`
+seconds as stuck; SIGTERM waits at most `stop-timeout` seconds for work in progress and
+then exits without it (its temporary blob files are removed at the next start).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +31,7 @@ import aiofiles
 
 from .. import __version__
 from ..errors import HistoryError, PkglayerError
-from ..fsutil import write_file_atomic
+from ..fsutil import read_regular, write_file_atomic
 from ..history import History, dumps_history, parse_history
 from ..layout import parse_layout_ref
 from ..rootfs import Rootfs
@@ -37,6 +44,12 @@ from .watch import Watcher, transaction_running, watch_targets
 log = logging.getLogger("pkglayer.daemon")
 
 _MAX_BUILD_RECORDS = 200
+_MAX_RECORD_BYTES = 64 << 20
+# Reading and checking the configuration takes milliseconds; a file system that hangs
+# must not take the reload (or anything else) with it.
+RELOAD_TIMEOUT = 10.0
+# States in which a root has nothing pending: what it shows is what its tree holds now.
+SETTLED = ("ready", "idle", "error", "missing")
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
@@ -72,6 +85,22 @@ def setup_logging(level: str) -> None:
 class Cancelled(Exception):
     """Raised from a build's progress callback when the daemon stops: `build()` starts no
     more layers, lets the ones being written finish, and drops nothing half-written."""
+
+
+@dataclass
+class Work:
+    """A piece of work running in a thread: what it is, and when it last made progress
+    (a build reports each phase, file and layer; anything else only when it ends)."""
+
+    what: str
+    root: str | None
+    started: float = field(default_factory=time.monotonic)
+    progressed: float = field(default_factory=time.monotonic)
+    phase: str | None = None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {"what": self.what, "root": self.root, "phase": self.phase,
+                "seconds": round(now - self.started, 1), "idleSeconds": round(now - self.progressed, 1)}
 
 
 @dataclass
@@ -163,6 +192,7 @@ class RootState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
     removed: bool = False
+    started: bool = False  # its initial inspection is done and its first work is due
 
     @property
     def name(self) -> str:
@@ -173,16 +203,26 @@ class RootState:
         return self.timer is not None or self.dirty or self.prebuild_wanted or bool(self.queue)
 
     @property
+    def failed_prebuild(self) -> str | None:
+        last = self.last_prebuild
+        return last.get("error") if last and not last.get("ok") else None
+
+    @property
     def state(self) -> str:
+        """One word for scripts (README, "ctl status"): starting, scanning, prebuilding,
+        building, waiting (a change or request is pending), or settled (SETTLED): ready,
+        idle, error, missing."""
+        if not self.started:
+            return "starting"
         if self.activity:
             return self.activity
-        if self.timer is not None or self.dirty or self.prebuild_wanted:
+        if self.pending:
             return "waiting"
         if not self.exists:
             return "missing"
-        if self.error:
+        if self.error or (self.config.auto_build and self.failed_prebuild):
             return "error"
-        if self.config.auto_build and self.last_prebuild and self.last_prebuild.get("ok"):
+        if self.config.auto_build and self.last_prebuild:
             return "ready"
         return "idle"
 
@@ -205,7 +245,7 @@ class RootState:
             "builds": self.builds,
             "layersWritten": self.layers_written,
             "layersFromCache": self.layers_from_cache,
-            "error": self.error,
+            "error": self.error or (self.failed_prebuild if self.config.auto_build else None),
             "lastBuild": self.last_build,
         }
 
@@ -251,6 +291,10 @@ class Daemon:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool = ThreadPoolExecutor(max_workers=config.parallel_builds + 2, thread_name_prefix="pkglayer-work")
+        # Reloads have a thread of their own: a configuration that cannot be read must
+        # not take a build's thread (nor builds a reload's).
+        self._reload_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkglayer-reload")
+        self.work: dict[int, Work] = {}
         self._slots = asyncio.Semaphore(config.parallel_builds)
         self.watcher: Watcher | None = None
         self.api = None
@@ -265,8 +309,8 @@ class Daemon:
         cfg = self.config
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         self._status("opening the layer cache")
-        self.cache = await loop.run_in_executor(self._pool, LayerCache, cfg.cache_dir, cfg.cache_max_size)
-        checked = await loop.run_in_executor(self._pool, self.cache.check)
+        self.cache = await self._run("opening the layer cache", None, LayerCache, cfg.cache_dir, cfg.cache_max_size)
+        checked = await self._run("checking the layer cache", None, self.cache.check)
         log.info(
             "layer cache %s: %d layers; removed %d stale temp files, %d orphan blobs, %d broken entries",
             cfg.cache_dir, checked["entries"], checked["temps"], checked["orphans"], checked["dropped"],
@@ -281,31 +325,45 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
 
         self._status(f"initial scan of {len(cfg.roots)} roots")
-        await asyncio.gather(*(self._add_root(r) for r in cfg.roots))
-        self.ready = True
-        self.notifier.notify(READY=1, STATUS=self._status_line())
-        log.info("ready: %s", self._status_line())
         pinger = asyncio.create_task(self._watchdog_pings())
-        for state in self.roots.values():
-            if state.config.auto_build and state.exists and not state.error:
-                state.prebuild_wanted = True
+        starting = asyncio.ensure_future(asyncio.gather(*(self._add_root(r) for r in cfg.roots)))
+        stop = asyncio.ensure_future(self._stop.wait())
+        # A stop request is served during the initial scans too (a root may hang them).
+        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done() and not self.stopping:
+            starting.result()
+            for state in self.roots.values():
+                state.started = True
                 state.wake.set()
-        await self._stop.wait()
-        await self._shutdown()
+            self.ready = True
+            self.notifier.notify(READY=1, STATUS=self._status_line())
+            log.info("ready: %s", self._status_line())
+        await stop
+        abandoned = await self._shutdown()
         pinger.cancel()
+        if abandoned:
+            # Threads stuck in a system call cannot be stopped from Python, and the
+            # interpreter would wait for them at exit: leave now. What they leave behind
+            # (temp files, an index transaction) is what a crash leaves, and the next
+            # start cleans it up.
+            logging.shutdown()
+            os._exit(0)
         return 0
 
     def request_stop(self) -> None:
         if self.stopping:
             return
         self.stopping = True
-        log.info("stopping: no new work; layer writes in progress finish")
+        log.info("stopping: no new work; work in progress has %g s to finish", self.config.stop_timeout)
         self.notifier.notify(STOPPING=1, STATUS="stopping")
         self._stop.set()
 
-    async def _shutdown(self) -> None:
-        assert self.api is not None and self.watcher is not None
-        await self.api.stop()
+    async def _shutdown(self) -> list[str]:
+        """Stop within `stop-timeout`: queued builds are cancelled, running ones stop at
+        their next layer (Cancelled), and work still running at the deadline is abandoned
+        (its jobs marked cancelled). Returns what was abandoned."""
+        assert self.api is not None and self.watcher is not None and self._loop is not None
+        deadline = self._loop.time() + self.config.stop_timeout
         self.watcher.stop()
         for state in self.roots.values():
             if state.timer:
@@ -316,12 +374,46 @@ class Daemon:
             state.queue.clear()
             state.wake.set()
         workers = [s.worker for s in self.roots.values() if s.worker]
-        await asyncio.gather(*workers, return_exceptions=True)
-        self._pool.shutdown(wait=True)
-        if self.cache:
-            self.cache.close()
+        if workers:
+            await asyncio.wait(workers, timeout=max(0.0, deadline - self._loop.time()))
+        abandoned = [w.what for w in self.work.values()]
+        if abandoned:
+            log.warning("stopping: %s did not finish within %g s; exiting without it (its temporary files "
+                        "are removed at the next start)", "; ".join(abandoned), self.config.stop_timeout)
+            for job in self.builds.values():
+                if not job.done.is_set():
+                    self._finish(job, "cancelled", error="the daemon stopped during the build")
+        await self.api.stop()
+        if not abandoned:
+            self._pool.shutdown(wait=True)
+            self._reload_pool.shutdown(wait=True)
+            if self.cache:
+                self.cache.close()
         self.notifier.close()
         log.info("stopped")
+        return abandoned
+
+    async def _run(self, what: str, root: str | None, fn: Callable[..., Any], *args: Any,
+                   reports: bool = False) -> Any:
+        """fn(*args) in the pool, tracked in `work` (for `health` and the shutdown).
+        With `reports`, fn gets the Work as a last argument, to record its progress."""
+        item = Work(what, root)
+        return await self._track(item, self._pool, fn, *args, *((item,) if reports else ()))
+
+    def _track(self, item: Work, pool: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Submit fn(*args) and keep `item` in `work` until the thread is done: also when
+        whoever awaits it has given up (a timeout, a stop)."""
+        assert self._loop is not None
+        loop = self._loop
+        self.work[id(item)] = item
+        future = pool.submit(fn, *args)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self.work.pop, id(item), None))
+        return asyncio.wrap_future(future)
+
+    def stuck(self) -> list[Work]:
+        """Work that has not progressed for `stall-timeout` seconds."""
+        now = time.monotonic()
+        return [w for w in self.work.values() if now - w.progressed > self.config.stall_timeout]
 
     # ------------------------------------------------- small files (aiofiles)
 
@@ -331,19 +423,21 @@ class Daemon:
     async def _load_record(self, state: RootState) -> None:
         """The last build of a root and its layer plan survive restarts
         (state-dir/roots/NAME.json)."""
+        path = self._record_path(state.name)
         try:
-            async with aiofiles.open(self._record_path(state.name), "rb") as f:
-                data = json.loads(await f.read())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            log.warning("root %s: ignoring unreadable %s: %s", state.name, self._record_path(state.name), e)
+            raw = await self._run(f"reading {path}", state.name, read_regular, path, _MAX_RECORD_BYTES,
+                                  "root record", PkglayerError, True)
+            if raw is None:
+                return
+            data = json.loads(raw)
+        except (PkglayerError, ValueError, RecursionError) as e:
+            log.warning("root %s: ignoring unreadable %s: %s", state.name, path, e)
             return
         if isinstance(data, dict) and isinstance(data.get("lastBuild"), dict):
             state.last_build = data["lastBuild"]
         if isinstance(data, dict) and isinstance(data.get("plan"), dict):
             try:
-                state.plan = parse_history(json.dumps(data["plan"]).encode(), f"{self._record_path(state.name)}: plan")
+                state.plan = parse_history(json.dumps(data["plan"]).encode(), f"{path}: plan")
             except HistoryError as e:
                 log.warning("root %s: ignoring the saved plan: %s", state.name, e)
 
@@ -358,7 +452,7 @@ class Daemon:
             write_file_atomic(path, data, mode=0o600)
 
         try:
-            await self._loop.run_in_executor(self._pool, save)
+            await self._run(f"saving {path}", state.name, save)
         except OSError as e:
             log.warning("root %s: cannot save %s: %s", state.name, path, e)
 
@@ -402,9 +496,18 @@ class Daemon:
         path = self.config.path
         if path is None or self.stopping:
             return False
+        if any(w.what.startswith("reloading ") for w in self.work.values()):
+            log.error("reload: the previous reload is still reading %s; ignoring this one", path)
+            return False
         self.notifier.notify(RELOADING=1, MONOTONIC_USEC=int(time.monotonic() * 1e6), STATUS="reloading")
+        future = self._track(Work(f"reloading {path}", None), self._reload_pool, load_daemon_config, path)
         try:
-            new = await self._loop.run_in_executor(self._pool, load_daemon_config, path)
+            new = await asyncio.wait_for(future, RELOAD_TIMEOUT)
+        except TimeoutError:
+            log.error("reload: reading %s did not finish within %g s; keeping the running configuration",
+                      path, RELOAD_TIMEOUT)
+            self.notifier.notify(READY=1, STATUS=f"{self._status_line()}; reload failed: {path} cannot be read")
+            return False
         except PkglayerError as e:
             log.error("reload: keeping the running configuration: %s", e)
             self.notifier.notify(READY=1, STATUS=f"{self._status_line()}; reload failed: {e}")
@@ -416,7 +519,8 @@ class Daemon:
         old_roots = {r.name: r for r in self.config.roots}
         new_roots = {r.name: r for r in new.roots}
         self.config = DaemonConfig(**{**self.config.__dict__, "roots": new.roots, "log_level": new.log_level,
-                                      "jobs": new.jobs})
+                                      "jobs": new.jobs, "stall_timeout": new.stall_timeout,
+                                      "stop_timeout": new.stop_timeout})
         for name in old_roots.keys() - new_roots.keys():
             await self._remove_root(name)
         added = []
@@ -436,20 +540,23 @@ class Daemon:
     # --------------------------------------------------------------- roots
 
     async def _add_root(self, cfg: RootConfig, trigger: bool = False) -> None:
+        """Add a root and inspect it. Its first work (a prebuild) is due at once with
+        `trigger` (a reload), else when run() starts every root together."""
         assert self._loop is not None
         state = RootState(cfg)
         self.roots[cfg.name] = state
         await self._load_record(state)
         await self._inspect(state, initial=True)
         state.activity = None
+        state.prebuild_wanted = cfg.auto_build and state.exists and not state.error
         state.worker = asyncio.create_task(self._worker(state))
         log.info(
             "root %s: %s, %s",
             cfg.name, cfg.path,
             state.error or f"{len(state.packages)} {state.format or 'no'} packages",
         )
-        if trigger and cfg.auto_build and state.exists and not state.error:
-            state.prebuild_wanted = True
+        if trigger:
+            state.started = True
             state.wake.set()
 
     async def _remove_root(self, name: str) -> None:
@@ -469,8 +576,8 @@ class Daemon:
 
     async def _inspect(self, state: RootState, initial: bool = False) -> None:
         assert self._loop is not None and self.watcher is not None
-        state.activity = "starting" if initial else "scanning"
-        found = await self._loop.run_in_executor(self._pool, inspect_root, state.config)
+        state.activity = None if initial else "scanning"
+        found = await self._run(f"inspecting root {state.name}", state.name, inspect_root, state.config)
         if state.removed:
             return
         self.watcher.set_targets(state.name, found.targets)
@@ -603,6 +710,7 @@ class Daemon:
             if not cfg.output and not cfg.layers:
                 self._finish(job, "failed", error=f"root {cfg.name} has no output or layers directory configured")
                 return
+        state.activity = "waiting"  # for a build slot
         async with self._slots:
             if self.stopping or state.removed:
                 self._finish(job, "cancelled", error="the daemon is stopping")
@@ -613,12 +721,13 @@ class Daemon:
             settings = cfg.settings
             daemon = self
 
-            def progress(phase: str, done: int, total: int) -> None:
-                state.progress = {"phase": phase, "done": done, "total": total}
-                if daemon.stopping:
-                    raise Cancelled("the daemon is stopping")
+            def run(work: Work):
+                def progress(phase: str, done: int, total: int) -> None:
+                    state.progress = {"phase": phase, "done": done, "total": total}
+                    work.phase, work.progressed = phase, time.monotonic()
+                    if daemon.stopping:
+                        raise Cancelled("the daemon is stopping")
 
-            def run():
                 gc.collect()
                 with cache.session():
                     # A prebuild reads the outputs' prior plan and blobs too (without
@@ -636,7 +745,8 @@ class Daemon:
 
             started = time.monotonic()
             try:
-                result, report = await self._loop.run_in_executor(self._pool, run)
+                result, report = await self._run(f"{job.kind} {job.id} of root {cfg.name}", cfg.name, run,
+                                                 reports=True)
             except Cancelled:
                 log.info("root %s: %s %s abandoned: the daemon is stopping", cfg.name, job.kind, job.id)
                 self._finish(job, "cancelled", error="the daemon stopped during the build")
@@ -673,7 +783,7 @@ class Daemon:
                 "root %s: %s %s: %d layers, %d written, %d from the cache, %.2f s",
                 cfg.name, job.kind, job.id, len(result.layers), result.written, result.from_cache, elapsed,
             )
-        await self._loop.run_in_executor(self._pool, cache.evict)
+        await self._run("evicting from the layer cache", None, cache.evict)
         self._status(self._status_line())
 
 
