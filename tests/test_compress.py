@@ -1,0 +1,158 @@
+"""The layer compressors' determinism contract (pkglayer/compress.py), on real files."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import random
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from pkglayer import compress
+from pkglayer.compress import GZIP_BLOCK, compressor
+
+SAMPLE_BYTES = 3 * GZIP_BLOCK + 12345  # several members and a short last one
+
+
+@pytest.fixture(scope="module")
+def sample(deb_rootfs: Path) -> bytes:
+    """The first SAMPLE_BYTES of the regular files under usr/ of a real tree, in path order:
+    binaries, libraries and text, as in a layer."""
+    parts: list[bytes] = []
+    total = 0
+    for path in sorted((deb_rootfs / "usr").rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            parts.append(data)
+            total += len(data)
+            if total >= SAMPLE_BYTES:
+                break
+    blob = b"".join(parts)[:SAMPLE_BYTES]
+    assert len(blob) == SAMPLE_BYTES, "the tree should hold enough data"
+    return blob
+
+
+def compressed(fmt: str, level: int, data: bytes, pieces: list[int] | None = None) -> bytes:
+    """data compressed in one stream, written in pieces of the given sizes (cycled)."""
+    out = io.BytesIO()
+    c = compressor(fmt, level, out)
+    view = memoryview(data)
+    sizes = pieces or [len(data) or 1]
+    i = k = 0
+    while i < len(view):
+        n = sizes[k % len(sizes)]
+        c.write(view[i : i + n])
+        i, k = i + n, k + 1
+    c.finish()
+    return out.getvalue()
+
+
+def decompressed(fmt: str, blob: bytes) -> bytes:
+    if fmt == "gzip":
+        return gzip.decompress(blob)
+    if fmt == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+    return blob
+
+
+def gzip_members(blob: bytes) -> list[int]:
+    """The uncompressed size of each member of a gzip file, in order."""
+    sizes = []
+    while blob:
+        d = zlib.decompressobj(31)
+        sizes.append(len(d.decompress(blob)))
+        assert d.eof, "truncated gzip member"
+        blob = d.unused_data
+    return sizes
+
+
+@pytest.mark.parametrize(("fmt", "level"), [("gzip", 6), ("gzip", 1), ("zstd", 3), ("none", 0)])
+def test_round_trip_and_same_bytes_whatever_the_write_sizes(fmt: str, level: int, sample: bytes) -> None:
+    rnd = random.Random(1)
+    ways = [
+        None,  # one write
+        [1 << 20],  # what the tar writer feeds
+        [GZIP_BLOCK],  # whole blocks, the no-copy path
+        [GZIP_BLOCK + 1, 7],  # straddling every block boundary
+        [rnd.randint(1, 3 * GZIP_BLOCK) for _ in range(20)],
+        [rnd.randint(1, 4096) for _ in range(50)],
+    ]
+    blobs = [compressed(fmt, level, sample, w) for w in ways]
+    assert decompressed(fmt, blobs[0]) == sample
+    assert all(b == blobs[0] for b in blobs[1:])
+
+
+def test_gzip_members_cover_fixed_blocks(sample: bytes) -> None:
+    blob = compressed("gzip", 6, sample, [999_999])
+    assert gzip_members(blob) == [GZIP_BLOCK] * 3 + [SAMPLE_BYTES - 3 * GZIP_BLOCK]
+    # Every member has the fixed header: no mtime, no name, OS "unknown".
+    assert blob[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+
+
+def test_empty_input_is_a_valid_gzip_file() -> None:
+    blob = compressed("gzip", 6, b"")
+    assert gzip_members(blob) == [0]
+    assert gzip.decompress(blob) == b""
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "zstd"])
+def test_same_bytes_from_concurrent_threads(fmt: str, sample: bytes) -> None:
+    # A build compresses several layers at once: one layer's bytes must not depend on that.
+    alone = compressed(fmt, 6 if fmt == "gzip" else 3, sample, [1 << 20])
+    results: list[bytes] = [b""] * 4
+
+    def work(i: int) -> None:
+        results[i] = compressed(fmt, 6 if fmt == "gzip" else 3, sample, [(i + 1) * 65536])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [alone] * 4
+
+
+@pytest.mark.parametrize("level", [1, 6, 9])
+def test_gzip_size_within_two_percent_of_zlib(level: int, sample: bytes) -> None:
+    ours = len(compressed("gzip", level, sample))
+    co = zlib.compressobj(level, zlib.DEFLATED, 31)
+    reference = len(co.compress(sample) + co.flush())
+    assert ours <= 1.02 * reference, (ours, reference)
+
+
+# Known answers: the bytes the pinned libraries write for a fixed input. A different
+# library version that changes them must fail here, before it silently changes every
+# blob pkglayer writes (the pins in pyproject.toml and compress.IMPLEMENTATIONS go with it).
+KNOWN_INPUT = b"".join(b"%d %d %x pkglayer\n" % (i, i * i, (i * 2654435761) % 2**32) for i in range(400_000))
+KNOWN = {
+    ("gzip", 6): "dac914f5fac5db280e3d2d6e866fde64fe40bae0d13f05e0951ba44ceb4a39ec",
+    ("zstd", 3): "dfd229adc5d4879949cdb9b0d98599556c72580289a4dd4ce066959f24df95ab",
+}
+
+
+@pytest.mark.parametrize(("fmt", "level"), list(KNOWN))
+def test_known_answers_of_the_pinned_libraries(fmt: str, level: int) -> None:
+    assert len(KNOWN_INPUT) > 2 * GZIP_BLOCK
+    blob = compressed(fmt, level, KNOWN_INPUT, [1 << 20])
+    assert decompressed(fmt, blob) == KNOWN_INPUT
+    assert hashlib.sha256(blob).hexdigest() == KNOWN[(fmt, level)], compress.IMPLEMENTATIONS[fmt]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "level", "message"),
+    [
+        ("xz", 6, "unknown compression 'xz' (choose gzip, zstd, none)"),
+        ("gzip", 0, "gzip level must be 1..9, not 0"),
+        ("gzip", 10, "gzip level must be 1..9, not 10"),
+        ("zstd", 23, "zstd level must be 1..22, not 23"),
+    ],
+)
+def test_bad_format_or_level(fmt: str, level: int, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        compressor(fmt, level, io.BytesIO())
+    assert str(e.value) == message
