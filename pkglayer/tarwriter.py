@@ -14,12 +14,10 @@ import hashlib
 import os
 import stat
 import tarfile
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import zstandard
-
+from .compress import MEDIA_TYPES, compressor  # noqa: F401  (build.py imports MEDIA_TYPES from here)
 from .digests import CONTENT_HASH, new_hasher
 from .errors import RootfsError
 from .ownership import FsObject
@@ -37,11 +35,6 @@ _NO_DEV = b"\0" * 16
 _PREFIX_AND_PAD = b"\0" * (155 + 12)
 _RECORD = tarfile.RECORDSIZE
 _FLUSH = 1024 * 1024
-
-MEDIA_TYPES = {
-    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-}
 
 
 @dataclass(frozen=True)
@@ -212,18 +205,9 @@ class _Compressor:
     """Streams tar bytes into a compressor, hashing the tar (diff_id) on the way."""
 
     def __init__(self, compression: str, level: int, out):
-        self.out = out
         self.tar_hash = hashlib.sha256()
         self.tar_size = 0
-        if compression == "gzip":
-            # wbits 31: gzip container with mtime 0 and no file name, so bytes are reproducible
-            self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
-        elif compression == "zstd":
-            # threads=0 (in-process, single-threaded) is the reproducible mode; layers
-            # are compressed in parallel instead.
-            self._c = zstandard.ZstdCompressor(level=level, threads=0).compressobj()
-        else:
-            raise ValueError(compression)
+        self._c = compressor(compression, level, out)
         self._buf = bytearray()
 
     @property
@@ -242,9 +226,7 @@ class _Compressor:
     def _push(self, data) -> None:
         self.tar_hash.update(data)
         self.tar_size += len(data)
-        out = self._c.compress(data)
-        if out:
-            self.out.write(out)
+        self._c.write(data)
 
     def _flush(self) -> None:
         if self._buf:
@@ -253,7 +235,7 @@ class _Compressor:
 
     def finish(self) -> None:
         self._flush()
-        self.out.write(self._c.flush())
+        self._c.finish()
 
 
 def write_layer(

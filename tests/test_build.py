@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -11,7 +12,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -70,7 +70,8 @@ def read_layer(layout: Path, digest: str) -> tarfile.TarFile:
     data = (layout / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
     import io
 
-    return tarfile.open(fileobj=io.BytesIO(zlib.decompress(data, 31)), mode="r:")
+    # gzip.decompress reads every member of the blob (zlib.decompress only the first)
+    return tarfile.open(fileobj=io.BytesIO(gzip.decompress(data)), mode="r:")
 
 
 # -- determinism -----------------------------------------------------------------------
