@@ -156,3 +156,42 @@ def test_bad_format_or_level(fmt: str, level: int, message: str) -> None:
     with pytest.raises(ValueError) as e:
         compressor(fmt, level, io.BytesIO())
     assert str(e.value) == message
+
+
+class _Zlib:
+    """What pkglayer wrote gzip layers with before pkglayer.compress (zlib, one member)."""
+
+    def __init__(self, level: int, out):
+        self.out = out
+        self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
+
+    def write(self, data) -> None:
+        self.out.write(self._c.compress(data))
+
+    def finish(self) -> None:
+        self.out.write(self._c.flush())
+
+
+def test_layers_written_by_zlib_stay_reusable(deb_rootfs: Path, tmp_path: Path, monkeypatch) -> None:
+    # Clients must not download unchanged layers again because pkglayer changed its
+    # compressor: a blob with the same content key, format and level is reused whoever made it.
+    from pkglayer import tarwriter
+    from pkglayer.build import build
+    from pkglayer.config import BuildSettings
+
+    real = tarwriter.compressor
+    with monkeypatch.context() as m:
+        m.setattr(tarwriter, "compressor", lambda fmt, level, out: _Zlib(level, out))
+        old = build(str(deb_rootfs), BuildSettings(), oci_ref=f"oci:{tmp_path / 'img'}:t")
+    assert old.written == len(old.layers)
+    assert tarwriter.compressor is real
+
+    again = build(str(deb_rootfs), BuildSettings(), oci_ref=f"oci:{tmp_path / 'img'}:t")
+    assert again.written == 0
+    assert again.image is not None and old.image is not None
+    assert again.image.manifest_digest == old.image.manifest_digest
+
+    fresh = build(str(deb_rootfs), BuildSettings(), oci_ref=f"oci:{tmp_path / 'fresh'}:t")
+    assert [o.record.diff_id for o in fresh.layers] == [o.record.diff_id for o in old.layers]
+    # Without a prior blob the bytes are libdeflate's: different blobs for the same tars.
+    assert {o.record.digest for o in fresh.layers}.isdisjoint(o.record.digest for o in old.layers)
