@@ -44,11 +44,12 @@ MEDIA_TYPES = {
 # within 0.03% of 16 MiB) but hold more memory per compressing thread.
 GZIP_BLOCK = 4 << 20
 
-# What writes each format, with the versions the bytes depend on (deflate 0.9.0 bundles
-# libdeflate 1.25), for the history. Bump with the pins in pyproject.toml.
+# What writes each format, for the history: the libraries the bytes depend on, as
+# PACKAGE-VERSION tokens (deflate 0.9.0 bundles libdeflate 1.25; zstandard names the
+# libzstd it runs). Blobs of pkglayer before this module have none: zlib, one member.
 IMPLEMENTATIONS = {
-    "gzip": f"libdeflate (deflate {deflate.__version__}), {GZIP_BLOCK >> 20} MiB members",
-    "zstd": f"libzstd {'.'.join(map(str, zstandard.ZSTD_VERSION))} (zstandard {zstandard.__version__})",
+    "gzip": f"deflate-{deflate.__version__}/members-{GZIP_BLOCK >> 20}MiB",
+    "zstd": f"zstandard-{zstandard.__version__}/libzstd-{'.'.join(map(str, zstandard.ZSTD_VERSION))}",
     "none": "",
 }
 
