@@ -11,10 +11,14 @@ on the machine. Each compressor is a stream: `write(data)` any number of times, 
   GZIP_BLOCK uncompressed bytes, at fixed offsets, and each block becomes one complete gzip
   member; the blob is the concatenation. RFC 1952 allows several members in one file, and
   every layer reader we checked decompresses them as one stream (umoci, podman's
-  containers-storage, skopeo, Python's gzip module; see tests/test_image_clients.py).
+  containers-storage, skopeo, Python's gzip module; see tests/test_image_clients.py), as
+  they must for eStargz layers, which are multi-member too. Readers that stop after the
+  first member (zlib.decompress, tarfile's stream mode "r|gz", Rust flate2's GzDecoder)
+  see a truncated tar.
   libdeflate writes a fixed header: mtime 0, no name, OS 255. Level N is libdeflate's
-  level N, about 1% smaller than zlib's level N at a third of the CPU time here; each
-  member boundary costs about 0.1% with 4 MiB blocks (bench/bench_compressors.py).
+  level N: on the benchmark tree, level 6 is 1.2% smaller than zlib's level 6 at about a
+  third of its CPU time, and cutting at 4 MiB costs 0.04% against one member
+  (bench/bench_compressors.py, docs/benchmark.md).
 - zstd: libzstd 1.5.7 (PyPI `zstandard` 0.25.0), one frame, streaming, in-process
   (threads=0: libzstd's worker mode writes different bytes); the same bytes pkglayer wrote
   before this module existed.
@@ -40,8 +44,8 @@ MEDIA_TYPES = {
     "none": "application/vnd.oci.image.layer.v1.tar",
 }
 
-# Uncompressed bytes per gzip member. Larger blocks compress a little better (4 MiB is
-# within 0.03% of 16 MiB) but hold more memory per compressing thread.
+# Uncompressed bytes per gzip member. Larger blocks compress a little better (1 MiB:
+# +0.2% against one member, 4 MiB: +0.04%) but hold more memory per compressing thread.
 GZIP_BLOCK = 4 << 20
 
 # What writes each format, for the history: the libraries the bytes depend on, as
