@@ -94,7 +94,7 @@ def is_pristine_layer(
         if record.media_type.endswith("+gzip"):
             raw = gzip.GzipFile(fileobj=f, mode="rb")
         elif record.media_type.endswith("+zstd"):
-            raw = zstandard.ZstdDecompressor().stream_reader(f)
+            raw = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
         else:
             raw = f
         stream = _HashingReader(raw)

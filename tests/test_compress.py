@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from pkglayer import compress
-from pkglayer.compress import GZIP_BLOCK, compressor
+from pkglayer.compress import GZIP_BLOCK, compressor, zstd_block
 
 SAMPLE_BYTES = 3 * GZIP_BLOCK + 12345  # several members and a short last one
 
@@ -56,17 +56,17 @@ def decompressed(fmt: str, blob: bytes) -> bytes:
     if fmt == "gzip":
         return gzip.decompress(blob)
     if fmt == "zstd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
     return blob
 
 
-def gzip_members(blob: bytes) -> list[int]:
-    """The uncompressed size of each member of a gzip file, in order."""
+def units(fmt: str, blob: bytes) -> list[int]:
+    """The uncompressed size of each gzip member or zstd frame of a blob, in order."""
     sizes = []
     while blob:
-        d = zlib.decompressobj(31)
+        d = zlib.decompressobj(31) if fmt == "gzip" else zstandard.ZstdDecompressor().decompressobj()
         sizes.append(len(d.decompress(blob)))
-        assert d.eof, "truncated gzip member"
+        assert d.eof, f"truncated {fmt} unit"
         blob = d.unused_data
     return sizes
 
@@ -89,15 +89,26 @@ def test_round_trip_and_same_bytes_whatever_the_write_sizes(fmt: str, level: int
 
 def test_gzip_members_cover_fixed_blocks(sample: bytes) -> None:
     blob = compressed("gzip", 6, sample, [999_999])
-    assert gzip_members(blob) == [GZIP_BLOCK] * 3 + [SAMPLE_BYTES - 3 * GZIP_BLOCK]
+    assert units("gzip", blob) == [GZIP_BLOCK] * 3 + [SAMPLE_BYTES - 3 * GZIP_BLOCK]
     # Every member has the fixed header: no mtime, no name, OS "unknown".
     assert blob[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
 
-def test_empty_input_is_a_valid_gzip_file() -> None:
-    blob = compressed("gzip", 6, b"")
-    assert gzip_members(blob) == [0]
-    assert gzip.decompress(blob) == b""
+def test_zstd_frames_cover_fixed_blocks(sample: bytes) -> None:
+    blob = compressed("zstd", 3, sample, [999_999])
+    block = zstd_block(3)
+    assert block == 8 << 20
+    full, rest = divmod(SAMPLE_BYTES, block)
+    assert units("zstd", blob) == [block] * full + [rest]
+    # Each frame says how much it holds, so a reader can size its buffers.
+    assert zstandard.frame_content_size(blob) == block
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "zstd"])
+def test_empty_input_is_a_valid_blob(fmt: str) -> None:
+    blob = compressed(fmt, 3, b"")
+    assert units(fmt, blob) == [0]
+    assert decompressed(fmt, blob) == b""
 
 
 @pytest.mark.parametrize("fmt", ["gzip", "zstd"])
@@ -125,13 +136,21 @@ def test_gzip_size_within_two_percent_of_zlib(level: int, sample: bytes) -> None
     assert ours <= 1.02 * reference, (ours, reference)
 
 
+@pytest.mark.parametrize("level", [1, 3])
+def test_zstd_frames_within_one_percent_of_one_stream(level: int, sample: bytes) -> None:
+    ours = len(compressed("zstd", level, sample))
+    co = zstandard.ZstdCompressor(level=level, threads=0).compressobj()
+    reference = len(co.compress(sample) + co.flush())
+    assert ours <= 1.01 * reference, (ours, reference)
+
+
 # Known answers: the bytes the pinned libraries write for a fixed input. A different
 # library version that changes them must fail here, before it silently changes every
-# blob pkglayer writes (the pins in pyproject.toml and compress.IMPLEMENTATIONS go with it).
+# blob pkglayer writes (the pins in pyproject.toml and compress.implementation() go with it).
 KNOWN_INPUT = b"".join(b"%d %d %x pkglayer\n" % (i, i * i, (i * 2654435761) % 2**32) for i in range(400_000))
 KNOWN = {
     ("gzip", 6): "dac914f5fac5db280e3d2d6e866fde64fe40bae0d13f05e0951ba44ceb4a39ec",
-    ("zstd", 3): "dfd229adc5d4879949cdb9b0d98599556c72580289a4dd4ce066959f24df95ab",
+    ("zstd", 3): "2e29d3364790939755a0ca36294979c6bb7373f53390a46c0d1d1e46c4339d73",
 }
 
 
@@ -140,7 +159,7 @@ def test_known_answers_of_the_pinned_libraries(fmt: str, level: int) -> None:
     assert len(KNOWN_INPUT) > 2 * GZIP_BLOCK
     blob = compressed(fmt, level, KNOWN_INPUT, [1 << 20])
     assert decompressed(fmt, blob) == KNOWN_INPUT
-    assert hashlib.sha256(blob).hexdigest() == KNOWN[(fmt, level)], compress.IMPLEMENTATIONS[fmt]
+    assert hashlib.sha256(blob).hexdigest() == KNOWN[(fmt, level)], compress.implementation(fmt, level)
 
 
 @pytest.mark.parametrize(
@@ -158,12 +177,16 @@ def test_bad_format_or_level(fmt: str, level: int, message: str) -> None:
     assert str(e.value) == message
 
 
-class _Zlib:
-    """What pkglayer wrote gzip layers with before pkglayer.compress (zlib, one member)."""
+class _Before:
+    """What pkglayer wrote layers with before pkglayer.compress: zlib, one gzip member;
+    one streamed zstd frame."""
 
-    def __init__(self, level: int, out):
+    def __init__(self, fmt: str, level: int, out):
         self.out = out
-        self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
+        if fmt == "gzip":
+            self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
+        else:
+            self._c = zstandard.ZstdCompressor(level=level, threads=0).compressobj()
 
     def write(self, data) -> None:
         self.out.write(self._c.compress(data))
@@ -172,26 +195,53 @@ class _Zlib:
         self.out.write(self._c.flush())
 
 
-def test_layers_written_by_zlib_stay_reusable(deb_rootfs: Path, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("fmt", ["gzip", "zstd"])
+def test_layers_written_before_stay_reusable(fmt: str, deb_rootfs: Path, tmp_path: Path, monkeypatch) -> None:
     # Clients must not download unchanged layers again because pkglayer changed its
     # compressor: a blob with the same content key, format and level is reused whoever made it.
     from pkglayer import tarwriter
     from pkglayer.build import build
     from pkglayer.config import BuildSettings
 
+    settings = BuildSettings(compression=fmt)
     real = tarwriter.compressor
     with monkeypatch.context() as m:
-        m.setattr(tarwriter, "compressor", lambda fmt, level, out: _Zlib(level, out))
-        old = build(str(deb_rootfs), BuildSettings(), oci_ref=f"oci:{tmp_path / 'img'}:t")
+        m.setattr(tarwriter, "compressor", _Before)
+        old = build(str(deb_rootfs), settings, oci_ref=f"oci:{tmp_path / 'img'}:t")
     assert old.written == len(old.layers)
     assert tarwriter.compressor is real
 
-    again = build(str(deb_rootfs), BuildSettings(), oci_ref=f"oci:{tmp_path / 'img'}:t")
+    again = build(str(deb_rootfs), settings, oci_ref=f"oci:{tmp_path / 'img'}:t")
     assert again.written == 0
     assert again.image is not None and old.image is not None
     assert again.image.manifest_digest == old.image.manifest_digest
 
-    fresh = build(str(deb_rootfs), BuildSettings(), oci_ref=f"oci:{tmp_path / 'fresh'}:t")
+    fresh = build(str(deb_rootfs), settings, oci_ref=f"oci:{tmp_path / 'fresh'}:t")
     assert [o.record.diff_id for o in fresh.layers] == [o.record.diff_id for o in old.layers]
-    # Without a prior blob the bytes are libdeflate's: different blobs for the same tars.
+    # Without a prior blob the bytes are the new compressor's: other blobs for the same
+    # tars (even a small zstd layer: its one frame now records its size).
     assert {o.record.digest for o in fresh.layers}.isdisjoint(o.record.digest for o in old.layers)
+
+
+def test_pristine_layer_found_in_a_multi_frame_zstd_blob(deb_rootfs: Path, tmp_path: Path) -> None:
+    # After a local edit of one of its files, a package layer is still reused when the
+    # prior blob, read back member by member, is the package as installed: that reading
+    # must go through every frame (libc6's layer is larger than one).
+    from pkglayer.build import build
+    from pkglayer.config import BuildSettings
+    from tests.rootfs_factory import copy_tree
+
+    settings = BuildSettings(compression="zstd")
+    first = build(str(deb_rootfs), settings, oci_ref=f"oci:{tmp_path / 'img'}:t")
+    libc = next(o for o in first.layers if any(p.startswith("libc6-") for p in o.record.packages))
+    blob = (tmp_path / "img/blobs/sha256" / libc.record.digest.split(":")[1]).read_bytes()
+    assert len(units("zstd", blob)) > 1
+
+    root = tmp_path / "root"
+    copy_tree(deb_rootfs, root)
+    with open(root / "etc/ld.so.conf.d/x86_64-linux-gnu.conf", "a") as f:
+        f.write("# local edit\n")
+    second = build(str(root), settings, oci_ref=f"oci:{tmp_path / 'img'}:t")
+    again = next(o for o in second.layers if o.record.name == libc.record.name)
+    assert again.reused and again.record.digest == libc.record.digest
+    assert "modified" in {o.record.name for o in second.layers if not o.reused}
