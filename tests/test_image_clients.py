@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.clients import (
     CAPABILITY_XATTR,
@@ -86,13 +87,13 @@ def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def gzip_members(data: bytes) -> int:
-    """How many gzip members follow one another in data."""
+def units(data: bytes, zstd: bool = False) -> int:
+    """How many gzip members (or zstd frames) follow one another in data."""
     count = 0
     while data:
-        d = zlib.decompressobj(31)
+        d = zstandard.ZstdDecompressor().decompressobj() if zstd else zlib.decompressobj(31)
         d.decompress(data)
-        assert d.eof, "truncated gzip member"
+        assert d.eof, "truncated gzip member or zstd frame"
         data, count = d.unused_data, count + 1
     return count
 
@@ -232,7 +233,7 @@ def test_image_config(which: str, request: pytest.FixtureRequest) -> None:
         data = blob(image.layout, desc["digest"])
         assert sha256_digest(data) == desc["digest"] and len(data) == desc["size"]
         assert sha256_digest(gzip.decompress(data)) == diff_id
-        members = max(members, gzip_members(data))
+        members = max(members, units(data))
     # Large layers are several gzip members (pkglayer/compress.py): every client in this
     # module must read them as one stream.
     assert members > 1
@@ -279,6 +280,9 @@ def test_podman_runs_zstd_image(podman_store: Path, deb_zstd_image: Image) -> No
     # A fresh storage: no gzip twin of these layers to reuse, so podman must decompress zstd.
     assert {layer["mediaType"] for layer in manifest(deb_zstd_image)["layers"]} == {ZSTD_MT}
     assert {r["mediaType"] for r in deb_zstd_image.result["layers"]} == {ZSTD_MT}
+    # Large layers are several zstd frames (pkglayer/compress.py): podman must read them all.
+    frames = [units(blob(deb_zstd_image.layout, d["digest"]), zstd=True) for d in manifest(deb_zstd_image)["layers"]]
+    assert max(frames) > 1
     image_id = pull(podman_store, deb_zstd_image)
     out = podman(podman_store, "run", "--rm", image_id, "/bin/sh", "-c", "echo hello from pkglayer; id -u")
     assert out == "hello from pkglayer\n0\n"
@@ -329,14 +333,16 @@ def test_skopeo_registry_round_trip_gzip(deb_image: Image, registry: str, tmp_pa
     _registry_round_trip(deb_image, registry, "pkglayer/deb", tmp_path)
 
 
-def test_skopeo_decompresses_multi_member_gzip_layers(deb_image: Image, tmp_path: Path) -> None:
-    # containers/image's own gzip reader, not just digest checks: each decompressed layer
-    # must be the whole tar the config names (a reader that stopped after the first
-    # member would give a different diff_id).
-    run(["skopeo", "copy", "--dest-decompress", deb_image.ref, f"dir:{tmp_path / 'dir'}"])
+@pytest.mark.parametrize("which", ["deb_image", "deb_zstd_image"])
+def test_skopeo_decompresses_multi_unit_layers(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # containers/image's own gzip and zstd readers, not just digest checks: each
+    # decompressed layer must be the whole tar the config names (a reader that stopped
+    # after the first gzip member or zstd frame would give a different diff_id).
+    image: Image = request.getfixturevalue(which)
+    run(["skopeo", "copy", "--dest-decompress", image.ref, f"dir:{tmp_path / 'dir'}"])
     man = json.loads((tmp_path / "dir" / "manifest.json").read_bytes())
     got = [sha256_digest((tmp_path / "dir" / d["digest"].split(":", 1)[1]).read_bytes()) for d in man["layers"]]
-    assert got == config(deb_image)["rootfs"]["diff_ids"]
+    assert got == config(image)["rootfs"]["diff_ids"]
 
 
 def test_skopeo_registry_round_trip_zstd(deb_zstd_image: Image, registry: str, tmp_path: Path) -> None:
