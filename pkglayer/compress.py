@@ -50,9 +50,10 @@ MEDIA_TYPES = {
 # Uncompressed bytes per gzip member. Larger blocks compress a little better (1 MiB:
 # +0.2% against one member, 4 MiB: +0.04%) but hold more memory per compressing thread.
 GZIP_BLOCK = 4 << 20
-# The same for zstd frames, at least 8 MiB and 4 windows of the level (window 2 MiB at
-# level 3, 8 MiB at 17-19), so that the cuts cost under 0.5%. libzstd compresses a block
-# in one call about a quarter faster than its streaming mode does.
+# The same for zstd frames: at least 8 MiB and 4 windows of the level (window 2 MiB at
+# level 3, 8 MiB at 17-19), at most 32 MiB. libzstd compresses a block in one call with
+# 10-35% less CPU than its streaming mode (16% less for a whole build), and at level 3
+# the 8 MiB frames come out 0.3% smaller than one streamed frame.
 def zstd_block(level: int) -> int:
     window = 1 << zstandard.ZstdCompressionParameters.from_level(level).window_log
     return min(32 << 20, max(8 << 20, 4 * window))
