@@ -2,9 +2,10 @@
 
 Contract: for one format and level, with the library versions pinned in pyproject.toml,
 the compressed bytes are a pure function of the uncompressed bytes. They do not depend on
-how the input is split into `write()` calls, on how many layers are compressed at once, or
-on the machine. Each compressor is a stream: `write(data)` any number of times, then
-`finish()` once; memory stays bounded whatever the input size.
+how the input is split into `write()` calls or on how many layers are compressed at once,
+and should not depend on the machine (neither library documents CPU-dependent output;
+checked on x86-64 only). Each compressor is a stream: `write(data)` any number of times,
+then `finish()` once; memory stays bounded whatever the input size.
 
 - gzip: libdeflate 1.25 (PyPI `deflate` 0.9.0). libdeflate has no streaming API and its
   output is fixed only per version (it promises no more), so the tar is cut into blocks of
@@ -50,6 +51,8 @@ MEDIA_TYPES = {
 # Uncompressed bytes per gzip member. Larger blocks compress a little better (1 MiB:
 # +0.2% against one member, 4 MiB: +0.04%) but hold more memory per compressing thread.
 GZIP_BLOCK = 4 << 20
+
+
 # The same for zstd frames: at least 8 MiB and 4 windows of the level (window 2 MiB at
 # level 3, 8 MiB at 17-19), at most 32 MiB. libzstd compresses a block in one call with
 # 10-35% less CPU than its streaming mode (16% less for a whole build), and at level 3
