@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """CPU time of each phase of one pkglayer run, in-process: the CLI's own main() with the
 pipeline's functions wrapped to add up the thread CPU time spent in them (time.thread_time,
-so worker threads count and waiting does not), nested calls subtracted. Unlike wall-time
-profiles it holds up on a machine shared with other jobs.
+so worker threads count and waiting does not), nested calls subtracted. Other jobs on
+the machine disturb it less than wall-time profiles, though not entirely: the same
+rebuild measured 0.80 and 1.20 CPU-s an hour apart on a shared 2-core machine.
 
   bench/profile_phases.py build ROOT --output oci:DIR:TAG --no-hash-cache -q
   bench/profile_phases.py build ROOT --output oci:DIR:TAG -q      # again: the unchanged rebuild
