@@ -19,6 +19,7 @@ from . import __version__
 from .arch import oci_platform
 from .blobstore import BlobDir
 from .components import Component, find_components, observe
+from .compress import implementation
 from .config import BuildSettings
 from .digests import CONTENT_HASH
 from .hashcache import HashCache
@@ -330,6 +331,7 @@ class _LayerWriter:
             compression=settings.compression_spec,
             components=layer.components,
             annotations=tuple(sorted(written.annotations.items())),
+            compressor=implementation(settings.compression, settings.compression_level),
         )
         # Member names are the objects' rootfs-relative paths.
         return LayerOutcome(record, reused=False, files=len(members)), written.hashes

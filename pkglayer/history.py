@@ -32,6 +32,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@^_-]{0,254}")
 _MAX_COUNT = 2**31 - 1
 # A bare "gzip"/"zstd": a blob another tool compressed, at a level nobody recorded.
 COMPRESSION_RE = re.compile(r"none|gzip(?:-[1-9])?|zstd(?::chunked)?(?:-(?:[1-9]|1[0-9]|2[0-2]))?")
+COMPRESSOR_RE = re.compile(r"[A-Za-z0-9._/+-]{0,128}")
 # Layer annotations a record may carry (those locating a zstd:chunked TOC), and their values.
 _ANNOTATION_VALUE_RE = re.compile(r"sha256:[0-9a-f]{64}|[0-9]{1,19}(?::[0-9]{1,19}){2,3}")
 _PLATFORM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -55,6 +56,10 @@ class LayerRecord:
     # annotations the layer descriptor must carry: (key, value) pairs, sorted; those of
     # zstd:chunked (the TOC's place and digest), none for the other compressions
     annotations: tuple[tuple[str, str], ...] = ()
+    # what made the blob (compress.implementation: libraries and their versions, framing):
+    # same compressor, same bytes. "" for blobs of pkglayer before this was recorded
+    # (zlib gzip, one streamed zstd frame) and of other tools.
+    compressor: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ def dumps_history(history: History) -> bytes:
                 "compression": layer.compression,
                 "components": list(layer.components),
                 **({"annotations": dict(layer.annotations)} if layer.annotations else {}),
+                **({"compressor": layer.compressor} if layer.compressor else {}),
             }
             for layer in history.layers
         ],
@@ -292,6 +298,10 @@ def _layer_from_json(raw: object, where: str) -> LayerRecord:
     annotations = checked_annotations(raw.get("annotations", {}), where)
     if annotations and not compression.startswith("zstd:chunked-"):
         raise HistoryError(f"{where}: annotations on a layer that is not zstd:chunked")
+    compressor = raw.get("compressor", "")
+    if not isinstance(compressor, str) or not COMPRESSOR_RE.fullmatch(compressor):
+        raise HistoryError(f"{where}: field 'compressor' must be a short library/version name, not "
+                           f"{_short(str(compressor))}")
     return LayerRecord(
         name=name,
         packages=tuple(packages),
@@ -303,6 +313,7 @@ def _layer_from_json(raw: object, where: str) -> LayerRecord:
         compression=compression,
         components=components,
         annotations=annotations,
+        compressor=compressor,
     )
 
 

@@ -29,7 +29,7 @@ from .blobstore import BlobDir
 from .digests import is_digest
 from .errors import PkglayerError
 from .fsutil import read_regular, write_file_atomic
-from .history import NAME_RE, LayerRecord, checked_annotations
+from .history import COMPRESSOR_RE, NAME_RE, LayerRecord, checked_annotations
 from .mediatypes import (
     CONFIG_TYPES,
     INDEX_TYPES,
@@ -45,6 +45,7 @@ REF_NAME = "org.opencontainers.image.ref.name"
 LAYER_NAME = "org.pkglayer.layer.name"
 CONTENT_KEY = "org.pkglayer.content-key"
 COMPRESSION = "org.pkglayer.compression"
+COMPRESSOR = "org.pkglayer.compressor"  # what made the blob (libraries, versions, framing)
 # space-separated package keys and planner components of a layer: the prior plan
 # when a build writes over its own earlier image
 LAYER_PACKAGES = "org.pkglayer.layer.packages"
@@ -343,6 +344,9 @@ def annotated_layers(image: Image) -> list[LayerRecord] | None:
             annotations = checked_annotations(notes, f"layer {name}")
         except PkglayerError:
             return None
+        compressor = notes.get(COMPRESSOR, "")
+        if not COMPRESSOR_RE.fullmatch(compressor):
+            return None
         records.append(
             LayerRecord(
                 name=name,
@@ -355,6 +359,7 @@ def annotated_layers(image: Image) -> list[LayerRecord] | None:
                 media_type=desc.media_type,
                 compression=notes.get(COMPRESSION, ""),
                 annotations=annotations,
+                compressor=compressor,
             )
         )
     return records
@@ -450,6 +455,7 @@ def write_image(
                     COMPRESSION: layer.compression,
                     LAYER_PACKAGES: " ".join(layer.packages),
                     LAYER_COMPONENTS: " ".join(layer.components),
+                    **({COMPRESSOR: layer.compressor} if layer.compressor else {}),
                     **dict(layer.annotations),
                 },
             }

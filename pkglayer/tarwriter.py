@@ -14,12 +14,10 @@ import hashlib
 import os
 import stat
 import tarfile
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import zstandard
-
+from .compress import compressor
 from .digests import CONTENT_HASH, new_hasher
 from .errors import RootfsError
 from .rootfs import FileOpener, Rootfs
@@ -215,20 +213,9 @@ class _Compressor:
     """Streams tar bytes into a compressor, hashing the tar (diff_id) on the way."""
 
     def __init__(self, compression: str, level: int, out):
-        self.out = out
         self.tar_hash = hashlib.sha256()
         self.tar_size = 0
-        if compression == "gzip":
-            # wbits 31: gzip container with mtime 0 and no file name, so bytes are reproducible
-            self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
-        elif compression == "zstd":
-            # threads=0 (in-process, single-threaded) is the reproducible mode; layers
-            # are compressed in parallel instead.
-            self._c = zstandard.ZstdCompressor(level=level, threads=0).compressobj()
-        elif compression == "none":
-            self._c = _Uncompressed()
-        else:
-            raise ValueError(compression)
+        self._c = compressor(compression, level, out)
         self._buf = bytearray()
 
     @property
@@ -247,9 +234,7 @@ class _Compressor:
     def _push(self, data) -> None:
         self.tar_hash.update(data)
         self.tar_size += len(data)
-        out = self._c.compress(data)
-        if out:
-            self.out.write(out)
+        self._c.write(data)
 
     def _flush(self) -> None:
         if self._buf:
@@ -271,7 +256,7 @@ class _Compressor:
 
     def finish(self) -> dict[str, str]:
         self._flush()
-        self.out.write(self._c.flush())
+        self._c.finish()
         return {}
 
 
@@ -281,16 +266,6 @@ class WrittenLayer:
     tar_size: int
     hashes: dict[str, str]  # member name -> content hash, for the members that had none
     annotations: dict[str, str]  # the layer descriptor's: those of zstd:chunked, else none
-
-
-class _Uncompressed:
-    """The compressor interface, passing the tar through (compression "none")."""
-
-    def compress(self, data) -> bytes:
-        return bytes(data)
-
-    def flush(self) -> bytes:
-        return b""
 
 
 def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: int, out) -> WrittenLayer:

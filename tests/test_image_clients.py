@@ -10,10 +10,12 @@ import gzip
 import json
 import os
 import stat
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.clients import Coverage, Registry, compare_trees, podman, snapshot, umoci_unpack
 from tests.helpers import (
@@ -55,6 +57,17 @@ def manifest(image: Image) -> dict:
 
 def config(image: Image) -> dict:
     return layout_manifest(image.layout, image.tag)[2]
+
+
+def units(data: bytes, zstd: bool = False) -> int:
+    """How many gzip members (or zstd frames) follow one another in data."""
+    count = 0
+    while data:
+        d = zstandard.ZstdDecompressor().decompressobj() if zstd else zlib.decompressobj(31)
+        d.decompress(data)
+        assert d.eof, "truncated gzip member or zstd frame"
+        data, count = d.unused_data, count + 1
+    return count
 
 
 def _build(tmp_path_factory: pytest.TempPathFactory, rootfs: Path, name: str, *args: str) -> Image:
@@ -178,7 +191,7 @@ def test_image_config(which: str, request: pytest.FixtureRequest) -> None:
     assert not any(h.get("empty_layer") for h in history)
     # Layer i of the manifest is the one the CLI reported as layer i, and its history
     # entry names the packages it holds.
-    package_layers = 0
+    package_layers = members = 0
     for desc, diff_id, hist, reported in zip(layers, diff_ids, history, image.result["layers"]):
         assert desc["digest"] == reported["digest"] and diff_id == reported["diffID"]
         listed = [p for p in reported["packages"] if p in hist["created_by"]]
@@ -192,6 +205,10 @@ def test_image_config(which: str, request: pytest.FixtureRequest) -> None:
         data = read_blob(image.layout, desc["digest"])
         assert sha256_digest(data) == desc["digest"] and len(data) == desc["size"]
         assert sha256_digest(gzip.decompress(data)) == diff_id
+        members = max(members, units(data))
+    # Large layers are several gzip members (pkglayer/compress.py): every client in this
+    # module must read them as one stream.
+    assert members > 1
     assert package_layers >= len(layers) - 3, "nearly every layer should be one package's"
     packages = {p["key"] for p in pkglayer_json("scan", image.rootfs)["packages"]}
     named = {p for r in image.result["layers"] for p in r["packages"]}
@@ -235,6 +252,10 @@ def test_podman_runs_zstd_image(podman_store: Path, deb_zstd_image: Image) -> No
     # A fresh storage: no gzip twin of these layers to reuse, so podman must decompress zstd.
     assert {layer["mediaType"] for layer in manifest(deb_zstd_image)["layers"]} == {ZSTD_MT}
     assert {r["mediaType"] for r in deb_zstd_image.result["layers"]} == {ZSTD_MT}
+    # Large layers are several zstd frames (pkglayer/compress.py): podman must read them all.
+    layers = manifest(deb_zstd_image)["layers"]
+    frames = [units(read_blob(deb_zstd_image.layout, d["digest"]), zstd=True) for d in layers]
+    assert max(frames) > 1
     image_id = pull(podman_store, deb_zstd_image)
     out = podman(podman_store, "run", "--rm", image_id, "/bin/sh", "-c", "echo hello from pkglayer; id -u")
     assert out == "hello from pkglayer\n0\n"
@@ -283,6 +304,18 @@ def _registry_round_trip(image: Image, registry: Registry, repo: str, tmp_path: 
 
 def test_skopeo_registry_round_trip_gzip(deb_image: Image, registry: Registry, tmp_path: Path) -> None:
     _registry_round_trip(deb_image, registry, "pkglayer/deb", tmp_path)
+
+
+@pytest.mark.parametrize("which", ["deb_image", "deb_zstd_image"])
+def test_skopeo_decompresses_multi_unit_layers(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # containers/image's own gzip and zstd readers, not just digest checks: each
+    # decompressed layer must be the whole tar the config names (a reader that stopped
+    # after the first gzip member or zstd frame would give a different diff_id).
+    image: Image = request.getfixturevalue(which)
+    run(["skopeo", "copy", "--dest-decompress", image.ref, f"dir:{tmp_path / 'dir'}"])
+    man = json.loads((tmp_path / "dir" / "manifest.json").read_bytes())
+    got = [sha256_digest((tmp_path / "dir" / d["digest"].split(":", 1)[1]).read_bytes()) for d in man["layers"]]
+    assert got == config(image)["rootfs"]["diff_ids"]
 
 
 def test_skopeo_registry_round_trip_zstd(deb_zstd_image: Image, registry: Registry, tmp_path: Path) -> None:

@@ -44,7 +44,8 @@ from ..history import LayerRecord
 
 log = logging.getLogger(__name__)
 
-_SCHEMA_VERSION = 1
+# 2: the compressor that made each blob (what history.json records of it)
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
     content_key TEXT NOT NULL,
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS layers (
     media_type TEXT NOT NULL,
     created REAL NOT NULL,
     last_used REAL NOT NULL,
+    compressor TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (content_key, compression)
 )
 """
@@ -151,7 +153,8 @@ class LayerCache:
     def lookup(self, content_key: str, compression: str) -> LayerRecord | None:
         with self._db_lock:
             row = self._db.execute(
-                "SELECT digest, diff_id, size, media_type FROM layers WHERE content_key = ? AND compression = ?",
+                "SELECT digest, diff_id, size, media_type, compressor FROM layers"
+                " WHERE content_key = ? AND compression = ?",
                 (content_key, compression),
             ).fetchone()
             if row is not None:
@@ -162,7 +165,7 @@ class LayerCache:
             self.misses += 1
             return None
         self.hits += 1
-        digest, diff_id, size, media_type = row
+        digest, diff_id, size, media_type, compressor = row
         return LayerRecord(
             name="cached",
             packages=(),
@@ -172,6 +175,7 @@ class LayerCache:
             size=size,
             media_type=media_type,
             compression=compression,
+            compressor=compressor,
         )
 
     @contextlib.contextmanager
@@ -190,9 +194,9 @@ class LayerCache:
         now = time.time()
         with self._db_lock, self._db:
             self._db.execute(
-                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.content_key, record.compression, record.digest, record.diff_id, record.size,
-                 record.media_type, now, now),
+                 record.media_type, now, now, record.compressor),
             )
         self.added += 1
 
