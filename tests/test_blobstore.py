@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
+import stat
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from pkglayer import blobstore
 from pkglayer.blobstore import TMP_DIR, BlobDir
 from pkglayer.digests import is_digest
-from pkglayer.errors import DigestError, PkglayerError
+from pkglayer.errors import DigestError, HistoryError, PkglayerError
 from tests.helpers import run, sha256_digest, tmpfs
 
 
@@ -234,40 +238,36 @@ def test_enospc_gives_clear_error_and_no_temp(small_tmpfs) -> None:
 
 # ------------------------------------------------------------------ error paths
 
-# A child process whose file-size limit makes the kernel fail writes with EFBIG (SIGXFSZ
-# ignored): a write error that is neither ENOSPC nor EDQUOT, in write() (past the 1 MiB
-# buffer) and in commit() (the final flush).
-_EFBIG_CHILD = textwrap.dedent(
-    """
-    import os, resource, signal, sys
-    from pkglayer.blobstore import BlobDir
-    from pkglayer.errors import PkglayerError
-    bd = BlobDir(sys.argv[1], create=True)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
-    for size in (3_000_000, 200_000):
-        try:
-            with bd.writer() as w:
-                w.write(b"x" * size)
-                print("written", flush=True)
-                w.commit()
-        except PkglayerError as e:
-            print(e, flush=True)
-    print(sorted(os.listdir(bd.tmp)), sorted(os.listdir(bd.blobs)))
-    """
-)
+@contextmanager
+def file_size_limit(limit: int):
+    """Writes past LIMIT bytes of a file fail with EFBIG (SIGXFSZ ignored) in this process:
+    a write error that is neither ENOSPC nor EDQUOT."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 def test_other_write_errors_are_reported_as_such_and_leave_nothing(tmp_path) -> None:
-    root = tmp_path / "d"
-    out = run([sys.executable, "-c", _EFBIG_CHILD, root]).splitlines()
+    bd = BlobDir(tmp_path / "d", create=True)
     reason = os.strerror(errno.EFBIG)  # "File too large"
-    assert out == [
-        f"cannot write blob to {root}: {reason}",  # in write()
-        "written",
-        f"cannot write blob to {root}: {reason}",  # in commit()
-        "[] []",
-    ]
+    with file_size_limit(100_000):
+        # in write(), past the 1 MiB buffer
+        with pytest.raises(PkglayerError) as e, bd.writer() as w:
+            w.write(b"x" * 3_000_000)
+        assert str(e.value) == f"cannot write blob to {bd.root}: {reason}"
+        assert e.value.__cause__.errno == errno.EFBIG
+        # in commit(), the final flush
+        with bd.writer() as w:
+            w.write(b"x" * 200_000)
+            with pytest.raises(PkglayerError) as e:
+                w.commit()
+        assert str(e.value) == f"cannot write blob to {bd.root}: {reason}"
+    assert tmp_names(bd) == [] and blob_names(bd) == []
 
 
 def test_a_finished_writer_refuses_more(tmp_path) -> None:
@@ -327,3 +327,206 @@ def test_read_only_filesystem_is_a_clear_error(tmp_path) -> None:
             BlobDir(mnt / "new", create=True)
         with pytest.raises(PkglayerError, match=r"^cannot create a temp file in .*: Read-only file system$"):
             BlobDir(mnt / "ready").writer()
+
+
+# ------------------------------------------------------------------ reading, sizes, copies, and who may share a file
+
+
+def test_read_checks_size_limit_and_digest(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    digest, size = bd.add_bytes(b'{"config": 1}')
+    assert bd.read(digest, size, 100, "config") == b'{"config": 1}'
+    assert bd.size(digest) == size
+    with pytest.raises(HistoryError) as e:
+        bd.read(digest, 101, 100, "config", HistoryError)
+    assert str(e.value) == f"config {digest} is 101 bytes, more than the limit of 100"
+    with pytest.raises(HistoryError) as e:
+        bd.read(digest, size + 1, 100, "config", HistoryError)
+    assert str(e.value) == f"config {digest} is {size} bytes, its descriptor says {size + 1}"
+    os.chmod(bd.path(digest), 0o644)
+    tampered = b'{"config": 2}'
+    Path(bd.path(digest)).write_bytes(tampered)
+    with pytest.raises(PkglayerError) as e:
+        bd.read(digest, size, 100, "manifest")
+    assert str(e.value) == f"manifest {digest} does not match its digest: the content has {sha256_digest(tampered)}"
+    absent = sha256_digest(b"absent")
+    with pytest.raises(HistoryError, match=f"^index {absent}: .* does not exist$"):
+        bd.read(absent, 1, 100, "index", HistoryError)
+    os.symlink(bd.path(digest), bd.path(absent))
+    with pytest.raises(PkglayerError, match=f"^blob {absent} in {bd.root} is not a regular file$"):
+        bd.size(absent)
+
+
+def test_copy_blob_copies_checked_bytes(tmp_path) -> None:
+    src = BlobDir(tmp_path / "in", create=True)
+    dst = BlobDir(tmp_path / "out", create=True)
+    digest, size = src.add_bytes(b"published")  # shareable, and copied all the same
+    dst.copy_blob(src, digest, size)
+    assert dst.verify(digest, size)
+    copied = os.stat(dst.path(digest)).st_ino
+    assert copied != os.stat(src.path(digest)).st_ino
+    dst.copy_blob(src, digest, size)  # present: kept
+    assert os.stat(dst.path(digest)).st_ino == copied
+    other = BlobDir(tmp_path / "other", create=True)
+    with pytest.raises(PkglayerError) as e:
+        other.copy_blob(src, digest, size + 1)
+    assert str(e.value) == f"blob {digest} in {src.root} is corrupt: it is {size} bytes, history says {size + 1}"
+    absent = sha256_digest(b"absent")
+    with pytest.raises(PkglayerError) as e:
+        other.copy_blob(src, absent)
+    assert str(e.value) == f"blob {absent} is missing from {src.root} or is not a regular file"
+    os.chmod(src.path(digest), 0o644)
+    Path(src.path(digest)).write_bytes(b"PUBLISHED")
+    with pytest.raises(PkglayerError, match=f"^blob {digest} in {src.root} is corrupt: blob content has digest"):
+        other.copy_blob(src, digest, size)
+    assert blob_names(other) == [] and tmp_names(other) == []
+
+
+def test_a_known_blob_with_a_wrong_recorded_size_is_refused(tmp_path) -> None:
+    src = BlobDir(tmp_path / "in", create=True)
+    dst = BlobDir(tmp_path / "out", create=True)
+    digest, size = src.add_bytes(b"layer")
+    dst.import_blob(src, digest, size)
+    assert dst.verify(digest, size) and not dst.verify(digest, size + 1)
+    with pytest.raises(PkglayerError) as e:
+        dst.import_blob(src, digest, size + 1)
+    assert str(e.value) == f"blob {digest} in {src.root} is corrupt: it is {size} bytes, history says {size + 1}"
+
+
+@pytest.mark.parametrize("mode, uid, linked", [
+    (0o444, 0, True),
+    (0o555, 0, True),  # executable, still writable by nobody
+    (0o400, 0, True),
+    (0o644, 0, False),  # its owner can write to it
+    (0o464, 0, False),
+    (0o446, 0, False),
+    (0o444, 1234, False),  # someone else's: they could make it writable
+])
+def test_imports_link_only_files_nobody_else_can_change(tmp_path, mode: int, uid: int, linked: bool) -> None:
+    src = BlobDir(tmp_path / "in", create=True)
+    dst = BlobDir(tmp_path / "out", create=True)
+    digest, size = src.add_bytes(b"layer data")
+    os.chown(src.path(digest), uid, -1)
+    os.chmod(src.path(digest), mode)
+    dst.import_blob(src, digest, size)
+    assert dst.verify(digest, size)
+    assert (os.stat(dst.path(digest)).st_ino == os.stat(src.path(digest)).st_ino) == linked
+    assert stat.S_IMODE(os.stat(dst.path(digest)).st_mode) == (mode if linked else 0o444)
+    assert tmp_names(dst) == []
+
+
+def test_a_blob_hard_linked_to_a_writable_file_is_not_our_own(tmp_path) -> None:
+    bd = BlobDir(tmp_path / "d", create=True)
+    digest, size = bd.add_bytes(b"data")
+    os.chmod(bd.path(digest), 0o644)
+    assert bd.has_own(digest, size)  # writable, but only through this name
+    os.link(bd.path(digest), tmp_path / "elsewhere")
+    assert not bd.has_own(digest, size) and bd.verify(digest, size)
+    os.chmod(bd.path(digest), 0o444)
+    assert bd.has_own(digest, size)  # linked, but nobody but us can change it
+    src = BlobDir(tmp_path / "in", create=True)
+    src.add_bytes(b"data")
+    os.chmod(bd.path(digest), 0o644)
+    bd.import_blob(src, digest, size)  # replaced by a file of its own
+    assert os.stat(bd.path(digest)).st_ino != os.stat(tmp_path / "elsewhere").st_ino
+
+
+def test_a_tampered_shareable_source_is_refused_after_linking(tmp_path) -> None:
+    src = BlobDir(tmp_path / "in", create=True)
+    dst = BlobDir(tmp_path / "out", create=True)
+    digest, _ = src.add_bytes(b"original")
+    os.chmod(src.path(digest), 0o644)
+    Path(src.path(digest)).write_bytes(b"tampered")
+    os.chmod(src.path(digest), 0o444)  # shareable again: it gets linked, then checked
+    with pytest.raises(PkglayerError) as e:
+        dst.import_blob(src, digest)
+    assert str(e.value) == (f"blob {digest} in {src.root} is corrupt: its content has digest "
+                            f"{sha256_digest(b'tampered')}")
+    assert blob_names(dst) == [] and tmp_names(dst) == []
+
+
+@pytest.mark.parametrize("race", ["replaced", "removed"])
+def test_a_source_swapped_or_removed_before_the_link_is_copied_from_what_was_opened(
+    tmp_path, monkeypatch, race: str
+) -> None:
+    """Someone changes the source directory between our open and our link: the link must
+    not publish the other file, and the blob comes from the file that was opened and checked."""
+    src = BlobDir(tmp_path / "in", create=True)
+    dst = BlobDir(tmp_path / "out", create=True)
+    digest, size = src.add_bytes(b"layer data")
+    opened = os.stat(src.path(digest)).st_ino
+    real_link = os.link
+
+    def racing_link(source, target, **kwargs):
+        os.unlink(source)
+        if race == "replaced":
+            Path(source).write_bytes(b"layer data")  # the same bytes, another file
+            os.chmod(source, 0o444)
+        return real_link(source, target, **kwargs)
+
+    monkeypatch.setattr(blobstore.os, "link", racing_link)
+    dst.import_blob(src, digest, size)
+    assert dst.verify(digest, size)
+    published = os.stat(dst.path(digest)).st_ino
+    assert published != opened and (race == "removed" or published != os.stat(src.path(digest)).st_ino)
+    assert stat.S_IMODE(os.stat(dst.path(digest)).st_mode) == 0o444 and tmp_names(dst) == []
+
+
+def test_a_link_refused_for_another_reason_is_a_clear_error(tmp_path) -> None:
+    with tmpfs(tmp_path / "ro", size="1M") as mnt:
+        src = BlobDir(mnt / "in", create=True)
+        dst = BlobDir(mnt / "out", create=True)
+        digest, _ = src.add_bytes(b"layer")
+        run(["mount", "-o", "remount,ro", mnt])
+        with pytest.raises(PkglayerError) as e:
+            dst.import_blob(src, digest)
+        assert str(e.value) == f"cannot link blob {digest} from {src.root}: Read-only file system"
+
+
+def test_temp_files_are_private_and_not_inherited(tmp_path) -> None:
+    """A blob being written is readable by its writer only, and a process started meanwhile
+    (skopeo, say) does not inherit it: it would hold the writer's lock after the writer died."""
+    bd = BlobDir(tmp_path, create=True)
+    with bd.writer() as w:
+        w.write(b"partial")
+        assert stat.S_IMODE(os.stat(w.tmp_path).st_mode) == 0o600
+        fds = subprocess.run(["find", "/proc/self/fd", "-lname", "*.tmp"], capture_output=True, text=True,
+                             close_fds=False, check=True).stdout
+        assert fds == ""
+        w.commit()
+
+
+def test_a_temp_file_removed_before_it_was_locked_is_not_used(tmp_path, monkeypatch) -> None:
+    """A cleaner that takes the lock of a temp file between its creation and the writer's
+    flock removes it; the writer must then start over with a new file."""
+    bd = BlobDir(tmp_path, create=True)
+    real_flock = blobstore.fcntl.flock
+    removed: list[str] = []
+
+    def cleaner_first(fd, op):
+        if not removed:
+            (name,) = tmp_names(bd)
+            removed.append(name)
+            os.unlink(os.path.join(bd.tmp, name))  # what remove_stale_temps does, holding the lock
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(blobstore.fcntl, "flock", cleaner_first)
+    with bd.writer() as w:
+        assert removed and os.path.basename(w.tmp_path) != removed[0] and os.path.exists(w.tmp_path)
+        w.write(b"data")
+        digest, _ = w.commit()
+    assert bd.verify(digest)
+
+
+def test_no_free_inode_for_a_temp_file_is_a_space_error(tmp_path) -> None:
+    with tmpfs(tmp_path / "full", size="1M,nr_inodes=8") as mnt:
+        bd = BlobDir(mnt, create=True)
+        i = 0
+        with pytest.raises(OSError) as e:
+            while True:
+                (mnt / f"filler-{i}").touch()
+                i += 1
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(PkglayerError) as e:
+            bd.writer()
+        assert str(e.value) == f"no space left on device while writing blob to {mnt}"

@@ -121,14 +121,34 @@ def test_history_without_planner_state_loads(tmp_path) -> None:
         ({"bash": {"packages": [], "builds": -1, "changes": 0}}, "field 'builds' must be between 0"),
         ({"bash": {"packages": ["a", "a"], "builds": 1, "changes": 0}}, "lists a name more than once"),
         ({"bash": {"builds": 1, "changes": 0}}, "missing field 'packages'"),
+        # the whole message: it names the file, the component and the field
+        ({"bash": 5}, "{path}: components['bash']: must be a JSON object, not an integer"),
+        ({"bash": {"packages": [], "builds": "1", "changes": 0}},
+         "{path}: components['bash']: field 'builds' must be an integer, not a string"),
+        ({"bash": {"packages": [], "builds": 1, "changes": 2**31}},
+         "{path}: components['bash']: field 'changes' must be between 0 and 2147483647, not 2147483648"),
+        ({"bash": {"packages": ["../x"], "builds": 1, "changes": 0}},
+         "{path}: components['bash']: packages[0] has unsafe value '../x'"),
     ],
 )
 def test_hostile_planner_state_is_refused(tmp_path, components, message) -> None:
     obj = good_json()
     obj["components"] = components
+    path = write(tmp_path, obj)
     with pytest.raises(HistoryError) as e:
-        load_history(write(tmp_path, obj))
-    assert message in str(e.value)
+        load_history(path)
+    if message.startswith("{path}"):
+        assert str(e.value) == message.format(path=path)
+    else:
+        assert message in str(e.value)
+
+
+def test_planner_counts_up_to_the_limit_load(tmp_path) -> None:
+    obj = good_json()
+    most = 2**31 - 1
+    obj["components"] = {"bash": {"packages": [], "builds": most, "changes": most}}
+    assert load_history(write(tmp_path, obj)).components == {
+        "bash": ComponentRecord(packages=(), builds=most, changes=most)}
 
 
 def test_missing_file_is_none(tmp_path) -> None:
@@ -144,8 +164,10 @@ def test_unknown_keys_are_ignored(tmp_path) -> None:
 
 def test_save_refuses_invalid_history(tmp_path) -> None:
     bad = History(layers=(layer("../etc"),), architecture="amd64", os="linux", generator="g", tar_format=1)
-    with pytest.raises(HistoryError, match="unsafe"):
+    with pytest.raises(HistoryError) as e:
         save_history(tmp_path / "history.json", bad)
+    assert str(e.value) == (f"history to be written to {tmp_path / 'history.json'}: layers[0]: "
+                            "field 'name' has unsafe value '../etc'")
     assert os.listdir(tmp_path) == []
 
 

@@ -69,3 +69,151 @@ def test_missing_or_not_a_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(RootfsError, match="not a directory"):
         Rootfs(tmp_path / "file")
+
+
+def test_resolution_of_dots_missing_parts_and_files_in_the_way(tree: Path) -> None:
+    (tree / "usr/abs").symlink_to("/etc")
+    (tree / "usr/rel").symlink_to("lib/../../etc")
+    with Rootfs(tree) as r:
+        assert r.resolve("") == r.resolve("/") == r.resolve(".") == ""
+        assert r.resolve("./usr//./lib/") == "usr/lib"
+        assert r.resolve("..") == r.resolve("../..") == ""
+        assert r.resolve("usr/../etc/shadow") == "etc/shadow"
+        assert r.resolve("usr/abs/shadow") == r.resolve("usr/rel/shadow") == "etc/shadow"
+        # a missing component ends the resolution: the rest is taken as it is, normalised
+        assert r.resolve("lib/none/../x/./y") == "usr/lib/x/y"
+        assert r.resolve("none/../../lib") == "lib"
+        # a file where a directory should be
+        assert r.resolve("lib/libx.so/sub/../z") == "usr/lib/libx.so/z"
+        # the final component kept as it is, or resolved when it is ".."
+        assert r.resolve("lib/libx.so", follow_final=False) == "usr/lib/libx.so"
+        assert r.resolve("lib", follow_final=False) == "lib"
+        assert r.resolve("/lib/", follow_final=False) == "lib"
+        assert r.resolve("lib/..", follow_final=False) == "usr"
+        assert r.resolve("..", follow_final=False) == ""
+
+
+def test_forty_links_resolve_and_forty_one_do_not(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "target").write_text("t")
+    for i in range(41):
+        (root / f"l{i}").symlink_to(f"l{i + 1}" if i < 40 else "target")
+    with Rootfs(root) as r:
+        assert r.resolve("l1") == "target"  # 40 links
+        with pytest.raises(RootfsError, match="^too many levels of symbolic links in /l0$"):
+            r.resolve("l0")
+
+
+def test_opening_reading_and_listing(tree: Path) -> None:
+    os.mkfifo(tree / "fifo")
+    (tree / "dangling").symlink_to("nothing")
+    (tree / "usr/lib/sub").mkdir()
+    with Rootfs(tree) as r:
+        with pytest.raises(RootfsError, match="^cannot open the rootfs itself as a file$"):
+            r.open_fd("/")
+        with pytest.raises(RootfsError, match="^/usr/lib is not a regular file$"):
+            r.open_fd("usr/lib")
+        with pytest.raises(RootfsError, match="^/fifo is not a regular file$"):
+            r.open_fd("fifo")  # and does not block on it
+        with pytest.raises(FileNotFoundError):
+            r.open_fd("usr/lib/none")
+        with pytest.raises(FileNotFoundError):
+            r.open_fd("dangling")
+        with r.open("lib/libx.so") as f:
+            assert f.read() == b"lib"
+        assert r.read_bytes("abs", max_size=13) == b"rootfs shadow"
+        with pytest.raises(RootfsError, match="^/abs is larger than 12 bytes$"):
+            r.read_bytes("abs", max_size=12)
+        assert r.exists("abs") and r.exists("lib") and r.exists("usr/lib/sub")
+        assert not r.exists("dangling") and not r.exists("lib/none")
+        assert r.is_file("abs") and r.is_file("lib/libx.so")
+        assert not r.is_file("lib") and not r.is_file("dangling") and not r.is_file("fifo")
+        assert r.listdir("lib") == ["libx.so", "sub"]
+        assert r.listdir("") == sorted(os.listdir(tree))
+        assert r.listdir("none") == r.listdir("lib/libx.so") == []
+        assert r.readlink("abs") == "/etc/shadow" and r.readlink("usr/../lib") == "usr/lib"
+
+
+def test_xattrs_of_the_object_itself(tree: Path) -> None:
+    os.setxattr(tree / "usr/lib/libx.so", "user.a", b"1")
+    os.setxattr(tree / "usr/lib/libx.so", "user.b", b"")
+    with Rootfs(tree) as r:
+        assert r.getxattrs("usr/lib/libx.so") == {"user.a": b"1", "user.b": b""}
+        assert r.getxattrs("lib") == {}  # a link: its target's are not its own
+        assert r.getxattrs("etc") == {}
+
+
+def test_walk_order_and_pruning(tree: Path) -> None:
+    (tree / "usr/share/doc").mkdir(parents=True)
+    (tree / "usr/share/doc/x").write_text("x")
+    (tree / "usr/share/keep").write_text("k")
+    seen: list[tuple[str, bool]] = []
+
+    def prune(path: str, is_dir: bool) -> bool:
+        seen.append((path, is_dir))
+        return path == "usr/share/doc"
+
+    with Rootfs(tree) as r:
+        entries = list(r.walk(prune))
+    paths = [e.path for e in entries]
+    assert "usr/share/doc" not in paths and "usr/share/doc/x" not in paths
+    assert set(paths) == {p for p, _ in seen} - {"usr/share/doc"}
+    assert ("usr/share/doc", True) in seen and ("usr/share/keep", False) in seen and ("lib", False) in seen
+    for i, path in enumerate(paths):
+        parent = path.rpartition("/")[0]
+        assert not parent or parent in paths[:i], path
+    siblings = [p for p in paths if "/" not in p]
+    assert siblings == sorted(siblings)
+    assert {e.path for e in entries if e.is_dir} == {"etc", "usr", "usr/lib", "usr/share"}
+
+
+def test_walk_of_a_changing_tree(tree: Path) -> None:
+    """What the walk does when others change the tree under it: an entry gone before it
+    was looked at is not part of the tree; a directory gone before it was read is an error."""
+
+    def remove_sibling(path: str, is_dir: bool) -> bool:
+        if path == "abs":
+            (tree / "etc/shadow").unlink()
+            (tree / "loop1").unlink()  # a later sibling, listed already
+        return False
+
+    with Rootfs(tree) as r:
+        paths = [e.path for e in r.walk(remove_sibling)]
+    assert "abs" in paths and "loop1" not in paths and "loop2" in paths
+
+    def remove_directory(path: str, is_dir: bool) -> bool:
+        if path == "usr/lib":
+            os.rename(tree / "usr/lib", tree / "moved")
+        return False
+
+    with Rootfs(tree) as r, pytest.raises(RootfsError, match="^/usr/lib disappeared while being read$"):
+        list(r.walk(remove_directory))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_file_opener_keeps_a_few_directories_open(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    paths = ["f", "a/f", "a/b/c/d/f", "a/b/x/f", "a/b/c/d/g", "e/f", "a/b/c/f"] + [f"m{i}/f" for i in range(40)]
+    for p in paths:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).write_text(p)
+    (root / "a/link").symlink_to("b")
+    with Rootfs(root) as r:
+        base = _open_fds()
+        for max_dirs in (0, 2, 3, 32):
+            with FileOpener(r, max_dirs=max_dirs) as opener:
+                for p in paths:
+                    fd, st = opener.open_fd(p)
+                    with os.fdopen(fd, "rb") as f:
+                        assert f.read() == p.encode(), p
+                    assert st.st_size == len(p)
+                    assert _open_fds() <= base + max(2, max_dirs)
+                with pytest.raises(RootfsError, match="^/a/link/c/f changed into a symlink while being read$"):
+                    opener.open_fd("a/link/c/f")
+                with pytest.raises(RootfsError, match="^/a/link changed into a symlink while being read$"):
+                    opener.open_fd("a/link")
+            assert _open_fds() == base
