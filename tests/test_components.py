@@ -11,10 +11,19 @@ from pathlib import Path
 import pytest
 
 from pkglayer.build import scan_rootfs
-from pkglayer.components import WEEK, ChangeRate, Component, find_components, observe, weekly_change_rate
+from pkglayer.components import (
+    WEEK,
+    ChangeRate,
+    Component,
+    find_components,
+    observe,
+    stated_change_rate,
+    weekly_change_rate,
+)
 from pkglayer.config import BuildSettings
 from pkglayer.history import ComponentRecord
 from pkglayer.rootfs import Rootfs
+from pkglayer.usercomponents import ComponentSpec
 from tests.helpers import deb_package, dpkg_install, dpkg_root, require_tools
 
 DAY = 24 * 3600
@@ -165,3 +174,63 @@ def test_only_what_is_in_the_tree_makes_components(small_tree: Path) -> None:
         own = scan_rootfs(rootfs, BuildSettings(extra_excludes=("usr/share/quiet", "usr/bin/a")))
     # quiet's only file and the edited file are left out: no quiet, no modified layer
     assert [c.name for c in find_components(own)] == ["solo", "srca", "unowned", "pkgdb"]
+
+
+# ------------------------------------------------------------------ components without changelogs
+
+
+def test_components_without_changelogs_start_from_a_stated_or_default_rate(tmp_path: Path) -> None:
+    """User components (a [[component]] with and without an interval, a `user.component`
+    tag with `user.update-interval`) and a big unowned file: their rates start from the
+    stated interval, counted as a year of builds, or from their origin's default, counted
+    as four builds; observed builds add to either."""
+    require_tools("dpkg", "dpkg-deb")
+    root = dpkg_root(tmp_path / "root")
+    dpkg_install(root, deb_package(tmp_path, "solo", "1.0", {"usr/bin/solo": b"s" * 10}, changelog=[REFERENCE]))
+    for path, data in {"opt/app/main": b"a" * 100, "opt/cfg/x": b"c" * 7, "opt/tagged/t": b"t" * 3,
+                       "srv/big.bin": b"b" * 5000}.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    os.setxattr(root / "opt/tagged", "user.component", b"tagged")
+    os.setxattr(root / "opt/tagged", "user.update-interval", b"daily")
+    specs = (ComponentSpec("app", ("opt/app",), "monthly", "component[0] in t.toml"),
+             ComponentSpec("cfg", ("opt/cfg",), where="--component"))
+    with Rootfs(root) as rootfs:
+        own = scan_rootfs(rootfs, BuildSettings(components=specs, big_file_size=4096))
+    observed = {"app": ComponentRecord(packages=(), builds=8, changes=4),
+                "cfg": ComponentRecord(packages=(), builds=2, changes=2)}
+    by_name = {c.name: c for c in find_components(own, observed)}
+    assert sorted(by_name) == ["app", "cfg", "file:srv:big.bin", "pkgdb", "solo", "tagged", "unowned"]
+
+    app = by_name["app"].rate
+    assert app.weekly == pytest.approx((7 / 30 * 52 + 4) / (52 + 8))
+    assert (app.known, app.changelog_weeks, app.observed_builds, app.observed_changes) == (True, 0, 8, 4)
+    assert app.explain() == "every 30 days (component[0] in t.toml), changed in 4/8 builds"
+    assert by_name["app"].origin == "config" and by_name["app"].size == 100
+
+    cfg = by_name["cfg"].rate
+    assert cfg.weekly == pytest.approx((0.25 * 4 + 2) / (4 + 2))
+    assert cfg.explain() == "default 0.25/week, changed in 2/2 builds"
+
+    big = by_name["file:srv:big.bin"]
+    assert big.origin == "big file" and big.size == 5000
+    assert big.weekly == 0.25 and big.rate.explain() == "big file default 0.25/week"
+
+    tagged = by_name["tagged"].rate
+    assert tagged.weekly == 1.0
+    assert tagged.explain() == "every day (user.update-interval on /opt/tagged)"
+    assert by_name["tagged"].origin == "xattr"
+
+    solo = by_name["solo"].rate
+    assert solo.explain() == "changelog in 1/52 weeks"
+    assert by_name["pkgdb"].rate.explain() == "changelog in 52/52 weeks"
+    assert weekly_change_rate([], 0).explain() == "no changelog: assumed"
+
+
+def test_a_stated_rate_is_a_weighted_mean_of_the_interval_and_the_observations() -> None:
+    never = stated_change_rate(0.1, 10, "b", ComponentRecord(packages=(), builds=10, changes=0))
+    assert never.weekly == pytest.approx(0.05)
+    assert (never.observed_builds, never.observed_changes, never.basis, never.known) == (10, 0, "b", True)
+    always = stated_change_rate(0.1, 10, "b", ComponentRecord(packages=(), builds=30, changes=30))
+    assert always.weekly == pytest.approx((1 + 30) / 40)
+    assert stated_change_rate(0.5, 3, "b").weekly == 0.5
