@@ -71,8 +71,9 @@ def weekly_change_rate(
     weeks = {(reference - t) // WEEK for t in changelog if 0 <= reference - t < YEAR_WEEKS * WEEK}
     if not changelog and not builds:
         return ChangeRate(UNKNOWN_WEEKLY_RATE, 0, 0, 0, known=False)
+    # below 1: at most 52 weeks, and history.json never has more changes than builds
     rate = (len(weeks) + changes + 0.5) / (YEAR_WEEKS + builds + 1)
-    return ChangeRate(min(rate, 1.0), len(weeks), builds, changes, known=True)
+    return ChangeRate(rate, len(weeks), builds, changes, known=True)
 
 
 def stated_change_rate(
@@ -82,8 +83,9 @@ def stated_change_rate(
     observed build adds one."""
     builds = observed.builds if observed else 0
     changes = observed.changes if observed else 0
+    # at most 1: `weekly` is, and history.json never has more changes than builds
     rate = (weekly * weight + changes) / (weight + builds)
-    return ChangeRate(min(rate, 1.0), 0, builds, changes, known=True, basis=basis)
+    return ChangeRate(rate, 0, builds, changes, known=True, basis=basis)
 
 
 ALWAYS = ChangeRate(1.0, YEAR_WEEKS, 0, 0, known=True)

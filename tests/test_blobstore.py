@@ -215,6 +215,8 @@ def test_stale_link_temps_removed_only_when_old(tmp_path) -> None:
     os.utime(foreign, (two_hours_ago, two_hours_ago))
     assert bd.remove_stale_temps() == [os.path.basename(old)]
     assert sorted(os.listdir(bd.tmp)) == sorted([os.path.basename(young), "somebody-elses-file"])
+    # a temp that another cleanup removed meanwhile is not old: nothing to remove
+    assert not blobstore._older_than(old, 0)
 
 
 @pytest.fixture
@@ -237,6 +239,17 @@ def test_enospc_gives_clear_error_and_no_temp(small_tmpfs) -> None:
 
 
 # ------------------------------------------------------------------ error paths
+
+
+def test_a_quota_error_says_so() -> None:
+    """tmpfs here has no quota support (CONFIG_TMPFS_QUOTA), so EDQUOT cannot be made
+    real: the mapping from errno to message is checked on the error itself."""
+    quota = blobstore._space_error(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), "/r")
+    assert str(quota) == "disk quota exceeded while writing blob to /r"
+    space = blobstore._space_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "/r")
+    assert str(space) == "no space left on device while writing blob to /r"
+    assert blobstore._space_error(OSError(errno.EIO, os.strerror(errno.EIO)), "/r") is None
+
 
 @contextmanager
 def file_size_limit(limit: int):
@@ -336,6 +349,7 @@ def test_read_checks_size_limit_and_digest(tmp_path) -> None:
     bd = BlobDir(tmp_path, create=True)
     digest, size = bd.add_bytes(b'{"config": 1}')
     assert bd.read(digest, size, 100, "config") == b'{"config": 1}'
+    assert bd.read(digest, size, size, "config") == b'{"config": 1}'  # the limit itself is allowed
     assert bd.size(digest) == size
     with pytest.raises(HistoryError) as e:
         bd.read(digest, 101, 100, "config", HistoryError)
@@ -367,6 +381,9 @@ def test_copy_blob_copies_checked_bytes(tmp_path) -> None:
     assert copied != os.stat(src.path(digest)).st_ino
     dst.copy_blob(src, digest, size)  # present: kept
     assert os.stat(dst.path(digest)).st_ino == copied
+    with pytest.raises(PkglayerError) as e:  # present, but not of the size asked for
+        dst.copy_blob(src, digest, size + 1)
+    assert str(e.value) == f"blob {digest} in {src.root} is corrupt: it is {size} bytes, history says {size + 1}"
     other = BlobDir(tmp_path / "other", create=True)
     with pytest.raises(PkglayerError) as e:
         other.copy_blob(src, digest, size + 1)

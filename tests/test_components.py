@@ -45,8 +45,9 @@ def test_weekly_rate_counts_weeks_with_entries_in_the_last_year() -> None:
     assert rate.weekly == pytest.approx(2.5 / 53)
     observed = weekly_change_rate([now], now, ComponentRecord(packages=(), builds=10, changes=5))
     assert observed.weekly == pytest.approx((1 + 5 + 0.5) / (52 + 10 + 1))
-    unknown = weekly_change_rate([], now)
-    assert not unknown.known and unknown.weekly == 0.25
+    assert rate.known is True and observed.known is True
+    # no changelog and no observation: nothing is known
+    assert weekly_change_rate([], now) == ChangeRate(0.25, 0, 0, 0, known=False)
 
 
 def test_weeks_are_counted_back_from_the_reference_not_the_epoch() -> None:

@@ -284,7 +284,9 @@ def declared(o: Ownership, name: str) -> str:
     return key
 
 
-def test_xattr_tags_claim_unowned_objects_the_nearest_tag_winning(tmp_path: Path) -> None:
+def test_xattr_tags_claim_unowned_objects_the_nearest_tag_winning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "root"
     write(root, "opt/tools/bin/tool")
     write(root, "opt/tools/special/s")
@@ -323,6 +325,9 @@ def test_xattr_tags_claim_unowned_objects_the_nearest_tag_winning(tmp_path: Path
     assert o.warnings[1] == "/opt/tools/notutf8: user.component '\\\\xff' is not UTF-8; ignored"
     assert o.warnings[2] == ("/opt/tools/reserved: user.component 'coreutils' is the name of a package "
                              "component or a top layer; ignored")
+    # and each warning is logged as it is found (the CLI shows them)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "pkglayer.ownership"] == [
+        ("WARNING", w) for w in o.warnings]
 
 
 def test_tagged_intervals_must_agree_and_be_intervals(tmp_path: Path) -> None:
@@ -423,7 +428,7 @@ def test_only_the_largest_big_files_get_components(tmp_path: Path) -> None:
 def test_a_split_hard_link_set_moves_to_the_highest_home(tmp_path: Path) -> None:
     root = tmp_path / "root"
     sets = {"pkg-pkg": ("a", "b"), "pkg-unowned": ("a", None), "unowned-db": (None, "db"),
-            "modified-pkg": ("edited", "b")}
+            "modified-pkg": ("edited", "b"), "zpkg-unowned": ("zz", None)}
     for name, (first, second) in sets.items():
         write(root, f"one/{name}", name.encode())
         (root / "two").mkdir(exist_ok=True)
@@ -434,9 +439,11 @@ def test_a_split_hard_link_set_moves_to_the_highest_home(tmp_path: Path) -> None
     a = pkg("a", FileRecord("/one/pkg-pkg"), FileRecord("/one/pkg-unowned"))
     b = pkg("b", FileRecord("/two/pkg-pkg"), FileRecord("/two/modified-pkg"))
     edited = pkg("edited", FileRecord("/one/modified-pkg", digest=md5(b"other"), digest_algo="md5"))
-    h = homes(own(root, a, b, edited))
+    zz = pkg("zz", FileRecord("/one/zpkg-unowned"))  # a name after "unowned": ranks still win
+    h = homes(own(root, a, b, edited, zz))
     assert h["one/pkg-pkg"] == h["two/pkg-pkg"] == b.key  # between packages: by name
     assert h["one/pkg-unowned"] == h["two/pkg-unowned"] == "unowned"
+    assert h["one/zpkg-unowned"] == h["two/zpkg-unowned"] == "unowned"
     assert h["one/unowned-db"] == h["two/unowned-db"] == h[f"{DB}/x-link"] == h[f"{DB}-link"] == "pkgdb"
     assert h["one/modified-pkg"] == h["two/modified-pkg"] == "modified"
     assert h[f"{DB}/x"] == "pkgdb"
