@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import resource
 import stat
@@ -201,6 +202,49 @@ def test_writer_killed_mid_write_then_rerun(tmp_path) -> None:
     assert tmp_names(bd) == []
     digest, size = bd.add_bytes(b"x" * 3_000_000)
     assert bd.verify(digest) and size == 3_000_000
+
+
+_LINKER = textwrap.dedent(
+    """
+    from pkglayer.blobstore import BlobDir
+    BlobDir({dst!r}, create=True).import_blob(BlobDir({src!r}), {digest!r}, {size!r})
+    """
+)
+
+
+def test_a_link_temp_left_by_a_killed_import_is_cleaned_up_later(tmp_path) -> None:
+    """An import killed between linking the source to a temp name and publishing it (it
+    hashes in between) leaves the temp behind; a later cleanup recognises it as ours."""
+    src = BlobDir(tmp_path / "in", create=True)
+    size = 256 << 20  # sparse: hashing it takes long enough to be caught
+    h = hashlib.sha256()
+    zeros = bytes(1 << 20)
+    for _ in range(size >> 20):
+        h.update(zeros)
+    digest = "sha256:" + h.hexdigest()
+    with open(src.path(digest), "wb") as f:
+        f.truncate(size)
+    os.chmod(src.path(digest), 0o444)  # shareable: imported by a link
+    dst_tmp = tmp_path / "out" / TMP_DIR
+    child = subprocess.Popen([sys.executable, "-c", _LINKER.format(dst=str(tmp_path / "out"), src=src.root,
+                                                                  digest=digest, size=size)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (dst_tmp.is_dir() and list(dst_tmp.glob("link-*"))):
+            assert child.poll() is None, "the import ended before it was caught"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    finally:
+        child.kill()
+        child.wait()
+    dst = BlobDir(tmp_path / "out")
+    (left,) = tmp_names(dst)
+    assert left.startswith("link-") and blob_names(dst) == []
+    assert dst.remove_stale_temps() == []  # young: maybe another import's, still hashing
+    two_hours_ago = time.time() - 7200
+    os.utime(os.path.join(dst.tmp, left), (two_hours_ago, two_hours_ago))
+    assert dst.remove_stale_temps() == [left]
+    assert tmp_names(dst) == [] and os.stat(src.path(digest)).st_nlink == 1
 
 
 def test_stale_link_temps_removed_only_when_old(tmp_path) -> None:

@@ -319,6 +319,7 @@ def test_xattr_tags_claim_unowned_objects_the_nearest_tag_winning(
     assert o.intervals == {"tools": (30, "user.update-interval on /opt/tools"),
                            "special": (7, "user.update-interval on /opt/tools/special/s")}
     assert o.origin(tools) == o.origin(special) == "xattr"
+    assert "modified" not in o.homes and o.home_bytes("modified") == 0  # `pkglayer plan` lists every top layer
     assert o.packages[tools].source == "tools" and o.packages[tools].arch == ""
     assert len(o.warnings) == 3
     assert "/opt/tools/bad: user.component '-bad name' is not a valid layer name" in o.warnings[0]
