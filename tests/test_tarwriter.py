@@ -24,7 +24,9 @@ import pytest
 import zstandard
 
 from pkglayer.build import scan_rootfs
+from pkglayer import tarwriter
 from pkglayer.config import BuildSettings
+from pkglayer.errors import RootfsError
 from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
@@ -178,6 +180,7 @@ class Layer:
     blob: bytes
     diff_id: str
     tar_size: int
+    annotations: dict[str, str]
 
 
 def scan_members(root: Path, select: Callable[[str], bool] = lambda path: True,
@@ -197,13 +200,14 @@ def build_layer(root: Path, compression: str = "gzip", level: int = 6) -> Layer:
         key = content_key(members)
         out = io.BytesIO()
         written = write_layer(rootfs, members, compression, level, out)
-    return Layer(members, key, out.getvalue(), written.diff_id, written.tar_size)
+    return Layer(members, key, out.getvalue(), written.diff_id, written.tar_size, written.annotations)
 
 
 def tar_of(blob: bytes, compression: str) -> bytes:
     """The tar stream of a layer, as gzip/zstd themselves decompress it after testing it
     (several gzip members or zstd frames are fine), and as Python decompresses it."""
-    assert compression in ("gzip", "zstd")
+    assert compression in ("gzip", "zstd", "zstd:chunked")
+    compression = compression.partition(":")[0]  # zstd:chunked is zstd to any other reader
     subprocess.run([compression, "-t"], input=blob, check=True, capture_output=True)
     tar = subprocess.run([compression, "-dc"], input=blob, check=True, capture_output=True).stdout
     if compression == "gzip":
@@ -395,6 +399,7 @@ def test_every_member_read_back_matches_the_file_on_disk(tree: Path, compression
     require_tools("tar", "gzip", "zstd")
     layer = build_layer(tree, compression, 3)
     tar = tar_of(layer.blob, compression)
+    assert layer.annotations == {}  # only zstd:chunked has a table of contents to point at
     assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest() and layer.tar_size == len(tar)
     # ends with two zero blocks, padded to a whole 10 KiB record as tarfile and GNU tar do
     assert len(tar) % tarfile.RECORDSIZE == 0 and tar[-1024:] == bytes(1024)
@@ -403,6 +408,26 @@ def test_every_member_read_back_matches_the_file_on_disk(tree: Path, compression
     assert set(kinds) == {tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE,
                           tarfile.BLKTYPE, tarfile.FIFOTYPE} and kinds[tarfile.LNKTYPE] == 3, kinds
     assert check_with_gnu_tar(tree, tar) == sum(kinds.values()) == len(layer.members) == len(_walk(tree))
+
+
+def test_a_zstd_chunked_layer_reads_back_as_the_tar(tree: Path, tmp_path: Path) -> None:
+    """The same checks for zstd:chunked, on the names its table of contents can hold."""
+    require_tools("zstd")
+    root = tmp_path / "root"
+    copy_tree(tree, root)
+    for d, _, files in os.walk(os.fsencode(root)):
+        for name in files:
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                os.unlink(os.path.join(d, name))
+    layer = build_layer(root, "zstd:chunked", 3)
+    tar = tar_of(layer.blob, "zstd:chunked")
+    assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest() and layer.tar_size == len(tar)
+    kinds = check_with_tarfile(root, tar)
+    assert sum(kinds.values()) == len(layer.members) == len(_walk(root)) and kinds[tarfile.REGTYPE] > 10
+    assert {k.rpartition(".")[2] for k in layer.annotations} == {
+        "manifest-checksum", "manifest-position", "tarsplit-checksum", "tarsplit-position"}
 
 
 def test_gnu_tar_extracts_the_same_tree(tree: Path, tmp_path: Path) -> None:
@@ -477,8 +502,46 @@ def test_files_hashed_while_writing_give_the_key_of_files_hashed_before(tree: Pa
         members = layer_members(own.objects.values(), own.objects, DIR_MTIME)
         assert content_key(members) is None  # not hashed yet
         hashes = write_layer(rootfs, members, "gzip", 1, io.BytesIO()).hashes
+    # every regular file, the empty ones too, and nothing else
+    assert set(hashes) == {m.name for m in members if m.type == tarfile.REGTYPE}
     written = content_key(members, hashes)  # with the hashes the writer took
     assert written is not None and written == build_layer(tree).key
+    hashed = scan_members(tree)
+    with Rootfs(tree) as rootfs:
+        assert write_layer(rootfs, hashed, "gzip", 1, io.BytesIO()).hashes == {}  # none left to take
+
+
+@pytest.mark.parametrize("change", ["edited", "removed", "shrinking"])
+def test_a_file_changed_since_the_scan_stops_the_layer(tmp_path: Path, change: str) -> None:
+    """The content key was taken from what the scan saw: a file that differs when its data
+    is copied would make the key lie."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a").write_bytes(b"a")
+    (root / "f").write_bytes(os.urandom(3 * tarwriter._FLUSH))  # read in three parts
+    members = scan_members(root)
+    real_readv = os.readv
+
+    def shrinking(fd, buffers):
+        n = real_readv(fd, buffers)
+        if n == tarwriter._FLUSH:  # f's first part (a has one byte): cut f short after it
+            os.truncate(root / "f", tarwriter._FLUSH)
+        return n
+
+    with pytest.MonkeyPatch.context() as mp:
+        if change == "edited":
+            with open(root / "f", "r+b") as f:
+                f.write(b"x")  # in place: same inode and size, a new ctime
+            message = "changed"
+        elif change == "removed":
+            (root / "f").unlink()
+            message = "disappeared"
+        else:
+            mp.setattr(tarwriter.os, "readv", shrinking)
+            message = "shrank"
+        with Rootfs(root) as rootfs, pytest.raises(RootfsError) as e:
+            write_layer(rootfs, members, "gzip", 1, io.BytesIO())
+    assert str(e.value) == f"/f {message} during the build; nothing was written, rerun"
 
 
 # ------------------------------------------------------------------ the content key
