@@ -98,8 +98,11 @@ def test_special_homes_get_top_layers_and_count_against_the_budget() -> None:
 
 
 def test_budget_without_room_for_packages_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^layer budget leaves no room for packages$"):
         plan_layers([comp("a", 1, 0.1), special("unowned", 1), special("pkgdb", 1)], max_layers=2)
+    # one slot is enough: every package in one layer
+    plan = plan_layers([comp("a", 1, 0.1), comp("b", 2, 0.1), special("unowned", 1)], max_layers=2)
+    assert [layer.components for layer in plan.layers] == [("a", "b"), ()]
 
 
 def test_layers_are_ordered_stable_first() -> None:
@@ -109,9 +112,11 @@ def test_layers_are_ordered_stable_first() -> None:
 
 
 def test_packages_of_a_component_stay_together_and_name_the_layer() -> None:
-    plan = plan_layers([comp("util-linux", 100, 0.1, packages=4)], max_layers=8)
-    (layer,) = plan.layers
+    plan = plan_layers([comp("util-linux", 100, 0.1, packages=4), comp("zlib", 5, 0.1)], max_layers=8)
+    layer, single = plan.layers
     assert len(layer.packages) == 4 and layer.name == f"{layer.packages[0]}+3"
+    assert layer.homes == layer.packages  # the layer holds what these packages own
+    assert single.name == "zlib-1.0-1-amd64" and single.homes == single.packages == ("zlib-1.0-1-amd64",)
 
 
 # -- the cost of merging and the free slot ---------------------------------------------
@@ -186,6 +191,20 @@ def test_new_component_takes_a_free_slot_and_moves_nothing_else() -> None:
     plan = plan_layers(comps, max_layers=5, prior_groups=[["a"], ["b"]])
     assert groups(plan) == [{"a"}, {"b"}, {"c"}]
     assert plan.moved == {"c": "new: own layer (a slot was free)"}
+
+
+def test_new_components_take_the_free_slots_largest_first() -> None:
+    """Two slots free for three new components: the two largest get them (whatever their
+    names), the smallest joins a layer; each layer says why its members were placed."""
+    comps = [comp("a", 100, 0.1), comp("big", 90, 0.1), comp("mid", 50, 0.1), comp("aa-small", 1, 0.1)]
+    plan = plan_layers(comps, max_layers=3, prior_groups=[["a"]], horizon=0)
+    assert sorted(map(sorted, groups(plan))) == [["a"], ["aa-small", "mid"], ["big"]]
+    by_component = {c: layer for layer in plan.layers for c in layer.components}
+    assert by_component["big"].moved == (("big", "new: own layer (a slot was free)"),)
+    assert by_component["a"].moved == ()
+    why = dict(by_component["mid"].moved)
+    assert sorted(why) == ["aa-small", "mid"] and why["mid"] == "new: own layer (a slot was free)"
+    assert why["aa-small"].startswith("new: joined mid where it costs least")
 
 
 def test_new_component_joins_the_layer_where_it_costs_least_when_full() -> None:
