@@ -11,6 +11,7 @@ import io
 import os
 import random
 import re
+import socket
 import stat
 import subprocess
 import tarfile
@@ -29,6 +30,7 @@ from pkglayer.config import BuildSettings
 from pkglayer.errors import RootfsError
 from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
+from pkglayer.scan import FsObject
 from pkglayer.sources import open_source
 from pkglayer.tarwriter import Member, content_key, layer_members, write_layer
 from tests.clients import Coverage, compare_trees
@@ -138,9 +140,12 @@ def make_tree(root: Path) -> None:
     os.setxattr(xa, "user.dir", b"on a directory")
     names = root / "names"
     names.mkdir()
-    for name in (ODD_NAME, b"names/new\nline", LONG_NAME.encode(), "names/unicode-é☃".encode()):
+    # b"x\x80" sorts before "xé" as bytes (the order of tar --sort=name), after it as str
+    for name in (ODD_NAME, b"names/new\nline", LONG_NAME.encode(), "names/unicode-é☃".encode(), b"names/x\x80",
+                 "names/xé".encode()):
         with open(os.path.join(os.fsencode(root), name), "wb") as f:
             f.write(name)
+    os.symlink(b"caf\xe9", os.path.join(os.fsencode(root), b"names/latin-1-target"))
     modes = root / "modes"
     modes.mkdir()
     for name, mode in (("setuid", 0o4755), ("setgid", 0o2711), ("sticky-file", 0o1644), ("none", 0o000)):
@@ -417,10 +422,13 @@ def test_a_zstd_chunked_layer_reads_back_as_the_tar(tree: Path, tmp_path: Path) 
     copy_tree(tree, root)
     for d, _, files in os.walk(os.fsencode(root)):
         for name in files:
+            path = os.path.join(d, name)
             try:
                 name.decode("utf-8")
+                if os.path.islink(path):
+                    os.readlink(path).decode("utf-8")
             except UnicodeDecodeError:
-                os.unlink(os.path.join(d, name))
+                os.unlink(path)
     layer = build_layer(root, "zstd:chunked", 3)
     tar = tar_of(layer.blob, "zstd:chunked")
     assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest() and layer.tar_size == len(tar)
@@ -469,6 +477,41 @@ def test_the_archive_ends_with_two_zero_blocks_and_a_whole_record(tmp_path: Path
     data_end = 512 + -(-size // 512) * 512
     assert len(tar) == -(-(data_end + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
     assert tar[512:512 + size] == b"\xff" * size and tar[512 + size:].count(0) == len(tar) - 512 - size
+
+
+def test_a_layer_root_is_a_root_owned_0755_directory_first(tree: Path) -> None:
+    members = scan_members(tree, lambda path: path == "files/size-1")
+    with Rootfs(tree) as rootfs:
+        own = scan_rootfs(rootfs, BuildSettings(), hash_content=True)
+    rooted = layer_members([own.objects["files/size-1"]], own.objects, 42, with_root=True)
+    assert rooted[1:] == [replace(m, mtime=42) if m.type == tarfile.DIRTYPE else m for m in members]
+    (ti,) = tarfile.open(fileobj=io.BytesIO(rooted[0].header()), mode="r:").getmembers()
+    assert (ti.name, ti.type, ti.mode, ti.uid, ti.gid, ti.mtime) == (".", tarfile.DIRTYPE, 0o755, 0, 0, 42)
+
+
+def test_only_regular_files_become_hard_links(tmp_path: Path) -> None:
+    """Only sets of regular files are kept in one layer (keep_hardlinks_together): a FIFO
+    or a symlink with two names is written twice as itself, never as a link to a name
+    that may be in another layer."""
+    os.mkfifo(tmp_path / "fifo")
+    os.link(tmp_path / "fifo", tmp_path / "fifo-again")
+    (tmp_path / "sym").symlink_to("fifo")
+    os.link(tmp_path / "sym", tmp_path / "sym-again", follow_symlinks=False)
+    members = scan_members(tmp_path)
+    assert [(m.name, m.type, m.linkname) for m in members] == [
+        ("fifo", tarfile.FIFOTYPE, ""), ("fifo-again", tarfile.FIFOTYPE, ""),
+        ("sym", tarfile.SYMTYPE, "fifo"), ("sym-again", tarfile.SYMTYPE, "fifo")]
+
+
+def test_a_socket_cannot_be_a_member(tmp_path: Path) -> None:
+    """The scan skips sockets; an object of a kind tar cannot hold that reaches the writer
+    anyway is an error that names it."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "sock"))
+        obj = FsObject("sock", os.lstat(tmp_path / "sock"))
+    with pytest.raises(RootfsError) as e:
+        layer_members([obj], {"sock": obj}, 0)
+    assert str(e.value) == "/sock: cannot store file type 140000 in a layer"
 
 
 def test_parents_come_with_the_normalised_directory_mtime(tree: Path) -> None:
