@@ -43,7 +43,8 @@ def test_add_bytes_roundtrip(tmp_path) -> None:
     digest, size = bd.add_bytes(b"hello")
     assert (digest, size) == (sha256_digest(b"hello"), 5)
     assert bd.has(digest) and bd.verify(digest)
-    with open(bd.path(digest), "rb") as f:
+    assert bd.path(digest) == str(tmp_path / "d/blobs/sha256" / digest[7:])  # the OCI layout's place
+    with open(tmp_path / "d/blobs/sha256" / digest[7:], "rb") as f:
         assert f.read() == b"hello"
     assert os.stat(bd.path(digest)).st_mode & 0o777 == 0o444
     assert bd.add_bytes(b"hello") == (digest, 5)  # no-op the second time
@@ -53,8 +54,9 @@ def test_add_bytes_roundtrip(tmp_path) -> None:
 def test_path_rejects_bad_digests(tmp_path) -> None:
     bd = BlobDir(tmp_path, create=True)
     for bad in ["sha256:../../etc/passwd", "sha256:" + "0" * 63, "md5:abc", ""]:
-        with pytest.raises(DigestError):
+        with pytest.raises(DigestError) as e:
             bd.path(bad)
+        assert str(e.value) == f"invalid blob digest {bad!r}: expected sha256:<64 lower-case hex>"
 
 
 def test_missing_root_without_create(tmp_path) -> None:
@@ -337,9 +339,9 @@ def test_a_finished_writer_refuses_more(tmp_path) -> None:
     aborted.abort()
     aborted.abort()  # twice is fine
     for w in (committed, aborted):
-        with pytest.raises(ValueError, match="committed or aborted"):
+        with pytest.raises(ValueError, match="^write to a committed or aborted BlobWriter$"):
             w.write(b"more")
-        with pytest.raises(ValueError, match="already committed or aborted"):
+        with pytest.raises(ValueError, match="^BlobWriter already committed or aborted$"):
             w.commit()
     assert blob_names(bd) == [sha256_digest(b"data")[7:]] and tmp_names(bd) == []
 
@@ -577,6 +579,22 @@ def test_a_temp_file_removed_before_it_was_locked_is_not_used(tmp_path, monkeypa
         w.write(b"data")
         digest, _ = w.commit()
     assert bd.verify(digest)
+
+
+def test_a_temp_name_taken_by_a_planted_symlink_is_not_followed(tmp_path, monkeypatch) -> None:
+    """Someone who can write to the temp directory and guessed the next temp name (128
+    random bits) planted a symlink there: the writer stops, writing nothing through it."""
+    bd = BlobDir(tmp_path / "d", create=True)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not to be touched")
+    guessed = "0" * 32
+    os.symlink(outside, os.path.join(bd.tmp, f"blob-{guessed}.tmp"))
+    monkeypatch.setattr(blobstore.secrets, "token_hex", lambda n: guessed)
+    with pytest.raises(PkglayerError) as e, bd.writer() as w:
+        w.write(b"data")
+        w.commit()
+    assert str(e.value) == f"cannot create a temp file in {bd.tmp}: File exists"
+    assert outside.read_bytes() == b"not to be touched" and blob_names(bd) == []
 
 
 def test_no_free_inode_for_a_temp_file_is_a_space_error(tmp_path) -> None:
