@@ -251,6 +251,56 @@ def test_drifting_estimates_alone_never_move_anything() -> None:
     assert groups(forced) == [{"cold"}, {"hot"}]
 
 
+def test_a_fresh_plan_says_so_and_moves_nothing() -> None:
+    a, b = comp("a", 100, 0.5), comp("b", 10, 0.1)
+    plan = plan_layers([a, b, special("unowned", 3)], max_layers=5)
+    assert (plan.decision, plan.budget, plan.removed, plan.moved) == ("fresh plan (no prior plan)", 5, (), {})
+    assert (plan.fresh_saving, plan.move_cost) == (0.0, 0)
+    assert plan.single_layer == pytest.approx(cost([[a, b]])) and plan.lower_bound == pytest.approx(51)
+    assert plan_layers([special("unowned", 3)], max_layers=2).single_layer == 0.0  # no packages
+
+
+def test_a_kept_plan_says_what_a_fresh_one_would_save_and_move() -> None:
+    hot, cold, tiny = comp("hot", 1000, 0.5), comp("cold", 1000, 0.01), comp("tiny", 1, 0.01)
+    prior = [["hot", "cold"]]
+    # kept: {hot, cold} {tiny}; fresh: {hot, tiny} {cold}, whose 2001 bytes are new to
+    # clients, against the 1 byte of {tiny}
+    saving = cost([[hot, cold], [tiny]]) - cost([[hot, tiny], [cold]])
+    kept = plan_layers([hot, cold, tiny], max_layers=2, prior_groups=prior, horizon=1)
+    assert (kept.fresh_saving, kept.move_cost) == (pytest.approx(saving), 2000)
+    assert kept.decision == (f"kept the prior plan: 1 added, 0 removed (a fresh plan would save {saving:,.0f} "
+                             "bytes per update, not worth moving 2,000 bytes)")
+    moved = plan_layers([hot, cold, tiny], max_layers=2, prior_groups=prior, horizon=26)
+    why = f"re-planned: saves {saving:,.0f} bytes per update, x 26 builds > 2,000 bytes moved once"
+    assert moved.decision == why and moved.move_cost == 2000
+    assert moved.moved == {"hot": why, "cold": why, "tiny": "new"}
+    # a saving below one byte per update is still a saving
+    small = [comp("hot", 1, 0.5), comp("cold", 1, 0.01), comp("tiny", 1, 0.01)]
+    assert plan_layers(small, max_layers=2, prior_groups=prior, horizon=1).decision == (
+        "kept the prior plan: 1 added, 0 removed (a fresh plan would save 0 bytes per update, "
+        "not worth moving 2 bytes)")
+    assert plan_layers(small[:2], max_layers=2, prior_groups=prior).decision == (
+        "kept the prior plan (a fresh plan would save 0 bytes per update and move 2 bytes; --replan moves)")
+
+
+def test_a_kept_plan_as_good_as_a_fresh_one_says_nothing_more() -> None:
+    comps = [comp("a", 100, 0.1), comp("b", 100, 0.1), comp("c", 5, 0.5)]
+    same = plan_layers(comps, max_layers=5, prior_groups=[["a"], ["b"], ["c"]])
+    assert (same.decision, same.fresh_saving, same.move_cost, same.moved) == ("kept the prior plan", 0.0, 0, {})
+    added = plan_layers(comps, max_layers=5, prior_groups=[["a"], ["b"]])
+    assert (added.decision, added.fresh_saving, added.move_cost) == ("kept the prior plan: 1 added, 0 removed", 0, 0)
+
+
+def test_a_full_prior_plan_with_the_same_components_is_not_a_change() -> None:
+    """As many prior layers as the budget, nothing added or removed: only --replan moves."""
+    comps = [comp("hot", 1000, 0.5), comp("cold", 1000, 0.01), comp("x", 1, 0.5)]
+    plan = plan_layers(comps, max_layers=2, prior_groups=[["hot", "cold"], ["x"]], horizon=10_000)
+    assert groups(plan) == [{"hot", "cold"}, {"x"}] and plan.decision.endswith("--replan moves)")
+    forced = plan_layers(comps, max_layers=2, prior_groups=[["hot", "cold"], ["x"]], replan=True)
+    assert forced.decision == "re-planned on request"
+    assert set(forced.moved) <= {"hot", "cold", "x"} and set(forced.moved.values()) == {"re-planned on request"}
+
+
 def test_prior_groups_from_records_with_and_without_components() -> None:
     comps = [comp("bash", 10, 0.1), comp("glibc", 10, 0.1, packages=2)]
     base = dict(content_key="sha256:" + "1" * 64, digest="sha256:" + "2" * 64, diff_id="sha256:" + "3" * 64,
