@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
+import re
+import socket
 import stat
 from pathlib import Path
 
 import pytest
 
+from pkglayer.digests import CONTENT_HASH, new_hasher
 from pkglayer.errors import ConfigError
 from pkglayer.ownership import MAX_BIG_FILES, Ownership, scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import FileRecord, Package, PackageSource
 from pkglayer.usercomponents import ComponentSpec, big_file_name
+from tests.helpers import tmpfs
 
 DB = "var/lib/listed"
 
@@ -196,7 +201,7 @@ def dist_info(root: Path, site: str, name: str, version: str, files: dict[str, b
 SITE = "usr/local/lib/python3.11/dist-packages"
 
 
-def test_pip_records_claim_what_the_distro_leaves(tmp_path: Path) -> None:
+def test_pip_records_claim_what_the_distro_leaves(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "root"
     dist_info(root, SITE, "alpha", "1.0", {"alpha/__init__.py": b"A = 1\n", "alpha/data.txt": b"data",
                                              "shared.py": b"both list it\n"})
@@ -206,7 +211,8 @@ def test_pip_records_claim_what_the_distro_leaves(tmp_path: Path) -> None:
     write(root, f"{SITE}/alpha/data.txt", b"edited")
     distro = pkg("python3-gamma", FileRecord(f"/{SITE}/gamma-3.0.dist-info/METADATA"),
                  FileRecord(f"/{SITE}/beta.py"))
-    o = own(root, distro)
+    with caplog.at_level(logging.INFO, logger="pkglayer.ownership"):
+        o = own(root, distro)
     h = homes(o)
     keys = {p.name: k for k, p in o.packages.items()}
     assert set(keys) == {"python3-gamma", "pip-alpha", "pip-beta"}
@@ -219,6 +225,8 @@ def test_pip_records_claim_what_the_distro_leaves(tmp_path: Path) -> None:
                         f"{SITE}/shared.py": [keys["pip-alpha"], keys["pip-beta"]]}
     assert h[f"{SITE}/gamma.py"] == "unowned"  # gamma is the distro's: dropped whole
     assert o.dropped == [("pip-gamma-3.0", f"/{SITE}/gamma-3.0.dist-info/METADATA is {distro.key}'s")]
+    assert [r.getMessage() for r in caplog.records if r.name == "pkglayer.ownership"] == [
+        f"pip package pip-gamma-3.0 left to the distro: /{SITE}/gamma-3.0.dist-info/METADATA is {distro.key}'s"]
     assert o.origin(keys["pip-alpha"]) == "pip" and o.origin(keys["python3-gamma"]) == "listed"
 
 
@@ -309,7 +317,7 @@ def test_xattr_tags_claim_unowned_objects_the_nearest_tag_winning(
     o = own(root, core)
     h = homes(o)
     tools, special = declared(o, "tools"), declared(o, "special")
-    assert tools.startswith("tools-") and special.startswith("special-")
+    assert re.fullmatch(r"tools-[0-9a-f]{12}", tools) and re.fullmatch(r"special-[0-9a-f]{12}", special)
     for path in ("opt/tools", "opt/tools/bin", "opt/tools/bin/tool", "opt/tools/bad", "opt/tools/bad/b",
                  "opt/tools/notutf8", "opt/tools/reserved"):
         assert h[path] == tools, path
@@ -340,6 +348,8 @@ def test_tagged_intervals_must_agree_and_be_intervals(tmp_path: Path) -> None:
     o = own(root)
     assert homes(o)["opt/a/one"] == declared(o, "app") and "app" not in o.intervals
     assert o.warnings == ["/opt/a/one: user.update-interval 'sometimes' is not an interval; ignored"]
+    tag(root / "opt/a/one", b"\xffweekly", "user.update-interval")
+    assert own(root).warnings == ["/opt/a/one: user.update-interval '\\\\xffweekly' is not an interval; ignored"]
     tag(root / "opt/a/one", b"weekly", "user.update-interval")
     tag(root / "opt/a/two", b"3", "user.update-interval")
     with pytest.raises(ConfigError) as e:
@@ -357,11 +367,14 @@ def test_config_globs_claim_unowned_objects_and_what_is_below_matching_directori
     write(root, "opt/app/tagged")
     write(root, "opt/data/set/x.csv")
     write(root, "opt/data/readme")
+    write(root, "opt/data/deep/er/y.csv")  # ** crosses directories
+    write(root, "opt/dots/.rc")  # * matches a leading dot, as in the rootfs's own paths
     tag(root / "opt/app/tagged", b"tagged")  # tags come first
     specs = (
         ComponentSpec("app", ("opt/app",), "daily", "component[0] in test.toml"),
         ComponentSpec("data", ("opt/data/**/*.csv", "opt/app"), None, "--component"),
         ComponentSpec("lib", ("opt/app/lib",), None, "--component"),
+        ComponentSpec("dots", ("opt/dots/*",), None, "--component"),
     )
     p = pkg("p", FileRecord("/opt/app/packaged"))
     o = own(root, p, components=specs)
@@ -369,7 +382,8 @@ def test_config_globs_claim_unowned_objects_and_what_is_below_matching_directori
     app, data, lib = declared(o, "app"), declared(o, "data"), declared(o, "lib")
     assert h["opt/app"] == h["opt/app/main.py"] == app  # "app" is listed before "data", which matches too
     assert h["opt/app/lib"] == h["opt/app/lib/util.py"] == h["opt/app/lib/.hidden"] == lib  # nearest
-    assert h["opt/data/set/x.csv"] == data
+    assert h["opt/data/set/x.csv"] == h["opt/data/deep/er/y.csv"] == data
+    assert h["opt/dots/.rc"] == declared(o, "dots")
     assert h["opt/data/readme"] == h["opt/data/set"] == "unowned"
     assert h["opt/app/packaged"] == p.key and h["opt/app/tagged"] == declared(o, "tagged")
     assert o.intervals == {"app": (1, "component[0] in test.toml")}
@@ -386,8 +400,10 @@ def test_config_globs_claim_unowned_objects_and_what_is_below_matching_directori
 def test_a_config_component_cannot_take_a_reserved_name(tmp_path: Path, name: str) -> None:
     root = tmp_path / "root"
     write(root, "opt/x")
-    with pytest.raises(ConfigError, match=rf"^--component: component '{name}' has the name of a package"):
+    with pytest.raises(ConfigError) as e:
         own(root, pkg("p", source="src"), pkg("q"), components=(ComponentSpec(name, ("opt",), None, "--component"),))
+    assert str(e.value) == (f"--component: component '{name}' has the name of a package component or a top layer; "
+                            "choose another")
 
 
 def test_big_unowned_files_become_components_of_their_own(tmp_path: Path) -> None:
@@ -416,14 +432,25 @@ def test_big_unowned_files_become_components_of_their_own(tmp_path: Path) -> Non
     assert all(not k.startswith("file:") for k in homes(own(root, p)).values())  # off by default
 
 
-def test_only_the_largest_big_files_get_components(tmp_path: Path) -> None:
+def test_only_the_largest_big_files_get_components(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "root"
     for i in range(MAX_BIG_FILES + 2):
         write(root, f"srv/f{i:03d}", b"x" * (i + 10))
     write(root, "srv/tie-a", b"x" * 11)  # as large as the largest one left out: the path decides
-    h = homes(own(root, big_file_size=1))
+    with caplog.at_level(logging.INFO, logger="pkglayer.ownership"):
+        h = homes(own(root, big_file_size=1))
     left = sorted(p for p, home in h.items() if home == "unowned")
     assert left == ["srv", "srv/f000", "srv/f001", "srv/tie-a"]
+    assert [r.getMessage() for r in caplog.records if r.name == "pkglayer.ownership"] == [
+        f"{MAX_BIG_FILES + 3} big unowned files; the {MAX_BIG_FILES} largest get components of their own"]
+    # exactly as many as allowed: all of them, and nothing to say
+    caplog.clear()
+    for path in left[1:]:
+        (root / path).unlink()
+    with caplog.at_level(logging.INFO, logger="pkglayer.ownership"):
+        h = homes(own(root, big_file_size=1))
+    assert sorted(p for p, home in h.items() if home == "unowned") == ["srv"]
+    assert [r for r in caplog.records if r.name == "pkglayer.ownership"] == []
 
 
 def test_a_split_hard_link_set_moves_to_the_highest_home(tmp_path: Path) -> None:
@@ -448,3 +475,23 @@ def test_a_split_hard_link_set_moves_to_the_highest_home(tmp_path: Path) -> None
     assert h["one/unowned-db"] == h["two/unowned-db"] == h[f"{DB}/x-link"] == h[f"{DB}-link"] == "pkgdb"
     assert h["one/modified-pkg"] == h["two/modified-pkg"] == "modified"
     assert h[f"{DB}/x"] == "pkgdb"
+
+
+# ------------------------------------------------------------------ the walk behind the rules
+
+
+def test_by_default_files_are_hashed_and_other_filesystems_and_sockets_left_out(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write(root, "srv/f", b"data")
+    write(root, "mnt/.keep")
+    with tmpfs(root / "mnt/other"):
+        write(root, "mnt/other/elsewhere")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(root / "srv/sock"))
+            o = own(root)
+    assert o.skipped == [("mnt/other", "mount point: contents on another filesystem not included"),
+                         ("srv/sock", "socket (tar cannot store sockets)")]
+    assert "mnt/other/elsewhere" not in o.objects and "srv/sock" not in o.objects
+    h = new_hasher(CONTENT_HASH)
+    h.update(b"data")
+    assert o.objects["srv/f"].content_hash == h.hexdigest()
