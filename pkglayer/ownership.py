@@ -272,11 +272,10 @@ def claim_bytecode(c: Claims) -> None:
             continue
         src = objects.get(f"{m['dir']}{m['name']}.py")
         cache_dir = f"{m['dir']}__pycache__"
+        # bytecode left unowned counts below, with everything else in its directory
         if src is not None and src.home not in SPECIAL_HOMES:
             obj.home = src.home
             claimed_dirs[cache_dir].add(src.home)
-        else:
-            claimed_dirs[cache_dir].add(HOME_UNOWNED)
     for obj in objects.values():  # anything else in those directories also counts
         parent = obj.path.rpartition("/")[0]
         if parent in claimed_dirs:

@@ -165,8 +165,10 @@ def test_paths_resolve_through_the_trees_own_links_and_the_first_lister_wins(tmp
     write(root, "usr/lib/x/libfoo.so.1", b"foo")
     (root / "lib").symlink_to("usr/lib")  # merged /usr
     write(root, "usr/share/common", b"common")
-    a = pkg("a", FileRecord("/lib/x/libfoo.so.1"), FileRecord("/usr/share/common"), FileRecord("/usr/share"),
-            FileRecord("/usr/lib"), FileRecord("/"), arch="i386")
+    # "/" (listed first, as dpkg does) is no path of the tree; a package listing one file
+    # by two names (merged /usr) does not share it with itself
+    a = pkg("a", FileRecord("/"), FileRecord("/lib/x/libfoo.so.1"), FileRecord("/usr/share/common"),
+            FileRecord("/usr/share"), FileRecord("/usr/lib"), FileRecord("/usr/lib/x/libfoo.so.1"), arch="i386")
     b_amd64 = pkg("b", FileRecord("/usr/share/common"), FileRecord("/usr/share", mode=stat.S_IFDIR | 0o755),
                   FileRecord("/usr/lib"))
     b_i386 = pkg("b", FileRecord("/usr/share/common"), arch="i386")
@@ -208,6 +210,7 @@ def test_pip_records_claim_what_the_distro_leaves(tmp_path: Path, caplog: pytest
     dist_info(root, SITE, "beta", "2.0", {"beta.py": b"B = 2\n", "shared.py": b"both list it\n"})
     # a distribution the distro installed (its dist-info is the distro package's)
     dist_info(root, SITE, "gamma", "3.0", {"gamma.py": b"G = 3\n"})
+    dist_info(root, SITE, "zeta", "4.0", {"zeta.py": b"Z = 4\n"})  # after the dropped one
     write(root, f"{SITE}/alpha/data.txt", b"edited")
     distro = pkg("python3-gamma", FileRecord(f"/{SITE}/gamma-3.0.dist-info/METADATA"),
                  FileRecord(f"/{SITE}/beta.py"))
@@ -215,7 +218,8 @@ def test_pip_records_claim_what_the_distro_leaves(tmp_path: Path, caplog: pytest
         o = own(root, distro)
     h = homes(o)
     keys = {p.name: k for k, p in o.packages.items()}
-    assert set(keys) == {"python3-gamma", "pip-alpha", "pip-beta"}
+    assert set(keys) == {"python3-gamma", "pip-alpha", "pip-beta", "pip-zeta"}
+    assert h[f"{SITE}/zeta.py"] == keys["pip-zeta"]
     assert h[f"{SITE}/alpha/__init__.py"] == h[f"{SITE}/alpha"] == keys["pip-alpha"]
     assert h[f"{SITE}/alpha/data.txt"] == "modified"
     assert o.modified_by_package[keys["pip-alpha"]][0][0].path == f"{SITE}/alpha/data.txt"
@@ -258,10 +262,14 @@ def test_bytecode_goes_with_the_package_of_its_source(tmp_path: Path) -> None:
     write(root, "opt/listed/l.py")
     write(root, "opt/listed/__pycache__/l.cpython-311.pyc")
     write(root, "opt/listed/__pycache__/other.cpython-311.pyc")
+    write(root, "opt/listed/m.py")
+    write(root, "opt/listed/__pycache__/m.cpython-311.pyc")  # listed by q, its source by p: q's
     p = pkg("python3-mod", FileRecord(f"/{mod}"), FileRecord(f"/{mod}/__init__.py"),
             FileRecord(f"/{mod}/helper.py"), FileRecord("/opt/two/a.py"), FileRecord("/opt/listed/l.py"),
+            FileRecord("/opt/listed/m.py"),
             FileRecord("/opt/edited/e.py", digest=md5(b"shipped"), digest_algo="md5"))
-    q = pkg("python3-two", FileRecord("/opt/two/b.py"), FileRecord("/opt/listed/__pycache__/other.cpython-311.pyc"))
+    q = pkg("python3-two", FileRecord("/opt/two/b.py"), FileRecord("/opt/listed/__pycache__/other.cpython-311.pyc"),
+            FileRecord("/opt/listed/__pycache__/m.cpython-311.pyc"))
     h = homes(own(root, p, q))
     for name in ("__init__.cpython-311.pyc", "helper.cpython-311.opt-1.pyc", "helper.cpython-311.opt-2.pyc",
                  "helper.pypy-73.pyc"):
@@ -274,6 +282,7 @@ def test_bytecode_goes_with_the_package_of_its_source(tmp_path: Path) -> None:
     assert h["opt/two/__pycache__"] == "unowned"
     assert h["srv/__pycache__/local.cpython-311.pyc"] == h["srv/__pycache__"] == "unowned"
     assert h["opt/listed/__pycache__/l.cpython-311.pyc"] == p.key
+    assert h["opt/listed/__pycache__/m.cpython-311.pyc"] == q.key
     assert h["opt/listed/__pycache__"] == "unowned"
 
     (root / f"{mod}/__pycache__/helper.cpython-311.pyc.tmp").unlink()
