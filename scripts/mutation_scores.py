@@ -1,7 +1,9 @@
 """Per-module mutation scores of the last `scripts/mutation.sh` run, read from mutants/.
 
-score = (killed + timeout) / mutants: a mutant that makes a test run past mutmut's time
-limit is caught (an endless loop), and one no fast test executes counts as surviving.
+score = (killed + timeout + segfault) / mutants: a mutant that makes a test run past
+mutmut's time limit is caught (an endless loop), as is one whose test process dies (mutmut
+calls exit code -9, its own SIGKILL after the time limit, and -11 "segfault"); one no fast
+test executes counts as surviving.
 `--survivors` also lists the mutants not caught by name (`mutmut show NAME` prints one).
 """
 
@@ -16,8 +18,8 @@ from pathlib import Path
 from mutmut.stats import status_by_exit_code
 
 REPO = Path(__file__).resolve().parent.parent
-CAUGHT = ("killed", "timeout")
-COLUMNS = ("killed", "survived", "timeout", "no tests")
+CAUGHT = ("killed", "timeout", "segfault")
+COLUMNS = ("killed", "survived", "timeout", "segfault", "no tests")
 
 
 def main(argv: list[str]) -> int:
