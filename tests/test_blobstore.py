@@ -6,8 +6,8 @@ import errno
 import hashlib
 import os
 import resource
-import stat
 import signal
+import stat
 import subprocess
 import sys
 import textwrap

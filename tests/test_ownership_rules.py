@@ -466,7 +466,7 @@ def test_a_split_hard_link_set_moves_to_the_highest_home(tmp_path: Path) -> None
     root = tmp_path / "root"
     sets = {"pkg-pkg": ("a", "b"), "pkg-unowned": ("a", None), "unowned-db": (None, "db"),
             "modified-pkg": ("edited", "b"), "zpkg-unowned": ("zz", None)}
-    for name, (first, second) in sets.items():
+    for name in sets:  # the values: who lists each of the two names
         write(root, f"one/{name}", name.encode())
         (root / "two").mkdir(exist_ok=True)
         os.link(root / f"one/{name}", root / f"two/{name}")

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pkglayer.build import scan_rootfs
 from pkglayer import tarwriter
+from pkglayer.build import scan_rootfs
 from pkglayer.config import BuildSettings
 from pkglayer.errors import RootfsError
 from pkglayer.ownership import scan_ownership
