@@ -231,3 +231,26 @@ def test_glob_regex_of_no_pattern_matches_nothing() -> None:
     assert scan.glob_regex([], 0).fullmatch("anything") is None
     both = scan.glob_regex(["a/*", "b"], 0)
     assert [p for p in ("a/x", "b", "c", "a/x/y") if both.fullmatch(p)] == ["a/x", "b"]
+
+
+def test_a_failed_hashing_run_drops_the_runs_still_queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that fails while hashed stops the scan; runs of files not started yet are
+    dropped, not hashed for nothing."""
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    for i in range(4 * 128):
+        (root / f"d/f{i:03d}").write_bytes(b"x")
+    real_chunk = scan._hash_chunk
+    started: list[str] = []
+
+    def chunk_then_fail(rootfs, chunk):
+        started.append(chunk[0][0].path)
+        if len(started) == 1:
+            raise RootfsError("the first run fails")
+        time.sleep(0.3)  # the one worker is busy with the second run when the failure is seen
+        return real_chunk(rootfs, chunk)
+
+    monkeypatch.setattr(scan, "_hash_chunk", chunk_then_fail)
+    with pytest.raises(RootfsError, match="^the first run fails$"):
+        walk(root, lambda path: ("md5",), jobs=1)
+    assert len(started) == 2  # the first two of four runs
