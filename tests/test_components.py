@@ -194,6 +194,7 @@ def test_components_without_changelogs_start_from_a_stated_or_default_rate(tmp_p
         (root / path).write_bytes(data)
     os.setxattr(root / "opt/tagged", "user.component", b"tagged")
     os.setxattr(root / "opt/tagged", "user.update-interval", b"daily")
+    os.setxattr(root / "opt/cfg", "user.component", b"cfg")  # declared twice: the first origin's default
     specs = (ComponentSpec("app", ("opt/app",), "monthly", "component[0] in t.toml"),
              ComponentSpec("cfg", ("opt/cfg",), where="--component"))
     with Rootfs(root) as rootfs:
@@ -212,6 +213,7 @@ def test_components_without_changelogs_start_from_a_stated_or_default_rate(tmp_p
     cfg = by_name["cfg"].rate
     assert cfg.weekly == pytest.approx((0.25 * 4 + 2) / (4 + 2))
     assert cfg.explain() == "default 0.25/week, changed in 2/2 builds"
+    assert by_name["cfg"].origin == "xattr, config"
 
     big = by_name["file:srv:big.bin"]
     assert big.origin == "big file" and big.size == 5000
