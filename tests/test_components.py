@@ -194,7 +194,8 @@ def test_components_without_changelogs_start_from_a_stated_or_default_rate(tmp_p
         (root / path).write_bytes(data)
     os.setxattr(root / "opt/tagged", "user.component", b"tagged")
     os.setxattr(root / "opt/tagged", "user.update-interval", b"daily")
-    os.setxattr(root / "opt/cfg", "user.component", b"cfg")  # declared twice: the first origin's default
+    (root / "opt/more").write_bytes(b"m")
+    os.setxattr(root / "opt/more", "user.component", b"cfg")  # declared twice: the first origin's default
     specs = (ComponentSpec("app", ("opt/app",), "monthly", "component[0] in t.toml"),
              ComponentSpec("cfg", ("opt/cfg",), where="--component"))
     with Rootfs(root) as rootfs:
