@@ -9,6 +9,7 @@ import pytest
 
 from pkglayer.errors import RootfsError
 from pkglayer.rootfs import FileOpener, Rootfs
+from tests.helpers import tmpfs
 
 
 @pytest.fixture
@@ -146,6 +147,12 @@ def test_xattrs_of_the_object_itself(tree: Path) -> None:
         assert r.getxattrs("usr/lib/libx.so") == {"user.a": b"1", "user.b": b""}
         assert r.getxattrs("lib") == {}  # a link: its target's are not its own
         assert r.getxattrs("etc") == {}
+        # a link's own (trusted.* may be set on one, by root), not its target's
+        os.setxattr(tree / "usr/lib", "trusted.target", b"the directory")
+        os.setxattr(tree / "lib", "trusted.which", b"the link", follow_symlinks=False)
+        assert r.getxattrs("lib") == {"trusted.which": b"the link"}
+        with pytest.raises(FileNotFoundError):  # gone: an error, not "no xattrs"
+            r.getxattrs("usr/none")
 
 
 def test_walk_order_and_pruning(tree: Path) -> None:
@@ -170,6 +177,15 @@ def test_walk_order_and_pruning(tree: Path) -> None:
     siblings = [p for p in paths if "/" not in p]
     assert siblings == sorted(siblings)
     assert {e.path for e in entries if e.is_dir} == {"etc", "usr", "usr/lib", "usr/share"}
+
+
+def test_walk_stays_on_the_roots_filesystem_by_default(tree: Path) -> None:
+    (tree / "mnt").mkdir()
+    with tmpfs(tree / "mnt"):
+        (tree / "mnt/elsewhere").write_text("e")
+        with Rootfs(tree) as r:
+            assert "mnt" in {e.path for e in r.walk()} and "mnt/elsewhere" not in {e.path for e in r.walk()}
+            assert "mnt/elsewhere" in {e.path for e in r.walk(one_file_system=False)}
 
 
 def test_walk_of_a_changing_tree(tree: Path) -> None:
