@@ -74,6 +74,22 @@ def test_missing_or_not_a_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(RootfsError, match="not a directory"):
         Rootfs(tmp_path / "file")
+    with pytest.raises(RootfsError) as e:  # another reason stat fails
+        Rootfs(tmp_path / "file/sub")
+    assert str(e.value) == f"rootfs {tmp_path}/file/sub: Not a directory"
+
+
+def test_closing_twice_closes_nothing_else(tmp_path: Path) -> None:
+    r = Rootfs(tmp_path)
+    with r:
+        pass
+    spare = os.open(tmp_path, os.O_RDONLY)  # the lowest free descriptor: the one r had
+    try:
+        r.close()
+        for fd in (0, 1, 2, spare):
+            os.fstat(fd)  # still open
+    finally:
+        os.close(spare)
 
 
 def test_resolution_of_dots_missing_parts_and_files_in_the_way(tree: Path) -> None:
