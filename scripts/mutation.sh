@@ -54,6 +54,10 @@ start=$(date +%s)
 if (($#)); then
     [[ -d mutants ]] || { echo "mutation: no mutants/ yet: run scripts/mutation.sh without arguments first" >&2; exit 2; }
     rm -rf mutants/tests && cp -a tests mutants/tests
+    # Which tests run for a mutant comes from the functions each test called: collected
+    # again, as the tests may have changed (else a changed test is not run for the
+    # functions it newly reaches).
+    rm -f mutants/mutmut-stats.json
 else
     rm -rf mutants
 fi
