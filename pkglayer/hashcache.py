@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from contextlib import closing
@@ -46,12 +47,24 @@ class HashCache:
         self._entries: dict[tuple[int, str], tuple[Stamp, str]] = {}
         self._new: list[tuple[int, str, Stamp, str]] = []
         self._tree = ""
+        self._loaded = True
+        self._load_lock = threading.Lock()  # blob records are looked up from several threads
         self.hits = 0
 
     def load(self, tree: str) -> None:
-        """Read the entries of one tree. A cache that can't be read is ignored: it only
-        ever saves work."""
+        """Use the entries of one tree, read when first asked for (a rebuild that finds
+        every file in its kept scan asks for none). A cache that can't be read is
+        ignored: it only ever saves work."""
         self._tree = tree
+        self._loaded = False
+
+    def _load(self) -> None:
+        with self._load_lock:
+            if not self._loaded:
+                self._read(self._tree)
+                self._loaded = True
+
+    def _read(self, tree: str) -> None:
         if not self.path or not os.path.exists(self.path):
             return
         try:
@@ -68,6 +81,8 @@ class HashCache:
         self._entries = {(ino, algo): ((dev, size, m, c), digest) for ino, algo, dev, size, m, c, digest in rows}
 
     def get(self, st: os.stat_result, algos: Iterable[str]) -> dict[str, str] | None:
+        if not self._loaded:
+            self._load()
         stamp = (st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         found = {}
         for algo in algos:
@@ -81,6 +96,8 @@ class HashCache:
     def put(self, st: os.stat_result, digests: dict[str, str], hashed_at: float) -> None:
         if not self.path or st.st_ctime_ns >= (hashed_at - _RACY_SECONDS) * 1e9:
             return
+        if not self._loaded:
+            self._load()
         stamp = (st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         for algo, digest in digests.items():
             if self._entries.get((st.st_ino, algo)) != (stamp, digest):
@@ -105,6 +122,35 @@ class HashCache:
         except (OSError, sqlite3.Error) as e:
             log.warning("could not update hash cache %s: %s", self.path, e)
         self._new.clear()
+
+
+class TreeRecords:
+    """The HashCaches of several trees in one cache file, each read when first used and
+    saved together; for blob directories, each its own tree (by real path), where a
+    blob's checked digest is remembered like a file's."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._trees: dict[str, HashCache] = {}
+        self._lock = threading.Lock()
+
+    def of(self, root: str) -> HashCache | None:
+        """The record of the tree at `root`; None when nothing is remembered (no cache)."""
+        if not self.path:
+            return None
+        tree = os.path.realpath(root)
+        with self._lock:
+            cache = self._trees.get(tree)
+            if cache is None:
+                cache = self._trees[tree] = HashCache(self.path)
+                cache.load(tree)
+            return cache
+
+    def save(self) -> None:
+        with self._lock:
+            trees = list(self._trees.values())
+        for cache in trees:
+            cache.save()
 
 
 def _connect(path: str) -> sqlite3.Connection:

@@ -54,6 +54,17 @@ class Rootfs:
         except OSError as e:
             raise RootfsError(f"rootfs {self.path}: {e.strerror}") from None
         self.dev = st.st_dev
+        # With a dict here, every path looked up is noted with what was found (see
+        # `noted`): what was read from the tree, to tell later whether it is unchanged.
+        self.trace: dict[str, Noted] | None = None
+
+    def stat(self) -> os.stat_result:
+        """The root directory's own lstat."""
+        return os.fstat(self._fd)
+
+    def _note(self, path: str, st: os.stat_result | None, listed: bool = False) -> None:
+        if self.trace is not None and (listed or path not in self.trace):
+            self.trace[path] = noted(st, listed)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -103,15 +114,18 @@ class Rootfs:
             try:
                 st = os.lstat(os.path.join(self.path, candidate))
             except FileNotFoundError:
+                self._note(candidate, None)
                 # Nothing there: the rest of the path cannot contain links either.
                 done.append(name)
                 done.extend(c for c in todo)
                 todo = []
                 return "/".join(_normalise(done))
             except NotADirectoryError:
+                self._note(candidate, None)
                 done.append(name)
                 done.extend(todo)
                 return "/".join(_normalise(done))
+            self._note(candidate, st)
             if stat.S_ISLNK(st.st_mode):
                 links += 1
                 if links > _MAX_SYMLINKS:
@@ -179,6 +193,8 @@ class Rootfs:
         except OSError:
             return []
         try:
+            if self.trace is not None:
+                self._note(rel, os.fstat(fd), listed=True)
             return sorted(os.listdir(fd))
         finally:
             os.close(fd)
@@ -211,6 +227,24 @@ class Rootfs:
 
     # -- walking -----------------------------------------------------------------------
 
+    def entries(self, relpath: str) -> list[tuple[str, os.stat_result]]:
+        """The entries of a directory the walk found, sorted by name, each with its lstat;
+        an entry that vanishes between readdir and stat is not part of the tree."""
+        try:
+            with os.scandir(os.path.join(self.path, relpath) if relpath else self.path) as it:
+                found = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            raise RootfsError(f"/{relpath} disappeared while being read") from None
+        except PermissionError as e:
+            raise RootfsError(f"/{relpath}: {e.strerror}") from None
+        out = []
+        for de in found:
+            try:
+                out.append((de.name, de.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue
+        return out
+
     def walk(
         self,
         prune: Callable[[str, bool], bool] | None = None,
@@ -225,20 +259,9 @@ class Rootfs:
         stack = [""]
         while stack:
             d = stack.pop()
-            try:
-                with os.scandir(os.path.join(self.path, d) if d else self.path) as it:
-                    children = sorted(it, key=lambda e: e.name, reverse=True)
-            except FileNotFoundError:
-                raise RootfsError(f"/{d} disappeared while being read") from None
-            except PermissionError as e:
-                raise RootfsError(f"/{d}: {e.strerror}") from None
             subdirs = []
-            for de in reversed(children):
-                path = f"{d}/{de.name}" if d else de.name
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # vanished between readdir and stat: it is not part of the tree
+            for name, st in self.entries(d):
+                path = f"{d}/{name}" if d else name
                 isdir = stat.S_ISDIR(st.st_mode)
                 if prune is not None and prune(path, isdir):
                     continue
@@ -246,6 +269,36 @@ class Rootfs:
                 if isdir and not (one_file_system and st.st_dev != self.dev):
                     subdirs.append(path)
             stack.extend(reversed(subdirs))
+
+
+# What a traced lookup found at a path: None (nothing there), ("d", dev, ino) for a
+# directory passed through, ("f", dev, ino, mode, size, mtime_ns, ctime_ns) for anything
+# else and for a directory listed (its mtime changes with its entries).
+Noted = tuple | None
+
+
+def noted(st: os.stat_result | None, listed: bool = False) -> Noted:
+    if st is None:
+        return None
+    if stat.S_ISDIR(st.st_mode) and not listed:
+        return ("d", st.st_dev, st.st_ino)
+    return ("f", st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def unchanged(root: str, trace: dict[str, Noted]) -> bool:
+    """Every path of a trace still finds what it found then (one lstat each). Parents
+    come before their children in a trace, so a directory that became a symlink fails
+    before any path below it is looked up through the link."""
+    for path, was in trace.items():
+        try:
+            st = os.lstat(os.path.join(root, path))
+        except (FileNotFoundError, NotADirectoryError):
+            if was is not None:
+                return False
+            continue
+        if was is None or noted(st, listed=was[0] == "f") != was:
+            return False
+    return True
 
 
 class FileOpener:

@@ -22,6 +22,7 @@ from .digests import CONTENT_HASH, new_hasher
 from .errors import RootfsError
 from .rootfs import FileOpener, Rootfs
 from .scan import FsObject
+from .timings import charge
 from .zstd_chunked import ChunkedEncoder
 
 # Bump whenever the bytes written for the same members change: it is part of every
@@ -232,7 +233,8 @@ class _Compressor:
         self._push(data)
 
     def _push(self, data) -> None:
-        self.tar_hash.update(data)
+        with charge("hash"):
+            self.tar_hash.update(data)
         self.tar_size += len(data)
         self._c.write(data)
 
@@ -320,13 +322,15 @@ def _copy_file(opener: FileOpener, m: Member, c: _Compressor | ChunkedEncoder, b
             raise RootfsError(f"/{obj.path} changed during the build; nothing was written, rerun")
         remaining = m.size
         while remaining:
-            n = os.readv(fd, [buf[: min(len(buf), remaining)]])
+            with charge("read"):
+                n = os.readv(fd, [buf[: min(len(buf), remaining)]])
             if not n:
                 raise RootfsError(f"/{obj.path} shrank during the build; nothing was written, rerun")
             remaining -= n
             chunk = buf[:n]
             if hasher is not None:
-                hasher.update(chunk)
+                with charge("hash"):
+                    hasher.update(chunk)
             c.write_data(chunk)
     finally:
         os.close(fd)
