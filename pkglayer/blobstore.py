@@ -94,6 +94,18 @@ def _space_error(e: OSError, root: str) -> PkglayerError | None:
     return None
 
 
+def _open_source(src: BlobDir, digest: str, size: int | None) -> tuple[int, os.stat_result]:
+    """The blob in `src` opened to be taken, checked to be a regular file of `size` bytes."""
+    fd = _open_regular(src.path(digest))
+    if fd is None:
+        raise PkglayerError(f"blob {digest} is missing from {src.root} or is not a regular file")
+    st = os.fstat(fd)
+    if size is not None and st.st_size != size:
+        os.close(fd)
+        raise PkglayerError(f"blob {digest} in {src.root} is corrupt: it is {st.st_size} bytes, history says {size}")
+    return fd, st
+
+
 class BlobDir:
     """A directory laid out as <root>/blobs/sha256/<hex> (an OCI layout, or /layers/input, /layers/output).
 
@@ -215,14 +227,8 @@ class BlobDir:
         content does not match the digest."""
         if self.has_own(digest, size, known):
             return
-        fd = _open_regular(src.path(digest))
-        if fd is None:
-            raise PkglayerError(f"blob {digest} is missing from {src.root} or is not a regular file")
+        fd, st = _open_source(src, digest, size)
         try:
-            st = os.fstat(fd)
-            if size is not None and st.st_size != size:
-                raise PkglayerError(f"blob {digest} in {src.root} is corrupt: it is {st.st_size} bytes, "
-                                    f"history says {size}")
             if shareable(st) and self._link(src, digest, fd, st):
                 return
             self._copy(src, digest, fd)
@@ -235,14 +241,8 @@ class BlobDir:
         before it gets its final name."""
         if self.has_own(digest, size):
             return
-        fd = _open_regular(src.path(digest))
-        if fd is None:
-            raise PkglayerError(f"blob {digest} is missing from {src.root} or is not a regular file")
+        fd, _ = _open_source(src, digest, size)
         try:
-            st = os.fstat(fd)
-            if size is not None and st.st_size != size:
-                raise PkglayerError(f"blob {digest} in {src.root} is corrupt: it is {st.st_size} bytes, "
-                                    f"history says {size}")
             self._copy(src, digest, fd)
         finally:
             os.close(fd)

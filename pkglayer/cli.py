@@ -367,6 +367,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(summary(result.timings.as_json(), report.seconds), file=say)
     if inputs.source:
         print(f"from {inputs.source.ref} ({inputs.source.layers} layers, {inputs.source.entries} entries)", file=say)
+    _print_outputs(report, outputs, say)
+    return 0
+
+
+def _print_outputs(report, outputs, say) -> None:
+    """Where the image went: the layout (unless a staged one), every other destination
+    (but standard output), the push figures, the /layers history."""
     if report.image and not outputs.staged:
         print(f"image {report.image_ref} manifest {report.image.manifest_digest}", file=say)
     for dest in report.published:
@@ -376,7 +383,6 @@ def cmd_build(args: argparse.Namespace) -> int:
         _print_push(report.push, say)
     if report.history_path:
         print(f"history {report.history_path}", file=say)
-    return 0
 
 
 def _plan_options(group) -> None:
@@ -632,13 +638,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         return 0
     say = sys.stderr if any(d.is_stdout for d in outputs.destinations) else sys.stdout
     print(f"{len(assembled.history.layers)} layers checked (digest, size, diff_id)", file=say)
-    if report.image and not outputs.staged:
-        print(f"image {report.image_ref} manifest {report.image.manifest_digest}", file=say)
-    for dest in report.published:
-        if dest != "oci-archive:-":
-            print(f"wrote {dest}", file=say)
-    if report.push:
-        _print_push(report.push, say)
+    _print_outputs(report, outputs, say)
     return 0
 
 

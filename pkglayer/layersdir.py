@@ -186,33 +186,23 @@ def _check_layer_blob(blobs: BlobDir, rec: LayerRecord, limits: Limits) -> None:
 
 
 def _inflater(compression: str):
-    """A function from compressed chunks to uncompressed bytes (multi-member gzip and
-    multi-frame zstd included)."""
+    """A function from compressed chunks to uncompressed bytes, reading through every
+    gzip member and zstd frame (pkglayer writes several of each)."""
     if compression == "none":
         return lambda chunk: chunk
     if compression == "gzip":
-        state = {"d": zlib.decompressobj(31)}
-
-        def gunzip(chunk: bytes) -> bytes:
-            out = []
-            data = chunk
-            while data:
-                d = state["d"]
-                out.append(d.decompress(data))
-                if d.eof:  # the next gzip member starts in what is left
-                    data = d.unused_data
-                    state["d"] = zlib.decompressobj(31)
-                else:
-                    data = b""
-            return b"".join(out)
-
-        return gunzip
+        return _members(lambda: zlib.decompressobj(31))
     import zstandard
 
-    reader = zstandard.ZstdDecompressor().decompressobj()
-    state = {"d": reader}
+    return _members(lambda: zstandard.ZstdDecompressor().decompressobj())
 
-    def unzstd(chunk: bytes) -> bytes:
+
+def _members(new):
+    """Chunks in, bytes out, for a stream of independent members that `new()` makes one
+    decompressor each for (what one leaves unused starts the next)."""
+    state = {"d": new()}
+
+    def inflate(chunk: bytes) -> bytes:
         out = []
         data = chunk
         while data:
@@ -220,9 +210,9 @@ def _inflater(compression: str):
             out.append(d.decompress(data))
             if d.eof:
                 data = d.unused_data
-                state["d"] = zstandard.ZstdDecompressor().decompressobj()
+                state["d"] = new()
             else:
                 data = b""
         return b"".join(out)
 
-    return unzstd
+    return inflate

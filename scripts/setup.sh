@@ -23,7 +23,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 #   rpm, rpmbuild: rpm     | python bindings: python3-rpm | alien: alien (deb -> rpm)
 #   debootstrap            | umoci, skopeo, oci-image-tool, buildah: OCI clients in tests
 #   podman, runc           | docker-registry: local registry for push tests
-#   pigz, zstd: benchmark baselines | getcap/setcap: libcap2-bin | getfattr/setfattr: attr
+#   pigz: benchmark baseline | zstd: benchmark baseline, and tests read layers back with it | getcap/setcap: libcap2-bin | getfattr/setfattr: attr
 #   fakeroot               | newuidmap: uidmap (podman/buildah) | ca-certificates: https
 #   db5.3_load: db5.3-util (test of an old Berkeley DB rpm database)
 #   systemd-analyze: systemd (the daemon's unit file is verified by a test)

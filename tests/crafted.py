@@ -3,7 +3,6 @@ hostile tool could write them, for the tests of reading and unpacking images."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import tarfile
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from pkglayer.layout import DEFAULT_LIMITS, Limits, open_layout
 from pkglayer.unpack import unpack
+from tests import tarcraft
 from tests.helpers import sha256_digest
 
 
@@ -49,38 +49,10 @@ class Layer:
 
 def make_layout(path: Path, layers: list[bytes], tag: str = "t", runtime: dict | None = None,
                 extra_config: dict | None = None) -> Path:
-    """An OCI layout with gzip layers, written the way umoci or skopeo would."""
-    blobs = path / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes) -> str:
-        digest = sha256_digest(data)
-        (blobs / digest[7:]).write_bytes(data)
-        return digest
-
-    descs = []
-    for raw in layers:
-        gz = gzip.compress(raw, mtime=0)
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(gz), "size": len(gz)})
-    config = {"architecture": "amd64", "os": "linux",
-              "rootfs": {"type": "layers", "diff_ids": [sha256_digest(raw) for raw in layers]},
-              "history": [{"created_by": "test"} for _ in layers]}
-    if runtime is not None:
-        config["config"] = runtime
-    config.update(extra_config or {})
-    config_raw = json.dumps(config).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config_raw),
-                   "size": len(config_raw)},
-        "layers": descs,
-    }).encode()
-    mdigest = put(manifest)
-    (path / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest, "size": len(manifest),
-         "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
-    return path
+    """An OCI layout with gzip layers, written the way umoci or skopeo would
+    (tests/tarcraft.py's layout, with a runtime config)."""
+    config = {**({"config": runtime} if runtime is not None else {}), **(extra_config or {})}
+    return tarcraft.layout(path, layers, tag=tag, config=config)
 
 
 def unpack_layout(layout: Path, dest: Path, tag: str = "t", limits: Limits = DEFAULT_LIMITS):

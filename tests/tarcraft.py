@@ -9,18 +9,15 @@ real stream may contain.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.helpers import sha256_digest
+
 BLOCK = 512
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def number(value: int, width: int) -> bytes:
@@ -125,7 +122,7 @@ def layout(path: Path, layers: list[bytes], *, tag: str = "t", config: dict | No
     blobs.mkdir(parents=True)
 
     def put(data: bytes) -> str:
-        digest = sha(data)
+        digest = sha256_digest(data)
         (blobs / digest[7:]).write_bytes(data)
         return digest
 
@@ -134,7 +131,7 @@ def layout(path: Path, layers: list[bytes], *, tag: str = "t", config: dict | No
         blob = gzip.compress(raw, mtime=0) if compress else raw
         descs.append({"mediaType": LAYER_GZIP if compress else LAYER_TAR, "digest": put(blob), "size": len(blob)})
     cfg = {"architecture": "amd64", "os": "linux",
-           "rootfs": {"type": "layers", "diff_ids": [sha(raw) for raw in layers]},
+           "rootfs": {"type": "layers", "diff_ids": [sha256_digest(raw) for raw in layers]},
            "history": [{"created_by": "test"} for _ in layers]}
     cfg.update(config or {})
     config_raw = json.dumps(cfg).encode()

@@ -30,6 +30,7 @@ from pkglayer.layout import DEFAULT_LIMITS, HISTORY_LABEL, Descriptor, Limits, i
 from pkglayer.prior import plan_from_image
 from pkglayer.unpack import unpack
 from tests import tarcraft
+from tests.helpers import sha256_digest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking keeps owners and makes devices: needs root")
 
@@ -267,7 +268,7 @@ def test_a_plan_label_gives_a_plan_matching_its_image_or_fails_cleanly(data) -> 
     config_raw = json.dumps(config).encode()
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": tarcraft.sha(config_raw), "size": len(config_raw)},
+                           "digest": sha256_digest(config_raw), "size": len(config_raw)},
                 "layers": [{"mediaType": d.media_type, "digest": d.digest, "size": d.size} for d in descs]}
     try:
         # Validated the way every image is (layout.py), then the label read from it.
@@ -297,14 +298,14 @@ def test_a_mutated_oci_layout_opens_and_unpacks_or_fails_cleanly(data) -> None:
         which = data.draw(st.sampled_from(["config", "manifest", "index", "all"]))
         if which in ("config", "all"):
             raw = json.dumps(data.draw(mutated(config))).encode()
-            digest = tarcraft.sha(raw)
+            digest = sha256_digest(raw)
             (blobs / digest[7:]).write_bytes(raw)
             manifest["config"].update(digest=digest, size=len(raw))
         if which in ("manifest", "config", "all"):
             if which != "config":
                 manifest = data.draw(mutated(manifest))
             raw = json.dumps(manifest).encode()
-            digest = tarcraft.sha(raw)
+            digest = sha256_digest(raw)
             (blobs / digest[7:]).write_bytes(raw)
             index["manifests"][0].update(digest=digest, size=len(raw))
         if which in ("index", "all"):
@@ -328,7 +329,7 @@ def test_a_config_history_that_is_not_an_array_is_ignored_by_the_plan_label_chec
                          "history": 5, "config": {"Labels": {HISTORY_LABEL: json.dumps(label)}}}).encode()
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                           "digest": tarcraft.sha(config), "size": len(config)}, "layers": []}
+                           "digest": sha256_digest(config), "size": len(config)}, "layers": []}
     image = image_from_manifest("", "sha256:" + "e" * 64, json.dumps(manifest).encode(), lambda d: config,
                                 DEFAULT_LIMITS, "oci:x:t")
     assert plan_from_image(image, "oci:x:t").layers == ()
