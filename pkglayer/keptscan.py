@@ -151,7 +151,7 @@ def scan_kept(
             # Every object is the kept one: so are their homes.
             ownership = replace(kept.ownership, objects=scan.objects)
             dirty: set[str] | None = set()
-            fresh = trace is not kept.trace
+            fresh = trace is not kept.trace or scan.hashed > 0
         else:
             old_homes = {p: o.home for p, o in old.objects.items()} if old is not None else None
             for obj in scan.objects.values():

@@ -73,6 +73,7 @@ class Scan:
     # gone; None when there was none to compare with.
     changed: set[str] | None = None
     removed: set[str] = field(default_factory=set)
+    hashed: int = 0  # files whose digests were not kept (taken, or found in the digest cache)
 
 
 def same_stamp(a: os.stat_result, b: os.stat_result) -> bool:
@@ -270,7 +271,7 @@ def walk(
     removed = set(old_objects) - set(objects) if relisted or len(objects) != len(old_objects) else set()
     return Scan(
         objects, digests, sorted(excluded), sorted(skipped), hasher.started, listings, root_st, started,
-        changed if kept is not None else None, removed,
+        changed if kept is not None else None, removed, len(hashed),
     )
 
 

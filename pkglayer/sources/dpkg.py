@@ -15,10 +15,7 @@ import logging
 import re
 import zlib
 from collections import Counter
-from email.utils import parsedate_to_datetime
 
-from debian.changelog import Changelog
-from debian.deb822 import Packages
 
 from ..errors import DatabaseError, RootfsError
 from ..rootfs import Rootfs
@@ -68,6 +65,12 @@ def _recent_entry_times(packed: bytes) -> list[int]:
 
 
 def _entry_times(text: bytes, max_blocks: int) -> list[int]:
+    # Imported here (and deb822 below): a rebuild that finds the database unchanged
+    # never needs them.
+    from email.utils import parsedate_to_datetime
+
+    from debian.changelog import Changelog
+
     times = []
     for block in Changelog(text.decode("utf-8", "replace"), max_blocks=max_blocks, strict=False):
         try:
@@ -126,6 +129,8 @@ class DpkgSource(PackageSource):
         return self._installed
 
     def _parse_status(self) -> list[dict[str, str]]:
+        from debian.deb822 import Packages
+
         try:
             data = self.rootfs.read_bytes(STATUS)
         except (OSError, RootfsError) as e:
