@@ -37,6 +37,7 @@ from ..layout import parse_layout_ref
 from ..rootfs import Rootfs
 from ..sources import open_source
 from .cache import LayerCache
+from .changes import WatchedScans
 from .config import DaemonConfig, RootConfig, load_daemon_config
 from .notify import Notifier, watchdog_interval
 from .watch import Watcher, transaction_running, watch_targets
@@ -193,6 +194,13 @@ class RootState:
     worker: asyncio.Task[None] | None = None
     removed: bool = False
     started: bool = False  # its initial inspection is done and its first work is due
+    # the last scan and a watch of what changed since (made by the first build)
+    scans: WatchedScans | None = None
+
+    def drop_scans(self) -> None:
+        if self.scans is not None:
+            self.scans.close()
+            self.scans = None
 
     @property
     def name(self) -> str:
@@ -384,6 +392,8 @@ class Daemon:
                 if not job.done.is_set():
                     self._finish(job, "cancelled", error="the daemon stopped during the build")
         await self.api.stop()
+        for state in self.roots.values():
+            state.drop_scans()
         if not abandoned:
             self._pool.shutdown(wait=True)
             self._reload_pool.shutdown(wait=True)
@@ -565,6 +575,7 @@ class Daemon:
             return
         log.info("root %s: removed from the configuration", name)
         state.removed = True
+        state.drop_scans()
         if state.timer:
             state.timer.cancel()
         for job in state.queue:
@@ -600,6 +611,8 @@ class Daemon:
         elif state.error and not found.error:
             log.info("root %s: error cleared", state.name)
         state.exists = found.exists
+        if not found.exists:
+            state.drop_scans()
         state.error = found.error
         state.format = found.format
         state.db_paths = found.db_paths
@@ -736,7 +749,10 @@ class Daemon:
                     outputs = Outputs(layout=_layout_of(cfg.output), layers_dir=cfg.layers)
                     prior = resolve_prior(outputs.prior_request(state.plan, read_outputs=prebuild, cache=cache))
                     blobs = cache.blobs if prebuild else outputs.new_blobs()
-                    result = build(cfg.path, settings, prior, blobs, progress=progress)
+                    if state.scans is None or state.scans.root != cfg.path:
+                        state.drop_scans()
+                        state.scans = WatchedScans(cfg.path)
+                    result = build(cfg.path, settings, prior, blobs, progress=progress, scans=state.scans)
                     if prebuild:
                         return result, None
                     report = write_outputs(ImageContent.of_build(result, prior), outputs, ImageOptions(),
