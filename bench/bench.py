@@ -45,6 +45,9 @@ import time
 from pathlib import Path
 
 ANALYSIS = "## Analysis"
+# The steps and kinds of work of pkglayer's --json "timings" (pkglayer/timings.py).
+_STEP_NAMES = ("database", "scan", "hash", "ownership", "plan", "keys", "reuse", "write")
+_WORK_NAMES = ("hash", "compress", "read", "write")
 REPO = Path(__file__).resolve().parent.parent
 TAR = "tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner{excludes} -cf - -C {root} ."
 
@@ -452,6 +455,8 @@ def main() -> int:
         "output_bytes": sizes,
         "ratios": ratios,
         "checks": checks,
+        # Where the time of pkglayer's builds went (their --json, last round).
+        "timings": {k: v["timings"] for k, v in results.items() if "timings" in v},
     }
 
     if args.json:
@@ -535,6 +540,11 @@ def render_markdown(r: dict) -> str:
         f"| {x['cpu_value']:.3f} |"
         for x in r["ratios"]
     )
+    timing_rows = "\n".join(
+        "| " + " | ".join([name, *(f"{t['steps'].get(k, 0):.2f}" for k in _STEP_NAMES),
+                           *(f"{t['cpu'].get(k, 0):.2f}" for k in _WORK_NAMES)]) + " |"
+        for name, t in r.get("timings", {}).items()
+    )
     tools = ", ".join(f"{v}" for v in r["tools"].values())
     before_note = (
         f" Rows ending in “before” are full builds by another pkglayer, `{r['before']}`, in the same rounds."
@@ -562,9 +572,10 @@ write one compressed tar of the *whole* tree; pkglayer leaves out its default ex
 caches and lists, `tmp`, ...), listed below. pkglayer fsyncs every blob it commits; the
 baselines do not sync.{before_note} Full builds run with `--no-hash-cache`, so every file is read and
 hashed. The reuse run is `pkglayer build --layers L` after an untimed full build into `L`,
-with the file-digest cache that build filled: every layer must be reused (each reused blob
-is still re-hashed to verify it); "reuse, no cache" is the same rebuild with
-`--no-hash-cache`. An untimed `sync` runs before every timed command, so no command pays
+with the file-digest cache and the kept scan that build left: every layer must be reused
+(a reused blob is checked against its digest, read again only if its file changed since it
+was last checked); "reuse, no cache" is the same rebuild with `--no-hash-cache` (no digest
+cache, no kept scan: every file read and hashed). An untimed `sync` runs before every timed command, so no command pays
 for writing back what the one before it left in the page cache.
 
 ## Machine
@@ -587,6 +598,13 @@ for writing back what the one before it left in the page cache.
 | ratio (wall) | value | target | | CPU-time ratio |
 |---|---|---|---|---|
 {ratio_rows}
+
+Where pkglayer's time went (`--json` "timings" of the last round: wall s of each step, then CPU s
+of the worker threads' hashing, compressing, reading and writing):
+
+| build | {" | ".join(_STEP_NAMES)} | CPU: {" | ".join(_WORK_NAMES)} |
+|---|{"---|" * (len(_STEP_NAMES) + len(_WORK_NAMES))}
+{timing_rows}
 
 - Layers: {c["layers"]}; reused on rebuild: {c["reused_on_rebuild"]} ({"all" if c["all_reused"] else "NOT all"}).
 - Manifest digests of the gzip builds: {", ".join(f"`{d}`" for d in c["gzip_manifest_digests"])}

@@ -49,6 +49,9 @@ _MAX_RECORD_BYTES = 64 << 20
 # Reading and checking the configuration takes milliseconds; a file system that hangs
 # must not take the reload (or anything else) with it.
 RELOAD_TIMEOUT = 10.0
+# After a package manager closes its lock file: long enough for the last writes of its
+# exit to be queued behind it.
+RELEASE_DELAY = 0.05
 # States in which a root has nothing pending: what it shows is what its tree holds now.
 SETTLED = ("ready", "idle", "error", "missing")
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -621,15 +624,17 @@ class Daemon:
         elif not found.exists:
             state.packages = {}
 
-    def _on_event(self, name: str, description: str) -> None:
-        """A watched directory changed (called on the loop from watchdog's thread)."""
+    def _on_event(self, name: str, description: str, released: bool = False) -> None:
+        """A watched directory changed (called on the loop from watchdog's thread). A
+        lock file closed (`released`) may end the transaction: it is checked for at once
+        (`_settled` waits a debounce more if the lock is still held)."""
         state = self.roots.get(name)
         if state is None or self.stopping:
             return
         state.events += 1
         state.last_event = description
         log.debug("root %s: %s", name, description)
-        self._arm(state, state.config.debounce)
+        self._arm(state, RELEASE_DELAY if released else state.config.debounce)
 
     def _arm(self, state: RootState, delay: float) -> None:
         assert self._loop is not None

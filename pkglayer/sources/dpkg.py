@@ -46,6 +46,14 @@ _PARAGRAPH_START = re.compile(rb"(?:\A|^[ \t]*\n)(?=\S)", re.M)
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
 
+# Entry times by changelog name and content digest (binary packages of one source ship
+# the same changelog), for as long as the process lives: the daemon re-reads a database
+# after every transaction, and parsing the changelogs of unchanged packages again was
+# most of that (the oldest known go first).
+_CHANGELOGS: dict[tuple[str, bytes], list[int]] = {}
+_MAX_CHANGELOGS_KNOWN = 20_000
+
+
 def _recent_entry_times(packed: bytes) -> list[int]:
     """Entry times from a gzipped changelog: parse 8 entries, then 40, then up to
     MAX_CHANGELOG_ENTRIES, while the oldest parsed is within CHANGELOG_SPAN of the newest."""
@@ -91,9 +99,6 @@ class DpkgSource(PackageSource):
     def __init__(self, rootfs: Rootfs):
         super().__init__(rootfs)
         self._installed: list[dict[str, str]] | None = None
-        # (file name, sha256 of the gzip) -> entry times: binary packages of one source
-        # ship the same changelog
-        self._changelogs: dict[tuple[str, bytes], list[int]] = {}
 
     @classmethod
     def detect(cls, rootfs: Rootfs) -> bool:
@@ -233,9 +238,11 @@ class DpkgSource(PackageSource):
             try:
                 packed = self.rootfs.read_bytes(doc, max_size=_MAX_CHANGELOG_GZ)
                 key = (doc.rsplit("/", 1)[1], hashlib.sha256(packed).digest())
-                found = self._changelogs.get(key)
+                found = _CHANGELOGS.get(key)
                 if found is None:
-                    found = self._changelogs[key] = _recent_entry_times(packed)
+                    found = _CHANGELOGS[key] = _recent_entry_times(packed)
+                    while len(_CHANGELOGS) > _MAX_CHANGELOGS_KNOWN:
+                        del _CHANGELOGS[next(iter(_CHANGELOGS))]
             except FileNotFoundError:
                 continue
             except (OSError, zlib.error, RootfsError) as e:
