@@ -11,7 +11,8 @@ it is kept with what it was made from, and reused while that is unchanged:
   read, each directory listed, each component of each path looked up, what was absent:
   rootfs.unchanged);
 - the homes while neither the objects nor the databases changed;
-- a layer's members and key while it holds the same homes and none of them changed.
+- a layer's key while it holds the same homes and none of them changed (its members are
+  made again when it must be written: keeping them cost more memory than making them).
 
 The CLI keeps one per root on disk (`DiskScans`: beside the digest cache, per user,
 bounded in number and size; a file that cannot be read is ignored); the daemon keeps them
@@ -75,7 +76,6 @@ class KeptLayer:
     with_root: bool
     key: str
     files: int
-    members: list[Member] | None = None  # kept in memory only
 
 
 @dataclass
@@ -234,8 +234,6 @@ class LayerContents:
             ):
                 self.known[layer.name] = was
                 self.keys[layer.name] = was.key
-                if was.members is not None:
-                    self._members[layer.name] = was.members
             else:
                 self.keys[layer.name] = content_key(self.members(layer.name))
 
@@ -260,7 +258,7 @@ class LayerContents:
             key = keys.get(name) or self.keys.get(name)
             if key is not None:
                 kept[name] = KeptLayer(
-                    layer.homes, self.dir_mtime, self.with_root, key, self.files(name), self._members.get(name)
+                    layer.homes, self.dir_mtime, self.with_root, key, self.files(name)
                 )
         if _shape(kept) != _shape(self.kept.layers):
             self.kept.fresh = True

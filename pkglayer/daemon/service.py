@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import gc
 import itertools
 import json
@@ -805,7 +806,37 @@ class Daemon:
                 cfg.name, job.kind, job.id, len(result.layers), result.written, result.from_cache, elapsed,
             )
         await self._run("evicting from the layer cache", None, cache.evict)
+        await self._run("releasing freed memory", None, release_free_memory)
         self._status(self._status_line())
+
+
+# glibc's mallopt parameter for the number of malloc arenas.
+_M_ARENA_MAX = -8
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _limit_malloc_arenas() -> None:
+    """Two malloc arenas (glibc; before any thread starts): otherwise each build thread
+    gets an arena of its own, up to 8 per core, and what the builds free stays in them,
+    in the daemon's resident memory."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 2)
+
+
+def release_free_memory() -> None:
+    """Give what a build freed back to the system (glibc keeps it otherwise): the daemon
+    holds the last scan of every root, and the next build's peak comes on top."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def run_daemon(config_path: str) -> int:
@@ -814,5 +845,6 @@ def run_daemon(config_path: str) -> int:
     setup_logging(config.log_level)
     # The CLI turns the cyclic GC off for build speed; a long-running process needs it.
     gc.enable()
+    _limit_malloc_arenas()
     log.info("pkglayer %s daemon starting, config %s", __version__, config.path)
     return asyncio.run(Daemon(config).run())

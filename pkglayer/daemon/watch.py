@@ -187,6 +187,10 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, _IGNORED_EVENTS):
             return
+        if isinstance(event, DirModifiedEvent) and os.fsdecode(event.src_path) == self.directory:
+            # watchdog's echo of an event about one of its entries, reported on its own:
+            # after a lock file's close it would put the debounce back.
+            return
         self.watcher._dispatch(self.directory, event)
 
 
