@@ -98,12 +98,25 @@ def _owner_map(
     """
     owners: dict[str, tuple[Package, FileRecord]] = {}
     shared: dict[str, list[str]] = {}
+    parents: dict[str, str] = {}
+
+    def real_path(rel: str) -> str:
+        # rootfs.resolve(rel, follow_final=False), with each directory's resolution
+        # looked up once by name (thousands of paths, a few hundred directories).
+        head, _, last = rel.rpartition("/")
+        if "/." in rel or "//" in rel or last in ("", ".", ".."):
+            return rootfs.resolve(rel, follow_final=False)
+        parent = parents.get(head)
+        if parent is None:
+            parent = parents[head] = rootfs.resolve(head) if head else ""
+        return f"{parent}/{last}" if parent else last
+
     for pkg in sorted(packages, key=lambda p: (p.name, p.arch, p.key)):
         for rec in pkg.files:
             rel = _rel(rec.path)
             if not rel:
                 continue
-            real = rootfs.resolve(rel, follow_final=False)
+            real = real_path(rel)
             first = owners.get(real)
             if first is None:
                 owners[real] = (pkg, rec)
@@ -520,11 +533,17 @@ class Databases:
         """The digests the scan takes of a file: the database's, to spot edits, and the
         content hash layer keys are made of when `hash_content`."""
         base = (CONTENT_HASH,) if hash_content else ()
+        combined: dict[str, tuple[str, ...]] = {}
 
         def algos_for(path: str) -> tuple[str, ...]:
             known = self.digest_algos if self.digest_algos is not None else self._digest_algos()
             algo = known.get(path)
-            return base if algo is None else tuple(sorted({*base, algo}))
+            if algo is None:
+                return base
+            found = combined.get(algo)
+            if found is None:
+                found = combined[algo] = tuple(sorted({*base, algo}))
+            return found
 
         return algos_for
 

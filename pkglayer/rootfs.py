@@ -101,8 +101,13 @@ class Rootfs:
 
     @functools.lru_cache(maxsize=65536)
     def _resolve(self, comps: tuple[str, ...]) -> str:
-        todo = list(comps)
-        done: list[str] = []
+        if len(comps) > 1 and comps[-1] != "..":
+            # The parent's resolution (cached: a package database names thousands of
+            # paths in a few hundred directories), then the last component.
+            done = split(self._resolve(comps[:-1]))
+            todo = [comps[-1]]
+        else:
+            done, todo = [], list(comps)
         links = 0
         while todo:
             name = todo.pop(0)
@@ -179,6 +184,15 @@ class Rootfs:
             return True
         except OSError:
             return False
+
+    def stamp(self, relpath: str) -> tuple[int, ...] | None:
+        """What identifies the content of the file at `relpath` (symlinks resolved) while
+        it is unchanged: device, inode, size, mtime and ctime; None if there is nothing."""
+        try:
+            st = os.lstat(os.path.join(self.path, self.resolve(relpath)))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def is_file(self, relpath: str) -> bool:
         try:

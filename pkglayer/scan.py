@@ -233,17 +233,16 @@ def walk(
                     except FileNotFoundError:
                         continue  # gone since the directory was read: not part of the tree
                 ost = old.st if old is not None else None
-                if ost is None or trusted_needs is None or not (
-                    st is ost or (ost.st_ctime_ns < racy_ns and same_stamp(ost, st))
-                ):
+                if ost is None or not (st is ost or (ost.st_ctime_ns < racy_ns and same_stamp(ost, st))):
                     obj = objects[path] = visit(path, st, old)
                 elif is_reg(st.st_mode):
                     obj = objects[path] = old
                     have = old_digests.get(path)
                     if have:
                         digests[path] = have
-                    if trusted_needs and not (have and all(a in have for a in trusted_needs)):
-                        hasher.add(obj, trusted_needs)
+                    needs = trusted_needs if trusted_needs is not None else algos_for(path)
+                    if needs and not (have and all(a in have for a in needs)):
+                        hasher.add(obj, needs)
                     continue
                 else:
                     objects[path] = old

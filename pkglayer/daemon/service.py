@@ -193,6 +193,7 @@ class RootState:
     dirty: bool = False  # rescan wanted
     prebuild_wanted: bool = False
     timer: asyncio.TimerHandle | None = None
+    released: bool = False  # the pending timer follows a lock file's close (RELEASE_DELAY)
     queue: collections.deque[BuildJob] = field(default_factory=collections.deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
@@ -635,7 +636,10 @@ class Daemon:
         state.events += 1
         state.last_event = description
         log.debug("root %s: %s", name, description)
-        self._arm(state, RELEASE_DELAY if released else state.config.debounce)
+        # The last writes of an exiting package manager come right after its lock's close
+        # (dpkg's triggers/Lock): they keep the short delay.
+        state.released = released or (state.released and state.timer is not None)
+        self._arm(state, RELEASE_DELAY if state.released else state.config.debounce)
 
     def _arm(self, state: RootState, delay: float) -> None:
         assert self._loop is not None
@@ -646,6 +650,7 @@ class Daemon:
     def _settled(self, state: RootState) -> None:
         """No event for `debounce` seconds: rescan, unless a transaction still holds its lock."""
         state.timer = None
+        state.released = False
         if state.removed or self.stopping:
             return
         busy = transaction_running(state.config.path, state.db_paths) if state.exists else None

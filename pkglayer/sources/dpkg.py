@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 import zlib
 from collections import Counter
+from typing import Any
 
 
 from ..errors import DatabaseError, RootfsError
@@ -52,6 +54,12 @@ _MD5 = re.compile(r"[0-9a-f]{32}")
 # most of that (the oldest known go first).
 _CHANGELOGS: dict[tuple[str, bytes], list[int]] = {}
 _MAX_CHANGELOGS_KNOWN = 20_000
+# Packages as read, by their status entry and the stamps of the files read for them (see
+# DpkgSource.packages); files changed this recently may change again unseen (a coarse
+# clock), so their packages are not remembered.
+_PACKAGES: dict[tuple[Any, ...], Package] = {}
+_MAX_PACKAGES_KNOWN = 20_000
+_RACY_SECONDS = 2
 
 
 def _recent_entry_times(packed: bytes) -> list[int]:
@@ -122,8 +130,32 @@ class DpkgSource(PackageSource):
         installed = self._status()
         diversions = self._diversions()
         info = set(self.rootfs.listdir(INFO))
-        pkgs = [self._package(para, info, diversions) for para in installed]
+        diverted = hashlib.sha256(repr(sorted(diversions.items())).encode("utf-8", "surrogateescape")).digest()
+        racy_ns = (time.time() - _RACY_SECONDS) * 1e9
+        pkgs = []
+        for para in installed:
+            # A package whose status entry and files read are what they were when it was
+            # last read is that package again (the daemon reads the database after every
+            # transaction, which changes a few packages of hundreds).
+            stamps = tuple(self.rootfs.stamp(f"{INFO}/{n}") for n in self._info_names(para, info))
+            docs = tuple(self.rootfs.stamp(d) for d in self._changelog_names(para["Package"], para["Architecture"]))
+            key = (self.rootfs.path, tuple(sorted(para.items())), diverted, stamps, docs)
+            pkg = _PACKAGES.get(key)
+            if pkg is None:
+                pkg = self._package(para, info, diversions)
+                if all(s is None or s[5] < racy_ns for s in (*stamps, *docs)):
+                    _PACKAGES[key] = pkg
+                    while len(_PACKAGES) > _MAX_PACKAGES_KNOWN:
+                        del _PACKAGES[next(iter(_PACKAGES))]
+            pkgs.append(pkg)
         return sorted(pkgs, key=lambda p: p.key)
+
+    @staticmethod
+    def _info_names(para: dict[str, str], info: set[str]) -> tuple[str, ...]:
+        """The files of info/ that `_package` reads for the package."""
+        name, arch = para["Package"], para["Architecture"]
+        base = f"{name}:{arch}" if f"{name}:{arch}.list" in info else name
+        return tuple(f"{base}.{x}" for x in ("list", "md5sums") if f"{base}.{x}" in info)
 
     # -- status ------------------------------------------------------------------------
 
@@ -230,11 +262,7 @@ class DpkgSource(PackageSource):
         few entries are parsed first, and the rest only while they are still recent: a
         full parse of every changelog was a third of a warm rebuild."""
         times: set[int] = set()
-        # Native packages (apt, dpkg, adduser...) keep their Debian changelog as changelog.gz.
-        names = ("changelog.Debian.gz", f"changelog.Debian.{arch}.gz")
-        if not self.rootfs.exists(f"{DOC}/{name}/{names[0]}"):
-            names = ("changelog.gz",)
-        for doc in (f"{DOC}/{name}/{n}" for n in names):
+        for doc in self._changelog_names(name, arch):
             try:
                 packed = self.rootfs.read_bytes(doc, max_size=_MAX_CHANGELOG_GZ)
                 key = (doc.rsplit("/", 1)[1], hashlib.sha256(packed).digest())
@@ -250,6 +278,13 @@ class DpkgSource(PackageSource):
                 continue
             times.update(found)
         return tuple(sorted(times, reverse=True)[:MAX_CHANGELOG_ENTRIES])
+
+    def _changelog_names(self, name: str, arch: str) -> list[str]:
+        # Native packages (apt, dpkg, adduser...) keep their Debian changelog as changelog.gz.
+        names = ("changelog.Debian.gz", f"changelog.Debian.{arch}.gz")
+        if not self.rootfs.exists(f"{DOC}/{name}/{names[0]}"):
+            names = ("changelog.gz",)
+        return [f"{DOC}/{name}/{n}" for n in names]
 
     def _read_info(self, name: str) -> str:
         try:
