@@ -11,7 +11,7 @@ import pytest
 from pkglayer.daemon.changes import TreeWatch
 from tests import rootfs_factory as factory
 from tests.daemon_harness import copy_root, root_entry, start, written_layers
-from tests.helpers import layout_manifest, read_layer
+from tests.helpers import dpkg_install, layout_manifest, read_layer
 
 
 @pytest.fixture
@@ -95,4 +95,18 @@ def test_edits_without_a_package_transaction_are_in_the_next_build(tmp_path: Pat
                 if name in edits and member.isfile():
                     found[name] = tar.extractfile(member).read()
     assert found == edits
+    assert d.stop() == 0
+
+
+def test_a_package_manager_letting_go_of_its_lock_settles_the_root_at_once(tmp_path: Path, daemons) -> None:
+    """dpkg closes its lock files as it exits: the root is rescanned and prebuilt then,
+    not a debounce (here a minute) after the transaction's last write."""
+    root = copy_root(factory.deb_base(), tmp_path / "roots" / "deb")
+    deb = next((factory.deb_rootfs() / "var/cache/apt/archives").glob("libcap2-bin_*.deb"))
+    d = start(daemons, tmp_path / "d", [root_entry("deb", root, debounce=60.0)])
+    before = d.wait_settled("deb", rescans=0)
+    dpkg_install(root, deb)
+    after = d.wait_settled("deb", rescans=1, timeout=30)
+    assert after["packages"] == before["packages"] + 1
+    assert any(k.startswith("libcap2-bin-") for k in after["changes"]["added"])
     assert d.stop() == 0
