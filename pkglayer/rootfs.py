@@ -9,7 +9,6 @@ at a time with O_NOFOLLOW, so a link swapped in while we read fails instead of e
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import stat
 from collections import OrderedDict
@@ -34,6 +33,10 @@ class Entry:
         return stat.S_ISDIR(self.st.st_mode)
 
 
+# Resolutions a Rootfs remembers (a package database names some ten thousand paths).
+_MAX_RESOLVED = 65536
+
+
 def split(path: str) -> list[str]:
     return [p for p in path.split("/") if p and p != "."]
 
@@ -54,6 +57,9 @@ class Rootfs:
         except OSError as e:
             raise RootfsError(f"rootfs {self.path}: {e.strerror}") from None
         self.dev = st.st_dev
+        # Resolutions cached per instance (a method's lru_cache would keep every
+        # Rootfs alive, with its entries, for as long as the process lives).
+        self._resolved: dict[tuple[str, ...], str] = {}
         # With a dict here, every path looked up is noted with what was found (see
         # `noted`): what was read from the tree, to tell later whether it is unchanged.
         self.trace: dict[str, Noted] | None = None
@@ -99,8 +105,15 @@ class Rootfs:
             return self._resolve(tuple(split(parent) + [".."]))
         return f"{parent}/{last}" if parent else last
 
-    @functools.lru_cache(maxsize=65536)
     def _resolve(self, comps: tuple[str, ...]) -> str:
+        found = self._resolved.get(comps)
+        if found is None:
+            found = self._resolve_uncached(comps)
+            if len(self._resolved) < _MAX_RESOLVED:
+                self._resolved[comps] = found
+        return found
+
+    def _resolve_uncached(self, comps: tuple[str, ...]) -> str:
         if len(comps) > 1 and comps[-1] != "..":
             # The parent's resolution (cached: a package database names thousands of
             # paths in a few hundred directories), then the last component.

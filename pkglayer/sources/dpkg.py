@@ -48,17 +48,13 @@ _PARAGRAPH_START = re.compile(rb"(?:\A|^[ \t]*\n)(?=\S)", re.M)
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
 
-# Entry times by changelog name and content digest (binary packages of one source ship
-# the same changelog), for as long as the process lives: the daemon re-reads a database
-# after every transaction, and parsing the changelogs of unchanged packages again was
-# most of that (the oldest known go first).
-_CHANGELOGS: dict[tuple[str, bytes], list[int]] = {}
-_MAX_CHANGELOGS_KNOWN = 20_000
-# Packages as read, by their status entry and the stamps of the files read for them (see
-# DpkgSource.packages); files changed this recently may change again unseen (a coarse
-# clock), so their packages are not remembered.
-_PACKAGES: dict[tuple[Any, ...], Package] = {}
-_MAX_PACKAGES_KNOWN = 20_000
+# The packages of the last read of each root (the last _MAX_ROOTS_KNOWN roots), by
+# their status entry and the stamps of the files read for them (see
+# DpkgSource.packages): the daemon re-reads a database after every transaction, which
+# changes a few packages of hundreds. Files changed this recently may change again
+# unseen (a coarse clock): their packages are not remembered.
+_PACKAGES: dict[str, dict[tuple[Any, ...], Package]] = {}
+_MAX_ROOTS_KNOWN = 16
 _RACY_SECONDS = 2
 
 
@@ -107,6 +103,9 @@ class DpkgSource(PackageSource):
     def __init__(self, rootfs: Rootfs):
         super().__init__(rootfs)
         self._installed: list[dict[str, str]] | None = None
+        # (file name, sha256 of the gzip) -> entry times: binary packages of one source
+        # ship the same changelog
+        self._changelogs: dict[tuple[str, bytes], list[int]] = {}
 
     @classmethod
     def detect(cls, rootfs: Rootfs) -> bool:
@@ -132,6 +131,8 @@ class DpkgSource(PackageSource):
         info = set(self.rootfs.listdir(INFO))
         diverted = hashlib.sha256(repr(sorted(diversions.items())).encode("utf-8", "surrogateescape")).digest()
         racy_ns = (time.time() - _RACY_SECONDS) * 1e9
+        known = _PACKAGES.pop(self.rootfs.path, {})
+        remembered: dict[tuple[Any, ...], Package] = {}
         pkgs = []
         for para in installed:
             # A package whose status entry and files read are what they were when it was
@@ -139,15 +140,16 @@ class DpkgSource(PackageSource):
             # transaction, which changes a few packages of hundreds).
             stamps = tuple(self.rootfs.stamp(f"{INFO}/{n}") for n in self._info_names(para, info))
             docs = tuple(self.rootfs.stamp(d) for d in self._changelog_names(para["Package"], para["Architecture"]))
-            key = (self.rootfs.path, tuple(sorted(para.items())), diverted, stamps, docs)
-            pkg = _PACKAGES.get(key)
+            key = (tuple(sorted(para.items())), diverted, stamps, docs)
+            pkg = known.get(key)
             if pkg is None:
                 pkg = self._package(para, info, diversions)
-                if all(s is None or s[5] < racy_ns for s in (*stamps, *docs)):
-                    _PACKAGES[key] = pkg
-                    while len(_PACKAGES) > _MAX_PACKAGES_KNOWN:
-                        del _PACKAGES[next(iter(_PACKAGES))]
+            if all(s is None or s[5] < racy_ns for s in (*stamps, *docs)):
+                remembered[key] = pkg
             pkgs.append(pkg)
+        _PACKAGES[self.rootfs.path] = remembered
+        while len(_PACKAGES) > _MAX_ROOTS_KNOWN:
+            del _PACKAGES[next(iter(_PACKAGES))]
         return sorted(pkgs, key=lambda p: p.key)
 
     @staticmethod
@@ -266,11 +268,9 @@ class DpkgSource(PackageSource):
             try:
                 packed = self.rootfs.read_bytes(doc, max_size=_MAX_CHANGELOG_GZ)
                 key = (doc.rsplit("/", 1)[1], hashlib.sha256(packed).digest())
-                found = _CHANGELOGS.get(key)
+                found = self._changelogs.get(key)
                 if found is None:
-                    found = _CHANGELOGS[key] = _recent_entry_times(packed)
-                    while len(_CHANGELOGS) > _MAX_CHANGELOGS_KNOWN:
-                        del _CHANGELOGS[next(iter(_CHANGELOGS))]
+                    found = self._changelogs[key] = _recent_entry_times(packed)
             except FileNotFoundError:
                 continue
             except (OSError, zlib.error, RootfsError) as e:
