@@ -17,6 +17,10 @@ instead of only the named ones:
 
 One thread per root reads the events as they come (so a long transaction does not fill
 the kernel's queue); `take` reads what is left.
+
+What inotify cannot see, this cannot either: a file changed through a shared writable
+mapping (mmap) gets no event, nor does a file on a network filesystem changed by another
+machine. The CLI, which checks every path, sees those.
 """
 
 from __future__ import annotations
