@@ -23,8 +23,8 @@ from .compress import implementation
 from .config import BuildSettings
 from .digests import CONTENT_HASH
 from .hashcache import HashCache, TreeRecords
-from .keptscan import DiskScans, KeptScans, LayerContents, fingerprint, scan_kept
 from .history import History, LayerRecord
+from .keptscan import DiskScans, KeptScans, LayerContents, fingerprint, scan_kept
 from .layout import Platform
 from .mediatypes import LAYER_MEDIA_TYPES
 from .ownership import Ownership, scan_ownership

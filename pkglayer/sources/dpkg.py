@@ -18,7 +18,6 @@ import zlib
 from collections import Counter
 from typing import Any
 
-
 from ..errors import DatabaseError, RootfsError
 from ..rootfs import Rootfs
 from .base import CHANGELOG_SPAN, MAX_CHANGELOG_ENTRIES, FileRecord, Package, PackageSource

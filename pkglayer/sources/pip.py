@@ -43,7 +43,6 @@ import re
 import stat
 from dataclasses import dataclass
 
-
 from ..errors import RootfsError
 from ..rootfs import Rootfs
 from .base import FileRecord, Package, PackageSource
