@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .errors import RootfsError
+from .errors import RootfsError, TreeChangedError
 from .fsutil import open_dir_nofollow
 
 _MAX_SYMLINKS = 40  # same limit as the kernel's path walk
@@ -261,7 +261,7 @@ class Rootfs:
             with os.scandir(os.path.join(self.path, relpath) if relpath else self.path) as it:
                 found = sorted(it, key=lambda e: e.name)
         except FileNotFoundError:
-            raise RootfsError(f"/{relpath} disappeared while being read") from None
+            raise TreeChangedError(f"/{relpath} disappeared while being read") from None
         except PermissionError as e:
             raise RootfsError(f"/{relpath}: {e.strerror}") from None
         out = []

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from wcmatch import glob
 
 from .digests import CONTENT_HASH, new_hasher
-from .errors import RootfsError
+from .errors import TreeChangedError
 from .hashcache import HashCache
 from .rootfs import FileOpener, Rootfs
 from .timings import Timings, charge, working_for
@@ -298,15 +298,15 @@ def _hash_chunk(rootfs: Rootfs, chunk: list[tuple[FsObject, tuple[str, ...]]]) -
             try:
                 fd, st = opener.open_fd(obj.path)
             except FileNotFoundError:
-                raise RootfsError(f"/{obj.path} disappeared while being read") from None
+                raise TreeChangedError(f"/{obj.path} disappeared while being read") from None
             try:
                 if (st.st_ino, st.st_size) != (obj.st.st_ino, obj.st.st_size):
-                    raise RootfsError(f"/{obj.path} changed while being read")
+                    raise TreeChangedError(f"/{obj.path} changed while being read")
                 remaining = st.st_size
                 while remaining:
                     n = os.readv(fd, [buf[: min(remaining, _READ_CHUNK)]])
                     if not n:
-                        raise RootfsError(f"/{obj.path} shrank while being read")
+                        raise TreeChangedError(f"/{obj.path} shrank while being read")
                     remaining -= n
                     for h in hashers:
                         h.update(buf[:n])

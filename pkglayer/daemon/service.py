@@ -31,7 +31,7 @@ from typing import Any
 import aiofiles
 
 from .. import __version__
-from ..errors import HistoryError, PkglayerError
+from ..errors import HistoryError, PkglayerError, TreeChangedError
 from ..fsutil import read_regular, write_file_atomic
 from ..history import History, dumps_history, parse_history
 from ..layout import parse_layout_ref
@@ -636,6 +636,10 @@ class Daemon:
         state.events += 1
         state.last_event = description
         log.debug("root %s: %s", name, description)
+        if released and state.timer is None:
+            # A lock let go with nothing pending: its transaction's writes made events of
+            # their own, and were settled already (or it wrote nothing).
+            return
         # The last writes of an exiting package manager come right after its lock's close
         # (dpkg's triggers/Lock): they keep the short delay.
         state.released = released or (state.released and state.timer is not None)
@@ -783,6 +787,12 @@ class Daemon:
                 self._finish(job, "failed", error=message)
                 if job.kind == "prebuild":
                     state.last_prebuild = {"ok": False, "error": message, "finished": time.time()}
+                if isinstance(e, TreeChangedError) and not (self.stopping or state.removed):
+                    # Still being written (a copy in progress, say): a debounce later,
+                    # rescanned and prebuilt again.
+                    log.info("root %s: the tree changed while it was read; trying again in %g s",
+                             cfg.name, cfg.debounce)
+                    self._arm(state, cfg.debounce)
                 return
             finally:
                 state.progress = None
