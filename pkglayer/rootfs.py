@@ -114,9 +114,11 @@ class Rootfs:
         return found
 
     def _resolve_uncached(self, comps: tuple[str, ...]) -> str:
-        if len(comps) > 1 and comps[-1] != "..":
+        if len(comps) > 1 and ".." not in comps:
             # The parent's resolution (cached: a package database names thousands of
-            # paths in a few hundred directories), then the last component.
+            # paths in a few hundred directories), then the last component. Not with
+            # "..": after a missing component the rest is taken as written, so "none/.."
+            # must not be resolved on its own.
             done = split(self._resolve(comps[:-1]))
             todo = [comps[-1]]
         else:
@@ -254,9 +256,9 @@ class Rootfs:
 
     # -- walking -----------------------------------------------------------------------
 
-    def entries(self, relpath: str) -> list[tuple[str, os.stat_result]]:
-        """The entries of a directory the walk found, sorted by name, each with its lstat;
-        an entry that vanishes between readdir and stat is not part of the tree."""
+    def entries(self, relpath: str) -> Iterator[tuple[str, os.stat_result]]:
+        """The entries of a directory the walk found, sorted by name, each with its lstat
+        taken as it is reached; an entry that vanishes before then is not part of the tree."""
         try:
             with os.scandir(os.path.join(self.path, relpath) if relpath else self.path) as it:
                 found = sorted(it, key=lambda e: e.name)
@@ -264,13 +266,12 @@ class Rootfs:
             raise TreeChangedError(f"/{relpath} disappeared while being read") from None
         except PermissionError as e:
             raise RootfsError(f"/{relpath}: {e.strerror}") from None
-        out = []
         for de in found:
             try:
-                out.append((de.name, de.stat(follow_symlinks=False)))
+                st = de.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-        return out
+            yield de.name, st
 
     def walk(
         self,
