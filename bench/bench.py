@@ -5,8 +5,9 @@ On the same tree, in the same run, with a warm page cache, it times (median of -
 
   tar+pigz    tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - -C ROOT . | pigz -p N > out
   tar+zstd    the same | zstd -3 -T N > out
-  umoci       umoci insert --image EMPTY:latest ROOT /   (Go, one gzip layer; EMPTY made by
-              umoci init + umoci new, untimed)
+  umoci       umoci insert --image EMPTY:latest COPY /   (Go, one gzip layer; EMPTY made by
+              umoci init + umoci new, untimed; COPY an untimed copy of ROOT, as umoci
+              changes the ctime of every directory it reads)
   gzip full   pkglayer build ROOT --output oci:EMPTY/img:latest
   zstd full   the same with --compression zstd
   reuse       pkglayer build ROOT --layers L   (L already holds a full build: every layer reused)
@@ -45,6 +46,9 @@ import time
 from pathlib import Path
 
 ANALYSIS = "## Analysis"
+# The steps and kinds of work of pkglayer's --json "timings" (pkglayer/timings.py).
+_STEP_NAMES = ("database", "scan", "hash", "ownership", "plan", "keys", "reuse", "write")
+_WORK_NAMES = ("hash", "compress", "read", "write")
 REPO = Path(__file__).resolve().parent.parent
 TAR = "tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner{excludes} -cf - -C {root} ."
 
@@ -269,13 +273,17 @@ def main() -> int:
         excl = "".join(f" --exclude={q('./' + p)}" for p in scan["excluded"])
         tar_same = TAR.format(root=q(root), excludes=" --anchored" + excl)
 
-        # umoci has no excludes: it reads a copy of the tree without them.
-        log("copying the tree without pkglayer's excludes, for umoci (untimed)")
+        # umoci has no excludes: it reads a copy of the tree without them. And it changes
+        # the ctime of every directory it reads (it puts their times back), which a
+        # rebuild must take as a change: it reads a copy of the whole tree too, so that
+        # ROOT stays as pkglayer's last build saw it.
+        log("copying the tree for umoci, whole and without pkglayer's excludes (untimed)")
         same_tree = work / "same-tree"
-        same_tree.mkdir()
-        run_timed(
-            f"set -o pipefail; {tar_same} | tar -xpf - --numeric-owner -C {q(str(same_tree))}", shell=True
-        )
+        whole_tree = work / "whole-tree"
+        for copy, source in ((same_tree, tar_same), (whole_tree, tar)):
+            copy.mkdir()
+            run_timed(f"set -o pipefail; {source} | tar -xpf - --numeric-owner -C {q(str(copy))}", shell=True)
+        run_timed(f"set -o pipefail; {TAR.format(root=q(str(whole_tree)), excludes='')} | cat >/dev/null", shell=True)
 
         log("untimed full --layers build, the base of the reuse runs")
         layers = work / "layers"
@@ -305,7 +313,9 @@ def main() -> int:
             log(f"run {i + 1}/{args.runs}")
             out_dir = work / f"run{i}"
             out_dir.mkdir()
-            umoci_dirs = {"umoci": (out_dir / "umoci", root), "umoci same": (out_dir / "umoci-same", str(same_tree))}
+            umoci_dirs = {
+                "umoci": (out_dir / "umoci", str(whole_tree)), "umoci same": (out_dir / "umoci-same", str(same_tree)),
+            }
             commands = {
                 "tar+pigz": (
                     f"set -o pipefail; {tar} | pigz -p {ncpu} > {q(str(out_dir / 'tree.tar.gz'))}",
@@ -452,6 +462,8 @@ def main() -> int:
         "output_bytes": sizes,
         "ratios": ratios,
         "checks": checks,
+        # Where the time of pkglayer's builds went (their --json, last round).
+        "timings": {k: v["timings"] for k, v in results.items() if "timings" in v},
     }
 
     if args.json:
@@ -535,6 +547,11 @@ def render_markdown(r: dict) -> str:
         f"| {x['cpu_value']:.3f} |"
         for x in r["ratios"]
     )
+    timing_rows = "\n".join(
+        "| " + " | ".join([name, *(f"{t['steps'].get(k, 0):.2f}" for k in _STEP_NAMES),
+                           *(f"{t['cpu'].get(k, 0):.2f}" for k in _WORK_NAMES)]) + " |"
+        for name, t in r.get("timings", {}).items()
+    )
     tools = ", ".join(f"{v}" for v in r["tools"].values())
     before_note = (
         f" Rows ending in “before” are full builds by another pkglayer, `{r['before']}`, in the same rounds."
@@ -555,16 +572,19 @@ theirs. CPU s is user+system time of the command and all its children (from
 `getrusage(RUSAGE_CHILDREN)`), which other load on the machine disturbs less than wall time.
 "… same" rows run the baseline over the same files as the layers (`--anchored --exclude` of
 every path pkglayer excluded; "umoci same" inserts a copy of the tree without them, made
-untimed with that tar). `umoci` inserts the tree into an empty image made untimed by
+untimed with that tar). `umoci` inserts a copy of the whole tree (made untimed, and read
+once untimed: umoci changes the ctime of every directory it reads, which pkglayer's next
+rebuild would rightly take as a change) into an empty image made untimed by
 `umoci init` and `umoci new`: one gzip layer written by Go, as a user without pkglayer
 would. Outputs go to an empty directory on the same filesystem (`/var/tmp`). The baselines
 write one compressed tar of the *whole* tree; pkglayer leaves out its default excludes (apt
 caches and lists, `tmp`, ...), listed below. pkglayer fsyncs every blob it commits; the
 baselines do not sync.{before_note} Full builds run with `--no-hash-cache`, so every file is read and
 hashed. The reuse run is `pkglayer build --layers L` after an untimed full build into `L`,
-with the file-digest cache that build filled: every layer must be reused (each reused blob
-is still re-hashed to verify it); "reuse, no cache" is the same rebuild with
-`--no-hash-cache`. An untimed `sync` runs before every timed command, so no command pays
+with the file-digest cache and the kept scan that build left: every layer must be reused
+(a reused blob is checked against its digest, read again only if its file changed since it
+was last checked); "reuse, no cache" is the same rebuild with `--no-hash-cache` (no digest
+cache, no kept scan: every file read and hashed). An untimed `sync` runs before every timed command, so no command pays
 for writing back what the one before it left in the page cache.
 
 ## Machine
@@ -587,6 +607,13 @@ for writing back what the one before it left in the page cache.
 | ratio (wall) | value | target | | CPU-time ratio |
 |---|---|---|---|---|
 {ratio_rows}
+
+Where pkglayer's time went (`--json` "timings" of the last round: wall s of each step, then CPU s
+of the worker threads' hashing, compressing, reading and writing):
+
+| build | {" | ".join(_STEP_NAMES)} | CPU: {" | ".join(_WORK_NAMES)} |
+|---|{"---|" * (len(_STEP_NAMES) + len(_WORK_NAMES))}
+{timing_rows}
 
 - Layers: {c["layers"]}; reused on rebuild: {c["reused_on_rebuild"]} ({"all" if c["all_reused"] else "NOT all"}).
 - Manifest digests of the gzip builds: {", ".join(f"`{d}`" for d in c["gzip_manifest_digests"])}

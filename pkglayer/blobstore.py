@@ -38,6 +38,8 @@ from typing import NoReturn
 from .digests import is_digest
 from .errors import DigestError, PkglayerError
 from .fsutil import fsync_dir, read_regular, unlink_quiet
+from .hashcache import HashCache
+from .timings import charge
 
 TMP_DIR = ".pkglayer-tmp"
 _TMP_RE = re.compile(r"blob-[0-9a-f]{32}\.tmp")
@@ -49,6 +51,8 @@ _CHUNK = 1 << 20
 # Blobs are immutable; read-only files are also what makes a hard link safe (shareable).
 _BLOB_MODE = 0o444
 _LINK_FALLBACK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)
+# The "algorithm" under which a blob file's checked digest is remembered (see verify).
+_SHA256 = "blob-sha256"
 
 
 def _open_regular(path: str) -> int | None:
@@ -150,12 +154,17 @@ class BlobDir:
             raise PkglayerError(f"blob {digest} in {self.root} is not a regular file")
         return st.st_size
 
-    def verify(self, digest: str, size: int | None = None) -> bool:
+    def verify(self, digest: str, size: int | None = None, known: HashCache | None = None) -> bool:
         """The blob is a regular file whose sha256 equals its name (and of `size` bytes,
-        checked first: a huge file under a wanted name costs nothing)."""
-        return self._valid(digest, size) is not None
+        checked first: a huge file under a wanted name costs nothing).
 
-    def _valid(self, digest: str, size: int | None) -> os.stat_result | None:
+        `known` (this directory's record, hashcache.TreeRecords) remembers a blob found
+        valid for as long as its file's inode, size, mtime and ctime stay the same, as
+        the digest cache does for the files of a tree: any write to the file, or another
+        file under its name, is hashed again."""
+        return self._valid(digest, size, known) is not None
+
+    def _valid(self, digest: str, size: int | None, known: HashCache | None = None) -> os.stat_result | None:
         fd = _open_regular(self.path(digest))
         if fd is None:
             return None
@@ -163,14 +172,21 @@ class BlobDir:
             st = os.fstat(fd)
             if size is not None and st.st_size != size:
                 return None
-            return st if _sha256_fd(fd) == digest else None
+            if known is not None and known.get(st, (_SHA256,)) == {_SHA256: digest}:
+                return st
+            started = time.time()
+            if _sha256_fd(fd) != digest:
+                return None
+            if known is not None:
+                known.put(st, {_SHA256: digest}, started)
+            return st
         finally:
             os.close(fd)
 
-    def has_own(self, digest: str, size: int | None = None) -> bool:
+    def has_own(self, digest: str, size: int | None = None, known: HashCache | None = None) -> bool:
         """`verify`, and the file is this directory's own: not a hard link to a file that
         someone else could write (as an import by an older version might have left)."""
-        st = self._valid(digest, size)
+        st = self._valid(digest, size, known)
         return st is not None and (st.st_nlink == 1 or shareable(st))
 
     def read(
@@ -202,13 +218,14 @@ class BlobDir:
             w.write(data)
             return w.commit(expected_digest=digest)
 
-    def import_blob(self, src: BlobDir, digest: str, size: int | None = None) -> None:
+    def import_blob(self, src: BlobDir, digest: str, size: int | None = None, known: HashCache | None = None) -> None:
         """Make `digest` present here, taken from `src`, and verified (size first) before
         it gets its final name. A hard link when the source file is `shareable` and on the
-        same filesystem, else a copy. No-op if a valid copy of our own is already here.
+        same filesystem, else a copy. No-op if a valid copy of our own is already here
+        (`known`: this directory's record, see `verify`).
         Raises PkglayerError if `src` lacks the blob, or it is not `size` bytes, or its
         content does not match the digest."""
-        if self.has_own(digest, size):
+        if self.has_own(digest, size, known):
             return
         fd, st = _open_source(src, digest, size)
         try:
@@ -351,10 +368,12 @@ class BlobWriter:
         if self._done:
             raise ValueError("write to a committed or aborted BlobWriter")
         try:
-            n = self._file.write(data)
+            with charge("write"):
+                n = self._file.write(data)
         except OSError as e:
             self._fail(e)
-        self._hash.update(data)
+        with charge("hash"):
+            self._hash.update(data)
         self.size += n
         return n
 
@@ -371,17 +390,18 @@ class BlobWriter:
             self.abort()
             raise PkglayerError(f"blob content has digest {digest}, expected {expected_digest}")
         final = self._dir.path(digest)
-        try:
-            self._file.flush()
-            os.fchmod(self._file.fileno(), _BLOB_MODE)
-            os.fsync(self._file.fileno())
-            # Rename while still holding the lock, so a cleaner never sees a finished temp unlocked.
-            os.replace(self.tmp_path, final)
-        except OSError as e:
-            self._fail(e)
-        self._done = True
-        self._close()
-        fsync_dir(self._dir.blobs)
+        with charge("write"):
+            try:
+                self._file.flush()
+                os.fchmod(self._file.fileno(), _BLOB_MODE)
+                os.fsync(self._file.fileno())
+                # Rename while still holding the lock, so a cleaner never sees a finished temp unlocked.
+                os.replace(self.tmp_path, final)
+            except OSError as e:
+                self._fail(e)
+            self._done = True
+            self._close()
+            fsync_dir(self._dir.blobs)
         return digest, self.size
 
     def abort(self) -> None:

@@ -22,8 +22,9 @@ from .components import Component, find_components, observe
 from .compress import implementation
 from .config import BuildSettings
 from .digests import CONTENT_HASH
-from .hashcache import HashCache
+from .hashcache import HashCache, TreeRecords
 from .history import History, LayerRecord
+from .keptscan import DiskScans, KeptScans, LayerContents, fingerprint, scan_kept
 from .layout import Platform
 from .mediatypes import LAYER_MEDIA_TYPES
 from .ownership import Ownership, scan_ownership
@@ -34,6 +35,7 @@ from .rootfs import Rootfs
 from .scan import Progress
 from .sources import open_source
 from .tarwriter import TAR_FORMAT, Member, content_key, layer_members, write_layer
+from .timings import Timings, working_for
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class BuildResult:
     blobs: BlobDir  # where this build wrote its new blobs
     rejected_inputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    timings: Timings = field(default_factory=Timings)  # where the time went
+    records: TreeRecords | None = None  # blobs found valid (for the outputs, see ImageContent)
 
     @property
     def architecture(self) -> str:
@@ -100,6 +104,7 @@ class BuildResult:
             "planDecision": self.plan.decision,
             "warnings": [*self.ownership.warnings, *self.rejected_inputs],
             "seconds": round(self.seconds, 3),
+            "timings": self.timings.as_json(),
         }
 
 
@@ -181,22 +186,32 @@ def build(
     platform: Platform | None = None,
     progress: Progress | None = None,
     replan: bool = False,
+    scans: KeptScans | None = None,
 ) -> BuildResult:
     """Layer `rootfs_path`: new blobs go to `blobs`, unchanged layers come from `prior`.
 
-    `platform` is a source image's (--from); by default the package database's."""
+    `platform` is a source image's (--from); by default the package database's. `scans`
+    keeps the scan of each root for the next build (keptscan.py); by default on disk
+    beside the digest cache."""
     settings = settings.validated()
     started = time.monotonic()
+    timings = Timings()
+    records = TreeRecords(settings.hash_cache_path)
     with Rootfs(rootfs_path) as rootfs:
+        scans = scans if scans is not None else DiskScans.for_settings(settings)
+        kept, check = scans.take(rootfs.path, fingerprint(settings))
         cache = HashCache(settings.hash_cache_path)
         cache.load(rootfs.path)
         # Content keys are needed before writing only when there is something to reuse.
-        ownership = scan_rootfs(rootfs, settings, hash_content=prior.can_reuse, cache=cache, progress=progress)
+        now = scan_kept(rootfs, settings, kept, check, hash_content=prior.can_reuse, cache=cache,
+                        progress=progress, timings=timings)
+        ownership = now.ownership
         log.info("digest cache: %d files unchanged since they were last hashed", cache.hits)
-        if platform is None:
-            arch, variant = oci_platform(ownership.architecture, rootfs)
-            platform = Platform(arch, "linux", variant)
-        components, plan = plan_components(ownership, settings, prior, replan)
+        with timings.step("plan"):
+            if platform is None:
+                arch, variant = oci_platform(ownership.architecture, rootfs)
+                platform = Platform(arch, "linux", variant)
+            components, plan = plan_components(ownership, settings, prior, replan)
         log.info(
             "%d packages in %d components, %d objects -> %d layers; %s",
             len(ownership.packages), sum(not c.special for c in components), len(ownership.objects),
@@ -205,19 +220,23 @@ def build(
         # zstd:chunked layers start with the layer root: clients that build a layer from
         # its table of contents would otherwise leave their 0700 staging directory there.
         with_root = settings.compression == "zstd:chunked"
-        members, keys = layer_contents(plan.layers, ownership, settings.source_date_epoch, with_root)
+        with timings.step("keys"):
+            contents = LayerContents(now, plan.layers, settings.source_date_epoch, with_root)
         reuse = ReuseIndex(
             prior, settings.compression_spec, LAYER_MEDIA_TYPES[settings.compression], blobs, ownership,
-            settings.source_date_epoch, with_root, verify=settings.verify_reused,
-            digest_cache=settings.hash_cache_path,
+            settings.source_date_epoch, with_root, verify=settings.verify_reused, records=records,
         )
         write_started = time.time()
         outcomes, rejected, hashes = reuse_or_write(
-            rootfs, plan.layers, members, keys, reuse, blobs, settings, prior.cache, progress
+            rootfs, plan.layers, contents, reuse, blobs, settings, prior.cache, progress, timings
         )
         for path, content_hash in hashes.items():
             cache.put(ownership.objects[path].st, {CONTENT_HASH: content_hash}, write_started)
         cache.save()
+        records.save()
+        now.took(hashes, CONTENT_HASH)
+        contents.remember({o.record.name: o.record.content_key for o in outcomes if not o.reused})
+        scans.keep(now)
 
     history = History(
         layers=tuple(o.record for o in outcomes),
@@ -230,19 +249,20 @@ def build(
     return BuildResult(
         ownership=ownership, components=components, plan=plan, layers=outcomes, platform=platform,
         history=history, blobs=blobs, rejected_inputs=rejected, seconds=time.monotonic() - started,
+        timings=timings, records=records,
     )
 
 
 def reuse_or_write(
     rootfs: Rootfs,
     planned: list[PlannedLayer],
-    members: dict[str, list[Member]],
-    keys: dict[str, str | None],
+    contents: LayerContents,
     reuse: ReuseIndex,
     output: BlobDir,
     settings: BuildSettings,
     layer_cache: LayerCache | None,
     progress: Progress | None,
+    timings: Timings,
 ) -> tuple[list[LayerOutcome], list[str], dict[str, str]]:
     """Every planned layer, reused or written into `output`, in plan order; the warnings
     about turned-down inputs; and the content hashes taken while writing (by path)."""
@@ -251,37 +271,40 @@ def reuse_or_write(
     hashes: dict[str, str] = {}
     to_write: list[PlannedLayer] = []
     total = len(planned)
-    writer = _LayerWriter(rootfs, members, keys, reuse, output, settings, layer_cache)
+    keys = contents.keys
+    writer = _LayerWriter(rootfs, contents, reuse, output, settings, layer_cache, timings)
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
-        checks = {layer.name: pool.submit(reuse.find, layer, keys[layer.name]) for layer in planned}
-        for layer in planned:
-            found, why_not = checks[layer.name].result()
-            if found is not None:
-                outcomes[layer.name] = LayerOutcome(
-                    found.record, reused=True, files=len(members[layer.name]), cached=found.cached
-                )
-                if progress:
-                    progress("layers", len(outcomes), total)
-                continue
-            if why_not:
-                log.warning("%s", why_not)
-                rejected.append(why_not)
-            to_write.append(layer)
+        with timings.step("reuse"):
+            checks = {layer.name: pool.submit(reuse.find, layer, keys[layer.name]) for layer in planned}
+            for layer in planned:
+                found, why_not = checks[layer.name].result()
+                if found is not None:
+                    outcomes[layer.name] = LayerOutcome(
+                        found.record, reused=True, files=contents.files(layer.name), cached=found.cached
+                    )
+                    if progress:
+                        progress("layers", len(outcomes), total)
+                    continue
+                if why_not:
+                    log.warning("%s", why_not)
+                    rejected.append(why_not)
+                to_write.append(layer)
 
         # Largest first, so the last layers to finish are small ones and the cores stay busy.
-        futures = [pool.submit(writer.write, layer) for layer in sorted(to_write, key=lambda x: (-x.size, x.name))]
-        try:
-            for fut in as_completed(futures):
-                outcome, taken = fut.result()
-                outcomes[outcome.record.name] = outcome
-                hashes.update(taken)
-                if progress:
-                    progress("layers", len(outcomes), total)
-        except BaseException:
-            # Don't start more layers after a failure; running ones drop their temp files.
-            for fut in futures:
-                fut.cancel()
-            raise
+        with timings.step("write"):
+            futures = [pool.submit(writer.write, layer) for layer in sorted(to_write, key=lambda x: (-x.size, x.name))]
+            try:
+                for fut in as_completed(futures):
+                    outcome, taken = fut.result()
+                    outcomes[outcome.record.name] = outcome
+                    hashes.update(taken)
+                    if progress:
+                        progress("layers", len(outcomes), total)
+            except BaseException:
+                # Don't start more layers after a failure; running ones drop their temp files.
+                for fut in futures:
+                    fut.cancel()
+                raise
     return [outcomes[layer.name] for layer in planned], rejected, hashes
 
 
@@ -289,15 +312,16 @@ class _LayerWriter:
     """Writes one planned layer; with a layer cache, under the key's claim, so that
     concurrent builds of the same content write it once and the others take it."""
 
-    def __init__(self, rootfs, members, keys, reuse: ReuseIndex, output: BlobDir, settings: BuildSettings,
-                 layer_cache: LayerCache | None):
+    def __init__(self, rootfs, contents: LayerContents, reuse: ReuseIndex, output: BlobDir, settings: BuildSettings,
+                 layer_cache: LayerCache | None, timings: Timings):
         self.rootfs = rootfs
-        self.members = members
-        self.keys = keys
+        self.contents = contents
+        self.keys = contents.keys
         self.reuse = reuse
         self.output = output
         self.settings = settings
         self.cache = layer_cache
+        self.timings = timings
 
     def write(self, layer: PlannedLayer) -> tuple[LayerOutcome, Mapping[str, str]]:
         key = self.keys[layer.name]
@@ -307,15 +331,15 @@ class _LayerWriter:
         with self.cache.claim(key, self.settings.compression_spec):
             found = self.reuse.cached(layer, key)
             if found is not None:
-                return LayerOutcome(found.record, reused=True, files=len(self.members[layer.name]), cached=True), {}
+                return LayerOutcome(found.record, reused=True, files=self.contents.files(layer.name), cached=True), {}
             outcome, hashes = self._write_new(layer)
             self.cache.add(outcome.record, self.output)
             return outcome, hashes
 
     def _write_new(self, layer: PlannedLayer) -> tuple[LayerOutcome, Mapping[str, str]]:
         settings = self.settings
-        members = self.members[layer.name]
-        with self.output.writer() as w:
+        members = self.contents.members(layer.name)
+        with working_for(self.timings), self.output.writer() as w:
             written = write_layer(self.rootfs, members, settings.compression, settings.compression_level, w)
             digest, size = w.commit()
         key = self.keys[layer.name] or content_key(members, written.hashes)

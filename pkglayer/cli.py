@@ -316,6 +316,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .inputs import is_ostree_tree, open_inputs
     from .outputs import ImageContent, parse_outputs, write_outputs
     from .prior import resolve_prior
+    from .timings import summary
 
     settings = _settings_from_args(args)
     reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
@@ -362,6 +363,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"{len(result.layers)} layers ({result.written} written, {result.reused} reused), "
         f"{_human(total)} compressed, {result.seconds:.1f} s", file=say,
     )
+    if not args.quiet:
+        print(summary(result.timings.as_json(), report.seconds), file=say)
     if inputs.source:
         print(f"from {inputs.source.ref} ({inputs.source.layers} layers, {inputs.source.entries} entries)", file=say)
     _print_outputs(report, outputs, say)

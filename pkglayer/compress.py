@@ -40,6 +40,8 @@ from typing import Protocol
 import deflate
 import zstandard
 
+from .timings import charge
+
 FORMATS = ("gzip", "zstd", "none")
 
 # Uncompressed bytes per gzip member. Larger blocks compress a little better (1 MiB:
@@ -139,7 +141,9 @@ class Blocks:
                 self._fill = 0
 
     def _emit(self, data: memoryview) -> None:
-        self.out.write(self.unit(data))
+        with charge("compress"):
+            unit = self.unit(data)
+        self.out.write(unit)
         self.units += 1
 
     def finish(self) -> None:

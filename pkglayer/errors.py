@@ -9,6 +9,11 @@ class RootfsError(PkglayerError):
     """The root filesystem is missing, unreadable, or changed while being read."""
 
 
+class TreeChangedError(RootfsError):
+    """A file changed, shrank or disappeared while a build read it: the tree is still
+    being written, and a later build may well succeed (the daemon tries again)."""
+
+
 class DatabaseError(PkglayerError):
     """A package database is unreadable, corrupt, or in an unsupported format."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from contextlib import closing
@@ -19,6 +20,9 @@ from contextlib import closing
 log = logging.getLogger(__name__)
 
 _RACY_SECONDS = 2
+# Lookups answered by a query each before a tree's entries are read at once: a rebuild
+# after a package install looks up the few files that changed, out of many thousands.
+_POINT_LOOKUPS = 256
 _FORGET_AFTER_DAYS = 30
 # Rows are grouped by tree (the rootfs path) so a build loads only its own tree's.
 _SCHEMA_VERSION = 2
@@ -46,12 +50,26 @@ class HashCache:
         self._entries: dict[tuple[int, str], tuple[Stamp, str]] = {}
         self._new: list[tuple[int, str, Stamp, str]] = []
         self._tree = ""
+        self._loaded = True
+        self._load_lock = threading.Lock()  # blob records are looked up from several threads
+        self._lookups = 0
+        self._db: sqlite3.Connection | None = None  # for lookups one by one
         self.hits = 0
 
     def load(self, tree: str) -> None:
-        """Read the entries of one tree. A cache that can't be read is ignored: it only
-        ever saves work."""
+        """Use the entries of one tree, read when first asked for (a rebuild that finds
+        every file in its kept scan asks for none): the first _POINT_LOOKUPS one by one,
+        then all at once. A cache that can't be read is ignored: it only ever saves work."""
         self._tree = tree
+        self._loaded = False
+
+    def _load(self) -> None:
+        with self._load_lock:
+            if not self._loaded:
+                self._read(self._tree)
+                self._loaded = True
+
+    def _read(self, tree: str) -> None:
         if not self.path or not os.path.exists(self.path):
             return
         try:
@@ -68,6 +86,10 @@ class HashCache:
         self._entries = {(ino, algo): ((dev, size, m, c), digest) for ino, algo, dev, size, m, c, digest in rows}
 
     def get(self, st: os.stat_result, algos: Iterable[str]) -> dict[str, str] | None:
+        if not self._loaded:
+            if self._lookups < _POINT_LOOKUPS:
+                return self._get_one(st, algos)
+            self._load()
         stamp = (st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         found = {}
         for algo in algos:
@@ -78,6 +100,36 @@ class HashCache:
         self.hits += 1
         return found
 
+    def _get_one(self, st: os.stat_result, algos: Iterable[str]) -> dict[str, str] | None:
+        """`get` by a query of its own (the few files of a rebuild that changed)."""
+        with self._load_lock:
+            self._lookups += 1
+            try:
+                if self._db is None:
+                    if not self.path or not os.path.exists(self.path):
+                        return None
+                    self._db = _connect(self.path, check_same_thread=False)
+                    if self._db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                        return None
+                rows = self._db.execute(
+                    "SELECT algo, dev, size, mtime_ns, ctime_ns, digest FROM digests WHERE tree = ? AND ino = ?",
+                    (self._tree, st.st_ino),
+                ).fetchall()
+            except sqlite3.Error as e:
+                log.warning("ignoring unreadable hash cache %s: %s", self.path, e)
+                return None
+        stamp = (st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = {algo: digest for algo, dev, size, m, c, digest in rows if (dev, size, m, c) == stamp}
+        if not all(a in known for a in algos):
+            return None
+        self.hits += 1
+        return {a: known[a] for a in algos}
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
     def put(self, st: os.stat_result, digests: dict[str, str], hashed_at: float) -> None:
         if not self.path or st.st_ctime_ns >= (hashed_at - _RACY_SECONDS) * 1e9:
             return
@@ -87,6 +139,7 @@ class HashCache:
                 self._new.append((st.st_ino, algo, stamp, digest))
 
     def save(self) -> None:
+        self.close()
         if not self.path or not self._new:
             return
         try:
@@ -107,7 +160,36 @@ class HashCache:
         self._new.clear()
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=30)
+class TreeRecords:
+    """The HashCaches of several trees in one cache file, each read when first used and
+    saved together; for blob directories, each its own tree (by real path), where a
+    blob's checked digest is remembered like a file's."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._trees: dict[str, HashCache] = {}
+        self._lock = threading.Lock()
+
+    def of(self, root: str) -> HashCache | None:
+        """The record of the tree at `root`; None when nothing is remembered (no cache)."""
+        if not self.path:
+            return None
+        tree = os.path.realpath(root)
+        with self._lock:
+            cache = self._trees.get(tree)
+            if cache is None:
+                cache = self._trees[tree] = HashCache(self.path)
+                cache.load(tree)
+            return cache
+
+    def save(self) -> None:
+        with self._lock:
+            trees = list(self._trees.values())
+        for cache in trees:
+            cache.save()
+
+
+def _connect(path: str, check_same_thread: bool = True) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=30, check_same_thread=check_same_thread)
     db.execute("PRAGMA journal_mode=WAL")
     return db

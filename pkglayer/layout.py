@@ -29,6 +29,7 @@ from .blobstore import BlobDir
 from .digests import is_digest
 from .errors import PkglayerError
 from .fsutil import read_regular, write_file_atomic
+from .hashcache import HashCache, TreeRecords
 from .history import COMPRESSOR_RE, NAME_RE, LayerRecord, checked_annotations
 from .mediatypes import (
     CONFIG_TYPES,
@@ -421,22 +422,25 @@ def write_image(
     blob_sources: Sequence[BlobDir],
     fresh: Collection[str] = (),
     external: Collection[str] = (),
+    records: TreeRecords | None = None,
 ) -> ImageResult:
     """Write an image tagged `tag` into the OCI layout `layout_dir` (created if missing).
 
     `created` is an RFC 3339 time or None (left out). `fresh` names blobs this process has
     just written and hashed itself: when already in the layout they are not read back to
     be verified again. `external` names layer blobs that live only in the registry the
-    image is pushed to: the layout does not get them."""
+    image is pushed to: the layout does not get them. `records` remembers the blobs of
+    the layout found valid while their files stay unchanged (BlobDir.verify)."""
     layout_dir = os.fspath(layout_dir)
     if not REF_RE.fullmatch(tag):
         raise PkglayerError(f"tag {tag!r} is not a valid OCI ref name")
     dest = BlobDir(layout_dir, create=True)
+    known = records.of(layout_dir) if records is not None else None
     for layer in layers:
         if layer.digest in external and not dest.has(layer.digest):
             continue
         if not (layer.digest in fresh and dest.has(layer.digest)):
-            _import_layer(dest, layer, blob_sources)
+            _import_layer(dest, layer, blob_sources, known)
 
     config = _config_json(layers, options, platform_, created)
     config_digest, config_size = dest.add_bytes(canonical_json(config))
@@ -475,10 +479,10 @@ def write_image(
     return ImageResult(manifest_digest=manifest_digest, config_digest=config_digest, manifest_size=manifest_size)
 
 
-def _import_layer(dest: BlobDir, layer: LayerRecord, sources: Sequence[BlobDir]) -> None:
+def _import_layer(dest: BlobDir, layer: LayerRecord, sources: Sequence[BlobDir], known: HashCache | None) -> None:
     if not is_oci_layer(layer.media_type):
         raise PkglayerError(f"layer {layer.name}: unknown media type {layer.media_type!r}")
-    if not dest.has_own(layer.digest, layer.size):
+    if not dest.has_own(layer.digest, layer.size, known):
         problems: list[str] = []
         for source in sources:
             if not source.has(layer.digest):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,7 @@ from .build import BuildResult, build
 from .config import BuildSettings
 from .errors import PkglayerError
 from .fsutil import Workspace
+from .hashcache import TreeRecords
 from .history import History, dumps_history, save_history
 from .layout import (
     DEFAULT_LIMITS,
@@ -106,9 +108,11 @@ class OutputReport:
     external_blobs: list[str] = field(default_factory=list)  # reused from the destination, not in the layout
     published: list[str] = field(default_factory=list)  # destinations written
     push: Any = None  # registry.PushReport of a registry destination
+    seconds: float = 0.0  # writing the layout, the history, the other destinations
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "outputSeconds": round(self.seconds, 3),
             "image": self.image_ref,
             "manifestDigest": self.image.manifest_digest if self.image else None,
             "history": self.history_path,
@@ -128,6 +132,7 @@ class ImageContent:
     blob_sources: tuple[BlobDir, ...]
     fresh: frozenset[str] = frozenset()  # blobs this process just wrote and hashed
     remote: frozenset[str] = frozenset()  # layer digests the one destination already has
+    records: TreeRecords | None = None  # blobs checked earlier whose files are unchanged
 
     @staticmethod
     def of_build(result: BuildResult, prior: Prior) -> ImageContent:
@@ -137,6 +142,7 @@ class ImageContent:
             blob_sources=(result.blobs, *prior.blob_sources),
             fresh=frozenset(o.record.digest for o in result.layers if not o.reused or o.cached),
             remote=prior.remote_blobs,
+            records=result.records,
         )
 
 
@@ -150,6 +156,7 @@ def write_outputs(
 ) -> OutputReport:
     """The image into the layout, then copied to every other destination; the history
     into the /layers directory."""
+    started = time.perf_counter()
     report = OutputReport()
     if outputs.layout:
         directory, tag = outputs.layout
@@ -163,6 +170,7 @@ def write_outputs(
     if outputs.layers_dir:
         report.history_path = os.path.join(outputs.layers_dir, "history.json")
         save_history(report.history_path, content.history)
+    report.seconds = time.perf_counter() - started
     return report
 
 
@@ -183,8 +191,10 @@ def write_layout(
     )
     image = write_image(
         directory, tag, records, options, content.platform, rfc3339(source_date_epoch),
-        content.blob_sources, fresh=content.fresh, external=external,
+        content.blob_sources, fresh=content.fresh, external=external, records=content.records,
     )
+    if content.records is not None:
+        content.records.save()
     return image, sorted(external)
 
 

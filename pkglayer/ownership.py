@@ -15,7 +15,7 @@ import logging
 import re
 import stat
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from wcmatch import glob
@@ -98,12 +98,25 @@ def _owner_map(
     """
     owners: dict[str, tuple[Package, FileRecord]] = {}
     shared: dict[str, list[str]] = {}
+    parents: dict[str, str] = {}
+
+    def real_path(rel: str) -> str:
+        # rootfs.resolve(rel, follow_final=False), with each directory's resolution
+        # looked up once by name (thousands of paths, a few hundred directories).
+        head, _, last = rel.rpartition("/")
+        if "/." in rel or "//" in rel or last in ("", ".", ".."):
+            return rootfs.resolve(rel, follow_final=False)
+        parent = parents.get(head)
+        if parent is None:
+            parent = parents[head] = rootfs.resolve(head) if head else ""
+        return f"{parent}/{last}" if parent else last
+
     for pkg in sorted(packages, key=lambda p: (p.name, p.arch, p.key)):
         for rec in pkg.files:
             rel = _rel(rec.path)
             if not rel:
                 continue
-            real = rootfs.resolve(rel, follow_final=False)
+            real = real_path(rel)
             first = owners.get(real)
             if first is None:
                 owners[real] = (pkg, rec)
@@ -465,8 +478,7 @@ def assign_homes(
     packages: Sequence[Package],
     origins: dict[str, str],
     shared: dict[str, list[str]],
-    source: PackageSource | None,
-    dropped: list[tuple[str, str]],
+    databases: Databases,
     rules: Sequence[Rule] = RULES,
 ) -> Ownership:
     for rule in rules:
@@ -475,8 +487,8 @@ def assign_homes(
     for obj in scan.objects.values():
         homes[obj.home].append(obj)
     return Ownership(
-        source_format=source.format if source else None,
-        architecture=source.architecture() if source else None,
+        source_format=databases.source_format,
+        architecture=databases.architecture,
         packages={**{p.key: p for p in packages}, **claims.made},
         objects=scan.objects,
         homes=dict(homes),
@@ -488,9 +500,100 @@ def assign_homes(
         shared=dict(sorted(shared.items())),
         origins={**origins, **claims.origins},
         intervals=claims.intervals,
-        dropped=dropped,
+        dropped=databases.dropped,
         warnings=claims.warnings,
     )
+
+
+@dataclass
+class Databases:
+    """What the package databases say, with their paths resolved in the tree.
+
+    Only the owner maps say which package lists which path: a kept scan (keptscan.py)
+    keeps packages without their file lists."""
+
+    source_format: str | None
+    architecture: str | None
+    distro: list[Package]
+    pip: list[Package]  # pip's packages that are not the distro's
+    owners: Mapping[str, tuple[Package, FileRecord]]  # real path -> the distro package listing it first
+    pip_owners: Mapping[str, tuple[Package, FileRecord]]
+    shared: dict[str, list[str]]  # real path -> every package listing it (files only)
+    dropped: list[tuple[str, str]]  # (pip package key, why it was left to the distro)
+    db_paths: list[str]  # the distro database's own files and directories
+    # real path -> the algorithm of the digest its database records (made when first used)
+    digest_algos: dict[str, str] | None = None
+
+    @property
+    def packages(self) -> list[Package]:
+        return [*self.distro, *self.pip]
+
+    def algos_for(self, hash_content: bool) -> Callable[[str], tuple[str, ...]]:
+        """The digests the scan takes of a file: the database's, to spot edits, and the
+        content hash layer keys are made of when `hash_content`."""
+        base = (CONTENT_HASH,) if hash_content else ()
+        combined: dict[str, tuple[str, ...]] = {}
+
+        def algos_for(path: str) -> tuple[str, ...]:
+            known = self.digest_algos if self.digest_algos is not None else self._digest_algos()
+            algo = known.get(path)
+            if algo is None:
+                return base
+            found = combined.get(algo)
+            if found is None:
+                found = combined[algo] = tuple(sorted({*base, algo}))
+            return found
+
+        return algos_for
+
+    def _digest_algos(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for owners in (self.pip_owners, self.owners):  # the distro's record wins, as in the rules
+            for path, (_, rec) in owners.items():
+                if rec.digest_algo and rec.digest:
+                    found[path] = rec.digest_algo
+                else:
+                    found.pop(path, None)
+        self.digest_algos = found
+        return found
+
+
+def read_databases(rootfs: Rootfs, source: PackageSource | None) -> Databases:
+    """The distro's package database, then pip's records, mapped onto the tree's real paths."""
+    distro = source.packages() if source else []
+    owners, shared = _owner_map(rootfs, distro)
+    pip_owners, pip, dropped = _pip_owner_map(rootfs, PipSource(rootfs).packages(), owners, shared)
+    return Databases(
+        source_format=source.format if source else None,
+        architecture=source.architecture() if source else None,
+        distro=distro,
+        pip=pip,
+        owners=owners,
+        pip_owners=pip_owners,
+        shared=shared,
+        dropped=dropped,
+        db_paths=[rootfs.resolve(p) for p in source.database_paths()] if source else [],
+    )
+
+
+def claim_homes(
+    scan: Scan,
+    databases: Databases,
+    compare_mtimes: bool = True,
+    *,
+    components: Sequence[ComponentSpec] = (),
+    big_file_size: int | None = None,
+) -> Ownership:
+    """Every object of the scan its home, by the rules (`RULES`)."""
+    packages = databases.packages
+    reserved = frozenset(SPECIAL_HOMES) | {p.source or p.name for p in packages} | {p.key for p in packages}
+    claims = Claims(
+        scan.objects, scan.digests, databases.owners, databases.db_paths, scan.excluded,
+        compare_mtimes=compare_mtimes, pip_owners=databases.pip_owners, specs=components,
+        big_file_size=big_file_size, reserved=reserved,
+    )
+    origins = {p.key: PipSource.format for p in databases.pip}
+    return assign_homes(scan, claims, packages, origins, databases.shared, databases)
 
 
 def scan_ownership(
@@ -515,24 +618,7 @@ def scan_ownership(
     the database's digest of each package file (to spot edits) and, when earlier layers
     may be reused (`hash_content`), the content hash that keys are made of (otherwise
     it is taken while writing)."""
-    distro = source.packages() if source else []
-    owners, shared = _owner_map(rootfs, distro)
-    pip_owners, pip, dropped = _pip_owner_map(rootfs, PipSource(rootfs).packages(), owners, shared)
-    db_paths = [rootfs.resolve(p) for p in source.database_paths()] if source else []
-
-    def algos_for(path: str) -> list[str]:
-        algos = [CONTENT_HASH] if hash_content else []
-        owner = owners.get(path) or pip_owners.get(path)
-        if owner and owner[1].digest_algo and owner[1].digest:
-            algos.append(owner[1].digest_algo)
-        return algos
-
-    scan = walk(rootfs, algos_for, excludes, drop_xattrs, one_file_system, jobs, cache, progress)
-    packages = [*distro, *pip]
-    reserved = frozenset(SPECIAL_HOMES) | {p.source or p.name for p in packages} | {p.key for p in packages}
-    claims = Claims(
-        scan.objects, scan.digests, owners, db_paths, scan.excluded, compare_mtimes=compare_mtimes,
-        pip_owners=pip_owners, specs=components, big_file_size=big_file_size, reserved=reserved,
-    )
-    origins = {p.key: PipSource.format for p in pip}
-    return assign_homes(scan, claims, packages, origins, shared, source, dropped)
+    databases = read_databases(rootfs, source)
+    scan = walk(rootfs, databases.algos_for(hash_content), excludes, drop_xattrs, one_file_system, jobs, cache,
+                progress)
+    return claim_homes(scan, databases, compare_mtimes, components=components, big_file_size=big_file_size)

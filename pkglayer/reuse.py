@@ -17,7 +17,8 @@ history.json (and a plan label) is trusted to pair a content key with a blob: a 
 checked against its digest and size, not against the key. With `verify` (--verify-reused)
 a blob reused by key is also read through once, and reused only if the layer it holds
 has that content key and diff_id; the result is remembered in the digest cache for as
-long as the blob file's inode, size, mtime and ctime stay the same (docs/security.md).
+long as the blob file's inode, size, mtime and ctime stay the same (docs/security.md),
+as is a blob's sha256: an unchanged blob file is not read again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass, replace
 
 from .blobstore import BlobDir
 from .errors import PkglayerError
-from .hashcache import HashCache
+from .hashcache import TreeRecords
 from .history import LayerRecord
 from .ownership import Ownership
 from .plan import PlannedLayer
@@ -53,12 +54,13 @@ class Reuse:
 class ReuseIndex:
     def __init__(
         self, prior: Prior, compression: str, media_type: str, output: BlobDir, ownership: Ownership, dir_mtime: int,
-        with_root: bool = False, verify: bool = False, digest_cache: str | None = None,
+        with_root: bool = False, verify: bool = False, records: TreeRecords | None = None,
     ):
         self.prior = prior
         self.verify = verify
-        self.digest_cache = digest_cache
-        self._identities: dict[str, HashCache] = {}
+        # What earlier builds found about blob files that are still unchanged (stamps):
+        # their sha256, and with `verify` the layer they hold.
+        self.records = records or TreeRecords(None)
         self.compression = compression
         self.media_type = media_type
         self.output = output
@@ -126,28 +128,28 @@ class ReuseIndex:
         return Reuse(_renamed(rec, layer), cached=True)
 
     def _blob_dir(self, rec: LayerRecord) -> BlobDir | None:
-        return next((d for d in self.sources if d.has(rec.digest) and d.verify(rec.digest, rec.size)), None)
+        return next(
+            (d for d in self.sources if d.has(rec.digest) and d.verify(rec.digest, rec.size, self.records.of(d.root))),
+            None,
+        )
 
     def _holds(self, src: BlobDir, rec: LayerRecord) -> bool:
         """The blob (already checked against its digest) holds the layer of `rec`'s
         content key and diff_id; read through once per blob file, then remembered."""
-        cache = self._identities.get(src.root)
-        if cache is None:
-            cache = self._identities[src.root] = HashCache(self.digest_cache)
-            cache.load(os.path.realpath(src.root))
         try:
             st = os.lstat(src.path(rec.digest))
         except OSError:
             return False
-        known = cache.get(st, (_IDENTITY,))
+        cache = self.records.of(src.root)
+        known = cache.get(st, (_IDENTITY,)) if cache is not None else None
         if known is None:
             started = time.time()
             found = blob_identity(src, rec)
             if found is None:
                 return False
             known = {_IDENTITY: f"{rec.digest} {found[0]} {found[1]}"}
-            cache.put(st, known, started)
-            cache.save()
+            if cache is not None:
+                cache.put(st, known, started)
         return known[_IDENTITY] == f"{rec.digest} {rec.content_key} {rec.diff_id}"
 
     def _pristine(self, layer: PlannedLayer) -> LayerRecord | None:

@@ -9,14 +9,13 @@ at a time with O_NOFOLLOW, so a link swapped in while we read fails instead of e
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .errors import RootfsError
+from .errors import RootfsError, TreeChangedError
 from .fsutil import open_dir_nofollow
 
 _MAX_SYMLINKS = 40  # same limit as the kernel's path walk
@@ -32,6 +31,10 @@ class Entry:
     @property
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.st.st_mode)
+
+
+# Resolutions a Rootfs remembers (a package database names some ten thousand paths).
+_MAX_RESOLVED = 65536
 
 
 def split(path: str) -> list[str]:
@@ -54,6 +57,20 @@ class Rootfs:
         except OSError as e:
             raise RootfsError(f"rootfs {self.path}: {e.strerror}") from None
         self.dev = st.st_dev
+        # Resolutions cached per instance (a method's lru_cache would keep every
+        # Rootfs alive, with its entries, for as long as the process lives).
+        self._resolved: dict[tuple[str, ...], str] = {}
+        # With a dict here, every path looked up is noted with what was found (see
+        # `noted`): what was read from the tree, to tell later whether it is unchanged.
+        self.trace: dict[str, Noted] | None = None
+
+    def stat(self) -> os.stat_result:
+        """The root directory's own lstat."""
+        return os.fstat(self._fd)
+
+    def _note(self, path: str, st: os.stat_result | None, listed: bool = False) -> None:
+        if self.trace is not None and (listed or path not in self.trace):
+            self.trace[path] = noted(st, listed)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -88,10 +105,24 @@ class Rootfs:
             return self._resolve(tuple(split(parent) + [".."]))
         return f"{parent}/{last}" if parent else last
 
-    @functools.lru_cache(maxsize=65536)
     def _resolve(self, comps: tuple[str, ...]) -> str:
-        todo = list(comps)
-        done: list[str] = []
+        found = self._resolved.get(comps)
+        if found is None:
+            found = self._resolve_uncached(comps)
+            if len(self._resolved) < _MAX_RESOLVED:
+                self._resolved[comps] = found
+        return found
+
+    def _resolve_uncached(self, comps: tuple[str, ...]) -> str:
+        if len(comps) > 1 and ".." not in comps:
+            # The parent's resolution (cached: a package database names thousands of
+            # paths in a few hundred directories), then the last component. Not with
+            # "..": after a missing component the rest is taken as written, so "none/.."
+            # must not be resolved on its own.
+            done = split(self._resolve(comps[:-1]))
+            todo = [comps[-1]]
+        else:
+            done, todo = [], list(comps)
         links = 0
         while todo:
             name = todo.pop(0)
@@ -103,15 +134,18 @@ class Rootfs:
             try:
                 st = os.lstat(os.path.join(self.path, candidate))
             except FileNotFoundError:
+                self._note(candidate, None)
                 # Nothing there: the rest of the path cannot contain links either.
                 done.append(name)
                 done.extend(c for c in todo)
                 todo = []
                 return "/".join(_normalise(done))
             except NotADirectoryError:
+                self._note(candidate, None)
                 done.append(name)
                 done.extend(todo)
                 return "/".join(_normalise(done))
+            self._note(candidate, st)
             if stat.S_ISLNK(st.st_mode):
                 links += 1
                 if links > _MAX_SYMLINKS:
@@ -166,6 +200,15 @@ class Rootfs:
         except OSError:
             return False
 
+    def stamp(self, relpath: str) -> tuple[int, ...] | None:
+        """What identifies the content of the file at `relpath` (symlinks resolved) while
+        it is unchanged: device, inode, size, mtime and ctime; None if there is nothing."""
+        try:
+            st = os.lstat(os.path.join(self.path, self.resolve(relpath)))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
     def is_file(self, relpath: str) -> bool:
         try:
             return stat.S_ISREG(os.lstat(os.path.join(self.path, self.resolve(relpath))).st_mode)
@@ -179,6 +222,8 @@ class Rootfs:
         except OSError:
             return []
         try:
+            if self.trace is not None:
+                self._note(rel, os.fstat(fd), listed=True)
             return sorted(os.listdir(fd))
         finally:
             os.close(fd)
@@ -211,6 +256,23 @@ class Rootfs:
 
     # -- walking -----------------------------------------------------------------------
 
+    def entries(self, relpath: str) -> Iterator[tuple[str, os.stat_result]]:
+        """The entries of a directory the walk found, sorted by name, each with its lstat
+        taken as it is reached; an entry that vanishes before then is not part of the tree."""
+        try:
+            with os.scandir(os.path.join(self.path, relpath) if relpath else self.path) as it:
+                found = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            raise TreeChangedError(f"/{relpath} disappeared while being read") from None
+        except PermissionError as e:
+            raise RootfsError(f"/{relpath}: {e.strerror}") from None
+        for de in found:
+            try:
+                st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield de.name, st
+
     def walk(
         self,
         prune: Callable[[str, bool], bool] | None = None,
@@ -225,20 +287,9 @@ class Rootfs:
         stack = [""]
         while stack:
             d = stack.pop()
-            try:
-                with os.scandir(os.path.join(self.path, d) if d else self.path) as it:
-                    children = sorted(it, key=lambda e: e.name, reverse=True)
-            except FileNotFoundError:
-                raise RootfsError(f"/{d} disappeared while being read") from None
-            except PermissionError as e:
-                raise RootfsError(f"/{d}: {e.strerror}") from None
             subdirs = []
-            for de in reversed(children):
-                path = f"{d}/{de.name}" if d else de.name
-                try:
-                    st = de.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # vanished between readdir and stat: it is not part of the tree
+            for name, st in self.entries(d):
+                path = f"{d}/{name}" if d else name
                 isdir = stat.S_ISDIR(st.st_mode)
                 if prune is not None and prune(path, isdir):
                     continue
@@ -246,6 +297,36 @@ class Rootfs:
                 if isdir and not (one_file_system and st.st_dev != self.dev):
                     subdirs.append(path)
             stack.extend(reversed(subdirs))
+
+
+# What a traced lookup found at a path: None (nothing there), ("d", dev, ino) for a
+# directory passed through, ("f", dev, ino, mode, size, mtime_ns, ctime_ns) for anything
+# else and for a directory listed (its mtime changes with its entries).
+Noted = tuple | None
+
+
+def noted(st: os.stat_result | None, listed: bool = False) -> Noted:
+    if st is None:
+        return None
+    if stat.S_ISDIR(st.st_mode) and not listed:
+        return ("d", st.st_dev, st.st_ino)
+    return ("f", st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def unchanged(root: str, trace: dict[str, Noted]) -> bool:
+    """Every path of a trace still finds what it found then (one lstat each). Parents
+    come before their children in a trace, so a directory that became a symlink fails
+    before any path below it is looked up through the link."""
+    for path, was in trace.items():
+        try:
+            st = os.lstat(os.path.join(root, path))
+        except (FileNotFoundError, NotADirectoryError):
+            if was is not None:
+                return False
+            continue
+        if was is None or noted(st, listed=was[0] == "f") != was:
+            return False
+    return True
 
 
 class FileOpener:

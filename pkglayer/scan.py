@@ -10,28 +10,34 @@ files unchanged since they were last hashed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from wcmatch import glob
 
 from .digests import CONTENT_HASH, new_hasher
-from .errors import RootfsError
+from .errors import TreeChangedError
 from .hashcache import HashCache
 from .rootfs import FileOpener, Rootfs
+from .timings import Timings, charge, working_for
 
 _READ_CHUNK = 1024 * 1024
+# Objects changed this close before a scan started may change again without their lstat
+# showing it (timestamps have a coarse clock): a later scan reads them again.
+RACY_SECONDS = 2
 
 #: progress(phase, done, total): called as long work advances (scan, hashing, layers)
 Progress = Callable[[str, int, int], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class FsObject:
     """One object of the rootfs, with what a layer needs to reproduce it."""
 
@@ -43,6 +49,15 @@ class FsObject:
     content_hash: str | None = None  # CONTENT_HASH of a regular file's data, when the scan took it
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A directory's entries as a scan found them, by what became of each (sorted)."""
+
+    objects: tuple[str, ...]
+    excluded: tuple[str, ...] = ()
+    sockets: tuple[str, ...] = ()
+
+
 @dataclass
 class Scan:
     objects: dict[str, FsObject]  # by rootfs-relative path, in walk order (parents first)
@@ -50,6 +65,26 @@ class Scan:
     excluded: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     hashed_at: float = 0.0  # when hashing started: files changed after it are not cached
+    # For the next scan of the same tree (see `walk`):
+    listings: dict[str, Listing] = field(default_factory=dict)  # by directory ("" the root)
+    root: os.stat_result | None = None  # the root directory's lstat
+    started: float = 0.0  # when the walk started (time.time())
+    # Against the scan it was given: the paths read afresh (new or changed) and those
+    # gone; None when there was none to compare with.
+    changed: set[str] | None = None
+    removed: set[str] = field(default_factory=set)
+    hashed: int = 0  # files whose digests were not kept (taken, or found in the digest cache)
+
+
+def same_stamp(a: os.stat_result, b: os.stat_result) -> bool:
+    """Nothing changed the object between the two lstats: every change of content,
+    mode, owner or links sets ctime, which cannot be set from user space (the rest is
+    compared too, cheapest to fail first)."""
+    return (
+        a.st_ctime_ns == b.st_ctime_ns and a.st_mtime_ns == b.st_mtime_ns and a.st_ino == b.st_ino
+        and a.st_size == b.st_size and a.st_mode == b.st_mode and a.st_dev == b.st_dev
+        and a.st_nlink == b.st_nlink and a.st_uid == b.st_uid and a.st_gid == b.st_gid
+    )
 
 
 def glob_regex(patterns: Iterable[str], flags: int) -> re.Pattern[str]:
@@ -60,55 +95,198 @@ def glob_regex(patterns: Iterable[str], flags: int) -> re.Pattern[str]:
 
 def walk(
     rootfs: Rootfs,
-    algos_for: Callable[[str], Iterable[str]],
+    algos_for: Callable[[str], tuple[str, ...]],
     excludes: Iterable[str],
     drop_xattrs: Iterable[str],
     one_file_system: bool = True,
     jobs: int = 1,
     cache: HashCache | None = None,
     progress: Progress | None = None,
+    kept: Scan | None = None,
+    check: Collection[str] | None = None,
+    timings: Timings | None = None,
+    trusted_needs: tuple[str, ...] | None = None,
 ) -> Scan:
     """Every object of the rootfs but the excluded ones; regular files hashed with the
-    algorithms `algos_for(path)` names."""
+    algorithms `algos_for(path)` names (distinct, sorted).
+
+    With `kept`, an earlier scan of the same tree with the same settings, only what
+    changed is read again, the way git's index works: an object whose lstat (inode,
+    size, mtime, ctime, mode, owner, links) is what the kept scan saw keeps its link
+    target, xattrs and digests, and a directory whose lstat is unchanged keeps its
+    listing (creating, removing or renaming an entry changes its mtime). ctime cannot be
+    set from user space; objects changed less than `RACY_SECONDS` before the kept scan
+    started are read again all the same (a change in the same clock tick would leave
+    their lstat as it was). Every object is lstat'ed, unless `check` names the only
+    paths that may have changed since (the daemon's file-change watch): those paths,
+    and the directories among them listed again. `trusted_needs`, when `algos_for` is
+    what it was for the kept scan but for these algorithms, spares asking it about
+    unchanged files: the kept scan took what it named for them.
+    """
+    started = time.time()
     excluded_matcher = glob_regex(excludes, glob.GLOBSTAR | glob.DOTGLOB)
     drop_matcher = glob_regex(drop_xattrs, glob.DOTGLOB)
     excluded: list[str] = []
     skipped: list[tuple[str, str]] = []
-
-    def prune(path: str, is_dir: bool) -> bool:
-        if excluded_matcher.fullmatch(path):
-            excluded.append(path)
-            return True
-        return False
-
-    hasher = _Hasher(rootfs, cache or HashCache(None), jobs)
     objects: dict[str, FsObject] = {}
-    try:
-        for entry in rootfs.walk(prune=prune, one_file_system=one_file_system):
-            mode = entry.st.st_mode
-            if stat.S_ISSOCK(mode):
-                skipped.append((entry.path, "socket (tar cannot store sockets)"))
-                continue
-            if stat.S_ISDIR(mode) and one_file_system and entry.st.st_dev != rootfs.dev:
-                skipped.append((entry.path, "mount point: contents on another filesystem not included"))
-            obj = FsObject(entry.path, entry.st)
+    listings: dict[str, Listing] = {}
+    digests: dict[str, dict[str, str]] = {}
+    changed: set[str] = set()
+    relisted = False
+    old_objects = kept.objects if kept else {}
+    old_digests = kept.digests if kept else {}
+    old_listings = kept.listings if kept else {}
+    racy_ns = (kept.started - RACY_SECONDS) * 1e9 if kept else 0.0
+    if kept is not None and check is not None:
+        check = set(check) | _links_to_check(kept, check)
+
+    def trusted(old: os.stat_result | None, st: os.stat_result) -> bool:
+        return old is not None and old.st_ctime_ns < racy_ns and same_stamp(old, st)
+
+    top = rootfs.path + "/"
+    os_lstat = os.lstat
+
+    hasher = _Hasher(rootfs, cache or HashCache(None), jobs, timings)
+
+    def visit(path: str, st: os.stat_result, old: FsObject | None) -> FsObject:
+        """The object at `path` as `st` finds it: the kept one while that still holds."""
+        mode = st.st_mode
+        if old is not None and (st is old.st or (old.st.st_ctime_ns < racy_ns and same_stamp(old.st, st))):
+            obj = old
+            have = old_digests.get(path)
+        else:
+            obj = FsObject(path, st)
+            have = None
+            changed.add(path)
+            digests.pop(path, None)
             if stat.S_ISLNK(mode):
-                obj.linkname = rootfs.readlink(entry.path)
-            elif stat.S_ISREG(mode):
-                algos = tuple(sorted(set(algos_for(entry.path))))
-                if algos:
-                    hasher.add(obj, algos)
-            xattrs = rootfs.getxattrs(entry.path)
+                obj.linkname = rootfs.readlink(path)
+            xattrs = rootfs.getxattrs(path)
             if xattrs:
                 obj.xattrs = tuple(sorted((k, v) for k, v in xattrs.items() if not drop_matcher.fullmatch(k)))
-            objects[entry.path] = obj
+        if stat.S_ISREG(mode):
+            if have:
+                digests[path] = have
+            algos = trusted_needs if obj is old and trusted_needs is not None else algos_for(path)
+            if algos and not (have and all(a in have for a in algos)):
+                hasher.add(obj, algos)
+        return obj
+
+    def enter(path: str, st: os.stat_result, old: FsObject | None, subdirs: list) -> None:
+        if one_file_system and st.st_dev != rootfs.dev:
+            skipped.append((path, "mount point: contents on another filesystem not included"))
+        else:
+            subdirs.append((path, st, old.st if old is not None else None))
+
+    root_st = rootfs.stat()
+    is_dir, is_reg = stat.S_ISDIR, stat.S_ISREG
+    try:
+        stack: list[tuple[str, os.stat_result, os.stat_result | None]] = [
+            ("", root_st, kept.root if kept else None)
+        ]
+        while stack:
+            d, st_d, old_st_d = stack.pop()
+            listing = old_listings.get(d)
+            if listing is not None and not (
+                (check is None or d not in check) and (st_d is old_st_d or trusted(old_st_d, st_d))
+            ):
+                listing = None
+            subdirs: list[tuple[str, os.stat_result, os.stat_result | None]] = []
+            if listing is None:
+                # Listed afresh: each entry's new lstat decides whether its kept facts hold.
+                relisted = True
+                names: list[str] = []
+                excluded_names: list[str] = []
+                sockets: list[str] = []
+                for name, st in rootfs.entries(d):
+                    path = f"{d}/{name}" if d else name
+                    if excluded_matcher.fullmatch(path):
+                        excluded.append(path)
+                        excluded_names.append(name)
+                    elif stat.S_ISSOCK(st.st_mode):
+                        skipped.append((path, "socket (tar cannot store sockets)"))
+                        sockets.append(name)
+                    else:
+                        names.append(name)
+                        old = old_objects.get(path)
+                        objects[path] = visit(path, st, old)
+                        if is_dir(st.st_mode):
+                            enter(path, st, old, subdirs)
+                listings[d] = Listing(tuple(names), tuple(excluded_names), tuple(sockets))
+                stack.extend(reversed(subdirs))
+                continue
+            # An unchanged directory has the same entries, each the same inode (a replaced
+            # entry would have changed the directory), so the same excludes. Most entries
+            # are unchanged too: they take the short way (visit's first branch, inlined).
+            listings[d] = listing
+            prefix = f"{d}/" if d else ""
+            excluded.extend(prefix + n for n in listing.excluded)
+            skipped.extend((prefix + n, "socket (tar cannot store sockets)") for n in listing.sockets)
+            for name in listing.objects:
+                path = prefix + name
+                old = old_objects.get(path)
+                if old is not None and check is not None and path not in check:
+                    st = old.st  # the watch says nothing happened to it
+                else:
+                    try:
+                        st = os_lstat(top + path)
+                    except FileNotFoundError:
+                        continue  # gone since the directory was read: not part of the tree
+                ost = old.st if old is not None else None
+                if ost is None or not (st is ost or (ost.st_ctime_ns < racy_ns and same_stamp(ost, st))):
+                    obj = objects[path] = visit(path, st, old)
+                elif is_reg(st.st_mode):
+                    obj = objects[path] = old
+                    have = old_digests.get(path)
+                    if have:
+                        digests[path] = have
+                    needs = trusted_needs if trusted_needs is not None else algos_for(path)
+                    if needs and not (have and all(a in have for a in needs)):
+                        hasher.add(obj, needs)
+                    continue
+                else:
+                    objects[path] = old
+                if is_dir(st.st_mode):
+                    enter(path, st, old, subdirs)
+            stack.extend(reversed(subdirs))
+        if check is not None:
+            # A new name for a file (a hard link) changes the other names' link count
+            # without an event for them.
+            linked = {(o.st.st_dev, o.st.st_ino) for p in changed if (o := objects[p]).st.st_nlink > 1
+                      and not stat.S_ISDIR(o.st.st_mode)}
+            for path, obj in list(objects.items()) if linked else ():
+                if path not in changed and (obj.st.st_dev, obj.st.st_ino) in linked:
+                    with contextlib.suppress(FileNotFoundError):
+                        objects[path] = visit(path, os_lstat(top + path), obj)
     except BaseException:
         hasher.abandon()
         raise
-    digests = hasher.results(progress)
+    with timings.step("hash") if timings else contextlib.nullcontext():
+        hashed = hasher.results(progress)
+    for path, found in hashed.items():
+        digests[path] = {**digests.get(path, {}), **found}
     for path, found in digests.items():
         objects[path].content_hash = found.get(CONTENT_HASH)
-    return Scan(objects, digests, sorted(excluded), sorted(skipped), hasher.started)
+    removed = set(old_objects) - set(objects) if relisted or len(objects) != len(old_objects) else set()
+    return Scan(
+        objects, digests, sorted(excluded), sorted(skipped), hasher.started, listings, root_st, started,
+        changed if kept is not None else None, removed, len(hashed),
+    )
+
+
+def _links_to_check(kept: Scan, check: Collection[str]) -> set[str]:
+    """Paths a change watch cannot vouch for: every name of a file with several links
+    when one of them changed (a write through one name is reported for that name only),
+    and files linked from outside the tree (no event at all)."""
+    names: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for obj in kept.objects.values():
+        if obj.st.st_nlink > 1 and not stat.S_ISDIR(obj.st.st_mode):
+            names[(obj.st.st_dev, obj.st.st_ino)].append(obj.path)
+    out: set[str] = set()
+    for paths in names.values():
+        if len(paths) < kept.objects[paths[0]].st.st_nlink or any(p in check for p in paths):
+            out.update(paths)
+    return out
 
 
 def _hash_chunk(rootfs: Rootfs, chunk: list[tuple[FsObject, tuple[str, ...]]]) -> list[dict[str, str]]:
@@ -120,15 +298,15 @@ def _hash_chunk(rootfs: Rootfs, chunk: list[tuple[FsObject, tuple[str, ...]]]) -
             try:
                 fd, st = opener.open_fd(obj.path)
             except FileNotFoundError:
-                raise RootfsError(f"/{obj.path} disappeared while being read") from None
+                raise TreeChangedError(f"/{obj.path} disappeared while being read") from None
             try:
                 if (st.st_ino, st.st_size) != (obj.st.st_ino, obj.st.st_size):
-                    raise RootfsError(f"/{obj.path} changed while being read")
+                    raise TreeChangedError(f"/{obj.path} changed while being read")
                 remaining = st.st_size
                 while remaining:
                     n = os.readv(fd, [buf[: min(remaining, _READ_CHUNK)]])
                     if not n:
-                        raise RootfsError(f"/{obj.path} shrank while being read")
+                        raise TreeChangedError(f"/{obj.path} shrank while being read")
                     remaining -= n
                     for h in hashers:
                         h.update(buf[:n])
@@ -147,8 +325,9 @@ class _Hasher:
 
     _CHUNK = 128
 
-    def __init__(self, rootfs: Rootfs, cache: HashCache, jobs: int):
+    def __init__(self, rootfs: Rootfs, cache: HashCache, jobs: int, timings: Timings | None = None):
         self.rootfs = rootfs
+        self.timings = timings
         self.cache = cache
         self.pool = ThreadPoolExecutor(max_workers=max(1, jobs))
         self.pending: list[tuple[FsObject, tuple[str, ...]]] = []
@@ -167,7 +346,11 @@ class _Hasher:
 
     def _submit(self) -> None:
         chunk, self.pending = self.pending, []
-        self.running.append((chunk, self.pool.submit(_hash_chunk, self.rootfs, chunk)))
+        self.running.append((chunk, self.pool.submit(self._hash, chunk)))
+
+    def _hash(self, chunk: list[tuple[FsObject, tuple[str, ...]]]) -> list[dict[str, str]]:
+        with working_for(self.timings), charge("hash"):
+            return _hash_chunk(self.rootfs, chunk)
 
     def abandon(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from .compress import compressor
 from .digests import CONTENT_HASH, new_hasher
-from .errors import RootfsError
+from .errors import RootfsError, TreeChangedError
 from .rootfs import FileOpener, Rootfs
 from .scan import FsObject
+from .timings import charge
 from .zstd_chunked import ChunkedEncoder
 
 # Bump whenever the bytes written for the same members change: it is part of every
@@ -232,7 +233,8 @@ class _Compressor:
         self._push(data)
 
     def _push(self, data) -> None:
-        self.tar_hash.update(data)
+        with charge("hash"):
+            self.tar_hash.update(data)
         self.tar_size += len(data)
         self._c.write(data)
 
@@ -310,23 +312,25 @@ def _copy_file(opener: FileOpener, m: Member, c: _Compressor | ChunkedEncoder, b
     try:
         fd, st = opener.open_fd(obj.path)
     except FileNotFoundError:
-        raise RootfsError(f"/{obj.path} disappeared during the build; nothing was written, rerun") from None
+        raise TreeChangedError(f"/{obj.path} disappeared during the build; nothing was written, rerun") from None
     hasher = None if m.content_hash else new_hasher(CONTENT_HASH)
     try:
         seen = obj.st
         if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
             seen.st_ino, seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns
         ):
-            raise RootfsError(f"/{obj.path} changed during the build; nothing was written, rerun")
+            raise TreeChangedError(f"/{obj.path} changed during the build; nothing was written, rerun")
         remaining = m.size
         while remaining:
-            n = os.readv(fd, [buf[: min(len(buf), remaining)]])
+            with charge("read"):
+                n = os.readv(fd, [buf[: min(len(buf), remaining)]])
             if not n:
-                raise RootfsError(f"/{obj.path} shrank during the build; nothing was written, rerun")
+                raise TreeChangedError(f"/{obj.path} shrank during the build; nothing was written, rerun")
             remaining -= n
             chunk = buf[:n]
             if hasher is not None:
-                hasher.update(chunk)
+                with charge("hash"):
+                    hasher.update(chunk)
             c.write_data(chunk)
     finally:
         os.close(fd)

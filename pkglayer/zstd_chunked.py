@@ -64,6 +64,7 @@ import anycrc
 import zstandard
 
 from .errors import PkglayerError, RootfsError
+from .timings import charge
 
 if TYPE_CHECKING:
     from .tarwriter import Member
@@ -312,11 +313,15 @@ class ChunkedEncoder:
     def _compress(self, data) -> None:
         if self._frame is None:
             self._frame = self._cctx.compressobj()
-        self._emit(self._frame.compress(data))
+        with charge("compress"):
+            out = self._frame.compress(data)
+        self._emit(out)
 
     def _end_frame(self) -> None:
         if self._frame is not None:
-            self._emit(self._frame.flush())
+            with charge("compress"):
+                out = self._frame.flush()
+            self._emit(out)
             self._frame = None
 
     def _emit(self, data: bytes) -> None:

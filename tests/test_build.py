@@ -166,6 +166,22 @@ def test_rebuild_into_the_same_oci_layout_reuses_its_blobs(deb_rootfs: Path, tmp
     assert blob.stat().st_ino == inode  # not rewritten
 
 
+def test_json_and_progress_say_where_the_time_went(deb_rootfs: Path, tmp_path: Path) -> None:
+    layers = tmp_path / "layers"
+    first = build_json(deb_rootfs, "--layers", str(layers), "--no-hash-cache")
+    steps, cpu = first["timings"]["steps"], first["timings"]["cpu"]
+    assert list(steps) == ["database", "scan", "hash", "ownership", "plan", "keys", "reuse", "write"]
+    assert list(cpu) == ["hash", "compress", "read", "write"]
+    assert all(v > 0 for v in (steps["database"], steps["scan"], steps["write"], *cpu.values())), first["timings"]
+    assert sum(steps.values()) <= first["seconds"] + 0.01
+    promote_outputs(layers)
+    again = pkglayer("build", deb_rootfs, "--layers", layers)  # not quiet: the summary says it too
+    line = next(x for x in again.stdout.splitlines() if x.startswith("time (s): "))
+    assert "scan " in line and "compress" not in line  # nothing was compressed
+    rebuilt = build_json(deb_rootfs, "--layers", str(layers))
+    assert rebuilt["written"] == 0 and rebuilt["timings"]["cpu"]["compress"] == 0
+
+
 def test_in_place_edit_with_same_size_and_mtime_changes_the_key(deb_rootfs: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     copy_tree(deb_rootfs, root)

@@ -6,11 +6,14 @@ watches what it does through its control API; nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,6 +167,22 @@ def _close_the_burst(root: Path) -> tuple[set[str], set[str]]:
     return deletions, closing
 
 
+@contextlib.contextmanager
+def _frontend_lock(root: Path) -> Iterator[None]:
+    """Hold dpkg's frontend lock, as apt does for a whole transaction."""
+    fd = os.open(root / "var/lib/dpkg/lock-frontend", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _dpkg_under_frontend(root: Path, *debs: Path) -> None:
+    factory.run(["dpkg", f"--root={root}", "--force-unsafe-io", "-i", *debs],
+                env={**os.environ, "DPKG_FRONTEND_LOCKED": "1"})
+
+
 def test_a_burst_of_database_writes_is_rescanned_once(
     tmp_path: Path, deb_base: Path, deb_rootfs: Path, extra_debs: list[Path], daemons
 ) -> None:
@@ -172,11 +191,15 @@ def test_a_burst_of_database_writes_is_rescanned_once(
     d.wait_settled("deb", rescans=0)
     events_before = d.root("deb")["events"]
     archives = deb_rootfs / "var/cache/apt/archives"
-    # One dpkg transaction: two new packages and ten reinstalled ones.
+    # One dpkg transaction: two new packages and ten reinstalled ones, run the way apt
+    # runs dpkg, under the frontend lock, which is let go only once the daemon has seen
+    # the markers (the daemon settles a root as soon as the lock is let go).
     again = sorted(archives.glob("lib[a-m]*.deb"))[:10]
-    dpkg_install(root, *again, *extra_debs)
-    deletions, closing = _close_the_burst(root)
-    wait_until(lambda: all(f"root deb: {m}" in d.log() for m in deletions), 60, "the daemon to see the markers")
+    with _frontend_lock(root):
+        _dpkg_under_frontend(root, *again, *extra_debs)
+        deletions, closing = _close_the_burst(root)
+        wait_until(lambda: all(f"root deb: {m}" in d.log() for m in deletions), 60, "the daemon to see the markers")
+    closing.add(f"closed {root}/var/lib/dpkg/lock-frontend")
     # Every event of the burst has been seen; settled after that means the debounce timer
     # expired, the rescan and its prebuild finished and nothing is armed: no second
     # rescan can follow.
@@ -188,9 +211,11 @@ def test_a_burst_of_database_writes_is_rescanned_once(
     assert final["packages"] == 90
 
     # A second burst later is a second rescan.
-    dpkg_install(root, *again[:3])
-    deletions, closing = _close_the_burst(root)
-    wait_until(lambda: all(d.log().count(f"root deb: {m}") == 2 for m in deletions), 60, "the second markers")
+    with _frontend_lock(root):
+        _dpkg_under_frontend(root, *again[:3])
+        deletions, closing = _close_the_burst(root)
+        wait_until(lambda: all(d.log().count(f"root deb: {m}") == 2 for m in deletions), 60, "the second markers")
+    closing.add(f"closed {root}/var/lib/dpkg/lock-frontend")
     final = d.wait_settled("deb", rescans=2)
     assert final["rescans"] == 2 and final["lastEvent"] in closing, final
     assert d.stop() == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import gc
 import itertools
 import json
@@ -30,13 +31,14 @@ from typing import Any
 import aiofiles
 
 from .. import __version__
-from ..errors import HistoryError, PkglayerError
+from ..errors import HistoryError, PkglayerError, TreeChangedError
 from ..fsutil import read_regular, write_file_atomic
 from ..history import History, dumps_history, parse_history
 from ..layout import parse_layout_ref
 from ..rootfs import Rootfs
 from ..sources import open_source
 from .cache import LayerCache
+from .changes import WatchedScans
 from .config import DaemonConfig, RootConfig, load_daemon_config
 from .notify import Notifier, watchdog_interval
 from .watch import Watcher, transaction_running, watch_targets
@@ -48,6 +50,9 @@ _MAX_RECORD_BYTES = 64 << 20
 # Reading and checking the configuration takes milliseconds; a file system that hangs
 # must not take the reload (or anything else) with it.
 RELOAD_TIMEOUT = 10.0
+# After a package manager closes its lock file: long enough for the last writes of its
+# exit to be queued behind it.
+RELEASE_DELAY = 0.05
 # States in which a root has nothing pending: what it shows is what its tree holds now.
 SETTLED = ("ready", "idle", "error", "missing")
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -188,11 +193,19 @@ class RootState:
     dirty: bool = False  # rescan wanted
     prebuild_wanted: bool = False
     timer: asyncio.TimerHandle | None = None
+    released: bool = False  # the pending timer follows a lock file's close (RELEASE_DELAY)
     queue: collections.deque[BuildJob] = field(default_factory=collections.deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task[None] | None = None
     removed: bool = False
     started: bool = False  # its initial inspection is done and its first work is due
+    # the last scan and a watch of what changed since (made by the first build)
+    scans: WatchedScans | None = None
+
+    def drop_scans(self) -> None:
+        if self.scans is not None:
+            self.scans.close()
+            self.scans = None
 
     @property
     def name(self) -> str:
@@ -384,6 +397,8 @@ class Daemon:
                 if not job.done.is_set():
                     self._finish(job, "cancelled", error="the daemon stopped during the build")
         await self.api.stop()
+        for state in self.roots.values():
+            state.drop_scans()
         if not abandoned:
             self._pool.shutdown(wait=True)
             self._reload_pool.shutdown(wait=True)
@@ -565,6 +580,7 @@ class Daemon:
             return
         log.info("root %s: removed from the configuration", name)
         state.removed = True
+        state.drop_scans()
         if state.timer:
             state.timer.cancel()
         for job in state.queue:
@@ -600,6 +616,8 @@ class Daemon:
         elif state.error and not found.error:
             log.info("root %s: error cleared", state.name)
         state.exists = found.exists
+        if not found.exists:
+            state.drop_scans()
         state.error = found.error
         state.format = found.format
         state.db_paths = found.db_paths
@@ -608,15 +626,24 @@ class Daemon:
         elif not found.exists:
             state.packages = {}
 
-    def _on_event(self, name: str, description: str) -> None:
-        """A watched directory changed (called on the loop from watchdog's thread)."""
+    def _on_event(self, name: str, description: str, released: bool = False) -> None:
+        """A watched directory changed (called on the loop from watchdog's thread). A
+        lock file closed (`released`) may end the transaction: it is checked for at once
+        (`_settled` waits a debounce more if the lock is still held)."""
         state = self.roots.get(name)
         if state is None or self.stopping:
             return
         state.events += 1
         state.last_event = description
         log.debug("root %s: %s", name, description)
-        self._arm(state, state.config.debounce)
+        if released and state.timer is None:
+            # A lock let go with nothing pending: its transaction's writes made events of
+            # their own, and were settled already (or it wrote nothing).
+            return
+        # The last writes of an exiting package manager come right after its lock's close
+        # (dpkg's triggers/Lock): they keep the short delay.
+        state.released = released or (state.released and state.timer is not None)
+        self._arm(state, RELEASE_DELAY if state.released else state.config.debounce)
 
     def _arm(self, state: RootState, delay: float) -> None:
         assert self._loop is not None
@@ -627,6 +654,7 @@ class Daemon:
     def _settled(self, state: RootState) -> None:
         """No event for `debounce` seconds: rescan, unless a transaction still holds its lock."""
         state.timer = None
+        state.released = False
         if state.removed or self.stopping:
             return
         busy = transaction_running(state.config.path, state.db_paths) if state.exists else None
@@ -728,7 +756,6 @@ class Daemon:
                     if daemon.stopping:
                         raise Cancelled("the daemon is stopping")
 
-                gc.collect()
                 with cache.session():
                     # A prebuild reads the outputs' prior plan and blobs too (without
                     # writing them), so it plans and caches the layers the real build will want.
@@ -736,7 +763,10 @@ class Daemon:
                     outputs = Outputs(layout=_layout_of(cfg.output), layers_dir=cfg.layers)
                     prior = resolve_prior(outputs.prior_request(state.plan, read_outputs=prebuild, cache=cache))
                     blobs = cache.blobs if prebuild else outputs.new_blobs()
-                    result = build(cfg.path, settings, prior, blobs, progress=progress)
+                    if state.scans is None or state.scans.root != cfg.path:
+                        state.drop_scans()
+                        state.scans = WatchedScans(cfg.path)
+                    result = build(cfg.path, settings, prior, blobs, progress=progress, scans=state.scans)
                     if prebuild:
                         return result, None
                     report = write_outputs(ImageContent.of_build(result, prior), outputs, ImageOptions(),
@@ -757,6 +787,12 @@ class Daemon:
                 self._finish(job, "failed", error=message)
                 if job.kind == "prebuild":
                     state.last_prebuild = {"ok": False, "error": message, "finished": time.time()}
+                if isinstance(e, TreeChangedError) and not (self.stopping or state.removed):
+                    # Still being written (a copy in progress, say): a debounce later,
+                    # rescanned and prebuilt again.
+                    log.info("root %s: the tree changed while it was read; trying again in %g s",
+                             cfg.name, cfg.debounce)
+                    self._arm(state, cfg.debounce)
                 return
             finally:
                 state.progress = None
@@ -784,7 +820,44 @@ class Daemon:
                 cfg.name, job.kind, job.id, len(result.layers), result.written, result.from_cache, elapsed,
             )
         await self._run("evicting from the layer cache", None, cache.evict)
+        await self._run("releasing freed memory", None, release_free_memory)
         self._status(self._status_line())
+
+
+# glibc's mallopt parameter for the number of malloc arenas.
+_M_ARENA_MAX = -8
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _limit_malloc_arenas() -> None:
+    """Two malloc arenas (glibc; before any thread starts): otherwise each build thread
+    gets an arena of its own, up to 8 per core, and what the builds free stays in them,
+    in the daemon's resident memory."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 2)
+
+
+def release_free_memory() -> None:
+    """Collect what a build left in reference cycles and give what it freed back to the
+    system (glibc keeps it otherwise): the daemon holds the last scan of every root, and
+    the next build's peak comes on top. After the build, not before: a full collection
+    walks every root's scan (a quarter of a second with three large roots). What
+    survives is then frozen (gc.freeze), so that the collections a build triggers walk
+    only what it made; the next call looks at all of it again."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def run_daemon(config_path: str) -> int:
@@ -793,5 +866,6 @@ def run_daemon(config_path: str) -> int:
     setup_logging(config.log_level)
     # The CLI turns the cyclic GC off for build speed; a long-running process needs it.
     gc.enable()
+    _limit_malloc_arenas()
     log.info("pkglayer %s daemon starting, config %s", __version__, config.path)
     return asyncio.run(Daemon(config).run())

@@ -73,6 +73,9 @@ _WATCHED_EVENTS = [
 # Lock files package managers hold (fcntl) for a whole transaction, relative to the root.
 _DPKG_LOCKS = (f"{ADMINDIR}/lock-frontend", f"{ADMINDIR}/lock")
 _RPM_LOCK = ".rpm.lock"
+# Their names: a package manager closes them when it lets go (an fcntl unlock itself makes
+# no event), so the transaction may be over at once rather than a debounce later.
+LOCK_NAMES = frozenset({*(os.path.basename(p) for p in _DPKG_LOCKS), _RPM_LOCK})
 
 
 @dataclass(frozen=True)
@@ -184,14 +187,19 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, _IGNORED_EVENTS):
             return
+        if isinstance(event, DirModifiedEvent) and os.fsdecode(event.src_path) == self.directory:
+            # watchdog's echo of an event about one of its entries, reported on its own:
+            # after a lock file's close it would put the debounce back.
+            return
         self.watcher._dispatch(self.directory, event)
 
 
 class Watcher:
-    """One watchdog observer for all roots. `callback(root, description)` runs on the
-    event loop (via call_soon_threadsafe) for every relevant event."""
+    """One watchdog observer for all roots. `callback(root, description, released)` runs
+    on the event loop (via call_soon_threadsafe) for every relevant event; `released`
+    when it is a package manager's lock file being closed."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[str, str], None]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[str, str, bool], None]):
         self.loop = loop
         self.callback = callback
         self.observer = Observer()
@@ -257,11 +265,12 @@ class Watcher:
         names = {os.path.basename(p) for p in paths if os.path.dirname(p) == directory}
         with self._lock:
             interests = list(self._interest.get(directory, ()))
+        released = isinstance(event, FileClosedEvent) and os.path.basename(paths[-1]) in LOCK_NAMES
         for interest in interests:
             if interest.only is not None and interest.only not in names:
                 continue
             description = f"{event.event_type} {paths[-1]}"
             try:
-                self.loop.call_soon_threadsafe(self.callback, interest.root, description)
+                self.loop.call_soon_threadsafe(self.callback, interest.root, description, released)
             except RuntimeError:
                 return  # the loop is closed: shutting down

@@ -13,12 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 import zlib
 from collections import Counter
-from email.utils import parsedate_to_datetime
-
-from debian.changelog import Changelog
-from debian.deb822 import Packages
+from typing import Any
 
 from ..errors import DatabaseError, RootfsError
 from ..rootfs import Rootfs
@@ -49,6 +47,16 @@ _PARAGRAPH_START = re.compile(rb"(?:\A|^[ \t]*\n)(?=\S)", re.M)
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
 
+# The packages of the last read of each root (the last _MAX_ROOTS_KNOWN roots), by
+# their status entry and the stamps of the files read for them (see
+# DpkgSource.packages): the daemon re-reads a database after every transaction, which
+# changes a few packages of hundreds. Files changed this recently may change again
+# unseen (a coarse clock): their packages are not remembered.
+_PACKAGES: dict[str, dict[tuple[Any, ...], Package]] = {}
+_MAX_ROOTS_KNOWN = 16
+_RACY_SECONDS = 2
+
+
 def _recent_entry_times(packed: bytes) -> list[int]:
     """Entry times from a gzipped changelog: parse 8 entries, then 40, then up to
     MAX_CHANGELOG_ENTRIES, while the oldest parsed is within CHANGELOG_SPAN of the newest."""
@@ -68,6 +76,12 @@ def _recent_entry_times(packed: bytes) -> list[int]:
 
 
 def _entry_times(text: bytes, max_blocks: int) -> list[int]:
+    # Imported here (and deb822 below): a rebuild that finds the database unchanged
+    # never needs them.
+    from email.utils import parsedate_to_datetime
+
+    from debian.changelog import Changelog
+
     times = []
     for block in Changelog(text.decode("utf-8", "replace"), max_blocks=max_blocks, strict=False):
         try:
@@ -114,8 +128,35 @@ class DpkgSource(PackageSource):
         installed = self._status()
         diversions = self._diversions()
         info = set(self.rootfs.listdir(INFO))
-        pkgs = [self._package(para, info, diversions) for para in installed]
+        diverted = hashlib.sha256(repr(sorted(diversions.items())).encode("utf-8", "surrogateescape")).digest()
+        racy_ns = (time.time() - _RACY_SECONDS) * 1e9
+        known = _PACKAGES.pop(self.rootfs.path, {})
+        remembered: dict[tuple[Any, ...], Package] = {}
+        pkgs = []
+        for para in installed:
+            # A package whose status entry and files read are what they were when it was
+            # last read is that package again (the daemon reads the database after every
+            # transaction, which changes a few packages of hundreds).
+            stamps = tuple(self.rootfs.stamp(f"{INFO}/{n}") for n in self._info_names(para, info))
+            docs = tuple(self.rootfs.stamp(d) for d in self._changelog_names(para["Package"], para["Architecture"]))
+            key = (tuple(sorted(para.items())), diverted, stamps, docs)
+            pkg = known.get(key)
+            if pkg is None:
+                pkg = self._package(para, info, diversions)
+            if all(s is None or s[5] < racy_ns for s in (*stamps, *docs)):
+                remembered[key] = pkg
+            pkgs.append(pkg)
+        _PACKAGES[self.rootfs.path] = remembered
+        while len(_PACKAGES) > _MAX_ROOTS_KNOWN:
+            del _PACKAGES[next(iter(_PACKAGES))]
         return sorted(pkgs, key=lambda p: p.key)
+
+    @staticmethod
+    def _info_names(para: dict[str, str], info: set[str]) -> tuple[str, ...]:
+        """The files of info/ that `_package` reads for the package."""
+        name, arch = para["Package"], para["Architecture"]
+        base = f"{name}:{arch}" if f"{name}:{arch}.list" in info else name
+        return tuple(f"{base}.{x}" for x in ("list", "md5sums") if f"{base}.{x}" in info)
 
     # -- status ------------------------------------------------------------------------
 
@@ -126,6 +167,8 @@ class DpkgSource(PackageSource):
         return self._installed
 
     def _parse_status(self) -> list[dict[str, str]]:
+        from debian.deb822 import Packages
+
         try:
             data = self.rootfs.read_bytes(STATUS)
         except (OSError, RootfsError) as e:
@@ -220,11 +263,7 @@ class DpkgSource(PackageSource):
         few entries are parsed first, and the rest only while they are still recent: a
         full parse of every changelog was a third of a warm rebuild."""
         times: set[int] = set()
-        # Native packages (apt, dpkg, adduser...) keep their Debian changelog as changelog.gz.
-        names = ("changelog.Debian.gz", f"changelog.Debian.{arch}.gz")
-        if not self.rootfs.exists(f"{DOC}/{name}/{names[0]}"):
-            names = ("changelog.gz",)
-        for doc in (f"{DOC}/{name}/{n}" for n in names):
+        for doc in self._changelog_names(name, arch):
             try:
                 packed = self.rootfs.read_bytes(doc, max_size=_MAX_CHANGELOG_GZ)
                 key = (doc.rsplit("/", 1)[1], hashlib.sha256(packed).digest())
@@ -238,6 +277,13 @@ class DpkgSource(PackageSource):
                 continue
             times.update(found)
         return tuple(sorted(times, reverse=True)[:MAX_CHANGELOG_ENTRIES])
+
+    def _changelog_names(self, name: str, arch: str) -> list[str]:
+        # Native packages (apt, dpkg, adduser...) keep their Debian changelog as changelog.gz.
+        names = ("changelog.Debian.gz", f"changelog.Debian.{arch}.gz")
+        if not self.rootfs.exists(f"{DOC}/{name}/{names[0]}"):
+            names = ("changelog.gz",)
+        return [f"{DOC}/{name}/{n}" for n in names]
 
     def _read_info(self, name: str) -> str:
         try:

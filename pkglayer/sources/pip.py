@@ -43,10 +43,6 @@ import re
 import stat
 from dataclasses import dataclass
 
-from packaging.metadata import parse_email
-from packaging.utils import canonicalize_name
-from packaging.version import InvalidVersion, Version
-
 from ..errors import RootfsError
 from ..rootfs import Rootfs
 from .base import FileRecord, Package, PackageSource
@@ -212,6 +208,11 @@ class PipSource(PackageSource):
 
     def _identity(self, where: str) -> tuple[str, str | None, str] | None:
         """(Package name, PEP 440 epoch or None, version) from METADATA."""
+        # Imported here: a rebuild that finds the databases unchanged never needs them.
+        from packaging.metadata import parse_email
+        from packaging.utils import canonicalize_name
+        from packaging.version import InvalidVersion, Version
+
         data = self._read(f"{where}/METADATA", _MAX_METADATA)
         if data is None:
             return None

@@ -1,0 +1,545 @@
+"""The last scan of a root, kept so that the next build reads only what changed.
+
+Before a build writes anything it needs every object of the tree (lstat, link target,
+xattrs, digests), what the package databases say, the home the rules give each object,
+and each layer's members and content key. All of it is a function of the tree, so all of
+it is kept with what it was made from, and reused while that is unchanged:
+
+- an object's facts and a directory's listing while its lstat is the same (scan.walk:
+  git's index rule, with its racy window);
+- the databases while every path they were read from finds the same as then (each file
+  read, each directory listed, each component of each path looked up, what was absent:
+  rootfs.unchanged);
+- the homes while neither the objects nor the databases changed;
+- a layer's key while it holds the same homes and none of them changed (its members are
+  made again when it must be written: keeping them cost more memory than making them).
+
+The CLI keeps one per root on disk (`DiskScans`: beside the digest cache, per user,
+bounded in number and size; a file that cannot be read is ignored); the daemon keeps them
+in memory and knows from a file-change watch which paths may have changed
+(daemon/changes.py). Nothing is kept with `--no-hash-cache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import marshal
+import os
+import secrets
+import stat
+import struct
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from . import __version__
+from .config import BuildSettings
+from .digests import CONTENT_HASH
+from .hashcache import HashCache
+from .ownership import HOME_UNOWNED, Databases, Ownership, claim_homes, read_databases
+from .plan import PlannedLayer
+from .rootfs import Noted, Rootfs, unchanged
+from .scan import RACY_SECONDS, FsObject, Listing, Progress, Scan, walk
+from .sources import FileRecord, Package, open_source
+from .tarwriter import Member, content_key, layer_members
+from .timings import Timings
+
+log = logging.getLogger(__name__)
+
+# Bump when what is kept, or what the rules make of it, changes meaning.
+KEPT_FORMAT = 1
+_MAGIC = b"pkglayer-kept-scan\n"
+# Disk store bounds: scans of this many roots (the least recently used go), each at most
+# this big (a tree of about a million objects).
+MAX_KEPT_ROOTS = 8
+MAX_KEPT_BYTES = 256 << 20
+
+
+def fingerprint(settings: BuildSettings) -> str:
+    """What the kept facts depend on besides the tree: a scan kept under other settings
+    is not used."""
+    parts = (
+        f"kept-{KEPT_FORMAT}", __version__, settings.all_excludes, settings.drop_xattrs, settings.one_file_system,
+        settings.package_format, settings.compare_mtimes, settings.components, settings.big_file_size,
+    )
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+@dataclass
+class KeptLayer:
+    homes: tuple[str, ...]
+    dir_mtime: int
+    with_root: bool
+    key: str
+    files: int
+
+
+@dataclass
+class KeptScan:
+    fingerprint: str
+    root: str
+    scan: Scan
+    databases: Databases
+    trace: dict[str, Noted] | None  # what the databases were read from; None: read them again
+    ownership: Ownership
+    layers: dict[str, KeptLayer] = field(default_factory=dict)
+    # homes whose objects changed since the scan before; None: any may have
+    dirty_homes: set[str] | None = None
+    # whether anything differs from the kept scan this one was made from (else a disk
+    # store need not write it again)
+    fresh: bool = True
+
+    def took(self, hashes: Mapping[str, str], content_hash: str) -> None:
+        """Content hashes taken while writing layers (of files as this scan saw them)."""
+        digests = self.scan.digests
+        self.fresh = self.fresh or bool(hashes)
+        for path, value in hashes.items():
+            digests[path] = {**digests.get(path, {}), content_hash: value}
+            self.scan.objects[path].content_hash = value
+
+
+class KeptScans(Protocol):
+    """Where builds keep their scans (`DiskScans`; the daemon's in memory)."""
+
+    def take(self, root: str, fingerprint: str) -> tuple[KeptScan | None, Collection[str] | None]:
+        """The kept scan of `root`, and the only paths that may have changed since
+        (None: any may have)."""
+
+    def keep(self, kept: KeptScan) -> None:
+        """The scan of a build that succeeded, for the next one."""
+
+
+def scan_kept(
+    rootfs: Rootfs,
+    settings: BuildSettings,
+    kept: KeptScan | None,
+    check: Collection[str] | None = None,
+    hash_content: bool = False,
+    cache: HashCache | None = None,
+    progress: Progress | None = None,
+    timings: Timings | None = None,
+) -> KeptScan:
+    """Databases, scan and homes of the tree, reusing what `kept` (an earlier scan of
+    the tree, with the paths that may have changed since: `check`) says still holds."""
+    timings = timings or Timings()
+    fp = fingerprint(settings)
+    if kept is not None and (kept.fingerprint != fp or kept.root != rootfs.path):
+        kept = None
+    with timings.step("database"):
+        if kept is not None and kept.trace is not None and unchanged(rootfs.path, kept.trace):
+            databases, trace = kept.databases, kept.trace
+        else:
+            databases, trace = _read_databases(rootfs.path, settings.package_format)
+    started = time.perf_counter()
+    same_databases = kept is not None and databases is kept.databases
+    scan = walk(
+        rootfs, databases.algos_for(hash_content), settings.all_excludes, settings.drop_xattrs,
+        settings.one_file_system, settings.jobs, cache, progress, kept.scan if kept else None, check, timings,
+        trusted_needs=((CONTENT_HASH,) if hash_content else ()) if same_databases else None,
+    )
+    timings.steps["scan"] = time.perf_counter() - started - timings.steps.get("hash", 0.0)
+    with timings.step("ownership"):
+        old = kept.scan if kept else None
+        if (
+            kept is not None and old is not None and same_databases and not scan.changed
+            and not scan.removed and scan.excluded == old.excluded and scan.skipped == old.skipped
+        ):
+            # Every object is the kept one: so are their homes.
+            ownership = replace(kept.ownership, objects=scan.objects)
+            dirty: set[str] | None = set()
+            fresh = trace is not kept.trace or scan.hashed > 0
+        else:
+            old_homes = {p: o.home for p, o in old.objects.items()} if old is not None else None
+            for obj in scan.objects.values():
+                obj.home = HOME_UNOWNED
+            ownership = claim_homes(
+                scan, databases, settings.compare_mtimes, components=settings.components,
+                big_file_size=settings.big_file_size,
+            )
+            dirty = _dirty_homes(old, old_homes, scan) if old is not None and old_homes is not None else None
+            fresh = True
+    return KeptScan(
+        fp, rootfs.path, scan, databases, trace, ownership, dict(kept.layers) if kept else {}, dirty, fresh
+    )
+
+
+def _read_databases(root: str, package_format: str | None) -> tuple[Databases, dict[str, Noted] | None]:
+    """The databases, read through a Rootfs that notes every path looked up; the notes
+    are kept unless something read changed within the racy window."""
+    started = time.time()
+    with Rootfs(root) as traced:
+        traced.trace = {}
+        databases = read_databases(traced, open_source(traced, package_format))
+        trace = traced.trace
+    racy_ns = (started - RACY_SECONDS) * 1e9
+    if any(n is not None and n[0] == "f" and n[6] >= racy_ns for n in trace.values()):
+        return databases, None
+    return databases, trace
+
+
+def _dir_attributes(obj: FsObject) -> tuple[Any, ...]:
+    # What a directory contributes to the layers below it (its mtime is normalised).
+    st = obj.st
+    return (st.st_mode, st.st_uid, st.st_gid, obj.xattrs)
+
+
+def _dirty_homes(old: Scan, old_homes: dict[str, str], scan: Scan) -> set[str] | None:
+    """The homes whose layers may differ from the kept scan's: those of every object
+    changed, added or removed, and both homes of an object that moved; None (all) when a
+    directory's attributes changed, as every layer below it repeats them."""
+    dirty: set[str] = set()
+    for path in (scan.changed or set()) | scan.removed:
+        was = old_homes.get(path)
+        if was is not None:
+            dirty.add(was)
+        obj = scan.objects.get(path)
+        if obj is None:
+            continue
+        dirty.add(obj.home)
+        before = old.objects.get(path)
+        if before is not None and stat.S_ISDIR(obj.st.st_mode) and (
+            not stat.S_ISDIR(before.st.st_mode) or _dir_attributes(before) != _dir_attributes(obj)
+        ):
+            return None
+    for path, obj in scan.objects.items():
+        was = old_homes.get(path)
+        if was is not None and was != obj.home:
+            dirty.update((was, obj.home))
+    return dirty
+
+
+class LayerContents:
+    """Each planned layer's content key and members: kept ones while the layer holds the
+    same homes and none of them changed, the others made (members only when asked for:
+    a reused layer needs its key alone)."""
+
+    def __init__(self, kept: KeptScan, planned: list[PlannedLayer], dir_mtime: int, with_root: bool = False):
+        self.kept = kept
+        self.dir_mtime = dir_mtime
+        self.with_root = with_root
+        self.planned = {layer.name: layer for layer in planned}
+        self._members: dict[str, list[Member]] = {}
+        self.keys: dict[str, str | None] = {}
+        self.known: dict[str, KeptLayer] = {}
+        dirty = kept.dirty_homes
+        for layer in planned:
+            was = kept.layers.get(layer.name)
+            if (
+                dirty is not None and was is not None and was.homes == layer.homes and was.dir_mtime == dir_mtime
+                and was.with_root == with_root and not dirty.intersection(layer.homes)
+            ):
+                self.known[layer.name] = was
+                self.keys[layer.name] = was.key
+            else:
+                self.keys[layer.name] = content_key(self.members(layer.name))
+
+    def members(self, name: str) -> list[Member]:
+        found = self._members.get(name)
+        if found is None:
+            own = self.kept.ownership
+            layer = self.planned[name]
+            found = self._members[name] = layer_members(
+                (o for h in layer.homes for o in own.homes.get(h, ())), own.objects, self.dir_mtime, self.with_root
+            )
+        return found
+
+    def files(self, name: str) -> int:
+        known = self.known.get(name)
+        return known.files if known is not None else len(self.members(name))
+
+    def remember(self, keys: Mapping[str, str | None]) -> None:
+        """Keep each layer's key (`keys`: those known after writing) for the next build."""
+        kept: dict[str, KeptLayer] = {}
+        for name, layer in self.planned.items():
+            key = keys.get(name) or self.keys.get(name)
+            if key is not None:
+                kept[name] = KeptLayer(
+                    layer.homes, self.dir_mtime, self.with_root, key, self.files(name)
+                )
+        if _shape(kept) != _shape(self.kept.layers):
+            self.kept.fresh = True
+        self.kept.layers = kept
+        self.kept.dirty_homes = set()
+
+
+def _shape(layers: dict[str, KeptLayer]) -> dict[str, tuple[Any, ...]]:
+    return {n: (x.homes, x.dir_mtime, x.with_root, x.key, x.files) for n, x in layers.items()}
+
+
+# -- on disk ---------------------------------------------------------------------------
+
+
+class NoScans:
+    """Keeps nothing (`--no-hash-cache`)."""
+
+    def take(self, root: str, fingerprint: str) -> tuple[KeptScan | None, Collection[str] | None]:
+        return None, None
+
+    def keep(self, kept: KeptScan) -> None:
+        pass
+
+
+class DiskScans:
+    """One file per root and settings in `directory` (mode 0700, the user's own), the
+    MAX_KEPT_ROOTS used last. A file is a header, the sha256 of the rest, and the rest
+    in `marshal` format (plain data only: no code is ever loaded). Anything wrong with
+    it, including another version's format, makes it ignored: the build then reads the
+    whole tree, as without one."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    @staticmethod
+    def for_settings(settings: BuildSettings) -> DiskScans | NoScans:
+        path = settings.hash_cache_path
+        return DiskScans(os.path.join(os.path.dirname(path), "scans")) if path else NoScans()
+
+    def _path(self, root: str, fp: str) -> str:
+        name = hashlib.sha256(f"{root}\0{fp}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return os.path.join(self.directory, f"{name}.scan")
+
+    def take(self, root: str, fingerprint: str) -> tuple[KeptScan | None, Collection[str] | None]:
+        path = self._path(root, fingerprint)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_KEPT_BYTES + 1)
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            log.warning("ignoring the kept scan %s: %s", path, e.strerror)
+            return None, None
+        try:
+            kept = decode(data)
+        except Exception as e:  # noqa: BLE001 - any damage at all: read the tree instead
+            log.warning("ignoring the kept scan %s: %s", path, e or type(e).__name__)
+            return None, None
+        if (kept.root, kept.fingerprint) != (root, fingerprint):
+            return None, None
+        return kept, None
+
+    def keep(self, kept: KeptScan) -> None:
+        if not kept.fresh:
+            return  # the file holds this very scan
+        data = encode(kept)
+        if len(data) > MAX_KEPT_BYTES:
+            log.info("not keeping the scan of %s: %d bytes is more than %d", kept.root, len(data), MAX_KEPT_BYTES)
+            return
+        path = self._path(kept.root, kept.fingerprint)
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            # No fsync: a file torn by a crash fails its checksum and is ignored.
+            tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            self._evict(keep=path)
+        except OSError as e:
+            log.warning("could not keep the scan of %s in %s: %s", kept.root, self.directory, e.strerror)
+
+    def _evict(self, keep: str) -> None:
+        found = []
+        for entry in os.scandir(self.directory):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if entry.name.endswith(".tmp") and time.time() - st.st_mtime > 3600:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)  # left by a writer that died
+            elif entry.name.endswith(".scan") and entry.path != keep:
+                found.append((st.st_mtime, entry.path))
+        for _, path in sorted(found, reverse=True)[MAX_KEPT_ROOTS - 1 :]:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+# The field order of each record as stored (a changed dataclass changes these, and the
+# checks in decode refuse files of the other shape).
+_PKG_FIELDS = tuple(f.name for f in dataclasses.fields(Package) if f.name != "files")
+_REC_FIELDS = tuple(f.name for f in dataclasses.fields(FileRecord))
+
+
+# os.stat_result's fields in its own order (the sequence, then the float and nanosecond
+# times, blksize, blocks, rdev): one struct record per object.
+_STAT = struct.Struct("<QQQQqqqqqqdddqqqqqQ")
+
+
+def _stats(objects: Collection[FsObject]) -> bytes:
+    return b"".join(
+        _STAT.pack(*st, st.st_atime, st.st_mtime, st.st_ctime, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                   st.st_blksize, st.st_blocks, st.st_rdev)
+        for st in (o.st for o in objects)
+    )
+
+
+def _package(p: Package) -> tuple[Any, ...]:
+    # Without its file list: the owner maps keep the records that matter.
+    return tuple(getattr(p, f) for f in _PKG_FIELDS)
+
+
+def _unpackage(t: tuple[Any, ...]) -> Package:
+    if len(t) != len(_PKG_FIELDS):
+        raise ValueError("package record of another shape")
+    return Package(**dict(zip(_PKG_FIELDS, t)))
+
+
+def _record(r: FileRecord) -> tuple[Any, ...]:
+    return (r.path, r.digest, r.digest_algo, r.mode, r.linkto, r.mtime, r.config, r.ghost)
+
+
+assert _REC_FIELDS == ("path", "digest", "digest_algo", "mode", "linkto", "mtime", "config", "ghost")
+
+
+class _Owners(Mapping[str, tuple[Package, FileRecord]]):
+    """An owner map as stored, made into records when first used: an unchanged rebuild
+    needs none (scan.walk's `trusted_needs`)."""
+
+    def __init__(self, rows: bytes, packages: list[Package]):
+        self._rows: bytes | None = rows
+        self._packages = packages
+        self._map: dict[str, tuple[Package, FileRecord]] = {}
+
+    def _made(self) -> dict[str, tuple[Package, FileRecord]]:
+        if self._rows is not None:
+            packages = self._packages
+            self._map = {path: (packages[i], FileRecord(*rec)) for path, i, rec in marshal.loads(self._rows)}
+            self._rows = None
+        return self._map
+
+    def __getitem__(self, path: str) -> tuple[Package, FileRecord]:
+        return self._made()[path]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._made())
+
+    def __len__(self) -> int:
+        return len(self._made())
+
+
+def encode(kept: KeptScan) -> bytes:
+    scan, db, own = kept.scan, kept.databases, kept.ownership
+    packages = db.packages
+    pkg_index = {id(p): i for i, p in enumerate(packages)}
+
+    def owner_rows(owners: Mapping[str, tuple[Package, FileRecord]]) -> bytes:
+        # Loaded only when used (see _Owners).
+        return marshal.dumps([(path, pkg_index[id(pkg)], _record(rec)) for path, (pkg, rec) in owners.items()])
+
+    objects = scan.objects.values()
+    data = {
+        "format": KEPT_FORMAT,
+        "version": __version__,
+        "fingerprint": kept.fingerprint,
+        "root": kept.root,
+        "scan": {
+            "paths": list(scan.objects),
+            "stats": _stats(objects),
+            "homes": [o.home for o in objects],
+            "links": {o.path: o.linkname for o in objects if o.linkname is not None},
+            "xattrs": {o.path: o.xattrs for o in objects if o.xattrs},
+            "digests": scan.digests,
+            "listings": {d: (x.objects, x.excluded, x.sockets) for d, x in scan.listings.items()},
+            "excluded": scan.excluded,
+            "skipped": scan.skipped,
+            "hashed_at": scan.hashed_at,
+            "root": _stats([FsObject("", scan.root)]) if scan.root is not None else None,
+            "started": scan.started,
+        },
+        "databases": {
+            "format": db.source_format,
+            "architecture": db.architecture,
+            "packages": [_package(p) for p in packages],
+            "distro": len(db.distro),
+            "owners": owner_rows(db.owners),
+            "pip_owners": owner_rows(db.pip_owners),
+            "shared": db.shared,
+            "dropped": db.dropped,
+            "db_paths": db.db_paths,
+        },
+        "trace": kept.trace,
+        "ownership": {
+            "made": [_package(p) for p in own.packages.values() if id(p) not in pkg_index],
+            "modified": own.modified,
+            "modified_by_package": {
+                k: [(obj.path, _record(rec)) for obj, rec in v] for k, v in own.modified_by_package.items()
+            },
+            "missing": own.missing,
+            "origins": own.origins,
+            "intervals": own.intervals,
+            "warnings": own.warnings,
+        },
+        "layers": _shape(kept.layers),
+    }
+    payload = marshal.dumps(data)
+    return _MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def decode(data: bytes) -> KeptScan:
+    if not data.startswith(_MAGIC):
+        raise ValueError("not a kept scan")
+    head = len(_MAGIC)
+    digest, payload = data[head : head + 32], data[head + 32 :]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError("checksum mismatch (a damaged file)")
+    d = marshal.loads(payload)
+    if d["format"] != KEPT_FORMAT or d["version"] != __version__:
+        raise ValueError("written by another version")
+    s = d["scan"]
+    objects: dict[str, FsObject] = {}
+    homes: dict[str, list[FsObject]] = {}
+    links, xattrs, digests = s["links"], s["xattrs"], s["digests"]
+    paths, stats, obj_homes = s["paths"], s["stats"], s["homes"]
+    if len(stats) != len(paths) * _STAT.size or len(obj_homes) != len(paths):
+        raise ValueError("objects of another shape")
+    stat_result = os.stat_result
+    for path, st, home in zip(paths, _STAT.iter_unpack(stats), obj_homes):
+        obj = objects[path] = FsObject(path, stat_result(st), home, links.get(path), xattrs.get(path, ()))
+        homes.setdefault(home, []).append(obj)
+    for path, found in digests.items():
+        objects[path].content_hash = found.get(CONTENT_HASH)
+    root = stat_result(next(_STAT.iter_unpack(s["root"]))) if s["root"] else None
+    scan = Scan(
+        objects, digests, s["excluded"], [tuple(x) for x in s["skipped"]], s["hashed_at"],
+        {k: Listing(*v) for k, v in s["listings"].items()}, root, s["started"],
+    )
+    db = d["databases"]
+    packages = [_unpackage(t) for t in db["packages"]]
+    databases = Databases(
+        source_format=db["format"], architecture=db["architecture"], distro=packages[: db["distro"]],
+        pip=packages[db["distro"] :], owners=_Owners(db["owners"], packages),
+        pip_owners=_Owners(db["pip_owners"], packages), shared=db["shared"],
+        dropped=[tuple(x) for x in db["dropped"]], db_paths=db["db_paths"],
+    )
+    o = d["ownership"]
+    made = [_unpackage(t) for t in o["made"]]
+    ownership = Ownership(
+        source_format=databases.source_format,
+        architecture=databases.architecture,
+        packages={**{p.key: p for p in packages}, **{p.key: p for p in made}},
+        objects=objects,
+        homes=homes,
+        excluded=scan.excluded,
+        skipped=scan.skipped,
+        modified=o["modified"],
+        modified_by_package={
+            k: [(objects[path], FileRecord(*rec)) for path, rec in v] for k, v in o["modified_by_package"].items()
+        },
+        missing=o["missing"],
+        shared=dict(sorted(databases.shared.items())),
+        origins=o["origins"],
+        intervals={k: tuple(v) for k, v in o["intervals"].items()},
+        dropped=databases.dropped,
+        warnings=o["warnings"],
+    )
+    layers = {n: KeptLayer(tuple(h), m, r, k, f) for n, (h, m, r, k, f) in d["layers"].items()}
+    return KeptScan(d["fingerprint"], d["root"], scan, databases, d["trace"], ownership, layers, set(), fresh=False)
