@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pkglayer.errors import RootfsError
-from pkglayer.rootfs import FileOpener, Rootfs
+from pkglayer.rootfs import FileOpener, Rootfs, noted, unchanged
 from tests.helpers import tmpfs
 
 
@@ -253,3 +253,121 @@ def test_file_opener_keeps_a_few_directories_open(tmp_path: Path) -> None:
                 with pytest.raises(RootfsError, match="^/a/link changed into a symlink while being read$"):
                     opener.open_fd("a/link")
             assert _open_fds() == base
+
+
+def _noted_file(path: Path) -> tuple:
+    st = os.lstat(path)
+    return ("f", st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _noted_dir(path: Path) -> tuple:
+    st = os.lstat(path)
+    return ("d", st.st_dev, st.st_ino)
+
+
+def test_a_trace_notes_each_path_looked_up_with_what_was_found(tree: Path) -> None:
+    with Rootfs(tree) as r:
+        assert r.resolve("lib/libx.so") == "usr/lib/libx.so"  # not traced yet
+        r.trace = {}
+        assert r.read_bytes("lib/libx.so") == b"lib"  # resolved before: nothing new to note
+        assert r.trace == {}
+        assert r.resolve("usr/../lib/libx.so") == "usr/lib/libx.so"
+        assert r.resolve("none/x") == "none/x"
+        assert r.resolve("etc/shadow/x") == "etc/shadow/x"
+        assert r.listdir("usr") == ["lib"]
+        assert r.listdir("none") == []
+        trace = r.trace
+    assert trace == {
+        # a directory passed through is noted by identity; one listed by its stat, as
+        # its mtime changes with its entries
+        "usr": _noted_file(tree / "usr"),
+        "lib": _noted_file(tree / "lib"),
+        "usr/lib": _noted_dir(tree / "usr/lib"),
+        "usr/lib/libx.so": _noted_file(tree / "usr/lib/libx.so"),
+        "none": None,
+        "none/x": None,
+        "etc": _noted_dir(tree / "etc"),
+        "etc/shadow": _noted_file(tree / "etc/shadow"),
+        "etc/shadow/x": None,
+    }
+    assert list(trace)[:2] == ["usr", "lib"]  # parents before what is looked up below them
+    assert unchanged(str(tree), trace)
+
+
+def test_noted_tells_files_and_directories_apart(tree: Path) -> None:
+    assert noted(None) is None
+    assert noted(os.lstat(tree / "usr")) == _noted_dir(tree / "usr")
+    assert noted(os.lstat(tree / "usr"), listed=True) == _noted_file(tree / "usr")
+    assert noted(os.lstat(tree / "lib"), listed=True) == noted(os.lstat(tree / "lib")) == _noted_file(tree / "lib")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "edit a file read",  # same inode, new size and mtime
+        "touch a file read",  # same size, new mtime and ctime
+        "chmod a file read",  # ctime only
+        "replace a file read",  # a new inode
+        "remove a file read",
+        "create a file found absent",
+        "add an entry to a listed directory",
+        "turn a directory passed through into a link",
+    ],
+)
+def test_unchanged_sees_every_kind_of_change_to_a_traced_path(tree: Path, change: str) -> None:
+    with Rootfs(tree) as r:
+        r.trace = {}
+        r.read_bytes("etc/shadow")
+        r.resolve("etc/none")
+        r.listdir("usr")
+        r.read_bytes("usr/lib/libx.so")
+        trace = dict(r.trace)
+    assert unchanged(str(tree), trace)
+    shadow = tree / "etc/shadow"
+    if change == "edit a file read":
+        shadow.write_text("a longer rootfs shadow")
+    elif change == "touch a file read":
+        st = os.stat(shadow)
+        os.utime(shadow, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    elif change == "chmod a file read":
+        shadow.chmod(0o600 if (shadow.stat().st_mode & 0o777) != 0o600 else 0o640)
+    elif change == "replace a file read":
+        (tree / "etc/shadow.new").write_text("rootfs shadow")
+        os.rename(tree / "etc/shadow.new", shadow)
+    elif change == "remove a file read":
+        shadow.unlink()
+    elif change == "create a file found absent":
+        (tree / "etc/none").write_text("")
+    elif change == "add an entry to a listed directory":
+        (tree / "usr/share").mkdir()
+    else:
+        os.rename(tree / "usr/lib", tree / "usr/lib.real")
+        (tree / "usr/lib").symlink_to("lib.real")
+    assert not unchanged(str(tree), trace)
+
+
+def test_unchanged_accepts_what_was_absent_and_stays_absent(tree: Path) -> None:
+    # below a file, the lookup fails with ENOTDIR rather than ENOENT
+    trace = {"none": None, "etc/shadow/x": None, "etc": _noted_dir(tree / "etc")}
+    assert unchanged(str(tree), trace)
+    (tree / "etc/other").write_text("")  # etc was passed through, not listed
+    assert unchanged(str(tree), trace)
+
+
+def test_stamp_identifies_a_files_content_through_links(tree: Path) -> None:
+    with Rootfs(tree) as r:
+        st = os.lstat(tree / "usr/lib/libx.so")
+        assert r.stamp("lib/libx.so") == (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns,
+                                          st.st_ctime_ns)
+        assert r.stamp("lib/none") is None
+        assert r.stat().st_ino == os.stat(tree).st_ino
+
+
+def test_resolutions_are_remembered_per_rootfs(tree: Path) -> None:
+    with Rootfs(tree) as r:
+        assert r.resolve("lib/libx.so") == "usr/lib/libx.so"
+        (tree / "lib").unlink()
+        (tree / "lib").symlink_to("etc")
+        assert r.resolve("lib/libx.so") == "usr/lib/libx.so"  # remembered by this instance
+    with Rootfs(tree) as r:
+        assert r.resolve("lib/libx.so") == "etc/libx.so"  # not by the next one
