@@ -145,6 +145,7 @@ def walk(
 
     top = rootfs.path + "/"
     os_lstat = os.lstat
+    trusted_set = frozenset(trusted_needs) if trusted_needs is not None else None
 
     hasher = _Hasher(rootfs, cache or HashCache(None), jobs, timings)
 
@@ -233,15 +234,23 @@ def walk(
                     except FileNotFoundError:
                         continue  # gone since the directory was read: not part of the tree
                 ost = old.st if old is not None else None
-                if ost is None or not (st is ost or (ost.st_ctime_ns < racy_ns and same_stamp(ost, st))):
+                # same_stamp(), inlined: this runs once per object of the tree.
+                if ost is None or not (st is ost or (
+                    ost.st_ctime_ns < racy_ns and ost.st_ctime_ns == st.st_ctime_ns
+                    and ost.st_mtime_ns == st.st_mtime_ns and ost.st_ino == st.st_ino and ost.st_size == st.st_size
+                    and ost.st_mode == st.st_mode and ost.st_dev == st.st_dev and ost.st_nlink == st.st_nlink
+                    and ost.st_uid == st.st_uid and ost.st_gid == st.st_gid
+                )):
                     obj = objects[path] = visit(path, st, old)
                 elif is_reg(st.st_mode):
                     obj = objects[path] = old
                     have = old_digests.get(path)
                     if have:
                         digests[path] = have
+                        if trusted_set is not None and have.keys() >= trusted_set:
+                            continue
                     needs = trusted_needs if trusted_needs is not None else algos_for(path)
-                    if needs and not (have and all(a in have for a in needs)):
+                    if needs and not (have and have.keys() >= set(needs)):
                         hasher.add(obj, needs)
                     continue
                 else:
