@@ -38,7 +38,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import deflate
-import zstandard
 
 from .timings import charge
 
@@ -54,6 +53,8 @@ GZIP_BLOCK = 4 << 20
 # 10-35% less CPU than its streaming mode (16% less for a whole build), and at level 3
 # the 8 MiB frames come out 0.3% smaller than one streamed frame.
 def zstd_block(level: int) -> int:
+    import zstandard  # here and below: it loads platform too, ~5 ms of every start, for zstd only
+
     window = 1 << zstandard.ZstdCompressionParameters.from_level(level).window_log
     return min(32 << 20, max(8 << 20, 4 * window))
 
@@ -65,6 +66,8 @@ def implementation(fmt: str, level: int) -> str:
     none: zlib for gzip, one member; one streamed zstd frame."""
     if fmt == "gzip":
         return f"deflate-{deflate.__version__}/members-{GZIP_BLOCK >> 20}MiB"
+    import zstandard
+
     libzstd = ".".join(map(str, zstandard.ZSTD_VERSION))
     if fmt == "zstd":
         return f"zstandard-{zstandard.__version__}/libzstd-{libzstd}/frames-{zstd_block(level) >> 20}MiB"
@@ -161,6 +164,8 @@ def gzip_members(level: int, out: Writer) -> Blocks:
 
 
 def zstd_frames(level: int, out: Writer) -> Blocks:
+    import zstandard
+
     # compress() is libzstd's one-shot call: each frame independent of the ones before.
     c = zstandard.ZstdCompressor(level=level, threads=0)
     return Blocks(c.compress, zstd_block(level), out)

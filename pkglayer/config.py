@@ -6,10 +6,8 @@ keeps the two in step.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -188,6 +186,8 @@ MAX_CONFIG_BYTES = 1 << 20
 def did_you_mean(key: str, known: Iterable[str]) -> str:
     """What to add to "unknown setting": the known key it most resembles (state_dir:
     state-dir), else the known keys."""
+    import difflib  # here: only an error message needs it, and loading it slows every start
+
     known = sorted(known)
     match = difflib.get_close_matches(key.replace("_", "-"), known, n=1, cutoff=0.6)
     if match:
@@ -199,6 +199,8 @@ def read_config(path: str) -> dict[str, Any]:
     """A TOML configuration file. It must be a regular file of at most 1 MiB: a FIFO or a
     device would block the reader or never end. A symlink is followed (files in /etc are
     often links), to a regular file only."""
+    import tomllib  # here: ~6 ms to load, and most builds read no config file
+
     real = os.path.realpath(path)
     raw = read_regular(real, MAX_CONFIG_BYTES, "config file", ConfigError, missing_ok=True)
     if raw is None:

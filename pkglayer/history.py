@@ -19,8 +19,7 @@ from typing import Any
 from .digests import is_digest
 from .errors import HistoryError
 from .fsutil import read_regular, write_file_atomic
-from .mediatypes import LAYER_COMPRESSION, is_oci_layer
-from .zstd_chunked import ANNOTATION_KEYS
+from .mediatypes import ANNOTATION_KEYS, LAYER_COMPRESSION, is_oci_layer
 
 SCHEMA_VERSION = 1
 MAX_HISTORY_BYTES = 64 << 20

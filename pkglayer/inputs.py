@@ -15,7 +15,6 @@ from .imageconfig import merge_config
 from .layout import DEFAULT_LIMITS, Image, ImageError, ImageOptions, Limits, Platform, open_layout
 from .scan import Progress
 from .transports import STORAGE, check_readable, fetch, parse_image_ref
-from .unpack import unpack
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +97,8 @@ def open_inputs(
     merge_config(image.runtime, ImageOptions())  # an unusable config fails before the unpack
     tree = work.path("rootfs")
     os.mkdir(tree, 0o755)
+    from .unpack import unpack  # here: a build from a directory never loads the unpacker
+
     stats = unpack(image, tree, limits, progress=progress)
     log.info("unpacked %s: %d layers, %d entries", source_ref, stats.layers, stats.entries)
     return BuildInputs(

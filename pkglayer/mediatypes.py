@@ -37,3 +37,21 @@ LAYER_COMPRESSION = {
 def is_oci_layer(media_type: str) -> bool:
     """A layer media type pkglayer writes (and records in history.json)."""
     return media_type in LAYER_MEDIA_TYPES.values()
+
+
+# The layer annotations of zstd:chunked (zstd_chunked.py writes them), here so that
+# history.py can check them without loading the encoder and its libraries.
+OLD_PREFIX = "io.containers.zstd-chunked."  # containers-storage 1.43
+NEW_PREFIX = "io.github.containers.zstd-chunked."  # containers-storage 1.44 and later
+TOC_CHECKSUM = "manifest-checksum"
+TOC_POSITION = "manifest-position"
+TARSPLIT_POSITION = "tarsplit-position"
+TARSPLIT_CHECKSUM = "tarsplit-checksum"
+ANNOTATION_KEYS = (
+    OLD_PREFIX + TOC_CHECKSUM,
+    OLD_PREFIX + TOC_POSITION,
+    NEW_PREFIX + TOC_CHECKSUM,
+    NEW_PREFIX + TOC_POSITION,
+    NEW_PREFIX + TARSPLIT_CHECKSUM,
+    NEW_PREFIX + TARSPLIT_POSITION,
+)

@@ -24,8 +24,6 @@ import os
 import tarfile
 from collections.abc import Iterator
 
-import zstandard
-
 from .blobstore import BlobDir
 from .digests import CONTENT_HASH, new_hasher
 from .history import LayerRecord
@@ -86,6 +84,8 @@ class _Unreadable(Exception):
 
 def _digests(tf: tarfile.TarFile, ti: tarfile.TarInfo, algos) -> dict[str, str]:
     """The member's data hashed; a blob cut short or corrupt there is _Unreadable."""
+    import zstandard  # here and in _members: it loads platform too, ~5 ms of every start
+
     hashers = {a: new_hasher(a) for a in algos}
     data = tf.extractfile(ti)
     assert data is not None
@@ -101,6 +101,8 @@ def _digests(tf: tarfile.TarFile, ti: tarfile.TarInfo, algos) -> dict[str, str]:
 def _members(blobs: BlobDir, record: LayerRecord, stream: list) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
     """The members of the record's blob, its uncompressed hash kept in `stream[0]`
     (complete once the iteration ends). Raises _Unreadable."""
+    import zstandard
+
     try:
         fd = os.open(blobs.path(record.digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:

@@ -20,12 +20,9 @@ import hashlib
 import json
 import os
 import re
-import ssl
-import subprocess
 import tempfile
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -136,6 +133,8 @@ def parse_docker_ref(ref: str) -> DockerRef:
 
 
 def skopeo(args: list[str], what: str, limit: int | None = None, timeout: float = _SKOPEO_TIMEOUT) -> bytes:
+    import subprocess  # here: a local build runs no skopeo and need not load it
+
     argv = ["skopeo", *args]
     try:
         with tempfile.TemporaryFile() as err:
@@ -250,15 +249,18 @@ def credentials(dref: DockerRef, authfile: str | None) -> tuple[str, str] | None
     return None
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):  # a 3xx answer is the answer
-        return None
-
-
 class BlobChecker:
     """HEAD /v2/<name>/blobs/<digest> against one repository, with the containers auth."""
 
     def __init__(self, dref: DockerRef, opts: RegistryOptions):
+        # ssl and urllib.request (http.client, email, socket) take ~30 ms to load: only a push needs them
+        import ssl
+        import urllib.request
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):  # a 3xx answer is the answer
+                return None
+
         self.dref = dref
         self.opts = opts
         self.creds = credentials(dref, opts.authfile)
@@ -268,9 +270,11 @@ class BlobChecker:
         if opts.tls_verify is False:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        self.opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=context))
+        self.opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=context))
 
     def _request(self, method: str, url: str, headers: dict[str, str]):
+        import urllib.request  # loaded by __init__ already
+
         req = urllib.request.Request(url, method=method, headers=headers)
         try:
             return self.opener.open(req, timeout=_HEAD_TIMEOUT)

@@ -35,9 +35,7 @@ from .history import LayerRecord
 from .ownership import Ownership
 from .plan import PlannedLayer
 from .prior import Prior
-from .pristine import blob_identity, is_pristine_layer
 from .tarwriter import layer_members
-from .zstd_chunked import read_annotations
 
 # The digest-cache "algorithm" under which a blob's checked identity is remembered.
 _IDENTITY = "layer-identity-v1"
@@ -111,6 +109,8 @@ class ReuseIndex:
             return None
         if self.compression.startswith("zstd:chunked") and not rec.annotations:
             # The cache records no annotations: read them back from the blob's footer.
+            from .zstd_chunked import read_annotations  # here: anycrc and zstandard slow every start
+
             try:
                 with open(cache.blobs.path(rec.digest), "rb") as f:
                     notes = read_annotations(f, rec.size)
@@ -143,6 +143,8 @@ class ReuseIndex:
         cache = self.records.of(src.root)
         known = cache.get(st, (_IDENTITY,)) if cache is not None else None
         if known is None:
+            from .pristine import blob_identity  # here: it loads the tar reader, which most builds never use
+
             started = time.time()
             found = blob_identity(src, rec)
             if found is None:
@@ -157,6 +159,8 @@ class ReuseIndex:
         edited = [e for key in layer.packages for e in own.modified_by_package.get(key, ())]
         if not edited:
             return None
+        from .pristine import is_pristine_layer  # here: it loads the tar reader, which most builds never use
+
         expected = layer_members(
             [*(o for h in layer.homes for o in own.homes.get(h, [])), *(obj for obj, _ in edited)],
             own.objects,

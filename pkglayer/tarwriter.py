@@ -16,6 +16,7 @@ import stat
 import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .compress import compressor
 from .digests import CONTENT_HASH, new_hasher
@@ -23,7 +24,9 @@ from .errors import RootfsError, TreeChangedError
 from .rootfs import FileOpener, Rootfs
 from .scan import FsObject
 from .timings import charge
-from .zstd_chunked import ChunkedEncoder
+
+if TYPE_CHECKING:
+    from .zstd_chunked import ChunkedEncoder
 
 # Bump whenever the bytes written for the same members change: it is part of every
 # content key, so old blobs are never reused for a different tar encoding.
@@ -278,6 +281,8 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
     mtime, ctime): a file changed since then would make the content key lie, so the
     build stops instead.
     """
+    from .zstd_chunked import ChunkedEncoder  # here: anycrc and zstandard slow the start of every build
+
     c = ChunkedEncoder(level, out) if compression == "zstd:chunked" else _Compressor(compression, level, out)
     buf = memoryview(bytearray(_FLUSH))  # reused for every read of this layer
     hashes: dict[str, str] = {}

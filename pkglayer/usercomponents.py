@@ -22,12 +22,13 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .history import NAME_RE
-from .scan import FsObject
-from .tarwriter import layer_members
+
+if TYPE_CHECKING:
+    from .scan import FsObject
 
 XATTR_COMPONENT = "user.component"
 XATTR_INTERVAL = "user.update-interval"
@@ -123,6 +124,8 @@ def fingerprint(objects: Iterable[FsObject], all_objects: dict[str, FsObject]) -
     without file contents, so `pkglayer plan` and `pkglayer build` agree without
     reading any file. It changes when the layer's tar would, but for an edit that keeps
     a file's size and mtime (the layer is still rebuilt then: its content key changes)."""
+    from .tarwriter import layer_members  # here: config imports this module, and --help need not load the scanner
+
     h = hashlib.sha256()
     for m in layer_members(objects, all_objects, 0):
         h.update(replace(m, content_hash="", source=None).key_line().encode("utf-8", "surrogateescape"))

@@ -64,27 +64,13 @@ import anycrc
 import zstandard
 
 from .errors import PkglayerError, RootfsError
+from .mediatypes import NEW_PREFIX, OLD_PREFIX, TARSPLIT_CHECKSUM, TARSPLIT_POSITION, TOC_CHECKSUM, TOC_POSITION
 from .timings import charge
 
 if TYPE_CHECKING:
     from .tarwriter import Member
 
 MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
-
-OLD_PREFIX = "io.containers.zstd-chunked."  # containers-storage 1.43
-NEW_PREFIX = "io.github.containers.zstd-chunked."  # containers-storage 1.44 and later
-TOC_CHECKSUM = "manifest-checksum"
-TOC_POSITION = "manifest-position"
-TARSPLIT_POSITION = "tarsplit-position"
-TARSPLIT_CHECKSUM = "tarsplit-checksum"
-ANNOTATION_KEYS = (
-    OLD_PREFIX + TOC_CHECKSUM,
-    OLD_PREFIX + TOC_POSITION,
-    NEW_PREFIX + TOC_CHECKSUM,
-    NEW_PREFIX + TOC_POSITION,
-    NEW_PREFIX + TARSPLIT_CHECKSUM,
-    NEW_PREFIX + TARSPLIT_POSITION,
-)
 
 SKIPPABLE_MAGIC = struct.pack("<I", 0x184D2A50)
 FOOTER_MAGIC = b"GNUlInUx"
