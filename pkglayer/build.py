@@ -242,6 +242,7 @@ def build(
         layers=tuple(o.record for o in outcomes),
         architecture=platform.architecture,
         os=platform.os,
+        variant=platform.variant or "",
         generator=f"pkglayer {__version__}",
         tar_format=TAR_FORMAT,
         components=observe(components, prior.observed),

@@ -78,6 +78,9 @@ class History:
     generator: str  # "pkglayer 0.1.0"
     tar_format: int  # version of pkglayer's tar format (part of content keys too)
     components: dict[str, ComponentRecord] = field(default_factory=dict)
+    # the OCI platform variant ("v8" for arm64, "v7" for arm...); "" when there is none.
+    # Written only when set, so histories of platforms without one are what they were.
+    variant: str = ""
 
 
 def load_history(path: str | os.PathLike[str]) -> History | None:
@@ -121,6 +124,7 @@ def dumps_history(history: History) -> bytes:
         "schemaVersion": SCHEMA_VERSION,
         "architecture": history.architecture,
         "os": history.os,
+        **({"variant": history.variant} if history.variant else {}),
         "generator": history.generator,
         "tarFormat": history.tar_format,
         "layers": [
@@ -200,8 +204,9 @@ def _from_json(obj: object, source: str) -> History:
         )
     architecture = _field(obj, "architecture", str, source)
     os_name = _field(obj, "os", str, source)
-    for key, value in (("architecture", architecture), ("os", os_name)):
-        if not _PLATFORM_RE.fullmatch(value):
+    variant = _field(obj, "variant", str, source) if "variant" in obj else None
+    for key, value in (("architecture", architecture), ("os", os_name), ("variant", variant)):
+        if value is not None and not _PLATFORM_RE.fullmatch(value):
             raise HistoryError(f"{source}: field {key!r} has invalid value {_short(value)}")
     generator = _field(obj, "generator", str, source)
     if len(generator) > _MAX_GENERATOR or not generator.isprintable():
@@ -226,6 +231,7 @@ def _from_json(obj: object, source: str) -> History:
         generator=generator,
         tar_format=tar_format,
         components=components,
+        variant=variant or "",
     )
 
 

@@ -115,7 +115,7 @@ def history_from_config(image: Image) -> History:
             size=desc.size, media_type=media_type, compression=compression,
         ))
     generator = f"pkglayer {__version__} (from {image.manifest_digest})"
-    return History(tuple(layers), image.architecture, image.os, generator, TAR_FORMAT)
+    return History(tuple(layers), image.architecture, image.os, generator, TAR_FORMAT, variant=image.variant or "")
 
 
 def _layer_name(index: int, created_by: str) -> str:
@@ -150,7 +150,7 @@ def assemble(directory: str, limits: Limits = DEFAULT_LIMITS) -> Assembled:
             raise PkglayerError(f"layer {rec.name}: blob {rec.digest} is in neither {directory}/output "
                                 f"nor {directory}/input")
         _check_layer_blob(src, rec, limits)
-    return Assembled(history, Platform(history.architecture, history.os), sources)
+    return Assembled(history, Platform(history.architecture, history.os, history.variant or None), sources)
 
 
 def _check_layer_blob(blobs: BlobDir, rec: LayerRecord, limits: Limits) -> None:

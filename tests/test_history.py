@@ -297,3 +297,24 @@ def test_hostile_fields(tmp_path, mutate, message) -> None:
         load_history(write(tmp_path, obj))
     assert "\n" not in str(info.value)  # one line, even for hostile values
     assert str(info.value).startswith(str(tmp_path / "history.json") + ": ")
+
+
+def test_a_platform_variant_roundtrips_and_is_left_out_when_there_is_none(tmp_path) -> None:
+    arm = History(layers=HISTORY.layers, architecture="arm64", os="linux", generator="pkglayer test",
+                  tar_format=1, variant="v8")
+    path = str(tmp_path / "history.json")
+    save_history(path, arm)
+    assert load_history(path) == arm and json.loads(open(path).read())["variant"] == "v8"
+    assert "variant" not in good_json()  # amd64 histories stay byte for byte what they were
+
+
+@pytest.mark.parametrize("value, message", [
+    (8, "field 'variant' must be a string, not an integer"),
+    ("", "field 'variant' has invalid value"),
+    ("v8/../x", "field 'variant' has invalid value"),
+])
+def test_a_hostile_variant_is_refused(tmp_path, value, message) -> None:
+    obj = good_json()
+    obj["variant"] = value
+    with pytest.raises(HistoryError, match=message):
+        load_history(write(tmp_path, obj))

@@ -302,6 +302,32 @@ def test_assemble_takes_a_layer_from_another_producer(tmp_path: Path, debs) -> N
     assert proc.returncode == 1 and "diffID" in proc.stderr and not out2.exists()
 
 
+def test_the_platform_variant_goes_through_layers_assemble_and_init(tmp_path: Path) -> None:
+    from pkglayer.layout import open_layout
+
+    layout = tmp_path / "foreign"
+    run(["umoci", "init", "--layout", str(layout)])
+    run(["umoci", "new", "--image", f"{layout}:v1"])
+    content = tmp_path / "content"
+    (content / "etc").mkdir(parents=True)
+    (content / "etc/hello").write_text("hello\n")
+    run(["umoci", "insert", "--image", f"{layout}:v1", str(content / "etc/hello"), "/etc/hello"])
+    layers = tmp_path / "layers"
+    pkglayer_json("layers", "init", str(layers), "--from", f"oci:{layout}:v1")
+    history = json.loads((layers / "history.json").read_text())
+    assert "variant" not in history  # umoci's image has none
+    history["variant"] = "v3"  # as for an x86-64-v3 build
+    (layers / "history.json").write_text(json.dumps(history))
+    out = tmp_path / "out"
+    pkglayer("layers", "assemble", str(layers), "--output", f"oci:{out}:v1")
+    image = open_layout(str(out), "v1")
+    assert (image.architecture, image.variant) == (history["architecture"], "v3")
+    # And back: the next build system run starts from a history with the same platform.
+    layers2 = tmp_path / "layers2"
+    pkglayer_json("layers", "init", str(layers2), "--from", f"oci:{out}:v1")
+    assert json.loads((layers2 / "history.json").read_text())["variant"] == "v3"
+
+
 def test_init_from_an_image_pkglayer_did_not_write_and_from_no_image(tmp_path: Path) -> None:
     layout = tmp_path / "foreign"
     run(["umoci", "init", "--layout", str(layout)])
