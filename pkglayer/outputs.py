@@ -1,7 +1,8 @@
 """Where a build's result goes, each a step of its own after `build()`: an OCI layout
 (`--output oci:DIR[:TAG]`), the /layers directory's history.json (`--layers DIR`), and
 any other destination (a registry, local containers-storage, an archive), copied from
-that layout, or from a layout staged in the workspace when none was named.
+that layout, or from a layout staged in the workspace when none was named (the daemon
+stages it in its state directory instead, and keeps it from build to build).
 
 New layer blobs are written by the build itself into `Outputs.new_blobs()`: the /layers
 output directory, else the OCI layout.
@@ -51,6 +52,7 @@ class Outputs:
     layers_dir: str | None = None  # the /layers protocol directory
     destinations: tuple[ImageRef, ...] = ()  # published from `layout` afterwards
     staged: bool = False  # `layout` is a private staging layout for `destinations`
+    kept: bool = False  # ...that stays from build to build (the daemon's): it holds the prior
 
     def new_blobs(self) -> BlobDir:
         """Where the build writes the layers it does not reuse."""
@@ -63,15 +65,23 @@ class Outputs:
     def prior_request(self, explicit: str | History | None = None, read_outputs: bool = False,
                       cache=None) -> PriorRequest:
         """Where earlier builds of these outputs are: their plan and blobs."""
+        if self.kept:
+            # The kept layout holds the last image built for the destinations, plan label
+            # and blobs: it is read like an oci: output, and the destinations never are.
+            return PriorRequest(explicit=explicit, layers_dir=self.layers_dir, layout=self.layout,
+                                read_outputs=read_outputs, cache=cache)
         return PriorRequest(
             explicit=explicit, layers_dir=self.layers_dir, layout=self.layout, destinations=self.destinations,
             staged=self.staged, read_outputs=read_outputs, cache=cache,
         )
 
 
-def parse_outputs(refs: list[str] | None, layers_dir: str | None, work: Workspace) -> Outputs:
+def parse_outputs(refs: list[str] | None, layers_dir: str | None, work: Workspace | None,
+                  stage: str | None = None) -> Outputs:
     """--output (repeatable: at most one oci: layout; registries, local storage and
-    archives are published from it, or from a staged layout) and --layers."""
+    archives are published from it, or from a staged layout) and --layers. With `stage`
+    the staged layout is that directory, kept from build to build (a daemon root's)
+    instead of one in `work`."""
     parsed = [parse_image_ref(r, "--output") for r in refs or []]
     layouts = [r for r in parsed if r.is_layout]
     if len(layouts) > 1:
@@ -84,7 +94,13 @@ def parse_outputs(refs: list[str] | None, layers_dir: str | None, work: Workspac
         directory, tag = parse_layout_ref(layouts[0].text, "latest")
         assert tag is not None
         out.layout = (directory, tag)
+    elif out.destinations and stage is not None:
+        # One tag whatever the destination's name: the kept layout holds one image (the
+        # destinations are named by their own references; oci-archive: without a tag gets
+        # "latest" either way).
+        out.layout, out.staged, out.kept = (stage, "latest"), True, True
     elif out.destinations:
+        assert work is not None
         tag = next((_plain_tag(d) for d in out.destinations if _plain_tag(d)), "latest")
         out.layout, out.staged = (work.path("layout"), tag), True
     if out.layout is None and not layers_dir:
@@ -162,6 +178,12 @@ def write_outputs(
         directory, tag = outputs.layout
         report.image, report.external_blobs = write_layout(content, directory, tag, options, source_date_epoch)
         report.image_ref = f"oci:{directory}:{tag}"
+        if outputs.kept:
+            # It holds this one image (earlier images' blobs go), complete before anything
+            # is published: after a failed copy it is still the next build's prior.
+            image = report.image
+            BlobDir(directory).remove_except(
+                {image.manifest_digest, image.config_digest, *(rec.digest for rec in content.history.layers)})
         for dest in outputs.destinations:
             pushed = publish(directory, tag, dest, registry_options, limits, source_date_epoch)
             report.published.append(dest.text)

@@ -66,7 +66,11 @@ def test_shipped_config_is_a_valid_daemon_config_with_a_working_example_root(tmp
          r"root\[1\].name: 'a' is already the name"),
         ("[[root]]\nname = 'a'\npath = '/r'\n[[root]]\nname = 'b'\npath = '/r/'\n",
          r"root\[1\].path: /r is already watched"),
-        ("[[root]]\nname = 'a'\npath = '/r'\noutput = 'docker://x'\n", r"root\[0\].output:"),
+        ("[[root]]\nname = 'a'\npath = '/r'\noutput = 'containers-storage:'\n", r"root\[0\].output: .*no image name"),
+        ("[[root]]\nname = 'a'\npath = '/r'\noutput = 'containers-storage:[vfs@s+/r]x'\n",
+         r"root\[0\].output: the store must be an absolute path"),
+        ("[[root]]\nname = 'a'\npath = '/r'\noutput = 'docker-archive:a.tar'\n",
+         r"root\[0\].output: the archive must be an absolute path"),
         ("[[root]]\nname = 'a'\npath = '/r'\noutput = 'oci:rel:tag'\n", r"root\[0\].output: the layout directory"),
         ("[[root]]\nname = 'a'\npath = '/r'\ncompression = 'lz4'\n", r"root\[0\].compression: must be one of"),
         ("[[root]]\nname = 'a'\npath = '/r'\nmax-layers = 500\n", r"root\[0\].max-layers:"),
@@ -85,6 +89,31 @@ def test_invalid_config_names_the_key(tmp_path: Path, text: str, message: str) -
     conf.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_daemon_config(str(conf))
+
+
+@pytest.mark.parametrize("output", [
+    "oci:/srv/images/a:v1", "oci-archive:/srv/a.tar:v1", "docker-archive:/srv/a.tar:localhost/a:v1",
+    "containers-storage:localhost/a:v1", "containers-storage:[vfs@/srv/store+/run/store]localhost/a",
+    "docker://registry.example/a:1",
+])
+def test_root_output_takes_what_build_output_takes(tmp_path: Path, output: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[[root]]\nname = 'a'\npath = '/r'\noutput = '{output}'\n")
+    assert load_daemon_config(str(conf)).roots[0].output == output
+
+
+@pytest.mark.parametrize("output, message", [
+    ("oci-archive:-", "standard output (oci-archive:-) is for the command line"),
+    ("podman:a", "reference 'podman:a': unknown transport; expected one of oci:DIR[:TAG], docker://REF"),
+])
+def test_root_output_refuses_standard_output_and_unknown_transports_in_one_line(
+    tmp_path: Path, output: str, message: str
+) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[[root]]\nname = 'a'\npath = '/r'\noutput = '{output}'\n")
+    with pytest.raises(ConfigError) as e:
+        load_daemon_config(str(conf))
+    assert str(e.value).startswith(f"{conf}: root[0].output: {message}") and "\n" not in str(e.value)
 
 
 def test_root_settings_inherit_build_and_override(tmp_path: Path) -> None:

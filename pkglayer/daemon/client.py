@@ -105,6 +105,8 @@ def _build_lines(build: dict[str, Any]) -> list[str]:
             lines.append("written: " + ", ".join(written))
         if res.get("image"):
             lines.append(f"image {res['image']} manifest {res['manifestDigest']}")
+        # An output other than oci: is copied from the image above (the root's staged layout).
+        lines += [f"wrote {dest}" for dest in res.get("published") or []]
         if res.get("history"):
             lines.append(f"history {res['history']}")
     return lines

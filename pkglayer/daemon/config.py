@@ -15,8 +15,8 @@ from typing import Any
 
 from ..config import COMPRESSIONS, BuildSettings, components_from, did_you_mean, load_settings, parse_size, read_config
 from ..errors import ConfigError, PkglayerError
-from ..layout import parse_layout_ref
 from ..sources import source_formats
+from ..transports import DOCKER_ARCHIVE, OCI, OCI_ARCHIVE, parse_image_ref
 
 DEFAULT_SOCKET = "/run/pkglayer/pkglayer.sock"
 DEFAULT_STATE_DIR = "/var/lib/pkglayer"
@@ -35,7 +35,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 class RootConfig:
     name: str
     path: str
-    output: str | None = None  # oci:DIR[:TAG]
+    output: str | None = None  # any --output reference but standard output
     layers: str | None = None  # /layers protocol directory
     settings: BuildSettings = field(default_factory=BuildSettings)
     debounce: float = 2.0
@@ -184,6 +184,22 @@ def _parse(data: dict[str, Any], path: str, defaults: BuildSettings) -> DaemonCo
     )
 
 
+def _check_output(text: str, key: str) -> None:
+    """Any reference `pkglayer build --output` takes, but standard output; paths absolute
+    (the daemon's working directory is nobody's)."""
+    try:
+        ref = parse_image_ref(text, "reference")
+    except PkglayerError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if ref.is_stdout:
+        raise ConfigError(f"{key}: standard output ({text}) is for the command line; give a layout, an archive "
+                          "file, a store or a registry")
+    path = ref.path if ref.transport in (OCI, OCI_ARCHIVE, DOCKER_ARCHIVE) else ref.store_root
+    if path is not None and not os.path.isabs(path):
+        what = "the layout directory" if ref.transport == OCI else "the archive" if ref.path else "the store"
+        raise ConfigError(f"{key}: {what} must be an absolute path, not {path!r}")
+
+
 def _parse_root(entry: dict[str, Any], where: str, defaults: BuildSettings) -> RootConfig:
     t = _Table(entry, where)
     if "name" not in entry:
@@ -199,14 +215,9 @@ def _parse_root(entry: dict[str, Any], where: str, defaults: BuildSettings) -> R
     if not os.path.isabs(path) or os.path.normpath(path) == "/":
         raise ConfigError(f"{where}.path: must be an absolute path other than /, not {path!r}")
     path = os.path.normpath(path)
-    output = t.take("output", str, "an oci:DIR[:TAG] reference")
+    output = t.take("output", str, "an image reference")
     if output is not None:
-        try:
-            layout, _ = parse_layout_ref(output, "latest")
-        except PkglayerError as e:
-            raise ConfigError(f"{where}.output: {e}") from None
-        if not os.path.isabs(layout):
-            raise ConfigError(f"{where}.output: the layout directory must be an absolute path, not {layout!r}")
+        _check_output(output, f"{where}.output")
     layers = t.take("layers", str, "an absolute path")
     if layers is not None and not os.path.isabs(layers):
         raise ConfigError(f"{where}.layers: must be an absolute path, not {layers!r}")

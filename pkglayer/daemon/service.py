@@ -34,7 +34,6 @@ from .. import __version__
 from ..errors import HistoryError, PkglayerError, TreeChangedError
 from ..fsutil import read_regular, write_file_atomic
 from ..history import History, dumps_history, parse_history
-from ..layout import parse_layout_ref
 from ..rootfs import Rootfs
 from ..sources import open_source
 from .cache import LayerCache
@@ -282,14 +281,6 @@ class RootState:
         return d
 
 
-def _layout_of(output: str | None) -> tuple[str, str] | None:
-    if output is None:
-        return None
-    directory, tag = parse_layout_ref(output, "latest")
-    assert tag is not None
-    return directory, tag
-
-
 class Daemon:
     def __init__(self, config: DaemonConfig):
         self.config = config
@@ -434,6 +425,10 @@ class Daemon:
 
     def _record_path(self, name: str) -> str:
         return os.path.join(self.config.state_dir, "roots", f"{name}.json")
+
+    def _stage_dir(self, name: str) -> str:
+        """The OCI layout of root `name` that an output other than oci: is published from."""
+        return os.path.join(self.config.state_dir, "outputs", name)
 
     async def _load_record(self, state: RootState) -> None:
         """The last build of a root and its layer plan survive restarts
@@ -725,7 +720,7 @@ class Daemon:
     async def _build(self, state: RootState, job: BuildJob) -> None:
         from ..build import build
         from ..layout import ImageOptions
-        from ..outputs import ImageContent, Outputs, write_outputs
+        from ..outputs import ImageContent, Outputs, parse_outputs, write_outputs
         from ..prior import resolve_prior
 
         assert self._loop is not None and self.cache is not None
@@ -760,7 +755,11 @@ class Daemon:
                     # A prebuild reads the outputs' prior plan and blobs too (without
                     # writing them), so it plans and caches the layers the real build will want.
                     prebuild = job.kind == "prebuild"
-                    outputs = Outputs(layout=_layout_of(cfg.output), layers_dir=cfg.layers)
+                    # An output other than oci: is published from a layout staged in the
+                    # state directory, kept from build to build (and read by prebuilds).
+                    outputs = parse_outputs([cfg.output], None, None, self._stage_dir(cfg.name)) \
+                        if cfg.output else Outputs()
+                    outputs.layers_dir = cfg.layers  # a prebuild writes nothing, so makes no directory
                     prior = resolve_prior(outputs.prior_request(state.plan, read_outputs=prebuild, cache=cache))
                     blobs = cache.blobs if prebuild else outputs.new_blobs()
                     if state.scans is None or state.scans.root != cfg.path:
@@ -769,6 +768,7 @@ class Daemon:
                     result = build(cfg.path, settings, prior, blobs, progress=progress, scans=state.scans)
                     if prebuild:
                         return result, None
+                    progress("output", 0, 1)  # the layout, then a copy by skopeo: a phase of its own
                     report = write_outputs(ImageContent.of_build(result, prior), outputs, ImageOptions(),
                                            settings.source_date_epoch)
                     return result, report
