@@ -288,17 +288,16 @@ class BlobDir:
             except PkglayerError as e:
                 raise PkglayerError(f"blob {digest} in {src.root} is corrupt: {e}") from None
 
-    def remove_except(self, keep: set[str]) -> int:
+    def remove_except(self, keep: set[str]) -> None:
         """Remove every blob whose digest is not in `keep` (a layout that holds one image,
-        which nothing else writes); return how many."""
+        which nothing else writes)."""
         try:
             names = os.listdir(self.blobs)
         except FileNotFoundError:
-            return 0
-        gone = [name for name in names if f"sha256:{name}" not in keep]
-        for name in gone:
-            unlink_quiet(os.path.join(self.blobs, name))
-        return len(gone)
+            return
+        for name in names:
+            if f"sha256:{name}" not in keep:
+                unlink_quiet(os.path.join(self.blobs, name))
 
     def remove_stale_temps(self) -> list[str]:
         """Remove temp files of writers that are gone (see the module docstring); return their names."""
