@@ -302,16 +302,23 @@ def test_assemble_takes_a_layer_from_another_producer(tmp_path: Path, debs) -> N
     assert proc.returncode == 1 and "diffID" in proc.stderr and not out2.exists()
 
 
-def test_the_platform_variant_goes_through_layers_assemble_and_init(tmp_path: Path) -> None:
-    from pkglayer.layout import open_layout
-
+def _foreign_image(tmp_path: Path) -> Path:
+    """An OCI layout tagged v1 that umoci made: one layer, /etc/hello, made by "COPY"."""
     layout = tmp_path / "foreign"
     run(["umoci", "init", "--layout", str(layout)])
     run(["umoci", "new", "--image", f"{layout}:v1"])
     content = tmp_path / "content"
     (content / "etc").mkdir(parents=True)
     (content / "etc/hello").write_text("hello\n")
-    run(["umoci", "insert", "--image", f"{layout}:v1", str(content / "etc/hello"), "/etc/hello"])
+    run(["umoci", "insert", "--history.created_by", "COPY hello /etc/hello", "--image", f"{layout}:v1",
+         str(content / "etc/hello"), "/etc/hello"])
+    return layout
+
+
+def test_the_platform_variant_goes_through_layers_assemble_and_init(tmp_path: Path) -> None:
+    from pkglayer.layout import open_layout
+
+    layout = _foreign_image(tmp_path)
     layers = tmp_path / "layers"
     pkglayer_json("layers", "init", str(layers), "--from", f"oci:{layout}:v1")
     history = json.loads((layers / "history.json").read_text())
@@ -329,14 +336,7 @@ def test_the_platform_variant_goes_through_layers_assemble_and_init(tmp_path: Pa
 
 
 def test_init_from_an_image_pkglayer_did_not_write_and_from_no_image(tmp_path: Path) -> None:
-    layout = tmp_path / "foreign"
-    run(["umoci", "init", "--layout", str(layout)])
-    run(["umoci", "new", "--image", f"{layout}:v1"])
-    content = tmp_path / "content"
-    (content / "etc").mkdir(parents=True)
-    (content / "etc/hello").write_text("hello\n")
-    run(["umoci", "insert", "--history.created_by", "COPY hello /etc/hello", "--image", f"{layout}:v1",
-         str(content / "etc/hello"), "/etc/hello"])
+    layout = _foreign_image(tmp_path)
     layers = tmp_path / "layers"
     init = pkglayer_json("layers", "init", str(layers), "--from", f"oci:{layout}:v1")
     assert not init["fromPlanLabel"] and init["layers"] == init["blobs"] == 1
