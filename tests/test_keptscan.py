@@ -22,7 +22,7 @@ from pkglayer.keptscan import DiskScans, KeptLayer, KeptScan, LayerContents, fin
 from pkglayer.ownership import HOME_UNOWNED
 from pkglayer.plan import PlannedLayer
 from pkglayer.rootfs import Rootfs
-from pkglayer.scan import RACY_SECONDS, same_stamp, walk
+from pkglayer.scan import RACY_SECONDS, Listing, same_stamp, walk
 from pkglayer.timings import Timings
 from pkglayer.usercomponents import ComponentSpec
 from tests.helpers import build_json, deb_package, dpkg_install, dpkg_root
@@ -60,7 +60,7 @@ def test_unchanged_objects_are_trusted_only_outside_the_racy_window(tmp_path: Pa
     assert _walk(tmp_path, fresh).changed == {"f", "g"}
     aged = _aged(fresh)
     again = _walk(tmp_path, aged)
-    assert again.changed == set() and again.removed == set()
+    assert again.changed == set() and again.removed == set() and again.hashed == 0
     assert again.objects["f"] is aged.objects["f"] and again.digests == aged.digests
 
 
@@ -133,7 +133,8 @@ def test_a_kept_object_holds_only_while_every_field_of_its_lstat_does(tmp_path: 
                 objects["d"] = replace(objects["d"], st=_with(objects["d"].st, "st_mtime_ns"))
             again = _walk(tmp_path, replace(kept, objects=objects))
             assert again.changed == ({"d", "d/f"} if relisted else {"d/f"}), (name, relisted)
-            assert again.objects["d/g"] is kept.objects["d/g"]
+            assert again.objects["d/g"] is kept.objects["d/g"] and again.hashed == 1
+            assert again.digests == kept.digests
 
 
 def test_an_object_changed_within_the_racy_window_is_read_again_in_an_unchanged_directory(tmp_path: Path) -> None:
@@ -196,10 +197,12 @@ def test_a_new_hard_link_is_seen_by_the_other_names_too(tmp_path: Path) -> None:
 
 
 def test_trusted_needs_spare_asking_about_unchanged_files(tmp_path: Path) -> None:
-    for name in "ab":
+    (tmp_path / "d").mkdir()
+    for name in ("a", "b", "d/e", "d/f"):
         (tmp_path / name).write_bytes(name.encode())
     kept = _aged(_walk(tmp_path))
-    (tmp_path / "b").write_bytes(b"bigger")
+    (tmp_path / "b").write_bytes(b"bigger")  # the root keeps its listing
+    (tmp_path / "d/g").write_bytes(b"new")  # d is listed again
     asked: list[str] = []
 
     def algos(path: str) -> tuple[str, ...]:
@@ -208,10 +211,41 @@ def test_trusted_needs_spare_asking_about_unchanged_files(tmp_path: Path) -> Non
 
     with Rootfs(str(tmp_path)) as rootfs:
         again = walk(rootfs, algos, (), (), kept=kept, trusted_needs=("sha256",))
-        assert asked == ["b"] and again.hashed == 1 and again.digests["a"] == kept.digests["a"]
+        assert sorted(asked) == ["b", "d/g"] and again.hashed == 2
+        assert {p: again.digests[p] for p in ("a", "d/e")} == {p: kept.digests[p] for p in ("a", "d/e")}
         more = walk(rootfs, algos, (), (), kept=kept, trusted_needs=("sha256", "md5"))
-    assert set(more.digests["a"]) == {"sha256", "md5"} and more.digests["a"]["sha256"] == kept.digests["a"]["sha256"]
-    assert more.hashed == 2
+    for path in ("a", "d/e", "d/f"):
+        assert set(more.digests[path]) == {"sha256", "md5"}
+        assert more.digests[path]["sha256"] == kept.digests[path]["sha256"]
+    assert more.hashed == 5
+
+
+def test_an_unchanged_directory_keeps_its_excluded_entries_and_sockets(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    for name in ("x", "d/x", "d/f"):
+        (tmp_path / name).write_bytes(b"x")
+    for name in ("sock", "d/sock"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(tmp_path / name))
+    with Rootfs(str(tmp_path)) as rootfs:
+        kept = _aged(walk(rootfs, lambda path: (), ("x", "d/x"), ()))
+        again = walk(rootfs, lambda path: (), ("x", "d/x"), (), kept=kept)
+    assert kept.excluded == again.excluded == ["d/x", "x"]
+    why = "socket (tar cannot store sockets)"
+    assert kept.skipped == again.skipped == [("d/sock", why), ("sock", why)]
+    assert again.listings == kept.listings and again.listings["d"] == Listing(("f",), ("x",), ("sock",))
+    assert again.changed == set()
+
+
+def test_an_entry_gone_since_its_directory_was_listed_is_left_out(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    for name in ("d/a", "d/b"):
+        (tmp_path / name).write_bytes(b"x")
+    kept = _aged(_walk(tmp_path))
+    (tmp_path / "d/a").unlink()
+    # Told only d/a may have changed, the walk keeps d's listing and finds d/a gone.
+    again = _walk(tmp_path, kept, check={"d/a"})
+    assert set(again.objects) == {"d", "d/b"} and again.removed == {"d/a"} and again.changed == set()
 
 
 def _two_packages(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -252,6 +286,7 @@ def test_a_database_written_within_the_racy_window_is_read_again(tmp_path: Path)
     root, one, _ = _two_packages(tmp_path)
     dpkg_install(root, one)
     settings = BuildSettings().validated()
+    time.sleep(RACY_SECONDS / 2)
     first = _scan_kept(root, settings, None)
     assert first.trace is None  # its files changed less than RACY_SECONDS ago
     assert _scan_kept(root, settings, first).databases is not first.databases
@@ -442,14 +477,17 @@ def test_without_the_content_hash_none_is_taken(kept_tree) -> None:
 def test_the_first_scan_reports_its_hashing(kept_tree) -> None:
     root, settings = kept_tree
     seen: list[tuple[str, int, int]] = []
-    first = _scan_kept(root, settings, None, progress=lambda *a: seen.append(a))
+    timings = Timings()
+    first = _scan_kept(root, settings, None, progress=lambda *a: seen.append(a), timings=timings)
     assert first.scan.changed is None and first.dirty_homes is None and first.fresh is True
+    assert "hash" in timings.cpu  # the hashing threads' CPU time, charged to this build
     assert seen and {phase for phase, _, _ in seen} == {"hashing"} and seen[-1][1] == seen[-1][2] == first.scan.hashed
     assert first.scan.objects["usr/share/two/file"].content_hash
 
 
 def test_a_scan_kept_under_other_settings_or_of_another_root_is_not_used(kept_tree) -> None:
     root, settings = kept_tree
+    assert _scan_kept(root, replace(settings, package_format="none"), None).databases.distro == []
     kept = _aged_kept(_kept_scan(root, settings))
     other = replace(settings, drop_xattrs=(*settings.drop_xattrs, "user.other"))
     assert fingerprint(other) != fingerprint(settings)
