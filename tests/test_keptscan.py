@@ -9,6 +9,7 @@ import marshal
 import os
 import socket
 import stat
+import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from pkglayer.rootfs import Rootfs
 from pkglayer.scan import RACY_SECONDS, Listing, same_stamp, walk
 from pkglayer.timings import Timings
 from pkglayer.usercomponents import ComponentSpec
-from tests.helpers import build_json, deb_package, dpkg_install, dpkg_root
+from tests.helpers import build_json, deb_package, dpkg_install, dpkg_root, tmpfs
 from tests.test_ownership_rules import SITE, dist_info
 
 
@@ -218,6 +219,10 @@ def test_trusted_needs_spare_asking_about_unchanged_files(tmp_path: Path) -> Non
         assert set(more.digests[path]) == {"sha256", "md5"}
         assert more.digests[path]["sha256"] == kept.digests[path]["sha256"]
     assert more.hashed == 5
+    with Rootfs(str(tmp_path)) as rootfs:
+        other = walk(rootfs, algos, (), (), kept=kept, trusted_needs=("md5",))
+    # The digests kept of an algorithm not asked for now stay beside those taken.
+    assert set(other.digests["a"]) == {"sha256", "md5"} and other.digests["a"]["sha256"] == kept.digests["a"]["sha256"]
 
 
 def test_an_unchanged_directory_keeps_its_excluded_entries_and_sockets(tmp_path: Path) -> None:
@@ -496,6 +501,16 @@ def test_a_scan_kept_under_other_settings_or_of_another_root_is_not_used(kept_tr
         assert again.layers == {} and again.dirty_homes is None and again.fresh is True
 
 
+def test_scan_kept_does_not_enter_a_mount_point(tmp_path: Path) -> None:
+    root, one, _ = _two_packages(tmp_path)
+    dpkg_install(root, one)
+    with tmpfs(root / "mnt"):
+        (root / "mnt/inside").write_bytes(b"x")
+        kept = _scan_kept(root, BuildSettings().validated(), None)
+    assert "mnt" in kept.scan.objects and "mnt/inside" not in kept.scan.objects
+    assert [p for p, _ in kept.scan.skipped] == ["mnt"]
+
+
 def test_scan_kept_reads_again_only_the_paths_it_is_told_may_have_changed(tmp_path: Path) -> None:
     root, one, _ = _two_packages(tmp_path)
     dpkg_install(root, one)
@@ -538,11 +553,13 @@ def test_the_homes_of_what_changed_are_dirty_and_a_directory_change_dirties_all(
     dpkg_install(root, one, two)
     (root / "srv").mkdir()
     (root / "srv/a").write_bytes(b"a")
-    settings = BuildSettings().validated()
+    (root / "srv/big").write_bytes(b"b" * 8192)
+    settings = BuildSettings(big_file_size=4096).validated()
     kept = _aged_kept(_scan_kept(root, settings, None))
+    big_home = kept.ownership.objects["srv/big"].home
     one_home = kept.ownership.objects["usr/share/one/file"].home
     two_home = kept.ownership.objects["usr/share/two/file"].home
-    assert len({one_home, two_home, HOME_UNOWNED}) == 3
+    assert len({one_home, two_home, big_home, HOME_UNOWNED}) == 4
 
     (root / "srv/b").write_bytes(b"b")  # added, into an unowned directory
     after = _scan_kept(root, settings, kept)
@@ -555,9 +572,9 @@ def test_the_homes_of_what_changed_are_dirty_and_a_directory_change_dirties_all(
     moved_to = again.ownership.objects["usr/share/two/file"].home
     assert moved_to != two_home and again.dirty_homes == {two_home, moved_to}
 
-    (root / "srv/a").unlink()  # removed: its home
+    (root / "srv/big").unlink()  # removed: its home (and its directory's)
     gone = _scan_kept(root, settings, _aged_kept(again))
-    assert gone.scan.removed == {"srv/a"} and gone.dirty_homes == {HOME_UNOWNED}
+    assert gone.scan.removed == {"srv/big"} and gone.dirty_homes == {HOME_UNOWNED, big_home}
 
     os.chmod(root / "srv", 0o700)  # a directory's attributes: every layer below it repeats them
     assert _scan_kept(root, settings, _aged_kept(gone)).dirty_homes is None
@@ -587,6 +604,10 @@ def test_layer_keys_are_kept_only_for_the_same_clean_homes(kept_tree) -> None:
     files = [kept.layers[n].files for n in names]
     assert [made.files(n) for n in names] == [len(made.members(n)) for n in names] == files
 
+    dirs = [m for n in names for m in made.members(n) if m.type == tarfile.DIRTYPE]
+    assert dirs and {m.mtime for m in dirs} == {1234}
+    empty = LayerContents(kept, [PlannedLayer("empty", ("no-such-home",), (), (), 0, 0.0)], 1234)
+    assert empty.members("empty") == [] and empty.files("empty") == 0 and empty.keys["empty"]
     for other in (LayerContents(kept, planned, 99, with_root=True), LayerContents(kept, planned, 1234)):
         assert other.known == {}
     assert LayerContents(kept, planned, 99, with_root=True).keys == LayerContents(
@@ -757,8 +778,11 @@ def test_the_scans_of_the_roots_used_last_are_kept(kept_tree, tmp_path: Path) ->
     assert {n for n in names if n.endswith(".scan")} == {
         Path(scans._path(name, kept.fingerprint)).name for name in [roots[0], *roots[2:]]
     }
-    # The file name depends on both root and settings.
+    # The file name depends on both root and settings, and any root has one (a path that
+    # is not UTF-8 comes as surrogates).
     assert scans._path("/a", "fp") != scans._path("/b", "fp") != scans._path("/b", "other")
+    odd = os.fsdecode(b"/r\xff")
+    assert scans._path(odd, "fp") != scans._path(os.fsdecode(b"/r\xfe"), "fp")
 
 
 def test_scans_are_kept_beside_the_digest_cache_unless_it_is_off(tmp_path: Path) -> None:
