@@ -688,18 +688,20 @@ def test_a_kept_scan_file_of_another_kind_or_shape_is_refused(kept_tree) -> None
 
     cases = [
         (b"x" + data[1:], "not a kept scan"),
-        (data[:-1], "checksum mismatch"),
-        (data[: len(keptscan._MAGIC)] + bytes(32) + data[len(keptscan._MAGIC) + 32 :], "checksum mismatch"),
-        (altered(lambda d: d.update(format=keptscan.KEPT_FORMAT + 1)), "another version"),
-        (altered(lambda d: d.update(version="0.0")), "another version"),
+        (data[:-1], "checksum mismatch (a damaged file)"),
+        (data[: len(keptscan._MAGIC)] + bytes(32) + data[len(keptscan._MAGIC) + 32 :],
+         "checksum mismatch (a damaged file)"),
+        (altered(lambda d: d.update(format=keptscan.KEPT_FORMAT + 1)), "written by another version"),
+        (altered(lambda d: d.update(version="0.0")), "written by another version"),
         (altered(lambda d: d["scan"].update(homes=d["scan"]["homes"][1:])), "objects of another shape"),
         (altered(lambda d: d["scan"].update(stats=d["scan"]["stats"][:-1])), "objects of another shape"),
         (altered(lambda d: d["databases"]["packages"].__setitem__(0, d["databases"]["packages"][0][1:])),
          "package record of another shape"),
     ]
     for bad, why in cases:
-        with pytest.raises(ValueError, match=why):
+        with pytest.raises(ValueError) as refused:
             keptscan.decode(bad)
+        assert str(refused.value) == why
 
 
 def test_a_kept_scan_that_cannot_be_read_is_ignored_with_a_warning(kept_tree, tmp_path: Path, caplog) -> None:
@@ -753,6 +755,15 @@ def test_a_scan_that_cannot_be_kept_is_a_warning(kept_tree, tmp_path: Path, capl
     (tmp_path / "file").write_bytes(b"")
     DiskScans(str(tmp_path / "file")).keep(kept)
     assert caplog.messages == [f"could not keep the scan of {kept.root} in {tmp_path / 'file'}: File exists"]
+    caplog.clear()
+    # A full disk: a warning, and no temporary file left.
+    assert len(keptscan.encode(kept)) > 8 << 10
+    with tmpfs(tmp_path / "small", size="8k") as small:
+        DiskScans(str(small / "scans")).keep(kept)
+        assert caplog.messages == [
+            f"could not keep the scan of {kept.root} in {small / 'scans'}: No space left on device"
+        ]
+        assert list((small / "scans").iterdir()) == []
 
 
 def test_the_scans_of_the_roots_used_last_are_kept(kept_tree, tmp_path: Path) -> None:
