@@ -315,7 +315,7 @@ class DiskScans:
         try:
             kept = decode(data)
         except Exception as e:  # noqa: BLE001 - any damage at all: read the tree instead
-            log.warning("ignoring the kept scan %s: %s", path, e or type(e).__name__)
+            log.warning("ignoring the kept scan %s: %s", path, str(e) or type(e).__name__)
             return None, None
         if (kept.root, kept.fingerprint) != (root, fingerprint):
             return None, None
