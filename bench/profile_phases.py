@@ -24,16 +24,20 @@ import time
 # (module, attribute path, phase). Inner functions are subtracted from outer ones, so the
 # outer ones ("rest") hold only their own work.
 PHASES = [
-    ("pkglayer.build", "scan_rootfs", "scan: walk, lstat, xattrs, classify (rest)"),
+    ("pkglayer.keptscan", "scan_kept", "scan: walk, lstat, xattrs, homes (rest)"),
+    ("pkglayer.keptscan", "DiskScans.take", "kept scan: read and decode"),
+    ("pkglayer.keptscan", "DiskScans.keep", "kept scan: encode and write"),
     ("pkglayer.sources.dpkg", "DpkgSource.packages", "scan: dpkg database and changelogs"),
     ("pkglayer.ownership", "_owner_map", "scan: listed paths to real ones"),
-    ("pkglayer.ownership", "_hash_chunk", "scan: md5 of package files (read + hash)"),
-    ("pkglayer.hashcache", "HashCache.load", "digest cache: load"),
+    ("pkglayer.keptscan", "claim_homes", "ownership rules"),
+    ("pkglayer.scan", "_hash_chunk", "scan: package digests (read + hash)"),
+    ("pkglayer.hashcache", "HashCache._read", "digest cache: load"),
     ("pkglayer.hashcache", "HashCache.get", "digest cache: lookups"),
     ("pkglayer.hashcache", "HashCache.save", "digest cache: save"),
-    ("pkglayer.build", "_plan", "plan"),
-    ("pkglayer.build", "layer_members", "layer members"),
-    ("pkglayer.build", "content_key", "content keys"),
+    ("pkglayer.build", "plan_components", "plan"),
+    ("pkglayer.keptscan", "layer_members", "layer members"),
+    ("pkglayer.keptscan", "content_key", "content keys (before writing)"),
+    ("pkglayer.build", "content_key", "content keys (after writing)"),
     ("pkglayer.build", "write_layer", "write: tar framing, file reads, BLAKE3 (rest)"),
     ("pkglayer.compress", "Blocks._emit", "write: compress"),
     ("pkglayer.tarwriter", "_Compressor._push", "write: sha256 of the tar (rest)"),
@@ -41,7 +45,7 @@ PHASES = [
     ("pkglayer.blobstore", "BlobWriter.commit", "write: fsync and rename"),
     ("pkglayer.blobstore", "fsync_dir", "write: fsync of the directory"),
     ("pkglayer.blobstore", "BlobDir.verify", "verify reused blobs (sha256)"),
-    ("pkglayer.build", "write_image", "OCI image (rest)"),
+    ("pkglayer.outputs", "write_layout", "OCI image (rest)"),
 ]
 
 _cpu: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])  # phase -> [calls, exclusive s]
