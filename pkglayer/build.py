@@ -130,6 +130,7 @@ def scan_rootfs(
         cache=cache,
         progress=progress,
         compare_mtimes=settings.compare_mtimes,
+        hash_package_files=settings.hash_package_files,
         components=settings.components,
         big_file_size=settings.big_file_size,
     )

@@ -72,6 +72,8 @@ def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
         changes["big_file_size"] = args.big_file_size
     if getattr(args, "verify_reused", False):
         changes["verify_reused"] = True
+    if args.hash_package_files:
+        changes["hash_package_files"] = True
     for name in ("compression", "max_layers"):
         value = getattr(args, name, None)
         if value is not None:
@@ -677,6 +679,12 @@ def _common(p: argparse.ArgumentParser, rootfs_optional: bool = False) -> None:
         "--no-hash-cache",
         action="store_true",
         help="hash every file anew instead of trusting the digest cache (inode, size, mtime, ctime)",
+    )
+    p.add_argument(
+        "--hash-package-files",
+        action="store_true",
+        help="tell edited package files by their content alone: hash even those dpkg's file list is newer "
+        "than (by ctime and mtime), which are otherwise taken as installed",
     )
     p.add_argument(
         "--component",

@@ -102,6 +102,9 @@ class BuildSettings:
     # Whether a package file whose mtime differs from the database's counts as modified.
     # Off for ostree checkouts (bootc images), where every mtime is 0.
     compare_mtimes: bool = True
+    # Read and hash every package file to tell edits, even those the package database's
+    # timestamps vouch for (dpkg: ownership.vouched_for), as debsums does.
+    hash_package_files: bool = False
     # package database format to read; None detects it ("rpm", "dpkg", "none")
     package_format: str | None = None
     # file-digest cache (see hashcache.py): None = the per-user default, "" = none
@@ -173,6 +176,7 @@ _TOML_KEYS = {
     "drop-xattrs": list,
     "source-date-epoch": int,
     "one-file-system": bool,
+    "hash-package-files": bool,
     "hash-cache": str,
     "verify-reused": bool,
     "jobs": int,

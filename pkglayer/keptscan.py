@@ -51,7 +51,7 @@ from .timings import Timings
 log = logging.getLogger(__name__)
 
 # Bump when what is kept, or what the rules make of it, changes meaning.
-KEPT_FORMAT = 1
+KEPT_FORMAT = 2
 _MAGIC = b"pkglayer-kept-scan\n"
 # Disk store bounds: scans of this many roots (the least recently used go), each at most
 # this big (a tree of about a million objects).
@@ -64,7 +64,8 @@ def fingerprint(settings: BuildSettings) -> str:
     is not used."""
     parts = (
         f"kept-{KEPT_FORMAT}", __version__, settings.all_excludes, settings.drop_xattrs, settings.one_file_system,
-        settings.package_format, settings.compare_mtimes, settings.components, settings.big_file_size,
+        settings.package_format, settings.compare_mtimes, settings.hash_package_files, settings.components,
+        settings.big_file_size,
     )
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
@@ -137,8 +138,9 @@ def scan_kept(
     started = time.perf_counter()
     same_databases = kept is not None and databases is kept.databases
     scan = walk(
-        rootfs, databases.algos_for(hash_content), settings.all_excludes, settings.drop_xattrs,
-        settings.one_file_system, settings.jobs, cache, progress, kept.scan if kept else None, check, timings,
+        rootfs, databases.algos_for(hash_content, settings.hash_package_files), settings.all_excludes,
+        settings.drop_xattrs, settings.one_file_system, settings.jobs, cache, progress, kept.scan if kept else None,
+        check, timings,
         trusted_needs=((CONTENT_HASH,) if hash_content else ()) if same_databases else None,
     )
     timings.steps["scan"] = time.perf_counter() - started - timings.steps.get("hash", 0.0)
@@ -157,8 +159,8 @@ def scan_kept(
             for obj in scan.objects.values():
                 obj.home = HOME_UNOWNED
             ownership = claim_homes(
-                scan, databases, settings.compare_mtimes, components=settings.components,
-                big_file_size=settings.big_file_size,
+                scan, databases, settings.compare_mtimes, hash_package_files=settings.hash_package_files,
+                components=settings.components, big_file_size=settings.big_file_size,
             )
             dirty = _dirty_homes(old, old_homes, scan) if old is not None and old_homes is not None else None
             fresh = True

@@ -12,6 +12,7 @@ the ones before it left.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import stat
 from collections import defaultdict
@@ -159,7 +160,30 @@ def _pip_owner_map(
     return pip_owners, kept, dropped
 
 
-def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str], compare_mtimes: bool = True) -> bool:
+def vouched_for(pkg: Package, rec: FileRecord, st: os.stat_result, hash_package_files: bool = False) -> bool:
+    """Whether the database's own timestamps say the regular file at `st` is as `pkg`
+    installed it, so that its content need not be read to tell (Package.files_settled_ns:
+    neither ctime nor mtime later than when the package manager recorded the package's
+    files). Not for conffiles (dpkg writes them after the file list, and they are there
+    to be edited) nor ghosts; never with `hash_package_files` (every file judged by its
+    content, as debsums does).
+
+    Trust misplaced (an edit made before dpkg rewrote the package's list, as it does
+    when another package's Replaces: takes a path from it) costs update economy only,
+    never image content: the file's real bytes go into the package's layer, whose
+    content key then differs from a pristine install's."""
+    settled = pkg.files_settled_ns
+    return (
+        settled is not None and not hash_package_files and not rec.config and not rec.ghost
+        and st.st_ctime_ns <= settled and st.st_mtime_ns <= settled
+    )
+
+
+def _is_modified(
+    obj: FsObject, rec: FileRecord, digests: dict[str, str], compare_mtimes: bool = True, vouched: bool = False
+) -> bool:
+    """Whether the object differs from the record; `vouched` (see vouched_for): its
+    content is the package's, and was not read."""
     st = obj.st
     if stat.S_ISDIR(st.st_mode):
         return False  # directory attributes are normalised, never a package difference
@@ -171,7 +195,7 @@ def _is_modified(obj: FsObject, rec: FileRecord, digests: dict[str, str], compar
     if stat.S_ISLNK(st.st_mode):
         return rec.linkto is not None and rec.linkto != obj.linkname
     if stat.S_ISREG(st.st_mode):
-        if rec.digest and rec.digest_algo and digests.get(rec.digest_algo) != rec.digest.lower():
+        if not vouched and rec.digest and rec.digest_algo and digests.get(rec.digest_algo) != rec.digest.lower():
             return True
         if compare_mtimes and rec.mtime is not None and rec.mtime != int(st.st_mtime):
             return True
@@ -208,6 +232,7 @@ class Claims:
     db_paths: list[str]
     excluded: list[str]
     compare_mtimes: bool = True
+    hash_package_files: bool = False  # see vouched_for
     pip_owners: dict[str, tuple[Package, FileRecord]] = field(default_factory=dict)
     specs: Sequence[ComponentSpec] = ()
     big_file_size: int | None = None
@@ -241,7 +266,10 @@ def claim_database(c: Claims) -> None:
 def claim_package_files(c: Claims) -> None:
     """A listed file goes to its package if it is as the package installed it, else to
     `modified` (remembered, so a prior pristine layer of the package can be reused)."""
-    _claim_listed(c, c.owners)
+    vouched = _claim_listed(c, c.owners)
+    if vouched:
+        log.info("%d package files taken as installed, unread: the package database's timestamps vouch for them",
+                 vouched)
 
 
 def claim_pip_files(c: Claims) -> None:
@@ -250,7 +278,9 @@ def claim_pip_files(c: Claims) -> None:
     _claim_listed(c, c.pip_owners)
 
 
-def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> None:
+def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> int:
+    """Returns how many files were judged without their content (vouched_for)."""
+    vouched_files = 0
     for obj in c.objects.values():
         if obj.home != HOME_UNOWNED:
             continue
@@ -260,12 +290,15 @@ def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> N
         pkg, rec = owner
         if rec.ghost:
             continue  # a %ghost file's content is the system's, not the package's
-        if _is_modified(obj, rec, c.digests.get(obj.path, {}), c.compare_mtimes):
+        vouched = stat.S_ISREG(obj.st.st_mode) and vouched_for(pkg, rec, obj.st, c.hash_package_files)
+        vouched_files += vouched
+        if _is_modified(obj, rec, c.digests.get(obj.path, {}), c.compare_mtimes, vouched):
             obj.home = HOME_MODIFIED
             c.modified.append(obj.path)
             c.modified_by_package[pkg.key].append((obj, rec))
         else:
             obj.home = pkg.key
+    return vouched_files
 
 
 def claim_bytecode(c: Claims) -> None:
@@ -521,37 +554,44 @@ class Databases:
     shared: dict[str, list[str]]  # real path -> every package listing it (files only)
     dropped: list[tuple[str, str]]  # (pip package key, why it was left to the distro)
     db_paths: list[str]  # the distro database's own files and directories
-    # real path -> the algorithm of the digest its database records (made when first used)
-    digest_algos: dict[str, str] | None = None
+    # real path -> the algorithm of the digest its database records, with the package and
+    # record it is of (made when first used)
+    digest_algos: dict[str, tuple[str, Package, FileRecord]] | None = None
 
     @property
     def packages(self) -> list[Package]:
         return [*self.distro, *self.pip]
 
-    def algos_for(self, hash_content: bool) -> Callable[[str], tuple[str, ...]]:
-        """The digests the scan takes of a file: the database's, to spot edits, and the
+    def algos_for(
+        self, hash_content: bool, hash_package_files: bool = False
+    ) -> Callable[[str, os.stat_result], tuple[str, ...]]:
+        """The digests the scan takes of a regular file (path, lstat): the database's, to
+        spot edits, unless the database vouches for the file (vouched_for), and the
         content hash layer keys are made of when `hash_content`."""
         base = (CONTENT_HASH,) if hash_content else ()
         combined: dict[str, tuple[str, ...]] = {}
 
-        def algos_for(path: str) -> tuple[str, ...]:
+        def algos_for(path: str, st: os.stat_result) -> tuple[str, ...]:
             known = self.digest_algos if self.digest_algos is not None else self._digest_algos()
-            algo = known.get(path)
-            if algo is None:
-                return base
-            found = combined.get(algo)
+            found = known.get(path)
             if found is None:
-                found = combined[algo] = tuple(sorted({*base, algo}))
-            return found
+                return base
+            algo, pkg, rec = found
+            if vouched_for(pkg, rec, st, hash_package_files):
+                return base
+            algos = combined.get(algo)
+            if algos is None:
+                algos = combined[algo] = tuple(sorted({*base, algo}))
+            return algos
 
         return algos_for
 
-    def _digest_algos(self) -> dict[str, str]:
-        found: dict[str, str] = {}
+    def _digest_algos(self) -> dict[str, tuple[str, Package, FileRecord]]:
+        found: dict[str, tuple[str, Package, FileRecord]] = {}
         for owners in (self.pip_owners, self.owners):  # the distro's record wins, as in the rules
-            for path, (_, rec) in owners.items():
+            for path, (pkg, rec) in owners.items():
                 if rec.digest_algo and rec.digest:
-                    found[path] = rec.digest_algo
+                    found[path] = (rec.digest_algo, pkg, rec)
                 else:
                     found.pop(path, None)
         self.digest_algos = found
@@ -581,15 +621,18 @@ def claim_homes(
     databases: Databases,
     compare_mtimes: bool = True,
     *,
+    hash_package_files: bool = False,
     components: Sequence[ComponentSpec] = (),
     big_file_size: int | None = None,
 ) -> Ownership:
-    """Every object of the scan its home, by the rules (`RULES`)."""
+    """Every object of the scan its home, by the rules (`RULES`). `hash_package_files`
+    must be what the scan's `algos_for` was made with."""
     packages = databases.packages
     reserved = frozenset(SPECIAL_HOMES) | {p.source or p.name for p in packages} | {p.key for p in packages}
     claims = Claims(
         scan.objects, scan.digests, databases.owners, databases.db_paths, scan.excluded,
-        compare_mtimes=compare_mtimes, pip_owners=databases.pip_owners, specs=components,
+        compare_mtimes=compare_mtimes, hash_package_files=hash_package_files, pip_owners=databases.pip_owners,
+        specs=components,
         big_file_size=big_file_size, reserved=reserved,
     )
     origins = {p.key: PipSource.format for p in databases.pip}
@@ -608,6 +651,7 @@ def scan_ownership(
     progress: Progress | None = None,
     compare_mtimes: bool = True,
     *,
+    hash_package_files: bool = False,
     components: Sequence[ComponentSpec] = (),
     big_file_size: int | None = None,
 ) -> Ownership:
@@ -615,10 +659,11 @@ def scan_ownership(
     every object its home.
 
     Files are hashed while walking with what must be known before layers are written:
-    the database's digest of each package file (to spot edits) and, when earlier layers
-    may be reused (`hash_content`), the content hash that keys are made of (otherwise
-    it is taken while writing)."""
+    the database's digest of each package file the database does not vouch for (to spot
+    edits; `vouched_for`) and, when earlier layers may be reused (`hash_content`), the
+    content hash that keys are made of (otherwise it is taken while writing)."""
     databases = read_databases(rootfs, source)
-    scan = walk(rootfs, databases.algos_for(hash_content), excludes, drop_xattrs, one_file_system, jobs, cache,
-                progress)
-    return claim_homes(scan, databases, compare_mtimes, components=components, big_file_size=big_file_size)
+    scan = walk(rootfs, databases.algos_for(hash_content, hash_package_files), excludes, drop_xattrs,
+                one_file_system, jobs, cache, progress)
+    return claim_homes(scan, databases, compare_mtimes, hash_package_files=hash_package_files,
+                       components=components, big_file_size=big_file_size)

@@ -1,9 +1,10 @@
 """The single walk over a rootfs: every object once, never following a symlink, with the
 digests later stages need.
 
-Which digests a file needs is the caller's decision (`algos_for`): the package
-database's own algorithm for package files, so edits can be told apart from pristine
-files, and the content hash of layer keys when earlier layers may be reused. Hashing
+Which digests a file needs is the caller's decision (`algos_for`, from its path and
+lstat): the package database's own algorithm for package files, so edits can be told
+apart from pristine files (unless the database's timestamps vouch for the file), and
+the content hash of layer keys when earlier layers may be reused. Hashing
 runs on worker threads while the walk goes on; a digest cache (hashcache.py) spares
 files unchanged since they were last hashed.
 """
@@ -95,7 +96,7 @@ def glob_regex(patterns: Iterable[str], flags: int) -> re.Pattern[str]:
 
 def walk(
     rootfs: Rootfs,
-    algos_for: Callable[[str], tuple[str, ...]],
+    algos_for: Callable[[str, os.stat_result], tuple[str, ...]],
     excludes: Iterable[str],
     drop_xattrs: Iterable[str],
     one_file_system: bool = True,
@@ -108,7 +109,7 @@ def walk(
     trusted_needs: tuple[str, ...] | None = None,
 ) -> Scan:
     """Every object of the rootfs but the excluded ones; regular files hashed with the
-    algorithms `algos_for(path)` names (distinct, sorted).
+    algorithms `algos_for(path, lstat)` names (distinct, sorted).
 
     With `kept`, an earlier scan of the same tree with the same settings, only what
     changed is read again, the way git's index works: an object whose lstat (inode,
@@ -168,7 +169,7 @@ def walk(
         if stat.S_ISREG(mode):
             if have:
                 digests[path] = have
-            algos = trusted_needs if obj is old and trusted_needs is not None else algos_for(path)
+            algos = trusted_needs if obj is old and trusted_needs is not None else algos_for(path, st)
             if algos and not (have and all(a in have for a in algos)):
                 hasher.add(obj, algos)
         return obj
@@ -249,7 +250,7 @@ def walk(
                         digests[path] = have
                         if trusted_set is not None and have.keys() >= trusted_set:
                             continue
-                    needs = trusted_needs if trusted_needs is not None else algos_for(path)
+                    needs = trusted_needs if trusted_needs is not None else algos_for(path, st)
                     if needs and not (have and have.keys() >= set(needs)):
                         hasher.add(obj, needs)
                     continue

@@ -22,6 +22,14 @@ def _require_builder(tools: tuple[str, ...] = _TOOLS) -> None:
 
 
 @pytest.fixture(scope="session")
+def deb_base() -> Path:
+    """Debian bookworm minbase as debootstrap left it (every package file older than its
+    dpkg list, but the conffiles). Read-only."""
+    _require_builder()
+    return factory.deb_base()
+
+
+@pytest.fixture(scope="session")
 def deb_rootfs() -> Path:
     """Debian bookworm minbase + iputils-ping (ping has security.capability). Read-only."""
     _require_builder()

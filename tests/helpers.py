@@ -171,11 +171,11 @@ def read_layer(layout: str | os.PathLike[str], digest: str) -> tarfile.TarFile:
 
 def deb_package(
     workdir: Path, name: str, version: str, files: dict[str, bytes], *, source: str | None = None,
-    changelog: Sequence[str] = (),
+    changelog: Sequence[str] = (), conffiles: Sequence[str] = (),
 ) -> Path:
-    """A real .deb built with dpkg-deb: FILES (path -> data) and, when CHANGELOG lists
-    RFC 2822 dates (newest first), usr/share/doc/NAME/changelog.Debian.gz with one
-    entry per date."""
+    """A real .deb built with dpkg-deb: FILES (path -> data), those among them that
+    CONFFILES names (paths of FILES) as conffiles, and, when CHANGELOG lists RFC 2822
+    dates (newest first), usr/share/doc/NAME/changelog.Debian.gz with one entry per date."""
     pkg = workdir / f"{name}-pkg"
     (pkg / "DEBIAN").mkdir(parents=True)
     control = f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
@@ -183,6 +183,8 @@ def deb_package(
         control += f"Source: {source}\n"
     control += "Maintainer: tests <t@pkglayer.invalid>\nDescription: test package\n"
     (pkg / "DEBIAN/control").write_text(control)
+    if conffiles:
+        (pkg / "DEBIAN/conffiles").write_text("".join(f"/{path}\n" for path in conffiles))
     for path, data in files.items():
         (pkg / path).parent.mkdir(parents=True, exist_ok=True)
         (pkg / path).write_bytes(data)

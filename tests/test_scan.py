@@ -20,7 +20,7 @@ from pkglayer.rootfs import Rootfs
 from tests.helpers import require_root, tmpfs
 
 
-def walk(root: Path, algos=lambda path: (), excludes=(), drop_xattrs=(), **kwargs) -> scan.Scan:
+def walk(root: Path, algos=lambda path, st: (), excludes=(), drop_xattrs=(), **kwargs) -> scan.Scan:
     with Rootfs(root) as rootfs:
         return scan.walk(rootfs, algos, excludes, drop_xattrs, **kwargs)
 
@@ -78,7 +78,7 @@ def test_files_are_hashed_with_the_algorithms_asked_for(tmp_path: Path) -> None:
         (root / path).write_bytes(data)
     (root / "link").symlink_to("big")
 
-    def algos(path: str) -> tuple[str, ...]:
+    def algos(path: str, st: os.stat_result | None = None) -> tuple[str, ...]:
         return (CONTENT_HASH, "md5") if path.endswith("0") else (CONTENT_HASH,) if path != "big" else ("sha256",)
 
     progress: list[tuple[str, int, int]] = []
@@ -115,7 +115,7 @@ def test_digests_are_cached_and_cached_ones_spare_the_reading(tmp_path: Path, mo
         return c
 
     first = cache()
-    walk(root, lambda path: ("md5",), cache=first)
+    walk(root, lambda path, st: ("md5",), cache=first)
     first.save()  # what the walk hashed is now in the cache
     assert cache().get(os.stat(root / "g"), ["md5"]) == {"md5": hashlib.md5(b"other").hexdigest()}
     planted = cache()
@@ -125,10 +125,10 @@ def test_digests_are_cached_and_cached_ones_spare_the_reading(tmp_path: Path, mo
     real = scan._hash_chunk
     monkeypatch.setattr(scan, "_hash_chunk", lambda rootfs, chunk: hashed.extend(o.path for o, _ in chunk)
                         or real(rootfs, chunk))
-    found = walk(root, lambda path: ("md5",), cache=cache())
+    found = walk(root, lambda path, st: ("md5",), cache=cache())
     assert found.digests == {"f": {"md5": "cached"}, "g": {"md5": hashlib.md5(b"other").hexdigest()}}
     assert hashed == []
-    found = walk(root, lambda path: ("md5", "sha256"), cache=cache())  # one algorithm missing: read
+    found = walk(root, lambda path, st: ("md5", "sha256"), cache=cache())  # one algorithm missing: read
     assert hashed == ["f", "g"] and found.digests["f"]["sha256"] == hashlib.sha256(b"data").hexdigest()
 
 
@@ -157,7 +157,7 @@ def test_a_file_changed_between_walk_and_read_stops_the_scan(
 
     monkeypatch.setattr(scan, "_hash_chunk", racing)
     with pytest.raises(RootfsError, match=f"^/f {message}$"):
-        walk(root, lambda path: ("md5",))
+        walk(root, lambda path, st: ("md5",))
 
 
 def test_a_file_that_shrinks_while_read_stops_the_scan(tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_a_file_that_shrinks_while_read_stops_the_scan(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(scan.os, "readv", shrinking)
         with pytest.raises(RootfsError, match="^/f shrank while being read$"):
-            walk(root, lambda path: ("md5",))
+            walk(root, lambda path, st: ("md5",))
 
 
 def test_a_failing_walk_leaves_no_hashing_threads_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +207,7 @@ def test_a_failing_walk_leaves_no_hashing_threads_behind(tmp_path: Path, monkeyp
     monkeypatch.setattr(scan, "_hash_chunk", slow_chunk)
     before = threading.active_count()
     with pytest.raises(OSError, match="xattrs unreadable"):
-        walk(root, lambda path: ("md5",), jobs=2)
+        walk(root, lambda path, st: ("md5",), jobs=2)
     assert calls[-1] == "y/z" and len(calls) == 403  # after the files were handed to the workers
     assert threading.active_count() == before
     assert started == [128, 128]  # the third run, still queued, was dropped
@@ -252,6 +252,6 @@ def test_a_failed_hashing_run_drops_the_runs_still_queued(tmp_path: Path, monkey
 
     monkeypatch.setattr(scan, "_hash_chunk", chunk_then_fail)
     with pytest.raises(RootfsError, match="^the first run fails$"):
-        walk(root, lambda path: ("md5",), jobs=1)
+        walk(root, lambda path, st: ("md5",), jobs=1)
     # the one worker may have taken the second run before the failure was seen, no more
     assert started[0] == "d/f000" and len(started) in (1, 2), started

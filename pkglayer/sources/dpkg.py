@@ -137,12 +137,14 @@ class DpkgSource(PackageSource):
             # A package whose status entry and files read are what they were when it was
             # last read is that package again (the daemon reads the database after every
             # transaction, which changes a few packages of hundreds).
-            stamps = tuple(self.rootfs.stamp(f"{INFO}/{n}") for n in self._info_names(para, info))
+            names = self._info_names(para, info)
+            stamps = tuple(self.rootfs.stamp(f"{INFO}/{n}") for n in names)
             docs = tuple(self.rootfs.stamp(d) for d in self._changelog_names(para["Package"], para["Architecture"]))
             key = (tuple(sorted(para.items())), diverted, stamps, docs)
             pkg = known.get(key)
             if pkg is None:
-                pkg = self._package(para, info, diversions)
+                listed = stamps[0] if names and names[0].endswith(".list") else None
+                pkg = self._package(para, info, diversions, listed[4] if listed is not None else None)
             if all(s is None or s[5] < racy_ns for s in (*stamps, *docs)):
                 remembered[key] = pkg
             pkgs.append(pkg)
@@ -199,8 +201,13 @@ class DpkgSource(PackageSource):
     # -- per package -------------------------------------------------------------------
 
     def _package(
-        self, para: dict[str, str], info: set[str], diversions: dict[str, tuple[str, str]]
+        self, para: dict[str, str], info: set[str], diversions: dict[str, tuple[str, str]],
+        list_mtime_ns: int | None,
     ) -> Package:
+        """The package of a status paragraph. `list_mtime_ns`, the mtime of its .list,
+        vouches for its files (Package.files_settled_ns): dpkg writes the list after
+        renaming the unpacked files into place (conffiles come later, at configure time:
+        the ownership rules never take them on trust)."""
         name, arch = para["Package"], para["Architecture"]
         epoch, sep, version = para["Version"].partition(":")
         if not sep:
@@ -249,6 +256,7 @@ class DpkgSource(PackageSource):
             release=None,
             source=source,
             size=int(size) * 1024 if size.isdigit() else 0,
+            files_settled_ns=list_mtime_ns,
             changelog=self._changelog_times(name, arch),
             files=tuple(files),
         )

@@ -1,0 +1,231 @@
+"""Package files dpkg's own timestamps vouch for are taken as installed, unread
+(ownership.vouched_for): a regular file, not a conffile, whose ctime and mtime are no
+later than its package's var/lib/dpkg/info/PKG.list.
+
+The roots are real: packages built with dpkg-deb and installed by dpkg (fresh from dpkg,
+as a package manager leaves a tree), debootstrap's tree read in place, and copies of
+them (a copy gives every file a new ctime: nothing is vouched for there).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pkglayer.cli import _settings_from_args, make_parser
+from pkglayer.config import BuildSettings, load_settings
+from pkglayer.hashcache import HashCache
+from pkglayer.keptscan import KeptScan, fingerprint, scan_kept
+from pkglayer.rootfs import Rootfs
+from pkglayer.scan import RACY_SECONDS
+from tests.helpers import build_json, deb_package, dpkg_install, dpkg_root, pkglayer
+from tests.rootfs_factory import copy_tree
+
+TOOL = {
+    "usr/bin/tool": b"#!/bin/sh\necho tool\n",
+    "usr/share/tool/data": b"data " * 200,
+    "usr/share/tool/more": b"more\n",
+    "etc/tool.conf": b"setting = 1\n",
+}
+OTHER = {"usr/share/other/file": b"other\n"}
+PACKAGE_FILES = set(TOOL) | set(OTHER)
+CONFFILE = "etc/tool.conf"
+TOOL_KEY = "tool-1.0-all"
+# Longer than a tick of the kernel's coarse clock (10 ms at HZ=100), which file times
+# come from: a change made after it has a later ctime than anything dpkg wrote before.
+CLOCK_TICK = 0.05
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Path:
+    """A root as dpkg leaves it: packages tool (with a conffile) and other."""
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    root = dpkg_root(tmp_path / "root")
+    dpkg_install(
+        root,
+        deb_package(debs, "tool", "1.0", TOOL, conffiles=[CONFFILE]),
+        deb_package(debs, "other", "1.0", OTHER),
+    )
+    time.sleep(CLOCK_TICK)
+    return root
+
+
+def scanned(root: Path, **settings) -> KeptScan:
+    """Databases, scan and homes as a build takes them (no digest cache, no kept scan)."""
+    with Rootfs(str(root)) as rootfs:
+        return scan_kept(rootfs, BuildSettings(hash_cache="", **settings).validated(), None)
+
+
+def md5_read(kept: KeptScan) -> set[str]:
+    return {path for path, found in kept.scan.digests.items() if "md5" in found}
+
+
+def list_mtime_ns(root: Path, package: str) -> int:
+    return os.lstat(root / f"var/lib/dpkg/info/{package}.list").st_mtime_ns
+
+
+def edit_in_place(path: Path, data: bytes) -> None:
+    """Overwrite the start of the file: same inode, same size when `data` is as long."""
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def changed_since_dpkg(root: Path, path: str, package: str) -> None:
+    """What the test relies on: the change gave the file a later ctime than the list."""
+    assert os.lstat(root / path).st_ctime_ns > list_mtime_ns(root, package)
+
+
+def test_a_tree_fresh_from_dpkg_reads_only_its_conffiles(fresh: Path) -> None:
+    kept = scanned(fresh)
+    assert md5_read(kept) == {CONFFILE}
+    assert kept.scan.hashed == 1
+    own = kept.ownership
+    assert own.modified == []
+    assert {own.objects[p].home for p in TOOL} == {TOOL_KEY}
+    assert own.objects["usr/share/other/file"].home == "other-1.0-all"
+
+
+def test_debootstraps_tree_is_judged_the_same_reading_a_fraction(deb_base: Path) -> None:
+    trusting = scanned(deb_base)
+    hashing = scanned(deb_base, hash_package_files=True)
+    owners = trusting.databases.owners
+    conffiles = {path for path, (_, rec) in owners.items() if rec.config}
+    with_md5 = md5_read(hashing)
+    assert len(with_md5) > 4000  # every regular package file
+    # Read: the conffiles (installed when configured, after the list) and the file
+    # debootstrap swaps for a stand-in while it installs.
+    assert md5_read(trusting) - conffiles == {"usr/sbin/start-stop-daemon"}
+    assert trusting.ownership.modified == hashing.ownership.modified
+    assert {p: o.home for p, o in trusting.ownership.objects.items()} == {
+        p: o.home for p, o in hashing.ownership.objects.items()
+    }
+
+
+def test_a_package_file_edited_in_place_is_modified(fresh: Path) -> None:
+    edit_in_place(fresh / "usr/share/tool/data", b"DATA")
+    changed_since_dpkg(fresh, "usr/share/tool/data", "tool")
+    kept = scanned(fresh)
+    assert kept.ownership.modified == ["usr/share/tool/data"]
+    assert kept.ownership.objects["usr/share/tool/data"].home == "modified"
+    # Only the changed file and the conffile were read.
+    assert md5_read(kept) == {"usr/share/tool/data", CONFFILE}
+
+
+def test_an_edit_whose_mtime_is_set_back_is_still_modified(fresh: Path) -> None:
+    path = fresh / "usr/bin/tool"
+    before = os.lstat(path)
+    edit_in_place(path, b"#!/bin/sh\necho TOOL\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # touch -d: ctime stays new
+    after = os.lstat(path)
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (before.st_mtime_ns, before.st_size, before.st_ino)
+    changed_since_dpkg(fresh, "usr/bin/tool", "tool")
+    kept = scanned(fresh)
+    assert kept.ownership.modified == ["usr/bin/tool"]
+    assert md5_read(kept) == {"usr/bin/tool", CONFFILE}
+
+
+def test_a_conffile_is_never_taken_on_trust(fresh: Path) -> None:
+    edit_in_place(fresh / CONFFILE, b"setting = 2\n")
+    # dpkg then rewrites the list (another package's Replaces: would): the edit is
+    # older than the list now. A plain file would be taken on trust (the one case
+    # where trust is misplaced; see vouched_for), a conffile never is.
+    edit_in_place(fresh / "usr/share/tool/more", b"MORE\n")
+    time.sleep(CLOCK_TICK)
+    (fresh / "var/lib/dpkg/info/tool.list").touch()
+    kept = scanned(fresh)
+    assert kept.ownership.modified == [CONFFILE]
+    assert md5_read(kept) == {CONFFILE}
+    assert kept.ownership.objects["usr/share/tool/more"].home == TOOL_KEY
+
+
+def test_a_copied_tree_is_read_whole_and_judged_as_before(fresh: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    copy_tree(fresh, copy)  # cp -a: every file gets a new ctime, the lists their old mtime
+    edit_in_place(copy / "usr/share/other/file", b"OTHER\n")
+    kept = scanned(copy)
+    assert md5_read(kept) == PACKAGE_FILES
+    assert kept.ownership.modified == ["usr/share/other/file"]
+    # The tree it was copied from, as dpkg left it, needs the conffile alone.
+    assert md5_read(scanned(fresh)) == {CONFFILE}
+
+
+def test_a_bootc_style_tree_with_every_mtime_zero_is_read_whole(fresh: Path) -> None:
+    # An ostree checkout: every mtime 0, the lists' too; ctime is when it was checked out.
+    for d, dirs, files in os.walk(fresh):
+        for name in [*dirs, *files]:
+            os.utime(os.path.join(d, name), ns=(0, 0), follow_symlinks=False)
+    assert list_mtime_ns(fresh, "tool") == 0
+    kept = scanned(fresh, compare_mtimes=False)
+    assert md5_read(kept) == PACKAGE_FILES
+    assert kept.ownership.modified == []
+
+
+def test_a_kept_scan_rereads_a_vouched_file_once_it_is_edited(fresh: Path) -> None:
+    settings = BuildSettings(hash_cache="").validated()
+    time.sleep(RACY_SECONDS + 0.1)  # a database written within the racy window is read again
+    first = scanned(fresh)
+    assert md5_read(first) == {CONFFILE}
+
+    def again(kept: KeptScan) -> KeptScan:
+        aged = replace(kept, scan=replace(kept.scan, started=kept.scan.started + RACY_SECONDS + 1))
+        with Rootfs(str(fresh)) as rootfs:
+            return scan_kept(rootfs, settings, aged)
+
+    same = again(first)
+    assert same.databases is first.databases and same.scan.hashed == 0 and same.ownership.modified == []
+    edit_in_place(fresh / "usr/share/tool/data", b"DATA")
+    edited = again(same)
+    assert edited.databases is first.databases
+    assert edited.ownership.modified == ["usr/share/tool/data"]
+    assert md5_read(edited) == {"usr/share/tool/data", CONFFILE}
+
+
+def test_hash_package_files_reads_every_package_file(fresh: Path, tmp_path: Path) -> None:
+    kept = scanned(fresh, hash_package_files=True)
+    assert md5_read(kept) == PACKAGE_FILES
+    assert kept.ownership.modified == []
+    # The setting, from the [build] table and from the command line; a kept scan made
+    # under the other value is not used.
+    conf = tmp_path / "pkglayer.toml"
+    conf.write_text("[build]\nhash-package-files = true\n")
+    assert load_settings(str(conf)).hash_package_files and not BuildSettings().hash_package_files
+    for command in ("build", "plan", "scan"):
+        args = make_parser().parse_args([command, str(fresh), "--hash-package-files"])
+        assert _settings_from_args(args).hash_package_files, command
+        args = make_parser().parse_args([command, str(fresh)])
+        assert not _settings_from_args(args).hash_package_files, command
+    assert fingerprint(BuildSettings(hash_package_files=True)) != fingerprint(BuildSettings())
+
+
+def test_the_digest_cache_holds_only_digests_taken(deb_base: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "digests.sqlite")
+    settings = BuildSettings(hash_cache=path).validated()
+    cache = HashCache(path)
+    with Rootfs(str(deb_base)) as rootfs:
+        cache.load(rootfs.path)
+        kept = scan_kept(rootfs, settings, None, cache=cache)
+    cache.save()
+    with sqlite3.connect(path) as db:
+        cached = db.execute("SELECT count(*) FROM digests WHERE algo = 'md5'").fetchone()[0]
+    assert cached == len(md5_read(kept)) < 200
+
+
+def test_a_fresh_tree_builds_the_same_image_as_with_every_file_hashed(deb_base: Path, tmp_path: Path) -> None:
+    common = ("--no-hash-cache", "--compression", "zstd")
+    trusting = build_json(deb_base, "--output", f"oci:{tmp_path}/a:t", *common)
+    hashing = build_json(deb_base, "--output", f"oci:{tmp_path}/b:t", "--hash-package-files", *common)
+    assert [(x["name"], x["contentKey"]) for x in trusting["layers"]] == [
+        (x["name"], x["contentKey"]) for x in hashing["layers"]
+    ]
+    assert trusting["manifestDigest"] == hashing["manifestDigest"]
+    # The files taken as installed were not read to judge them.
+    logged = pkglayer("plan", deb_base, "--no-hash-cache", "-v").stderr
+    assert "package files taken as installed, unread" in logged
+    logged = pkglayer("plan", deb_base, "--no-hash-cache", "-v", "--hash-package-files").stderr
+    assert "taken as installed" not in logged
