@@ -51,7 +51,7 @@ from .timings import Timings
 log = logging.getLogger(__name__)
 
 # Bump when what is kept, or what the rules make of it, changes meaning.
-KEPT_FORMAT = 2
+KEPT_FORMAT = 3
 _MAGIC = b"pkglayer-kept-scan\n"
 # Disk store bounds: scans of this many roots (the least recently used go), each at most
 # this big (a tree of about a million objects).
@@ -158,6 +158,7 @@ def scan_kept(
             old_homes = {p: o.home for p, o in old.objects.items()} if old is not None else None
             for obj in scan.objects.values():
                 obj.home = HOME_UNOWNED
+                obj.fixed_mtime = False
             ownership = claim_homes(
                 scan, databases, settings.compare_mtimes, hash_package_files=settings.hash_package_files,
                 components=settings.components, big_file_size=settings.big_file_size,
@@ -447,6 +448,7 @@ def encode(kept: KeptScan) -> bytes:
             "paths": list(scan.objects),
             "stats": _stats(objects),
             "homes": [o.home for o in objects],
+            "fixed_mtime": [o.path for o in objects if o.fixed_mtime],
             "links": {o.path: o.linkname for o in objects if o.linkname is not None},
             "xattrs": {o.path: o.xattrs for o in objects if o.xattrs},
             "digests": scan.digests,
@@ -467,6 +469,7 @@ def encode(kept: KeptScan) -> bytes:
             "shared": db.shared,
             "dropped": db.dropped,
             "db_paths": db.db_paths,
+            "records": db.records,
         },
         "trace": kept.trace,
         "ownership": {
@@ -509,6 +512,8 @@ def decode(data: bytes) -> KeptScan:
         homes.setdefault(home, []).append(obj)
     for path, found in digests.items():
         objects[path].content_hash = found.get(CONTENT_HASH)
+    for path in s["fixed_mtime"]:
+        objects[path].fixed_mtime = True
     root = stat_result(next(_STAT.iter_unpack(s["root"]))) if s["root"] else None
     scan = Scan(
         objects, digests, s["excluded"], [tuple(x) for x in s["skipped"]], s["hashed_at"],
@@ -520,7 +525,7 @@ def decode(data: bytes) -> KeptScan:
         source_format=db["format"], architecture=db["architecture"], distro=packages[: db["distro"]],
         pip=packages[db["distro"] :], owners=_Owners(db["owners"], packages),
         pip_owners=_Owners(db["pip_owners"], packages), shared=db["shared"],
-        dropped=[tuple(x) for x in db["dropped"]], db_paths=db["db_paths"],
+        dropped=[tuple(x) for x in db["dropped"]], db_paths=db["db_paths"], records=db["records"],
     )
     o = d["ownership"]
     made = [_unpackage(t) for t in o["made"]]

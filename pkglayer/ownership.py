@@ -233,6 +233,7 @@ class Claims:
     excluded: list[str]
     compare_mtimes: bool = True
     hash_package_files: bool = False  # see vouched_for
+    records: Mapping[str, str] = field(default_factory=dict)  # Databases.records
     pip_owners: dict[str, tuple[Package, FileRecord]] = field(default_factory=dict)
     specs: Sequence[ComponentSpec] = ()
     big_file_size: int | None = None
@@ -261,6 +262,24 @@ def claim_database(c: Claims) -> None:
     for obj in c.objects.values():
         if any(obj.path == d or obj.path.startswith(d + "/") for d in c.db_paths):
             obj.home = HOME_PKGDB
+
+
+def claim_package_records(c: Claims) -> None:
+    """A package's own records in the database (dpkg's info/NAME.*) go with its files,
+    so that a transaction changes the layers of the packages it touched and a small
+    `pkgdb` (dpkg's status: tens of kB compressed, not hundreds) instead of a layer of
+    every package's records. Records are written at install time: their mtime is fixed
+    in layers (FsObject.fixed_mtime), so a reinstall of the same package makes the same
+    layer. A package none of whose files is in its layer (all excluded or edited)
+    leaves its records to `pkgdb`: no layer of records alone."""
+    if not c.records:
+        return
+    homes = {obj.home for obj in c.objects.values()}
+    for path, key in c.records.items():
+        obj = c.objects.get(path)
+        if obj is not None and obj.home == HOME_PKGDB and key in homes and stat.S_ISREG(obj.st.st_mode):
+            obj.home = key
+            obj.fixed_mtime = True
 
 
 def claim_package_files(c: Claims) -> None:
@@ -495,6 +514,7 @@ RULES: tuple[Rule, ...] = (
     claim_database,
     claim_package_files,
     claim_pip_files,
+    claim_package_records,
     claim_bytecode,
     claim_xattr_components,
     claim_config_components,
@@ -554,6 +574,8 @@ class Databases:
     shared: dict[str, list[str]]  # real path -> every package listing it (files only)
     dropped: list[tuple[str, str]]  # (pip package key, why it was left to the distro)
     db_paths: list[str]  # the distro database's own files and directories
+    # real path -> the package whose own record in the database it is (Package.records)
+    records: dict[str, str] = field(default_factory=dict)
     # real path -> the algorithm of the digest its database records, with the package and
     # record it is of (made when first used)
     digest_algos: dict[str, tuple[str, Package, FileRecord]] | None = None
@@ -613,6 +635,7 @@ def read_databases(rootfs: Rootfs, source: PackageSource | None) -> Databases:
         shared=shared,
         dropped=dropped,
         db_paths=[rootfs.resolve(p) for p in source.database_paths()] if source else [],
+        records={rootfs.resolve(path): p.key for p in distro for path in p.records},
     )
 
 
@@ -632,8 +655,7 @@ def claim_homes(
     claims = Claims(
         scan.objects, scan.digests, databases.owners, databases.db_paths, scan.excluded,
         compare_mtimes=compare_mtimes, hash_package_files=hash_package_files, pip_owners=databases.pip_owners,
-        specs=components,
-        big_file_size=big_file_size, reserved=reserved,
+        specs=components, big_file_size=big_file_size, reserved=reserved, records=databases.records,
     )
     origins = {p.key: PipSource.format for p in databases.pip}
     return assign_homes(scan, claims, packages, origins, databases.shared, databases)

@@ -141,7 +141,7 @@ def _member(obj: FsObject, dir_mtime: int) -> Member:
     )
     if stat.S_ISDIR(mode):
         return Member(type=tarfile.DIRTYPE, mtime=dir_mtime, **common)
-    mtime = int(st.st_mtime)
+    mtime = dir_mtime if obj.fixed_mtime else int(st.st_mtime)
     if stat.S_ISREG(mode):
         return Member(
             type=tarfile.REGTYPE, mtime=mtime, size=st.st_size, source=obj, content_hash=obj.content_hash or "",

@@ -149,6 +149,9 @@ def hardlink_sets(nodes: dict[str, Node]) -> dict[str, frozenset[str]]:
 
 
 _COMPARED = ("kind", "mode", "uid", "gid", "mtime", "size", "sha256", "target", "rdev", "capability")
+# dpkg's records of a package (info/PKG.list...) go to the package's layer with the fixed
+# directory mtime (ownership.claim_package_records): the tree's install time or that.
+FIXED_MTIME_GLOBS = ("var/lib/dpkg/info/*",)
 
 
 def compare_trees(
@@ -156,11 +159,13 @@ def compare_trees(
     unpacked: str | os.PathLike[str],
     exclude_globs: Iterable[str],
     coverage: Coverage | None = None,
+    fixed_mtime: int = 0,
 ) -> list[str]:
     """Differences between a source rootfs (minus exclude_globs and their subtrees) and
     an unpacked image: paths present on one side only, type, mode, owner, size and
     sha256 of regular files, symlink targets, device numbers, security.capability,
-    mtimes of non-directories (directory mtimes are normalised by design), and
+    mtimes of non-directories (directory mtimes are normalised by design, and those of
+    FIXED_MTIME_GLOBS may be `fixed_mtime`, the build's SOURCE_DATE_EPOCH), and
     hard-link grouping. Fills `coverage` with what was compared. Empty list: equal."""
     globs = tuple(exclude_globs)
     a = snapshot(src, globs)
@@ -175,6 +180,8 @@ def compare_trees(
         na, nb = a[path], b[path]
         for attr in _COMPARED:
             va, vb = getattr(na, attr), getattr(nb, attr)
+            if attr == "mtime" and vb == fixed_mtime and _excluded(path, FIXED_MTIME_GLOBS):
+                continue
             if va != vb:
                 if attr == "mode":
                     va, vb = oct(va), oct(vb)

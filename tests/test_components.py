@@ -141,9 +141,13 @@ def test_packages_of_one_source_are_one_component(small_tree: Path) -> None:
     srca = by_name["srca"]
     assert srca.packages == tuple(sorted([keys["liba1"], keys["liba-bin"]])) and not srca.special
     # usr/bin/a was edited: it is in the modified layer, not in its package's
+    # ... and dpkg's records of the two packages (info/liba1.list, .md5sums...) are theirs
+    records = [str(p.relative_to(small_tree)) for name in ("liba1", "liba-bin")
+               for p in (small_tree / "var/lib/dpkg/info").glob(f"{name}.*")]
+    assert len(records) >= 4
     assert srca.size == _bytes(small_tree, "usr/lib/liba.so.1", "usr/share/a/data",
                                "usr/share/doc/liba1/changelog.Debian.gz",
-                               "usr/share/doc/liba-bin/changelog.Debian.gz")
+                               "usr/share/doc/liba-bin/changelog.Debian.gz", *records)
     # Both packages' changelogs, counted back from solo's newest entry (the tree's):
     # Jun 10 and Jun 9 in week 0, Jun 1 in week 1, Jan 1 in week 23, Aug 15 in week 43.
     # Neither package alone has four weeks.
@@ -153,18 +157,22 @@ def test_packages_of_one_source_are_one_component(small_tree: Path) -> None:
 
     solo = by_name["solo"]
     assert solo.packages == (keys["solo"],)
-    assert solo.size == _bytes(small_tree, "usr/bin/solo", "usr/share/doc/solo/changelog.Debian.gz")
+    assert solo.size == _bytes(small_tree, "usr/bin/solo", "usr/share/doc/solo/changelog.Debian.gz",
+                               "var/lib/dpkg/info/solo.list", "var/lib/dpkg/info/solo.md5sums")
     assert solo.rate.changelog_weeks == 2 and solo.weekly == pytest.approx(2.5 / 53)
     assert not by_name["quiet"].rate.known and by_name["quiet"].weekly == 0.25
-    assert by_name["quiet"].size == 20
+    assert by_name["quiet"].size == 20 + _bytes(small_tree, "var/lib/dpkg/info/quiet.list",
+                                                "var/lib/dpkg/info/quiet.md5sums")
 
     assert all(c.special and c.weekly == 1.0 and c.packages == () for c in components[3:])
     assert by_name["unowned"].size == len("small\n")
     assert by_name["modified"].size == 12
     dbdir = small_tree / "var/lib/dpkg"
+    # pkgdb: the database but the packages' own records (info/PKG.*, counted above)
     assert by_name["pkgdb"].size == sum(
         os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(dbdir) for f in files
         if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f))
+        and not (os.path.basename(d) == "info" and f.split(".")[0] in ("liba1", "liba-bin", "solo", "quiet"))
     )
     # The reference is the tree's newest entry, not the clock: the same tree gives the same rates.
     assert solo.rate == weekly_change_rate([_t(d) for d in SOLO], _t(REFERENCE))

@@ -59,6 +59,10 @@ class Package:
     # MAX_CHANGELOG_ENTRIES): the planner's evidence of how often it changes.
     changelog: tuple[int, ...] = field(default=(), repr=False)
     files: tuple[FileRecord, ...] = field(default=(), repr=False)
+    # The database's own files that are this package's alone (dpkg: info/NAME.list,
+    # .md5sums, maintainer scripts...), rootfs-relative: they go to the package's layer,
+    # not to the database's, which every transaction changes.
+    records: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def key(self) -> str:

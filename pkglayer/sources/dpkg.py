@@ -128,6 +128,7 @@ class DpkgSource(PackageSource):
         installed = self._status()
         diversions = self._diversions()
         info = set(self.rootfs.listdir(INFO))
+        records = _records_by_base(info)
         diverted = hashlib.sha256(repr(sorted(diversions.items())).encode("utf-8", "surrogateescape")).digest()
         racy_ns = (time.time() - _RACY_SECONDS) * 1e9
         known = _PACKAGES.pop(self.rootfs.path, {})
@@ -140,11 +141,12 @@ class DpkgSource(PackageSource):
             names = self._info_names(para, info)
             stamps = tuple(self.rootfs.stamp(f"{INFO}/{n}") for n in names)
             docs = tuple(self.rootfs.stamp(d) for d in self._changelog_names(para["Package"], para["Architecture"]))
-            key = (tuple(sorted(para.items())), diverted, stamps, docs)
+            own = records.get(self._base(para, info), ())
+            key = (tuple(sorted(para.items())), diverted, stamps, docs, own)
             pkg = known.get(key)
             if pkg is None:
                 listed = stamps[0] if names and names[0].endswith(".list") else None
-                pkg = self._package(para, info, diversions, listed[4] if listed is not None else None)
+                pkg = self._package(para, info, diversions, listed[4] if listed is not None else None, own)
             if all(s is None or s[5] < racy_ns for s in (*stamps, *docs)):
                 remembered[key] = pkg
             pkgs.append(pkg)
@@ -154,10 +156,16 @@ class DpkgSource(PackageSource):
         return sorted(pkgs, key=lambda p: p.key)
 
     @staticmethod
-    def _info_names(para: dict[str, str], info: set[str]) -> tuple[str, ...]:
-        """The files of info/ that `_package` reads for the package."""
+    def _base(para: dict[str, str], info: set[str]) -> str:
+        """The name of the package's files in info/: Multi-Arch: same packages are
+        stored as PKG:ARCH, the others as plain PKG."""
         name, arch = para["Package"], para["Architecture"]
-        base = f"{name}:{arch}" if f"{name}:{arch}.list" in info else name
+        return f"{name}:{arch}" if f"{name}:{arch}.list" in info else name
+
+    @classmethod
+    def _info_names(cls, para: dict[str, str], info: set[str]) -> tuple[str, ...]:
+        """The files of info/ that `_package` reads for the package."""
+        base = cls._base(para, info)
         return tuple(f"{base}.{x}" for x in ("list", "md5sums") if f"{base}.{x}" in info)
 
     # -- status ------------------------------------------------------------------------
@@ -203,6 +211,7 @@ class DpkgSource(PackageSource):
     def _package(
         self, para: dict[str, str], info: set[str], diversions: dict[str, tuple[str, str]],
         list_mtime_ns: int | None,
+        records: tuple[str, ...] = (),
     ) -> Package:
         """The package of a status paragraph. `list_mtime_ns`, the mtime of its .list,
         vouches for its files (Package.files_settled_ns): dpkg writes the list after
@@ -215,8 +224,7 @@ class DpkgSource(PackageSource):
         source = para.get("Source", "").split(" ", 1)[0] or name
         size = para.get("Installed-Size", "").strip()
 
-        # Multi-Arch: same packages are stored as PKG:ARCH, the others as plain PKG.
-        base = f"{name}:{arch}" if f"{name}:{arch}.list" in info else name
+        base = self._base(para, info)
         if f"{base}.list" not in info:
             raise DatabaseError(f"{INFO}/{name}.list: missing for installed package {name}:{arch}")
         listed = self._read_info(f"{base}.list")
@@ -259,6 +267,7 @@ class DpkgSource(PackageSource):
             files_settled_ns=list_mtime_ns,
             changelog=self._changelog_times(name, arch),
             files=tuple(files),
+            records=records,
         )
 
     def _changelog_times(self, name: str, arch: str) -> tuple[int, ...]:
@@ -328,6 +337,22 @@ class DpkgSource(PackageSource):
                 raise DatabaseError(f"{DIVERSIONS}: line {i + 1}: malformed diversion entry")
             out[orig] = (to, pkg)
         return out
+
+
+# dpkg keeps a package's control files in info/ as BASE.MEMBER, and member names have no dot.
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _records_by_base(info: set[str]) -> dict[str, tuple[str, ...]]:
+    """info/'s files by the package they belong to (its base name, see `_base`):
+    BASE.list, BASE.md5sums, the maintainer scripts... Shared files (format, triggers/)
+    match no installed package and stay the database's."""
+    found: dict[str, list[str]] = {}
+    for name in info:
+        base, dot, member = name.rpartition(".")
+        if dot and base and _MEMBER_NAME.fullmatch(member):
+            found.setdefault(base, []).append(f"{INFO}/{name}")
+    return {base: tuple(sorted(names)) for base, names in found.items()}
 
 
 def _paragraph_starts(data: bytes) -> list[int]:
