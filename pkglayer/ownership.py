@@ -326,7 +326,12 @@ def claim_bytecode(c: Claims) -> None:
     Debian packages ship .py files and compile them in postinst (py3compile), so the
     .pyc files are owned by no package and would otherwise sit in the unowned layer,
     which every update re-ships. They change exactly when their package does. A
-    __pycache__ directory goes along when everything in it went to one package."""
+    __pycache__ directory goes along when everything in it went to one package.
+
+    py3compile writes them at install time: their content is the package's (it holds
+    the .py's mtime, which Python checks; the .pyc's own mtime is never read), their
+    mtime the install time. Layers fix it (FsObject.fixed_mtime), or every fresh
+    install of the same package (a new builder stage) would make a new layer."""
     objects = c.objects
     claimed_dirs: dict[str, set[str]] = defaultdict(set)
     for obj in objects.values():
@@ -340,6 +345,7 @@ def claim_bytecode(c: Claims) -> None:
         # bytecode left unowned counts below, with everything else in its directory
         if src is not None and src.home not in SPECIAL_HOMES:
             obj.home = src.home
+            obj.fixed_mtime = True
             claimed_dirs[cache_dir].add(src.home)
     for obj in objects.values():  # anything else in those directories also counts
         parent = obj.path.rpartition("/")[0]

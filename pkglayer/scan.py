@@ -49,8 +49,9 @@ class FsObject:
     xattrs: tuple[tuple[str, bytes], ...] = ()
     content_hash: str | None = None  # CONTENT_HASH of a regular file's data, when the scan took it
     # Set by ownership (like `home`): the mtime is when the package was installed, the
-    # content is the package's (a database record): layers give it the directories'
-    # fixed mtime, so a reinstall of the same package makes the same layer.
+    # content is the package's (a database record, bytecode compiled at install): layers
+    # give it the directories' fixed mtime, so a reinstall of the same package makes the
+    # same layer.
     fixed_mtime: bool = False
 
 

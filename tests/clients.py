@@ -149,9 +149,10 @@ def hardlink_sets(nodes: dict[str, Node]) -> dict[str, frozenset[str]]:
 
 
 _COMPARED = ("kind", "mode", "uid", "gid", "mtime", "size", "sha256", "target", "rdev", "capability")
-# dpkg's records of a package (info/PKG.list...) go to the package's layer with the fixed
-# directory mtime (ownership.claim_package_records): the tree's install time or that.
-FIXED_MTIME_GLOBS = ("var/lib/dpkg/info/*",)
+# dpkg's records of a package (info/PKG.list...) and the bytecode compiled at install go to
+# the package's layer with the fixed directory mtime (ownership.claim_package_records,
+# claim_bytecode): the tree's install time or that.
+FIXED_MTIME_GLOBS = ("var/lib/dpkg/info/*", "*/__pycache__/*.pyc")
 
 
 def compare_trees(

@@ -1,14 +1,17 @@
-"""dpkg's records of a package (var/lib/dpkg/info/PKG.list, .md5sums, .conffiles, the
-maintainer scripts) go to the package's layer with the directories' fixed mtime
-(ownership.claim_package_records): a transaction changes the layers of the packages it
-touched and a small `pkgdb` (the status file), not a layer holding every package's
-records; and a reinstall of the same package makes the same layer.
+"""Files written at install time whose content is the package's go to the package's
+layer with the directories' fixed mtime, so that a reinstall of the same package makes the
+same layer: dpkg's records of a package (var/lib/dpkg/info/PKG.list, .md5sums,
+.conffiles, the maintainer scripts: ownership.claim_package_records; a transaction then
+changes the layers of the packages it touched and a small `pkgdb`, the status file, not a
+layer holding every package's records) and the bytecode compiled after installation
+(ownership.claim_bytecode).
 
 The roots are real: packages built with dpkg-deb and installed by dpkg.
 """
 
 from __future__ import annotations
 
+import py_compile
 import tarfile
 import time
 from pathlib import Path
@@ -109,3 +112,33 @@ def test_a_build_from_the_kept_scan_writes_the_records_fixed_mtime_too(root: Pat
     assert list((tmp_path / "cache/pkglayer/scans").glob("*.scan"))  # a scan was kept
     assert second["written"] == len(second["layers"])
     assert [x["diffID"] for x in first["layers"]] == [x["diffID"] for x in second["layers"]]
+
+
+def test_bytecode_compiled_again_at_a_reinstall_keeps_the_package_layer(tmp_path: Path) -> None:
+    # As Debian's py3compile does in postinst: timestamp-based bytecode next to the
+    # package's .py, which no package lists; compiled again, it has the same bytes and a
+    # new mtime.
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    deb = deb_package(debs, "pymod", "1.0", {"usr/lib/python3/dist-packages/pymod.py": b"VALUE = 42\n"})
+    root = dpkg_root(tmp_path / "root")
+    source = root / "usr/lib/python3/dist-packages/pymod.py"
+    compiled = root / "usr/lib/python3/dist-packages/__pycache__/pymod.cpython-311.pyc"
+
+    def install() -> bytes:
+        dpkg_install(root, deb)
+        py_compile.compile(str(source), cfile=str(compiled), doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+        return compiled.read_bytes()
+
+    data = install()
+    first = build_json(root, "--output", f"oci:{tmp_path}/a:t", "--no-hash-cache")
+    members = layers(first, tmp_path / "a")["pymod-1.0-all"]
+    pyc = "usr/lib/python3/dist-packages/__pycache__/pymod.cpython-311.pyc"
+    assert pyc in members and members[pyc].mtime == 0 and compiled.stat().st_mtime > 0
+    before = compiled.stat().st_mtime_ns
+    time.sleep(1.1)
+    assert install() == data and compiled.stat().st_mtime_ns > before
+    second = build_json(root, "--output", f"oci:{tmp_path}/b:t", "--no-hash-cache")
+    keys = [{x["name"]: x["contentKey"] for x in r["layers"]} for r in (first, second)]
+    assert keys[0]["pymod-1.0-all"] == keys[1]["pymod-1.0-all"]
