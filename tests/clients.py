@@ -155,6 +155,11 @@ _COMPARED = ("kind", "mode", "uid", "gid", "mtime", "size", "sha256", "target", 
 FIXED_MTIME_GLOBS = ("var/lib/dpkg/info/*", "*/__pycache__/*.pyc")
 
 
+def fixed_by_design(path: str) -> bool:
+    """Whether a layer may give the object at `path` the fixed mtime (FIXED_MTIME_GLOBS)."""
+    return _excluded(path, FIXED_MTIME_GLOBS)
+
+
 def compare_trees(
     src: str | os.PathLike[str],
     unpacked: str | os.PathLike[str],
@@ -181,7 +186,7 @@ def compare_trees(
         na, nb = a[path], b[path]
         for attr in _COMPARED:
             va, vb = getattr(na, attr), getattr(nb, attr)
-            if attr == "mtime" and vb == fixed_mtime and _excluded(path, FIXED_MTIME_GLOBS):
+            if attr == "mtime" and vb == fixed_mtime and fixed_by_design(path):
                 continue
             if va != vb:
                 if attr == "mode":
