@@ -229,3 +229,50 @@ def test_a_fresh_tree_builds_the_same_image_as_with_every_file_hashed(deb_base: 
     assert "package files taken as installed, unread" in logged
     logged = pkglayer("plan", deb_base, "--no-hash-cache", "-v", "--hash-package-files").stderr
     assert "taken as installed" not in logged
+
+
+# ------------------------------------------------------------------ pip's RECORD
+# pip, uv and installer write a distribution's RECORD last: its mtime vouches for the
+# distribution's files the same way (sources/pip.py).
+
+
+def pip_files_read(kept: KeptScan) -> set[str]:
+    pip_paths = set(kept.databases.pip_owners)
+    return {path for path, found in kept.scan.digests.items() if "sha256" in found and path in pip_paths}
+
+
+def test_a_tree_fresh_from_pip_reads_none_of_its_files(pip_rootfs: Path) -> None:
+    trusting = scanned(pip_rootfs)
+    hashing = scanned(pip_rootfs, hash_package_files=True)
+    assert len(trusting.databases.pip_owners) > 100
+    # six 1.17.0 is installed twice, in /usr/local and in the venv: one package whose
+    # files the earlier RECORD vouches for, so the venv's copy, installed later, is read.
+    read = pip_files_read(trusting)
+    assert read and all(p.startswith("opt/app/venv/") and "six" in p for p in read)
+    every = pip_files_read(hashing)
+    assert read < every and any("idna" in p for p in every) and any("pyflakes" in p for p in every)
+    assert trusting.ownership.modified == hashing.ownership.modified
+    assert {p: o.home for p, o in trusting.ownership.objects.items()} == {
+        p: o.home for p, o in hashing.ownership.objects.items()
+    }
+
+
+def test_a_pip_file_edited_after_install_is_read_and_modified(pip_rootfs: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    copy_tree(pip_rootfs, root)
+    # As pip leaves a tree: every RECORD written after the files it lists (a copy gave
+    # every file a new ctime).
+    records = list(root.glob("**/*.dist-info/RECORD"))
+    assert records
+    time.sleep(CLOCK_TICK)
+    for record in records:
+        os.utime(record)
+    time.sleep(CLOCK_TICK)
+    kept = scanned(root)
+    assert pip_files_read(kept) == set() and kept.ownership.modified == []
+    edited = next(p for p in kept.databases.pip_owners if p.endswith(".py")
+                  and os.lstat(root / p).st_size > 4 and "dist-info" not in p)
+    edit_in_place(root / edited, b"#!!!")
+    kept = scanned(root)
+    assert pip_files_read(kept) == {edited}
+    assert kept.ownership.modified == [edited]

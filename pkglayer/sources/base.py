@@ -51,9 +51,9 @@ class Package:
     size: int = 0  # installed size the database records, in bytes
     # Files of the package whose ctime and mtime are both no later than this (ns) were
     # written by the package manager and not changed since (dpkg: the mtime of the
-    # package's file list, written after its files; any later change of a file's
-    # content, mode, owner or links sets its ctime, which user space cannot set back).
-    # None: the database gives no such evidence.
+    # package's file list, written after its files; pip: that of RECORD, written last;
+    # any later change of a file's content, mode, owner or links sets its ctime, which
+    # user space cannot set back). None: the database gives no such evidence.
     files_settled_ns: int | None = None
     # Unix times of the package's changelog entries, newest first (at most
     # MAX_CHANGELOG_ENTRIES): the planner's evidence of how often it changes.

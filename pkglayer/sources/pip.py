@@ -138,10 +138,13 @@ class PipSource(PackageSource):
                         continue
                     first = merged.get(pkg.key)
                     if first is not None:
+                        settled = (first.files_settled_ns, pkg.files_settled_ns)
                         pkg = Package(
                             name=pkg.name, version=pkg.version, arch=pkg.arch, epoch=pkg.epoch,
                             source=pkg.source, size=first.size + pkg.size,
                             files=first.files + pkg.files,
+                            # the earlier of the two RECORDs vouches for the files of both
+                            files_settled_ns=None if None in settled else min(settled),
                         )
                     merged[pkg.key] = pkg
             self._packages = [merged[k] for k in sorted(merged)]
@@ -193,8 +196,12 @@ class PipSource(PackageSource):
         if record is None:
             return None
         files, size = self._files(site, where, record)
+        # pip, uv and installer write RECORD last, after the files and their bytecode:
+        # its mtime vouches for files not changed since (ownership.vouched_for).
+        stamp = self.rootfs.stamp(f"{where}/RECORD")
         return Package(
-            name=name, version=version, arch="", epoch=epoch, source=name, size=size, files=files
+            name=name, version=version, arch="", epoch=epoch, source=name, size=size, files=files,
+            files_settled_ns=stamp[4] if stamp is not None else None,
         )
 
     def _read(self, relpath: str, limit: int) -> bytes | None:
