@@ -93,6 +93,7 @@ class KeptScan:
     # whether anything differs from the kept scan this one was made from (else a disk
     # store need not write it again)
     fresh: bool = True
+    hash_content: bool = False  # whether the scan took every regular file's content hash
 
     def took(self, hashes: Mapping[str, str], content_hash: str) -> None:
         """Content hashes taken while writing layers (of files as this scan saw them)."""
@@ -137,11 +138,15 @@ def scan_kept(
             databases, trace = _read_databases(rootfs.path, settings.package_format)
     started = time.perf_counter()
     same_databases = kept is not None and databases is kept.databases
+    recheck: Collection[str] | None = None
+    if kept is not None and check is not None and (kept.hash_content or not hash_content):
+        recheck = () if same_databases else _paths_of_changed_packages(kept.databases, databases)
     scan = walk(
         rootfs, databases.algos_for(hash_content, settings.hash_package_files), settings.all_excludes,
         settings.drop_xattrs, settings.one_file_system, settings.jobs, cache, progress, kept.scan if kept else None,
         check, timings,
         trusted_needs=((CONTENT_HASH,) if hash_content else ()) if same_databases else None,
+        recheck=recheck,
     )
     timings.steps["scan"] = time.perf_counter() - started - timings.steps.get("hash", 0.0)
     with timings.step("ownership"):
@@ -166,8 +171,23 @@ def scan_kept(
             dirty = _dirty_homes(old, old_homes, scan) if old is not None and old_homes is not None else None
             fresh = True
     return KeptScan(
-        fp, rootfs.path, scan, databases, trace, ownership, dict(kept.layers) if kept else {}, dirty, fresh
+        fp, rootfs.path, scan, databases, trace, ownership, dict(kept.layers) if kept else {}, dirty, fresh,
+        hash_content,
     )
+
+
+def _paths_of_changed_packages(old: Databases, new: Databases) -> set[str]:
+    """The paths listed by a package of one of the databases that is not in the other:
+    only for those can the digests a scan takes differ (a package read again unchanged
+    is the same object, see DpkgSource.packages)."""
+    in_old = {id(p) for p in old.packages}
+    in_new = {id(p) for p in new.packages}
+    return {
+        path
+        for owners, others in ((new.owners, in_old), (new.pip_owners, in_old), (old.owners, in_new),
+                               (old.pip_owners, in_new))
+        for path, (pkg, _) in owners.items() if id(pkg) not in others
+    }
 
 
 def _read_databases(root: str, package_format: str | None) -> tuple[Databases, dict[str, Noted] | None]:

@@ -256,9 +256,12 @@ class Rootfs:
 
     # -- walking -----------------------------------------------------------------------
 
-    def entries(self, relpath: str) -> Iterator[tuple[str, os.stat_result]]:
+    def entries(
+        self, relpath: str, known: Callable[[str, int], os.stat_result | None] | None = None
+    ) -> Iterator[tuple[str, os.stat_result]]:
         """The entries of a directory the walk found, sorted by name, each with its lstat
-        taken as it is reached; an entry that vanishes before then is not part of the tree."""
+        taken as it is reached (or what `known(name, inode)` gives for it instead: an
+        lstat known to hold); an entry that vanishes before then is not part of the tree."""
         try:
             with os.scandir(os.path.join(self.path, relpath) if relpath else self.path) as it:
                 found = sorted(it, key=lambda e: e.name)
@@ -267,10 +270,12 @@ class Rootfs:
         except PermissionError as e:
             raise RootfsError(f"/{relpath}: {e.strerror}") from None
         for de in found:
-            try:
-                st = de.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
+            st = known(de.name, de.inode()) if known is not None else None
+            if st is None:
+                try:
+                    st = de.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
             yield de.name, st
 
     def walk(

@@ -30,6 +30,11 @@ from .rootfs import FileOpener, Rootfs
 from .timings import Timings, charge, working_for
 
 _READ_CHUNK = 1024 * 1024
+_MOUNT_POINT = "mount point: contents on another filesystem not included"
+_SOCKET = "socket (tar cannot store sockets)"
+# What the walk's stack holds: a directory to go through, the end of one (its span is
+# known), a subtree to take whole from the kept scan.
+_DIR, _END, _COPY = 0, 1, 2
 # Objects changed this close before a scan started may change again without their lstat
 # showing it (timestamps have a coarse clock): a later scan reads them again.
 RACY_SECONDS = 2
@@ -80,6 +85,12 @@ class Scan:
     changed: set[str] | None = None
     removed: set[str] = field(default_factory=set)
     hashed: int = 0  # files whose digests were not kept (taken, or found in the digest cache)
+    # Each listed directory's contents (everything below it) as a range of positions in
+    # `objects`, which the walk emits subtree by subtree: a later walk told which paths
+    # changed takes an untouched subtree whole (None: not known, as for a scan read
+    # from disk).
+    spans: dict[str, tuple[int, int]] | None = None
+    taken_whole: int = 0  # objects in subtrees taken whole from the kept scan
 
 
 def same_stamp(a: os.stat_result, b: os.stat_result) -> bool:
@@ -112,6 +123,7 @@ def walk(
     check: Collection[str] | None = None,
     timings: Timings | None = None,
     trusted_needs: tuple[str, ...] | None = None,
+    recheck: Collection[str] | None = None,
 ) -> Scan:
     """Every object of the rootfs but the excluded ones; regular files hashed with the
     algorithms `algos_for(path, lstat)` names (distinct, sorted).
@@ -125,9 +137,13 @@ def walk(
     started are read again all the same (a change in the same clock tick would leave
     their lstat as it was). Every object is lstat'ed, unless `check` names the only
     paths that may have changed since (the daemon's file-change watch): those paths,
-    and the directories among them listed again. `trusted_needs`, when `algos_for` is
-    what it was for the kept scan but for these algorithms, spares asking it about
-    unchanged files: the kept scan took what it named for them.
+    and the directories among them listed again; a directory with none of them below
+    it is taken whole from the kept scan, without going through its objects, so the
+    walk costs what changed, not the size of the tree. That takes `recheck`: the only
+    paths for which `algos_for` may name a digest the kept scan did not take (None: any
+    may, and every object is gone through). `trusted_needs`, when `algos_for` is what
+    it was for the kept scan but for these algorithms, spares asking it about unchanged
+    files: the kept scan took what it named for them.
     """
     started = time.time()
     excluded_matcher = glob_regex(excludes, glob.GLOBSTAR | glob.DOTGLOB)
@@ -143,8 +159,27 @@ def walk(
     old_digests = kept.digests if kept else {}
     old_listings = kept.listings if kept else {}
     racy_ns = (kept.started - RACY_SECONDS) * 1e9 if kept else 0.0
+    spans: dict[str, tuple[int, int]] = {}
+    starts: dict[str, int] = {}
+    # With the paths that may have changed known: the directories above them, which must
+    # be gone through; every other directory's subtree is the kept one (see `copy`).
+    dirty: set[str] | None = None
+    old_spans = kept.spans if kept is not None else None
     if kept is not None and check is not None:
         check = set(check) | _links_to_check(kept, check)
+        if recheck is not None and old_spans is not None and old_spans.get("", (0, -1))[1] == len(old_objects):
+            dirty = {""}
+            for p in check:
+                while p:
+                    p = p.rpartition("/")[0]
+                    if p in dirty:
+                        break
+                    dirty.add(p)
+            old_paths = list(old_objects)
+            digests.update(old_digests)  # those of objects gone are dropped at the end
+            old_mounts = [s for s in kept.skipped if s[1] == _MOUNT_POINT]
+    copied: set[str] = set()  # the directories taken whole
+    taken_whole = 0
 
     def trusted(old: os.stat_result | None, st: os.stat_result) -> bool:
         return old is not None and old.st_ctime_ns < racy_ns and same_stamp(old, st)
@@ -174,6 +209,8 @@ def walk(
         if stat.S_ISREG(mode):
             if have:
                 digests[path] = have
+            if obj is old and trusted_needs is None and dirty is not None and path not in recheck:
+                return obj  # the kept digests are still all it needs
             algos = trusted_needs if obj is old and trusted_needs is not None else algos_for(path, st)
             if algos and not (have and all(a in have for a in algos)):
                 hasher.add(obj, algos)
@@ -181,41 +218,84 @@ def walk(
 
     def enter(path: str, st: os.stat_result, old: FsObject | None, subdirs: list) -> None:
         if one_file_system and st.st_dev != rootfs.dev:
-            skipped.append((path, "mount point: contents on another filesystem not included"))
+            skipped.append((path, _MOUNT_POINT))
+        elif (
+            dirty is not None and old is not None and path not in dirty and path not in check
+            and (st is old.st or trusted(old.st, st)) and path in old_spans
+        ):
+            subdirs.append((_COPY, path, st, None))
         else:
-            subdirs.append((path, st, old.st if old is not None else None))
+            subdirs.append((_DIR, path, st, old.st if old is not None else None))
+
+    def copy(d: str) -> None:
+        """The kept subtree of `d`, which the watch says nothing below changed."""
+        nonlocal taken_whole
+        a, b = old_spans[d]
+        shift = len(objects) - a
+        chunk = old_paths[a:b]
+        objects.update(zip(chunk, map(old_objects.__getitem__, chunk)))
+        taken_whole += len(chunk)
+        for sub in [d, *(p for p in chunk if p in old_spans)]:
+            s_a, s_b = old_spans[sub]
+            spans[sub] = (s_a + shift, s_b + shift)
+            listing = listings[sub] = old_listings[sub]
+            prefix = f"{sub}/" if sub else ""
+            excluded.extend(prefix + n for n in listing.excluded)
+            skipped.extend((prefix + n, _SOCKET) for n in listing.sockets)
+            copied.add(sub)
 
     root_st = rootfs.stat()
     is_dir, is_reg = stat.S_ISDIR, stat.S_ISREG
     try:
-        stack: list[tuple[str, os.stat_result, os.stat_result | None]] = [
-            ("", root_st, kept.root if kept else None)
+        stack: list[tuple[int, str, os.stat_result | None, os.stat_result | None]] = [
+            (_DIR, "", root_st, kept.root if kept else None)
         ]
         while stack:
-            d, st_d, old_st_d = stack.pop()
+            kind, d, st_d, old_st_d = stack.pop()
+            if kind == _END:
+                spans[d] = (starts.pop(d), len(objects))
+                continue
+            if kind == _COPY:
+                copy(d)
+                continue
+            starts[d] = len(objects)
+            stack.append((_END, d, None, None))
             listing = old_listings.get(d)
             if listing is not None and not (
                 (check is None or d not in check) and (st_d is old_st_d or trusted(old_st_d, st_d))
             ):
                 listing = None
-            subdirs: list[tuple[str, os.stat_result, os.stat_result | None]] = []
+            subdirs: list[tuple[int, str, os.stat_result | None, os.stat_result | None]] = []
             if listing is None:
                 # Listed afresh: each entry's new lstat decides whether its kept facts hold.
                 relisted = True
                 names: list[str] = []
                 excluded_names: list[str] = []
                 sockets: list[str] = []
-                for name, st in rootfs.entries(d):
-                    path = f"{d}/{name}" if d else name
-                    if excluded_matcher.fullmatch(path):
+                prefix = f"{d}/" if d else ""
+
+                def known(name: str, inode: int, prefix: str = prefix) -> os.stat_result | None:
+                    # An entry the watch names no change for, the same inode as before, is as it was.
+                    old = old_objects.get(prefix + name)
+                    return old.st if old is not None and old.st.st_ino == inode and prefix + name not in check \
+                        else None
+
+                for name, st in rootfs.entries(d, known if dirty is not None else None):
+                    path = prefix + name
+                    old = old_objects.get(path)
+                    if old is not None and st is old.st:  # as it was: not excluded, not a socket
+                        names.append(name)
+                        objects[path] = visit(path, st, old)
+                        if is_dir(st.st_mode):
+                            enter(path, st, old, subdirs)
+                    elif excluded_matcher.fullmatch(path):
                         excluded.append(path)
                         excluded_names.append(name)
                     elif stat.S_ISSOCK(st.st_mode):
-                        skipped.append((path, "socket (tar cannot store sockets)"))
+                        skipped.append((path, _SOCKET))
                         sockets.append(name)
                     else:
                         names.append(name)
-                        old = old_objects.get(path)
                         objects[path] = visit(path, st, old)
                         if is_dir(st.st_mode):
                             enter(path, st, old, subdirs)
@@ -228,7 +308,7 @@ def walk(
             listings[d] = listing
             prefix = f"{d}/" if d else ""
             excluded.extend(prefix + n for n in listing.excluded)
-            skipped.extend((prefix + n, "socket (tar cannot store sockets)") for n in listing.sockets)
+            skipped.extend((prefix + n, _SOCKET) for n in listing.sockets)
             for name in listing.objects:
                 path = prefix + name
                 old = old_objects.get(path)
@@ -255,6 +335,8 @@ def walk(
                         digests[path] = have
                         if trusted_set is not None and have.keys() >= trusted_set:
                             continue
+                    if trusted_needs is None and dirty is not None and path not in recheck:
+                        continue  # the kept digests are still all it needs
                     needs = trusted_needs if trusted_needs is not None else algos_for(path, st)
                     if needs and not (have and have.keys() >= set(needs)):
                         hasher.add(obj, needs)
@@ -264,6 +346,15 @@ def walk(
                 if is_dir(st.st_mode):
                     enter(path, st, old, subdirs)
             stack.extend(reversed(subdirs))
+        if dirty is not None:
+            # Files taken whole whose needed digests the databases may have changed.
+            for path in recheck:
+                obj = objects.get(path)
+                if obj is not None and stat.S_ISREG(obj.st.st_mode) and path.rpartition("/")[0] in copied:
+                    needs = algos_for(path, obj.st)
+                    have = digests.get(path)
+                    if needs and not (have and have.keys() >= set(needs)):
+                        hasher.add(obj, needs)
         if check is not None:
             # A new name for a file (a hard link) changes the other names' link count
             # without an event for them.
@@ -280,12 +371,20 @@ def walk(
         hashed = hasher.results(progress)
     for path, found in hashed.items():
         digests[path] = {**digests.get(path, {}), **found}
-    for path, found in digests.items():
-        objects[path].content_hash = found.get(CONTENT_HASH)
     removed = set(old_objects) - set(objects) if relisted or len(objects) != len(old_objects) else set()
+    if dirty is not None:
+        # Kept objects kept their content hash; only the digests of those gone go.
+        for path in removed:
+            digests.pop(path, None)
+        skipped.extend(m for m in old_mounts if m[0].rpartition("/")[0] in copied)
+        for path in hashed:
+            objects[path].content_hash = digests[path].get(CONTENT_HASH)
+    else:
+        for path, found in digests.items():
+            objects[path].content_hash = found.get(CONTENT_HASH)
     return Scan(
         objects, digests, sorted(excluded), sorted(skipped), hasher.started, listings, root_st, started,
-        changed if kept is not None else None, removed, len(hashed),
+        changed if kept is not None else None, removed, len(hashed), spans, taken_whole,
     )
 
 

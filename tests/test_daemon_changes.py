@@ -50,12 +50,29 @@ def test_changes_taken_by_a_build_that_failed_are_given_again(tmp_path: Path, wa
     assert watch.take() == set()
 
 
-def test_a_renamed_directory_or_an_overflow_means_checking_everything(tmp_path: Path, watch: TreeWatch) -> None:
-    (tmp_path / "root/a/b").rename(tmp_path / "root/a/c")  # the watches below keep the old names
+def test_a_directory_renamed_within_the_root_is_followed_under_its_new_name(tmp_path: Path, watch: TreeWatch) -> None:
+    root = tmp_path / "root"
+    (root / "a/b/sub").mkdir()
+    assert watch.take() == {"a/b", "a/b/sub"}
+    watch.kept()
+    # What dpkg does with every directory it makes: NAME.dpkg-new, then renamed.
+    (root / "a/b").rename(root / "a/c")
+    assert watch.take() == {"a", "a/b", "a/c", "a/c/f", "a/c/sub"}  # not everything
+    watch.kept()
+    (root / "a/c/f").write_bytes(b"z")
+    (root / "a/c/sub/g").write_bytes(b"g")
+    assert watch.take() == {"a/c/f", "a/c/sub", "a/c/sub/g"}  # the watches below carry the new names
+
+
+def test_a_directory_moved_out_of_sight_or_an_overflow_means_checking_everything(
+    tmp_path: Path, watch: TreeWatch
+) -> None:
+    (tmp_path / "root/a/b").rename(tmp_path / "elsewhere")  # its watch would keep the old name
     assert watch.take() is None
     watch.kept()
-    (tmp_path / "root/a/c/f").write_bytes(b"z")
-    assert watch.take() == {"a/c/f"}  # watched again under the new names
+    (tmp_path / "root/a/new").mkdir()
+    (tmp_path / "root/a/new/f").write_bytes(b"z")
+    assert watch.take() == {"a", "a/new", "a/new/f"}  # watched again
     watch.kept()
     watch._event(-1, 0x4000, "")  # IN_Q_OVERFLOW, as the kernel reports it
     assert watch.take() is None

@@ -10,8 +10,11 @@ instead of only the named ones:
   listing (a big transaction: a full check is then cheaper);
 - a directory could not be watched (out of inotify watches, no permission): every build
   checks every path for as long as that lasts, and the watch is set up again each time;
-- a directory was renamed (watches follow inodes, names would be wrong), or the root
-  itself replaced: the watches are set up again;
+- a directory was moved out of sight (watches follow inodes, so the names of the
+  watches below it would be wrong), or the root itself replaced: the watches are set up
+  again. A directory renamed within the root (dpkg makes each new one as NAME.dpkg-new,
+  then renames it) is not: the event of its new name has every watch below it named
+  again, and its own move is then found to be where that says;
 - the daemon started (nothing is kept across restarts), or the build that took the
   changes failed (they are given to the next one again).
 
@@ -29,6 +32,7 @@ import errno
 import logging
 import os
 import select
+import stat
 import threading
 from collections.abc import Collection
 
@@ -59,6 +63,7 @@ class TreeWatch:
         self._lock = threading.Lock()
         self._inotify = INotify(nonblocking=True)
         self._wds: dict[int, str] = {}  # watch descriptor -> rootfs-relative directory ("" the root)
+        self._inodes: dict[int, int] = {}  # watch descriptor -> the inode it watches
         self._changed: set[str] = set()
         self._taken: set[str] | None = None  # given to a build that has not kept its scan yet
         self._all = True  # every path may have changed (nothing known yet)
@@ -120,6 +125,7 @@ class TreeWatch:
             except OSError:
                 pass  # already gone with its directory
         self._wds.clear()
+        self._inodes.clear()
         self._all = True
         self._unwatched = None
         self._stale = False
@@ -134,11 +140,13 @@ class TreeWatch:
     def _watch_tree(self, top: str, found: set[str] | None = None) -> None:
         """Watch `top` and every directory below it; with `found`, add every path there
         (made before its directory was watched, so without events of their own)."""
-        stack = [top]
+        stack: list[tuple[str, int | None]] = [(top, None)]
         while stack:
-            rel = stack.pop()
+            rel, inode = stack.pop()
             host = os.path.join(self.root, rel) if rel else self.root
             try:
+                if inode is None:
+                    inode = os.lstat(host).st_ino  # before the watch: a directory replaced meanwhile mismatches
                 wd = self._inotify.add_watch(host, _MASK)
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -150,6 +158,7 @@ class TreeWatch:
                                 rel, self.root, self._unwatched)
                 continue
             self._wds[wd] = rel
+            self._inodes[wd] = inode
             try:
                 with os.scandir(host) as it:
                     for entry in it:
@@ -157,9 +166,18 @@ class TreeWatch:
                         if found is not None:
                             found.add(path)
                         if entry.is_dir(follow_symlinks=False):
-                            stack.append(path)
+                            stack.append((path, entry.inode()))
             except OSError:
                 continue  # gone or unreadable: the build's own listing says what is there
+
+    def _found_at(self, wd: int, rel: str) -> bool:
+        """Whether the directory watched by `wd` is at `rel` (its watch named again after
+        a rename within the root)."""
+        try:
+            st = os.lstat(os.path.join(self.root, rel))
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_ino == self._inodes.get(wd)
 
     def _drain(self) -> None:
         if self._closed:
@@ -184,12 +202,14 @@ class TreeWatch:
         d = self._wds.get(wd)
         if mask & F.IGNORED:
             self._wds.pop(wd, None)
+            self._inodes.pop(wd, None)
             return
         if d is None:
             return
         if mask & (F.DELETE_SELF | F.MOVE_SELF):
-            if d == "" or mask & F.MOVE_SELF:
-                # The root replaced, or a directory renamed: the names below it are stale.
+            if d == "" or (mask & F.MOVE_SELF and not self._found_at(wd, d)):
+                # The root replaced, or a directory moved where its new name was not
+                # seen: the names below it are stale.
                 self._stale = True
                 self._all = True
             return

@@ -1,0 +1,144 @@
+"""The daemon's walk after a package transaction (scan.walk with `check` from the
+file-change watch): it goes through the directories above what changed and takes every
+other subtree whole from the kept scan, and what it finds is what a walk of the whole
+tree finds."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pkglayer.config import BuildSettings
+from pkglayer.daemon.changes import TreeWatch
+from pkglayer.keptscan import KeptScan, scan_kept
+from pkglayer.rootfs import Rootfs
+from pkglayer.scan import RACY_SECONDS
+from tests.helpers import deb_package, dpkg_install, dpkg_root
+
+
+def _scan(root: Path, kept: KeptScan | None, check=None) -> KeptScan:
+    with Rootfs(str(root)) as rootfs:
+        return scan_kept(rootfs, BuildSettings().validated(), kept, check, hash_content=True)
+
+
+def _aged(kept: KeptScan) -> KeptScan:
+    # As if made RACY_SECONDS later: what it saw is trusted (instead of sleeping).
+    return replace(kept, scan=replace(kept.scan, started=kept.scan.started + RACY_SECONDS + 1))
+
+
+def _facts(kept: KeptScan) -> dict:
+    """Everything a build takes from a scan, in the order it has it (not the access
+    times, which reading a file for the scans sets)."""
+    scan = kept.scan
+    return {
+        "objects": [
+            (p, tuple(o.st)[:7], o.st.st_mtime_ns, o.st.st_ctime_ns, o.linkname, o.xattrs, o.content_hash, o.home, o.fixed_mtime)
+            for p, o in scan.objects.items()
+        ],
+        "listings": scan.listings, "spans": scan.spans, "excluded": scan.excluded, "skipped": scan.skipped,
+        "homes": {h: [o.path for o in objs] for h, objs in kept.ownership.homes.items()},
+        "modified": kept.ownership.modified,
+    }
+
+
+@pytest.fixture
+def watched_root(deb_rootfs: Path, tmp_path: Path):
+    """A copy of the minbase root with a watch on it, scanned once."""
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(deb_rootfs), str(root)], check=True)
+    watch = TreeWatch(str(root))
+    assert watch.take() is None
+    kept = _aged(_scan(root, None))
+    watch.kept()
+    yield root, watch, kept
+    watch.close()
+
+
+def test_after_a_transaction_only_the_directories_above_the_changes_are_gone_through(
+    watched_root, tmp_path: Path
+) -> None:
+    root, watch, kept = watched_root
+    assert kept.scan.spans is not None and kept.scan.spans[""] == (0, len(kept.scan.objects))
+    deb = deb_package(tmp_path, "tool", "1.0", {
+        "usr/bin/tool": b"#!/bin/sh\n", "usr/share/tool/data/a": b"a\n", "usr/share/doc/tool/README": b"r\n",
+    })
+    for step in (["-i", str(deb)], ["--purge", "tool"]):
+        subprocess.run(["dpkg", f"--root={root}", "--force-unsafe-io", *step], check=True, capture_output=True)
+        check = watch.take()
+        assert check  # the watch saw the transaction
+        after = _scan(root, kept, check)
+        watch.kept()
+        # Gone through: the entries of the directories at or above a changed path, no more.
+        above = {""} | {p.rsplit("/", i)[0] for p in check for i in range(1, p.count("/") + 1)} | set(check)
+        bound = sum(len(listing.objects) for d, listing in after.scan.listings.items() if d in above)
+        gone_through = len(after.scan.objects) - after.scan.taken_whole
+        assert gone_through <= bound < len(after.scan.objects) / 3
+        assert _facts(after) == _facts(_scan(root, None))
+        assert after.scan.changed and (after.scan.removed if step[0] == "--purge" else True)
+        kept = _aged(after)
+
+
+def test_edits_of_every_kind_match_a_walk_of_the_whole_tree(tmp_path: Path) -> None:
+    root = dpkg_root(tmp_path / "root")
+    one = deb_package(tmp_path, "one", "1.0", {"usr/share/one/a": b"a\n", "usr/share/one/sub/b": b"b\n"})
+    dpkg_install(root, one)
+    for d in ("srv/x/y", "srv/z", "opt/keep/deep"):
+        (root / d).mkdir(parents=True)
+    (root / "srv/x/y/f").write_bytes(b"f")
+    (root / "srv/z/g").write_bytes(b"g")
+    (root / "opt/keep/deep/h").write_bytes(b"h")
+    (root / "tmp").mkdir()
+    (root / "tmp/excluded").write_bytes(b"e")
+    watch = TreeWatch(str(root))
+    try:
+        assert watch.take() is None
+        kept = _aged(_scan(root, None))
+        watch.kept()
+        (root / "srv/x/y/f").write_bytes(b"F")  # edited
+        shutil.rmtree(root / "srv/z")  # a subtree gone
+        (root / "srv/new/deeper").mkdir(parents=True)  # a subtree made
+        (root / "srv/new/deeper/n").write_bytes(b"n")
+        (root / "usr/share/one/sub/b").write_bytes(b"edited")  # a package file edited
+        (root / "usr/share/one/link").symlink_to("a")
+        (root / "tmp/another").write_bytes(b"excluded too")
+        after = _scan(root, kept, watch.take())
+        assert _facts(after) == _facts(_scan(root, None))
+        assert {"opt", "opt/keep", "opt/keep/deep"} <= after.scan.listings.keys()
+        assert after.scan.taken_whole >= len([p for p in after.scan.objects if p.startswith(("opt/", "var/"))])
+        assert {"srv/z", "srv/z/g"} <= after.scan.removed and "srv/z/g" not in after.scan.digests
+        assert "usr/share/one/sub/b" in after.ownership.modified
+    finally:
+        watch.close()
+
+
+def test_a_file_a_transaction_now_lists_gets_its_digest_though_its_directory_is_taken_whole(
+    tmp_path: Path,
+) -> None:
+    root = dpkg_root(tmp_path / "root")
+    one = deb_package(tmp_path, "one", "1.0", {"usr/share/one/file": b"one\n"})
+    dpkg_install(root, one)
+    path = "usr/share/one/extra"
+    (root / path).write_bytes(b"extra\n")
+    with Rootfs(str(root)) as rootfs:
+        settings = BuildSettings(hash_package_files=True).validated()
+        kept = _aged(scan_kept(rootfs, settings, None, hash_content=True))
+    assert "md5" not in kept.scan.digests[path]
+    info = root / "var/lib/dpkg/info"
+    with open(info / "one.list", "a") as f:
+        f.write(f"/{path}\n")
+    md5 = hashlib.md5(b"extra\n").hexdigest()
+    with open(info / "one.md5sums", "a") as f:
+        f.write(f"{md5}  {path}\n")
+    # What a watch reports: only the database's files; usr/ is taken whole.
+    check = {"var/lib/dpkg/info/one.list", "var/lib/dpkg/info/one.md5sums"}
+    with Rootfs(str(root)) as rootfs:
+        after = scan_kept(rootfs, settings, kept, check, hash_content=True)
+    assert "usr/share/one" not in {p.rpartition("/")[0] for p in after.scan.changed}
+    assert after.scan.taken_whole > 0
+    assert after.scan.digests[path]["md5"] == md5
+    assert after.ownership.objects[path].home == after.ownership.objects["usr/share/one/file"].home
