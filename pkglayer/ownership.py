@@ -88,6 +88,24 @@ def _rel(path: str) -> str:
     return path.lstrip("/")
 
 
+@dataclass
+class _RealPaths:
+    """The real paths of each distro package's listed paths, and the directory
+    resolutions they were made with (see _owner_map)."""
+
+    parents: dict[str, str]  # listed directory -> its real path
+    # id(package) -> (the package, the listed directories its paths are in, the real
+    # path of each of its records, None for a record of the root itself)
+    packages: dict[int, tuple[Package, tuple[str, ...], tuple[str | None, ...]]]
+
+
+# What _owner_map made of the last read of each root (the last _MAX_ROOTS_KNOWN roots).
+# The daemon reads a database after every transaction, which changes a few packages
+# of hundreds, and the dpkg reader hands back the very Package of an unchanged one.
+_REAL_PATHS: dict[str, _RealPaths] = {}
+_MAX_ROOTS_KNOWN = 16
+
+
 def _owner_map(
     rootfs: Rootfs, packages: list[Package]
 ) -> tuple[dict[str, tuple[Package, FileRecord]], dict[str, list[str]]]:
@@ -96,34 +114,87 @@ def _owner_map(
     Listed paths are resolved through the rootfs's own directory symlinks, because
     merged-/usr systems list /lib/... while the file lives in /usr/lib/... A path listed
     by several packages goes to the first by (name, arch): stable across upgrades.
+
+    Every listed directory is resolved on every read (a symlink may have changed, and
+    the rootfs notes what it looked up); a package read before whose directories all
+    resolve as they did then keeps the real paths made then, unbuilt.
     """
-    owners: dict[str, tuple[Package, FileRecord]] = {}
-    shared: dict[str, list[str]] = {}
+    known = _REAL_PATHS.pop(rootfs.path, None)
+    known_parents = known.parents if known is not None else {}
+    known_packages = known.packages if known is not None else {}
     parents: dict[str, str] = {}
 
-    def real_path(rel: str) -> str:
-        # rootfs.resolve(rel, follow_final=False), with each directory's resolution
-        # looked up once by name (thousands of paths, a few hundred directories).
-        head, _, last = rel.rpartition("/")
-        if "/." in rel or "//" in rel or last in ("", ".", ".."):
-            return rootfs.resolve(rel, follow_final=False)
+    def real_dir(head: str) -> str:
+        # A listed directory's resolution, looked up once per read by name (thousands
+        # of paths, a few hundred directories).
         parent = parents.get(head)
         if parent is None:
-            parent = parents[head] = rootfs.resolve(head) if head else ""
-        return f"{parent}/{last}" if parent else last
+            parent = rootfs.resolve(head)
+            # The listed name itself when nothing in it is a link: one string kept, not two.
+            parent = parents[head] = head if parent == head else parent
+        return parent
 
-    for pkg in sorted(packages, key=lambda p: (p.name, p.arch, p.key)):
-        for rec in pkg.files:
-            rel = _rel(rec.path)
-            if not rel:
+    remembered: dict[int, tuple[Package, tuple[str, ...], tuple[str | None, ...]]] = {}
+    reals_of: dict[int, tuple[str | None, ...]] = {}
+    for pkg in packages:
+        entry = known_packages.get(id(pkg))
+        if entry is not None and entry[0] is pkg and all(real_dir(h) == known_parents[h] for h in entry[1]):
+            remembered[id(pkg)] = entry
+            reals_of[id(pkg)] = entry[2]
+            continue
+        heads, reals = _real_paths(rootfs, pkg, real_dir)
+        if heads is not None:
+            remembered[id(pkg)] = (pkg, heads, reals)
+        reals_of[id(pkg)] = reals
+    _REAL_PATHS[rootfs.path] = _RealPaths(parents, remembered)
+    while len(_REAL_PATHS) > _MAX_ROOTS_KNOWN:
+        del _REAL_PATHS[next(iter(_REAL_PATHS))]
+
+    owners: dict[str, tuple[Package, FileRecord]] = {}
+    shared: dict[str, list[str]] = {}
+    keys = {id(p): p.key for p in packages}  # a property, made anew on each call
+    for pkg in sorted(packages, key=lambda p: (p.name, p.arch, keys[id(p)])):
+        for real, rec in zip(reals_of[id(pkg)], pkg.files):
+            if real is None:
                 continue
-            real = real_path(rel)
             first = owners.get(real)
             if first is None:
                 owners[real] = (pkg, rec)
             elif first[0] is not pkg and not (rec.mode is not None and stat.S_ISDIR(rec.mode)):
-                shared.setdefault(real, [first[0].key]).append(pkg.key)
+                listers = shared.get(real)
+                if listers is None:
+                    shared[real] = [keys[id(first[0])], keys[id(pkg)]]
+                else:
+                    listers.append(keys[id(pkg)])
     return owners, shared
+
+
+def _real_paths(
+    rootfs: Rootfs, pkg: Package, real_dir: Callable[[str], str]
+) -> tuple[tuple[str, ...] | None, tuple[str | None, ...]]:
+    """The real path of each of the package's records (None for the root itself), with
+    the listed directories they were made from; None for those when a path ending in
+    "/", "." or ".." had to be resolved whole, which no directory's resolution vouches for.
+    Any other path is its directory's resolution and its last name, as
+    `rootfs.resolve(path, follow_final=False)` would make it."""
+    heads: dict[str, None] = {}
+    reals: list[str | None] = []
+    whole = False
+    for rec in pkg.files:
+        rel = _rel(rec.path)
+        head, _, last = rel.rpartition("/")
+        if not rel:
+            reals.append(None)
+        elif last in ("", ".", ".."):
+            reals.append(rootfs.resolve(rel, follow_final=False))
+            whole = True
+        elif head:
+            heads[head] = None
+            parent = real_dir(head)
+            reals.append(f"{parent}/{last}" if parent else last)
+        else:
+            reals.append(last)
+    return (None if whole else tuple(heads)), tuple(reals)
 
 
 def _pip_owner_map(

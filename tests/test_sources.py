@@ -368,3 +368,21 @@ def test_no_database(tmp_path: Path) -> None:
     rootfs = Rootfs(tmp_path)
     assert not RpmSource.detect(rootfs) and not DpkgSource.detect(rootfs)
     assert open_source(rootfs) is None
+
+
+def test_dpkg_parses_again_only_paragraphs_that_changed(dpkg_db: Path) -> None:
+    status = dpkg_db / "var/lib/dpkg/status"
+    first = {p["Package"]: p for p in DpkgSource(Rootfs(dpkg_db))._status()}
+    text = status.read_text()
+    status.write_text(text.replace("\nVersion: 5.2.15", "\nVersion: 3:5.2.15", 1))
+    again = {p["Package"]: p for p in DpkgSource(Rootfs(dpkg_db))._status()}
+    assert again["bash"]["Version"].startswith("3:5.2.15") and first["bash"]["Version"].startswith("5.2.15")
+    assert again["dpkg"] is first["dpkg"]  # the same bytes: not parsed again
+    # A paragraph made invalid is parsed and refused, with its own line number.
+    line = text[: text.index("Package: dpkg\n")].count("\n") + 1
+    paragraph = text.index("Package: dpkg\n")
+    end = text.index("\n\n", paragraph)
+    broken = text[:paragraph] + re.sub(r"\nArchitecture: .*", "", text[paragraph:end]) + text[end:]
+    status.write_text(broken)
+    with pytest.raises(DatabaseError, match=f"status: line {line}: package dpkg has no Architecture field"):
+        DpkgSource(Rootfs(dpkg_db)).packages()

@@ -55,6 +55,11 @@ _MD5 = re.compile(r"[0-9a-f]{32}")
 _PACKAGES: dict[str, dict[tuple[Any, ...], Package]] = {}
 _MAX_ROOTS_KNOWN = 16
 _RACY_SECONDS = 2
+# The checked fields of the status paragraphs of the last read of each root, by the
+# sha256 of each paragraph's bytes: after a transaction, deb822 parses only the
+# paragraphs dpkg wrote. (A digest: the bytes would keep a copy of the status file,
+# descriptions and all, per root.)
+_PARAGRAPHS: dict[str, dict[bytes, dict[str, str]]] = {}
 
 
 def _recent_entry_times(packed: bytes) -> list[int]:
@@ -177,8 +182,6 @@ class DpkgSource(PackageSource):
         return self._installed
 
     def _parse_status(self) -> list[dict[str, str]]:
-        from debian.deb822 import Packages
-
         try:
             data = self.rootfs.read_bytes(STATUS)
         except (OSError, RootfsError) as e:
@@ -186,24 +189,23 @@ class DpkgSource(PackageSource):
         if b"\0" in data:
             raise DatabaseError(f"{STATUS}: binary data, not a dpkg status file")
         starts = _paragraph_starts(data)
-        # deb822 decodes strictly; latin-1 never fails and is undone field by field
-        # below, so names that are not UTF-8 keep their bytes (as surrogates).
-        # (No `fields=` filter: deb822 stops at the first paragraph that comes out empty.)
-        paras = list(
-            Packages.iter_paragraphs(
-                data.splitlines(keepends=True), use_apt_pkg=False, encoding="latin-1"
-            )
-        )
-        if len(paras) != len(starts):
-            raise DatabaseError(f"{STATUS}: not a dpkg status file (unparsable paragraphs)")
+        known = _PARAGRAPHS.pop(self.rootfs.path, {})
+        remembered: dict[bytes, dict[str, str]] = {}
         installed = []
-        for start, para in zip(starts, paras):
-            fields = {k: _decode(v.encode("latin-1")) for k, v in para.items() if k in _FIELDS}
-            problem = _check_paragraph(fields)
-            if problem:
-                raise DatabaseError(f"{STATUS}: line {_line(data, start)}: {problem}")
+        for start, end in zip(starts, [*starts[1:], len(data)]):
+            # A paragraph runs to the next one's first line (blank lines included): the
+            # same bytes are the same fields, checked when they were first parsed.
+            chunk = data[start:end]
+            digest = hashlib.sha256(chunk).digest()
+            fields = known.get(digest) or remembered.get(digest)
+            if fields is None:
+                fields = _parse_paragraph(chunk, data, start)
+            remembered[digest] = fields
             if fields["Status"].split()[2] not in _ABSENT_STATES:
                 installed.append(fields)
+        _PARAGRAPHS[self.rootfs.path] = remembered
+        while len(_PARAGRAPHS) > _MAX_ROOTS_KNOWN:
+            del _PARAGRAPHS[next(iter(_PARAGRAPHS))]
         return installed
 
     # -- per package -------------------------------------------------------------------
@@ -367,6 +369,26 @@ def _paragraph_starts(data: bytes) -> list[int]:
         where = f"{STATUS}: line {_line(data, orphan.end())}"
         raise DatabaseError(f"{where}: continuation line outside a field")
     return [m.end() for m in _PARAGRAPH_START.finditer(data)]
+
+
+def _parse_paragraph(chunk: bytes, data: bytes, start: int) -> dict[str, str]:
+    """The checked fields of one status paragraph: `chunk`, from its first line to the
+    next paragraph's, found at offset `start` of the status file `data`."""
+    from debian.deb822 import Packages
+
+    # deb822 decodes strictly; latin-1 never fails and is undone field by field below,
+    # so names that are not UTF-8 keep their bytes (as surrogates).
+    # (No `fields=` filter: deb822 drops a paragraph that comes out empty.)
+    paras = list(
+        Packages.iter_paragraphs(chunk.splitlines(keepends=True), use_apt_pkg=False, encoding="latin-1")
+    )
+    if len(paras) != 1:
+        raise DatabaseError(f"{STATUS}: line {_line(data, start)}: not a dpkg status file (unparsable paragraphs)")
+    fields = {k: _decode(v.encode("latin-1")) for k, v in paras[0].items() if k in _FIELDS}
+    problem = _check_paragraph(fields)
+    if problem:
+        raise DatabaseError(f"{STATUS}: line {_line(data, start)}: {problem}")
+    return fields
 
 
 def _check_paragraph(fields: dict[str, str]) -> str | None:
