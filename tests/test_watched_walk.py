@@ -6,7 +6,9 @@ tree finds."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import socket
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +20,7 @@ from pkglayer.daemon.changes import TreeWatch
 from pkglayer.keptscan import KeptScan, scan_kept
 from pkglayer.rootfs import Rootfs
 from pkglayer.scan import RACY_SECONDS
-from tests.helpers import deb_package, dpkg_install, dpkg_root
+from tests.helpers import deb_package, dpkg_install, dpkg_root, tmpfs
 
 
 def _scan(root: Path, kept: KeptScan | None, check=None) -> KeptScan:
@@ -87,33 +89,47 @@ def test_edits_of_every_kind_match_a_walk_of_the_whole_tree(tmp_path: Path) -> N
     root = dpkg_root(tmp_path / "root")
     one = deb_package(tmp_path, "one", "1.0", {"usr/share/one/a": b"a\n", "usr/share/one/sub/b": b"b\n"})
     dpkg_install(root, one)
-    for d in ("srv/x/y", "srv/z", "opt/keep/deep"):
+    for d in ("srv/x/y", "srv/z", "opt/keep/deep", "opt/links", "mnt/m", "run/quiet"):
         (root / d).mkdir(parents=True)
     (root / "srv/x/y/f").write_bytes(b"f")
     (root / "srv/z/g").write_bytes(b"g")
     (root / "opt/keep/deep/h").write_bytes(b"h")
+    (root / "opt/links/one").write_bytes(b"linked")
+    os.link(root / "opt/links/one", root / "srv/x/other-name")
     (root / "tmp").mkdir()
     (root / "tmp/excluded").write_bytes(b"e")
-    watch = TreeWatch(str(root))
-    try:
-        assert watch.take() is None
-        kept = _aged(_scan(root, None))
-        watch.kept()
-        (root / "srv/x/y/f").write_bytes(b"F")  # edited
-        shutil.rmtree(root / "srv/z")  # a subtree gone
-        (root / "srv/new/deeper").mkdir(parents=True)  # a subtree made
-        (root / "srv/new/deeper/n").write_bytes(b"n")
-        (root / "usr/share/one/sub/b").write_bytes(b"edited")  # a package file edited
-        (root / "usr/share/one/link").symlink_to("a")
-        (root / "tmp/another").write_bytes(b"excluded too")
-        after = _scan(root, kept, watch.take())
-        assert _facts(after) == _facts(_scan(root, None))
-        assert {"opt", "opt/keep", "opt/keep/deep"} <= after.scan.listings.keys()
-        assert after.scan.taken_whole >= len([p for p in after.scan.objects if p.startswith(("opt/", "var/"))])
-        assert {"srv/z", "srv/z/g"} <= after.scan.removed and "srv/z/g" not in after.scan.digests
-        assert "usr/share/one/sub/b" in after.ownership.modified
-    finally:
-        watch.close()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "run/quiet/daemon.sock"))  # in a directory nothing below changes
+    with tmpfs(root / "mnt/m"):
+        (root / "mnt/m/inside").write_bytes(b"not in the tree")
+        watch = TreeWatch(str(root))
+        try:
+            assert watch.take() is None
+            kept = _aged(_scan(root, None))
+            watch.kept()
+            (root / "srv/x/y/f").write_bytes(b"F")  # edited
+            shutil.rmtree(root / "srv/z")  # a subtree gone
+            (root / "srv/new/deeper").mkdir(parents=True)  # a subtree made
+            (root / "srv/new/deeper/n").write_bytes(b"n")
+            (root / "usr/share/one/sub/b").write_bytes(b"edited")  # a package file edited
+            (root / "usr/share/one/link").symlink_to("a")
+            (root / "tmp/another").write_bytes(b"excluded too")
+            with open(root / "srv/x/other-name", "ab") as f:  # through one name of two
+                f.write(b" and more")
+            os.chmod(root / "opt/keep", 0o700)  # a directory's attributes
+            os.setxattr(root / "opt/keep/deep/h", "user.component", b"tagged")
+            after = _scan(root, kept, watch.take())
+            assert _facts(after) == _facts(_scan(root, None))
+        finally:
+            watch.close()
+            sock.close()
+    assert "opt/links/one" in after.scan.changed  # the other name of the file written
+    assert ("mnt/m", "mount point: contents on another filesystem not included") in after.scan.skipped
+    assert any(p == "run/quiet/daemon.sock" for p, _ in after.scan.skipped)
+    assert after.scan.taken_whole > 0 and "run/quiet" not in after.scan.changed
+    assert {"srv/z", "srv/z/g"} <= after.scan.removed and "srv/z/g" not in after.scan.digests
+    assert "usr/share/one/sub/b" in after.ownership.modified
+    assert after.ownership.objects["opt/keep/deep/h"].home.startswith("tagged-")
 
 
 def test_a_file_a_transaction_now_lists_gets_its_digest_though_its_directory_is_taken_whole(
