@@ -330,8 +330,9 @@ Rule = Callable[[Claims], None]
 
 def claim_database(c: Claims) -> None:
     """The package database's own files and directories."""
+    exact, below = frozenset(c.db_paths), tuple(f"{d}/" for d in c.db_paths)
     for obj in c.objects.values():
-        if any(obj.path == d or obj.path.startswith(d + "/") for d in c.db_paths):
+        if obj.path in exact or obj.path.startswith(below):
             obj.home = HOME_PKGDB
 
 
@@ -371,6 +372,8 @@ def claim_pip_files(c: Claims) -> None:
 def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> int:
     """Returns how many files were judged without their content (vouched_for)."""
     vouched_files = 0
+    digests, no_digests = c.digests, {}
+    is_reg = stat.S_ISREG
     for obj in c.objects.values():
         if obj.home != HOME_UNOWNED:
             continue
@@ -380,9 +383,9 @@ def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> i
         pkg, rec = owner
         if rec.ghost:
             continue  # a %ghost file's content is the system's, not the package's
-        vouched = stat.S_ISREG(obj.st.st_mode) and vouched_for(pkg, rec, obj.st, c.hash_package_files)
+        vouched = is_reg(obj.st.st_mode) and vouched_for(pkg, rec, obj.st, c.hash_package_files)
         vouched_files += vouched
-        if _is_modified(obj, rec, c.digests.get(obj.path, {}), c.compare_mtimes, vouched):
+        if _is_modified(obj, rec, digests.get(obj.path, no_digests), c.compare_mtimes, vouched):
             obj.home = HOME_MODIFIED
             c.modified.append(obj.path)
             c.modified_by_package[pkg.key].append((obj, rec))
@@ -653,9 +656,6 @@ class Databases:
     db_paths: list[str]  # the distro database's own files and directories
     # real path -> the package whose own record in the database it is (Package.records)
     records: dict[str, str] = field(default_factory=dict)
-    # real path -> the algorithm of the digest its database records, with the package and
-    # record it is of (made when first used)
-    digest_algos: dict[str, tuple[str, Package, FileRecord]] | None = None
 
     @property
     def packages(self) -> list[Package]:
@@ -669,14 +669,16 @@ class Databases:
         content hash layer keys are made of when `hash_content`."""
         base = (CONTENT_HASH,) if hash_content else ()
         combined: dict[str, tuple[str, ...]] = {}
+        owners, pip_owners = self.owners, self.pip_owners
 
         def algos_for(path: str, st: os.stat_result) -> tuple[str, ...]:
-            known = self.digest_algos if self.digest_algos is not None else self._digest_algos()
-            found = known.get(path)
+            # The distro's record wins, as in the rules, even one without a digest.
+            found = owners.get(path) or pip_owners.get(path)
             if found is None:
                 return base
-            algo, pkg, rec = found
-            if vouched_for(pkg, rec, st, hash_package_files):
+            pkg, rec = found
+            algo = rec.digest_algo
+            if not (algo and rec.digest) or vouched_for(pkg, rec, st, hash_package_files):
                 return base
             algos = combined.get(algo)
             if algos is None:
@@ -684,17 +686,6 @@ class Databases:
             return algos
 
         return algos_for
-
-    def _digest_algos(self) -> dict[str, tuple[str, Package, FileRecord]]:
-        found: dict[str, tuple[str, Package, FileRecord]] = {}
-        for owners in (self.pip_owners, self.owners):  # the distro's record wins, as in the rules
-            for path, (pkg, rec) in owners.items():
-                if rec.digest_algo and rec.digest:
-                    found[path] = (rec.digest_algo, pkg, rec)
-                else:
-                    found.pop(path, None)
-        self.digest_algos = found
-        return found
 
 
 def read_databases(rootfs: Rootfs, source: PackageSource | None) -> Databases:
@@ -712,7 +703,9 @@ def read_databases(rootfs: Rootfs, source: PackageSource | None) -> Databases:
         shared=shared,
         dropped=dropped,
         db_paths=[rootfs.resolve(p) for p in source.database_paths()] if source else [],
-        records={rootfs.resolve(path): p.key for p in distro for path in p.records},
+        # Not through a final symlink: a record is the object at its own path (and the
+        # files themselves need no lookup: thousands of them, all in the database's directory).
+        records={rootfs.resolve(path, follow_final=False): p.key for p in distro for path in p.records},
     )
 
 

@@ -287,11 +287,12 @@ def _ordered(groups: list[_Group], prior: list[frozenset[str]]) -> list[_Group]:
     them, each set stable-first (lowest change probability at the bottom)."""
 
     def prior_index(g: _Group) -> int | None:
-        hits = [i for i, names in enumerate(prior) if names & g.names()]
-        return min(hits) if hits else None
+        mine = g.names()
+        return next((i for i, names in enumerate(prior) if not names.isdisjoint(mine)), None)
 
-    kept = [(i, g) for g in groups if (i := prior_index(g)) is not None]
-    fresh = [g for g in groups if prior_index(g) is None]
+    placed = [(prior_index(g), g) for g in groups]
+    kept = [(i, g) for i, g in placed if i is not None]
+    fresh = [g for i, g in placed if i is None]
     kept.sort(key=lambda t: (t[0], t[1].key))
     fresh.sort(key=lambda g: (1.0 - g.q, g.key))
     return [g for _, g in kept] + fresh

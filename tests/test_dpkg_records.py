@@ -142,3 +142,14 @@ def test_bytecode_compiled_again_at_a_reinstall_keeps_the_package_layer(tmp_path
     second = build_json(root, "--output", f"oci:{tmp_path}/b:t", "--no-hash-cache")
     keys = [{x["name"]: x["contentKey"] for x in r["layers"]} for r in (first, second)]
     assert keys[0]["pymod-1.0-all"] == keys[1]["pymod-1.0-all"]
+
+
+def test_a_record_that_is_a_symlink_takes_nothing_from_where_it_points(root: Path, tmp_path: Path) -> None:
+    # A hostile or broken tree: tool's maintainer script is a link into another package's files.
+    (root / INFO / "tool.postinst").symlink_to("../../../../usr/share/other/file")
+    result = build_json(root, "--output", f"oci:{tmp_path}/img:t", "--no-hash-cache")
+    by_layer = layers(result, tmp_path / "img")
+    link = by_layer["pkgdb"][f"{INFO}/tool.postinst"]  # records are regular files: the link stays with dpkg's
+    assert link.issym() and link.linkname == "../../../../usr/share/other/file"
+    assert "usr/share/other/file" in by_layer["other-1.0-all"]
+    assert "usr/share/other/file" not in by_layer["tool-1.0-all"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..rootfs import Rootfs
 
@@ -64,7 +65,7 @@ class Package:
     # not to the database's, which every transaction changes.
     records: tuple[str, ...] = field(default=(), repr=False)
 
-    @property
+    @cached_property  # asked for once per object of the tree by the ownership rules
     def key(self) -> str:
         """Stable name of this exact build: name-[epoch:]version[-release][-arch]."""
         evr = f"{self.epoch}:{self.version}" if self.epoch not in (None, "", "0") else self.version
