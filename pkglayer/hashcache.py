@@ -150,6 +150,8 @@ class HashCache:
                     db.execute("DROP TABLE IF EXISTS digests")
                     db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
                 db.execute(_SCHEMA)
+                # Forgetting old entries must not read every tree's (once per prebuild).
+                db.execute("CREATE INDEX IF NOT EXISTS digests_seen ON digests (seen)")
                 db.executemany(
                     "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(self._tree, ino, algo, *stamp, digest, now) for ino, algo, stamp, digest in self._new],

@@ -140,7 +140,7 @@ def scan_kept(
     same_databases = kept is not None and databases is kept.databases
     recheck: Collection[str] | None = None
     if kept is not None and check is not None and (kept.hash_content or not hash_content):
-        recheck = () if same_databases else _paths_of_changed_packages(kept.databases, databases)
+        recheck = () if same_databases else _paths_of_changed_packages(rootfs, kept.databases, databases)
     scan = walk(
         rootfs, databases.algos_for(hash_content, settings.hash_package_files), settings.all_excludes,
         settings.drop_xattrs, settings.one_file_system, settings.jobs, cache, progress, kept.scan if kept else None,
@@ -176,17 +176,17 @@ def scan_kept(
     )
 
 
-def _paths_of_changed_packages(old: Databases, new: Databases) -> set[str]:
+def _paths_of_changed_packages(rootfs: Rootfs, old: Databases, new: Databases) -> set[str]:
     """The paths listed by a package of one of the databases that is not in the other:
     only for those can the digests a scan takes differ (a package read again unchanged
-    is the same object, see DpkgSource.packages)."""
-    in_old = {id(p) for p in old.packages}
-    in_new = {id(p) for p in new.packages}
+    is the same object, see DpkgSource.packages). As the owner maps resolve them, or a
+    few more: a path another package lists first keeps its digests, and is checked
+    all the same."""
+    in_old = {id(p): p for p in old.packages}
+    in_new = {id(p): p for p in new.packages}
+    changed = [p for i, p in in_old.items() if i not in in_new] + [p for i, p in in_new.items() if i not in in_old]
     return {
-        path
-        for owners, others in ((new.owners, in_old), (new.pip_owners, in_old), (old.owners, in_new),
-                               (old.pip_owners, in_new))
-        for path, (pkg, _) in owners.items() if id(pkg) not in others
+        rootfs.resolve(rel, follow_final=False) for p in changed for rec in p.files if (rel := rec.path.lstrip("/"))
     }
 
 

@@ -582,11 +582,11 @@ def version_declared(c: Claims) -> None:
 
 def find_missing(c: Claims) -> None:
     """Files a package lists that are not in the tree (and not excluded): reported only."""
-    for real, (pkg, rec) in [*c.owners.items(), *c.pip_owners.items()]:
-        if real not in c.objects and not rec.ghost and not any(
-            real == e or real.startswith(e + "/") for e in c.excluded
-        ):
-            c.missing[pkg.key].append(real)
+    objects, excluded, below = c.objects, frozenset(c.excluded), tuple(f"{e}/" for e in c.excluded)
+    for owners in (c.owners, c.pip_owners):
+        for real, (pkg, rec) in owners.items():
+            if real not in objects and not rec.ghost and real not in excluded and not real.startswith(below):
+                c.missing[pkg.key].append(real)
 
 
 # In this order: each rule sees the homes the ones before it gave.

@@ -33,6 +33,7 @@ class Entry:
         return stat.S_ISDIR(self.st.st_mode)
 
 
+_UNSEEN = object()
 # Resolutions a Rootfs remembers (a package database names some ten thousand paths).
 _MAX_RESOLVED = 65536
 
@@ -193,27 +194,31 @@ class Rootfs:
                 return data
             return f.read()
 
-    def exists(self, relpath: str) -> bool:
+    def _found(self, relpath: str) -> Noted:
+        """What is at `relpath`, symlinks resolved, as `noted` puts it ("f" for a
+        directory too). Traced, the lookup that resolved it is that answer already."""
+        real = self.resolve(relpath)
+        if self.trace is not None:
+            was = self.trace.get(real, _UNSEEN)
+            if was is None or (was is not _UNSEEN and was[0] == "f"):
+                return was
         try:
-            os.lstat(os.path.join(self.path, self.resolve(relpath)))
-            return True
+            return noted(os.lstat(os.path.join(self.path, real)), listed=True)
         except OSError:
-            return False
+            return None
+
+    def exists(self, relpath: str) -> bool:
+        return self._found(relpath) is not None
 
     def stamp(self, relpath: str) -> tuple[int, ...] | None:
         """What identifies the content of the file at `relpath` (symlinks resolved) while
-        it is unchanged: device, inode, size, mtime and ctime; None if there is nothing."""
-        try:
-            st = os.lstat(os.path.join(self.path, self.resolve(relpath)))
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        it is unchanged: device, inode, mode, size, mtime and ctime; None if there is nothing."""
+        found = self._found(relpath)
+        return None if found is None else found[1:]
 
     def is_file(self, relpath: str) -> bool:
-        try:
-            return stat.S_ISREG(os.lstat(os.path.join(self.path, self.resolve(relpath))).st_mode)
-        except OSError:
-            return False
+        found = self._found(relpath)
+        return found is not None and stat.S_ISREG(found[3])
 
     def listdir(self, relpath: str) -> list[str]:
         rel = self.resolve(relpath)
