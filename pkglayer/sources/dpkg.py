@@ -41,9 +41,14 @@ _ABSENT_STATES = {"not-installed", "config-files"}
 _FIELDS = {"Package", "Status", "Version", "Architecture", "Source", "Installed-Size", "Conffiles"}
 # A line that is neither a continuation, a "Field:" line nor blank.
 _BAD_LINE = re.compile(rb"^(?![ \t]|[^\s:#-][^\s:]*:|[ \t]*$)", re.M)
-# A continuation line at the start of the file or right after a blank line.
-_ORPHAN_CONTINUATION = re.compile(rb"(?:\A|^[ \t]*\n)(?=[ \t]+\S)", re.M)
-_PARAGRAPH_START = re.compile(rb"(?:\A|^[ \t]*\n)(?=\S)", re.M)
+# A blank line (the end of the line before it, then the blank line), followed by a
+# continuation line (an orphan) or by a paragraph's first line; the same at the start of
+# the file. Each pattern starts with a literal newline, which the regex engine searches
+# for fast: anchored at every line start (^ with re.M), they were tried at every byte.
+_ORPHAN_CONTINUATION = re.compile(rb"\n[ \t]*\n(?=[ \t]+\S)")
+_ORPHAN_AT_START = re.compile(rb"(?:[ \t]*\n)?(?=[ \t]+\S)")
+_PARAGRAPH_START = re.compile(rb"\n[ \t]*\n(?=\S)")
+_PARAGRAPH_AT_START = re.compile(rb"(?:[ \t]*\n)?(?=\S)")
 _MD5 = re.compile(r"[0-9a-f]{32}")
 
 
@@ -364,11 +369,12 @@ def _paragraph_starts(data: bytes) -> list[int]:
     bad = _BAD_LINE.search(data)
     if bad:
         raise DatabaseError(f"{STATUS}: line {_line(data, bad.start())}: not a dpkg status file")
-    orphan = _ORPHAN_CONTINUATION.search(data)
+    orphan = _ORPHAN_AT_START.match(data) or _ORPHAN_CONTINUATION.search(data)
     if orphan:
         where = f"{STATUS}: line {_line(data, orphan.end())}"
         raise DatabaseError(f"{where}: continuation line outside a field")
-    return [m.end() for m in _PARAGRAPH_START.finditer(data)]
+    first = _PARAGRAPH_AT_START.match(data)
+    return ([first.end()] if first else []) + [m.end() for m in _PARAGRAPH_START.finditer(data)]
 
 
 def _parse_paragraph(chunk: bytes, data: bytes, start: int) -> dict[str, str]:
