@@ -385,12 +385,15 @@ def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> i
             continue  # a %ghost file's content is the system's, not the package's
         vouched = is_reg(obj.st.st_mode) and vouched_for(pkg, rec, obj.st, c.hash_package_files)
         vouched_files += vouched
-        if _is_modified(obj, rec, digests.get(obj.path, no_digests), c.compare_mtimes, vouched):
+        if obj.unmodified_as is not rec and _is_modified(
+            obj, rec, digests.get(obj.path, no_digests), c.compare_mtimes, vouched
+        ):
             obj.home = HOME_MODIFIED
             c.modified.append(obj.path)
             c.modified_by_package[pkg.key].append((obj, rec))
         else:
             obj.home = pkg.key
+            obj.unmodified_as = rec
     return vouched_files
 
 

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from wcmatch import glob
 
@@ -28,6 +29,9 @@ from .errors import TreeChangedError
 from .hashcache import HashCache
 from .rootfs import FileOpener, Rootfs
 from .timings import Timings, charge, working_for
+
+if TYPE_CHECKING:
+    from .sources import FileRecord
 
 _READ_CHUNK = 1024 * 1024
 _MOUNT_POINT = "mount point: contents on another filesystem not included"
@@ -58,6 +62,10 @@ class FsObject:
     # give it the directories' fixed mtime, so a reinstall of the same package makes the
     # same layer.
     fixed_mtime: bool = False
+    # The record of its package it was last found to be as installed (ownership): while
+    # the object and the record are the ones judged (a kept scan's, a package read again
+    # unchanged), the verdict holds, and the daemon's rules need not judge it again.
+    unmodified_as: FileRecord | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -158,3 +159,29 @@ def test_a_file_a_transaction_now_lists_gets_its_digest_though_its_directory_is_
     assert after.scan.taken_whole > 0
     assert after.scan.digests[path]["md5"] == md5
     assert after.ownership.objects[path].home == after.ownership.objects["usr/share/one/file"].home
+
+
+def test_after_a_transaction_the_rules_judge_again_only_what_changed(watched_root, tmp_path: Path, monkeypatch) -> None:
+    from pkglayer import ownership
+
+    root, watch, kept = watched_root
+    judged: list[str] = []
+    is_modified = ownership._is_modified
+
+    def counting(obj, *args, **kwargs):
+        judged.append(obj.path)
+        return is_modified(obj, *args, **kwargs)
+
+    # The packages of a database read within the racy window of its files are read again
+    # next time (the copy was just made): read it once more after that.
+    time.sleep(RACY_SECONDS + 0.1)
+    kept = _aged(_scan(root, kept, watch.take()))
+    watch.kept()
+    monkeypatch.setattr(ownership, "_is_modified", counting)
+    deb = deb_package(tmp_path, "tool", "1.0", {"usr/bin/tool": b"#!/bin/sh\n", "usr/share/tool/a": b"a\n"})
+    subprocess.run(["dpkg", f"--root={root}", "--force-unsafe-io", "-i", str(deb)], check=True, capture_output=True)
+    after = _scan(root, kept, watch.take())
+    listed = [p for p, o in after.ownership.objects.items() if o.home not in ("unowned", "pkgdb")]
+    assert len(listed) > 1000 and set(judged) <= after.scan.changed, set(judged) - after.scan.changed
+    assert {"usr/bin/tool", "usr/share/tool/a"} <= set(judged)
+    assert _facts(after) == _facts(_scan(root, None))  # which judges every object again
