@@ -29,6 +29,8 @@ from pkglayer.usercomponents import ComponentSpec
 from tests.helpers import build_json, deb_package, dpkg_install, dpkg_root, tmpfs
 from tests.test_ownership_rules import SITE, dist_info
 
+INFO_DIR = "var/lib/dpkg/info"
+
 
 def _walk(root: Path, kept=None, check=None):
     with Rootfs(str(root)) as rootfs:
@@ -547,6 +549,12 @@ def test_a_file_a_changed_database_now_lists_gets_its_digest_and_home(tmp_path: 
     home = after.ownership.objects["usr/share/one/file"].home
     assert home.startswith("one") and after.ownership.objects[path].home == home
     assert after.dirty_homes is not None and {HOME_UNOWNED, home} <= after.dirty_homes
+    # The same when a watch names only the database's files: usr/ is then taken whole
+    # from the kept scan, and the file is asked about again as one its package lists.
+    check = {f"{INFO_DIR}/one.list", f"{INFO_DIR}/one.md5sums"}
+    watched = _scan_kept(root, settings, kept, check=check)
+    assert watched.scan.taken_whole > 0 and not any(p.startswith("usr/") for p in watched.scan.changed)
+    assert watched.scan.digests[path]["md5"] == md5 and watched.ownership.objects[path].home == home
 
 
 def test_the_homes_of_what_changed_are_dirty_and_a_directory_change_dirties_all(tmp_path: Path) -> None:

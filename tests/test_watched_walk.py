@@ -5,7 +5,6 @@ tree finds."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -131,34 +130,6 @@ def test_edits_of_every_kind_match_a_walk_of_the_whole_tree(tmp_path: Path) -> N
     assert {"srv/z", "srv/z/g"} <= after.scan.removed and "srv/z/g" not in after.scan.digests
     assert "usr/share/one/sub/b" in after.ownership.modified
     assert after.ownership.objects["opt/keep/deep/h"].home.startswith("tagged-")
-
-
-def test_a_file_a_transaction_now_lists_gets_its_digest_though_its_directory_is_taken_whole(
-    tmp_path: Path,
-) -> None:
-    root = dpkg_root(tmp_path / "root")
-    one = deb_package(tmp_path, "one", "1.0", {"usr/share/one/file": b"one\n"})
-    dpkg_install(root, one)
-    path = "usr/share/one/extra"
-    (root / path).write_bytes(b"extra\n")
-    with Rootfs(str(root)) as rootfs:
-        settings = BuildSettings(hash_package_files=True).validated()
-        kept = _aged(scan_kept(rootfs, settings, None, hash_content=True))
-    assert "md5" not in kept.scan.digests[path]
-    info = root / "var/lib/dpkg/info"
-    with open(info / "one.list", "a") as f:
-        f.write(f"/{path}\n")
-    md5 = hashlib.md5(b"extra\n").hexdigest()
-    with open(info / "one.md5sums", "a") as f:
-        f.write(f"{md5}  {path}\n")
-    # What a watch reports: only the database's files; usr/ is taken whole.
-    check = {"var/lib/dpkg/info/one.list", "var/lib/dpkg/info/one.md5sums"}
-    with Rootfs(str(root)) as rootfs:
-        after = scan_kept(rootfs, settings, kept, check, hash_content=True)
-    assert "usr/share/one" not in {p.rpartition("/")[0] for p in after.scan.changed}
-    assert after.scan.taken_whole > 0
-    assert after.scan.digests[path]["md5"] == md5
-    assert after.ownership.objects[path].home == after.ownership.objects["usr/share/one/file"].home
 
 
 def test_after_a_transaction_the_rules_judge_again_only_what_changed(watched_root, tmp_path: Path, monkeypatch) -> None:
