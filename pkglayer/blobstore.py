@@ -29,7 +29,6 @@ import hashlib
 import io
 import os
 import re
-import secrets
 import stat
 import time
 from types import TracebackType
@@ -183,6 +182,18 @@ class BlobDir:
         finally:
             os.close(fd)
 
+    def vouched(self, digest: str, size: int, known: HashCache | None) -> bool:
+        """`verify` without reading the blob: true when `known` remembers this very file
+        as holding `digest` (false also where only reading it could tell)."""
+        fd = _open_regular(self.path(digest))
+        if fd is None:
+            return False
+        try:
+            st = os.fstat(fd)
+            return st.st_size == size and known is not None and known.get(st, (_SHA256,)) == {_SHA256: digest}
+        finally:
+            os.close(fd)
+
     def has_own(self, digest: str, size: int | None = None, known: HashCache | None = None) -> bool:
         """`verify`, and the file is this directory's own: not a hard link to a file that
         someone else could write (as an import by an older version might have left)."""
@@ -251,7 +262,7 @@ class BlobDir:
         """Publish the file `fd` (checked shareable) by a hard link, hashed first; False
         where a link cannot be made (another filesystem) or the name now holds another file."""
         self._ensure_dirs()
-        tmp = os.path.join(self.tmp, f"link-{secrets.token_hex(16)}.tmp")
+        tmp = os.path.join(self.tmp, f"link-{os.urandom(16).hex()}.tmp")
         try:
             # follow_symlinks=False: a symlink swapped in is linked as a symlink, and then
             # is not the file checked below.
@@ -353,7 +364,7 @@ class BlobWriter:
 
     def _create_locked(self) -> tuple[str, int]:
         while True:
-            path = os.path.join(self._dir.tmp, f"blob-{secrets.token_hex(16)}.tmp")
+            path = os.path.join(self._dir.tmp, f"blob-{os.urandom(16).hex()}.tmp")
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except OSError as e:

@@ -8,6 +8,7 @@ Faces (the CLI, the daemon) call these; nothing here knows about them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -30,7 +31,7 @@ from .mediatypes import LAYER_MEDIA_TYPES
 from .ownership import Ownership, scan_ownership
 from .plan import Plan, PlannedLayer, plan_layers, prior_groups
 from .prior import LayerCache, Prior
-from .reuse import ReuseIndex
+from .reuse import MustRead, Reuse, ReuseIndex
 from .rootfs import Rootfs
 from .scan import Progress
 from .sources import open_source
@@ -277,9 +278,19 @@ def reuse_or_write(
     writer = _LayerWriter(rootfs, contents, reuse, output, settings, layer_cache, timings)
     with ThreadPoolExecutor(max_workers=settings.jobs) as pool:
         with timings.step("reuse"):
-            checks = {layer.name: pool.submit(reuse.find, layer, keys[layer.name]) for layer in planned}
+            # Here, what the records answer (a stat or two per layer: a worker per check
+            # cost more in thread hand-offs than the checks); on the workers, the layers
+            # whose blobs must be read.
+            answered: dict[str, tuple[Reuse | None, str | None]] = {}
             for layer in planned:
-                found, why_not = checks[layer.name].result()
+                with contextlib.suppress(MustRead):
+                    answered[layer.name] = reuse.find(layer, keys[layer.name], read=False)
+            checks = {
+                layer.name: pool.submit(reuse.find, layer, keys[layer.name])
+                for layer in planned if layer.name not in answered
+            }
+            for layer in planned:
+                found, why_not = answered[layer.name] if layer.name in answered else checks[layer.name].result()
                 if found is not None:
                     outcomes[layer.name] = LayerOutcome(
                         found.record, reused=True, files=contents.files(layer.name), cached=found.cached

@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Sequence
 
 from .errors import PkglayerError
@@ -78,7 +77,9 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o6
     also after a crash: temp file in the same directory, fsync, rename, fsync the directory."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    # A new random name, as tempfile.mkstemp makes (tempfile's imports cost every start).
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(8).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -152,6 +153,8 @@ class Workspace:
     def path(self, name: str) -> str:
         """A path for `name` inside the workspace (not created)."""
         if self._path is None:
+            import tempfile
+
             try:
                 self._path = tempfile.mkdtemp(prefix="pkglayer-", dir=self.base)
             except OSError as e:

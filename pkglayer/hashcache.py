@@ -170,13 +170,16 @@ class TreeRecords:
     def __init__(self, path: str | None):
         self.path = path
         self._trees: dict[str, HashCache] = {}
+        self._real: dict[str, str] = {}  # root as given -> real path (one build asks per blob)
         self._lock = threading.Lock()
 
     def of(self, root: str) -> HashCache | None:
         """The record of the tree at `root`; None when nothing is remembered (no cache)."""
         if not self.path:
             return None
-        tree = os.path.realpath(root)
+        tree = self._real.get(root)
+        if tree is None:
+            tree = self._real[root] = os.path.realpath(root)
         with self._lock:
             cache = self._trees.get(tree)
             if cache is None:

@@ -28,7 +28,6 @@ import hashlib
 import logging
 import marshal
 import os
-import secrets
 import stat
 import struct
 import time
@@ -355,7 +354,7 @@ class DiskScans:
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             # No fsync: a file torn by a crash fails its checksum and is ignored.
-            tmp = f"{path}.{secrets.token_hex(8)}.tmp"
+            tmp = f"{path}.{os.urandom(8).hex()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -528,8 +527,12 @@ def decode(data: bytes) -> KeptScan:
         raise ValueError("objects of another shape")
     stat_result = os.stat_result
     for path, st, home in zip(paths, _STAT.iter_unpack(stats), obj_homes):
-        obj = objects[path] = FsObject(path, stat_result(st), home, links.get(path), xattrs.get(path, ()))
+        obj = objects[path] = FsObject(path, stat_result(st), home)
         homes.setdefault(home, []).append(obj)
+    for path, target in links.items():
+        objects[path].linkname = target
+    for path, found in xattrs.items():
+        objects[path].xattrs = found
     for path, found in digests.items():
         objects[path].content_hash = found.get(CONTENT_HASH)
     for path in s["fixed_mtime"]:

@@ -19,8 +19,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from wcmatch import glob
-
 from .digests import CONTENT_HASH
 from .errors import ConfigError
 from .hashcache import HashCache
@@ -498,7 +496,7 @@ def claim_config_components(c: Claims) -> None:
             days = interval_days(spec.interval)
             assert days is not None  # checked when the configuration was read
             c.declared[spec.name].intervals.setdefault(days, spec.where)
-        matchers.append((spec.name, glob_regex(spec.paths, glob.GLOBSTAR | glob.DOTGLOB)))
+        matchers.append((spec.name, glob_regex(spec.paths, globstar=True)))
     assigned: dict[str, str] = {}  # directory -> the component it hands down
     for obj in c.objects.values():
         own = next((name for name, rx in matchers if rx.fullmatch(obj.path)), None)

@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-import urllib.error
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -134,6 +132,7 @@ def parse_docker_ref(ref: str) -> DockerRef:
 
 def skopeo(args: list[str], what: str, limit: int | None = None, timeout: float = _SKOPEO_TIMEOUT) -> bytes:
     import subprocess  # here: a local build runs no skopeo and need not load it
+    import tempfile
 
     argv = ["skopeo", *args]
     try:
@@ -273,7 +272,8 @@ class BlobChecker:
         self.opener = urllib.request.build_opener(NoRedirect, urllib.request.HTTPSHandler(context=context))
 
     def _request(self, method: str, url: str, headers: dict[str, str]):
-        import urllib.request  # loaded by __init__ already
+        import urllib.error  # loaded by __init__ already (urllib.error: tempfile, shutil...)
+        import urllib.request
 
         req = urllib.request.Request(url, method=method, headers=headers)
         try:
@@ -282,6 +282,8 @@ class BlobChecker:
             return e
 
     def _base(self) -> str:
+        import urllib.error
+
         if self.base is None:
             schemes = ["https"] if self.opts.tls_verify is not False else ["https", "http"]
             last: Exception | None = None
@@ -386,6 +388,8 @@ def push(layout: str, tag: str, image: Image, ref: str, opts: RegistryOptions,
 
     `local`, when given, is the set of blob digests present in the layout; a blob missing
     from it must already be in the destination repository (checked first)."""
+    import tempfile  # here, as in skopeo()
+
     dref = parse_docker_ref(ref)
     if dref.digest:
         raise PkglayerError(f"{ref}: push to a tag, not to a digest")

@@ -43,6 +43,10 @@ _IDENTITY = "layer-identity-v1"
 log = logging.getLogger(__name__)
 
 
+class MustRead(Exception):
+    """find(read=False) cannot answer without reading a blob (hashing it, looking inside)."""
+
+
 @dataclass(frozen=True)
 class Reuse:
     record: LayerRecord  # the earlier layer, renamed after the planned one
@@ -75,17 +79,22 @@ class ReuseIndex:
                 # layer is named after its package.
                 self.by_packages.setdefault(rec.packages or (rec.name,), []).append(rec)
 
-    def find(self, layer: PlannedLayer, key: str | None) -> tuple[Reuse | None, str | None]:
-        """An earlier blob for this layer, or why a candidate was turned down."""
+    def find(self, layer: PlannedLayer, key: str | None, read: bool = True) -> tuple[Reuse | None, str | None]:
+        """An earlier blob for this layer, or why a candidate was turned down. With
+        `read` false, raises MustRead where the answer needs a blob read: the records
+        answer for the blobs of an unchanged rebuild with a stat each, and the caller
+        reads the others on worker threads."""
         if key is None:
             return None, None
+        if self.prior.cache is not None and not read:
+            raise MustRead  # the layer cache may copy a blob into the output
         cached = self.cached(layer, key)
         if cached is not None:
             return cached, None
         exact = self.by_key.get(key)
         if exact is not None:
-            src = self._blob_dir(exact)
-            if src is not None and self.verify and not self._holds(src, exact):
+            src = self._blob_dir(exact, read)
+            if src is not None and self.verify and not self._holds(src, exact, read):
                 return None, (
                     f"input blob {exact.digest} in {src.root} for layer {layer.name} does not hold the layer "
                     "its history says (content key or diff_id differ); rebuilding the layer"
@@ -96,7 +105,7 @@ class ReuseIndex:
                 f"input blob {exact.digest} for layer {layer.name} is missing or does not "
                 "match its digest; rebuilding the layer"
             )
-        pristine = self._pristine(layer)
+        pristine = self._pristine(layer, read)
         return (Reuse(_renamed(pristine, layer)) if pristine else None), None
 
     def cached(self, layer: PlannedLayer, key: str) -> Reuse | None:
@@ -127,13 +136,19 @@ class ReuseIndex:
                 return None
         return Reuse(_renamed(rec, layer), cached=True)
 
-    def _blob_dir(self, rec: LayerRecord) -> BlobDir | None:
-        return next(
-            (d for d in self.sources if d.has(rec.digest) and d.verify(rec.digest, rec.size, self.records.of(d.root))),
-            None,
-        )
+    def _blob_dir(self, rec: LayerRecord, read: bool = True) -> BlobDir | None:
+        for d in self.sources:
+            if not d.has(rec.digest):
+                continue
+            if d.vouched(rec.digest, rec.size, self.records.of(d.root)):
+                return d
+            if not read:
+                raise MustRead
+            if d.verify(rec.digest, rec.size, self.records.of(d.root)):
+                return d
+        return None
 
-    def _holds(self, src: BlobDir, rec: LayerRecord) -> bool:
+    def _holds(self, src: BlobDir, rec: LayerRecord, read: bool = True) -> bool:
         """The blob (already checked against its digest) holds the layer of `rec`'s
         content key and diff_id; read through once per blob file, then remembered."""
         try:
@@ -143,6 +158,8 @@ class ReuseIndex:
         cache = self.records.of(src.root)
         known = cache.get(st, (_IDENTITY,)) if cache is not None else None
         if known is None:
+            if not read:
+                raise MustRead
             from .pristine import blob_identity  # here: it loads the tar reader, which most builds never use
 
             started = time.time()
@@ -154,11 +171,13 @@ class ReuseIndex:
                 cache.put(st, known, started)
         return known[_IDENTITY] == f"{rec.digest} {rec.content_key} {rec.diff_id}"
 
-    def _pristine(self, layer: PlannedLayer) -> LayerRecord | None:
+    def _pristine(self, layer: PlannedLayer, read: bool = True) -> LayerRecord | None:
         own = self.ownership
         edited = [e for key in layer.packages for e in own.modified_by_package.get(key, ())]
         if not edited:
             return None
+        if not read:
+            raise MustRead
         from .pristine import is_pristine_layer  # here: it loads the tar reader, which most builds never use
 
         expected = layer_members(

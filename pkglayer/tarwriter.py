@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,26 +25,31 @@ from .scan import FsObject
 from .timings import charge
 
 if TYPE_CHECKING:
+    import tarfile
+
     from .zstd_chunked import ChunkedEncoder
 
 # Bump whenever the bytes written for the same members change: it is part of every
 # content key, so old blobs are never reused for a different tar encoding.
 TAR_FORMAT = 1
 
-_BLOCK = tarfile.BLOCKSIZE
+# The tar format's own constants (POSIX ustar): tarfile is imported only for the rare
+# header its general PAX writer must make, so that a start that writes no layer skips it.
+REGTYPE, LNKTYPE, SYMTYPE, CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE = b"0", b"1", b"2", b"3", b"4", b"5", b"6"
+_BLOCK = 512
 _MAX_ID = 8**7  # largest uid/gid a ustar field holds, plus one
 _MAX_NUM = 8**11  # same for size and mtime
-_USTAR_MAGIC_AND_NAMES = tarfile.POSIX_MAGIC + b"\0" * 64  # empty uname and gname
+_USTAR_MAGIC_AND_NAMES = b"ustar\x0000" + b"\0" * 64  # empty uname and gname
 _NO_DEV = b"\0" * 16
 _PREFIX_AND_PAD = b"\0" * (155 + 12)
-_RECORD = tarfile.RECORDSIZE
+_RECORD = 20 * _BLOCK
 _FLUSH = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class Member:
     name: str
-    type: bytes  # tarfile.REGTYPE, DIRTYPE, SYMTYPE, LNKTYPE, CHRTYPE, BLKTYPE, FIFOTYPE
+    type: bytes  # REGTYPE, DIRTYPE, SYMTYPE, LNKTYPE, CHRTYPE, BLKTYPE, FIFOTYPE
     mode: int  # permission bits only
     uid: int
     gid: int
@@ -75,7 +79,7 @@ class Member:
         else goes through tarfile's PAX writer. tests/test_tarwriter.py checks the two
         agree byte for byte.
         """
-        name = self.name + "/" if self.type == tarfile.DIRTYPE else self.name
+        name = self.name + "/" if self.type == DIRTYPE else self.name
         if (
             not self.xattrs
             and len(name) <= 100
@@ -87,8 +91,8 @@ class Member:
             and self.size < _MAX_NUM
             and 0 <= self.mtime < _MAX_NUM
         ):
-            size = self.size if self.type == tarfile.REGTYPE else 0
-            if self.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            size = self.size if self.type == REGTYPE else 0
+            if self.type in (CHRTYPE, BLKTYPE):
                 dev = b"%07o\0%07o\0" % (self.devmajor, self.devminor)
             else:
                 dev = _NO_DEV
@@ -105,18 +109,22 @@ class Member:
                 )
             )
             return b"%s%06o\0 %s" % (block[:148], sum(block), block[156:])
+        import tarfile
+
         return self.tarinfo().tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
     def tarinfo(self) -> tarfile.TarInfo:
+        import tarfile
+
         ti = tarfile.TarInfo(self.name)
         ti.type = self.type
         ti.mode = self.mode
         ti.uid, ti.gid = self.uid, self.gid
         ti.uname = ti.gname = ""
         ti.mtime = self.mtime
-        ti.size = self.size if self.type == tarfile.REGTYPE else 0
+        ti.size = self.size if self.type == REGTYPE else 0
         ti.linkname = self.linkname
-        if self.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        if self.type in (CHRTYPE, BLKTYPE):
             ti.devmajor, ti.devminor = self.devmajor, self.devminor
         if self.xattrs:
             ti.pax_headers = {
@@ -140,25 +148,25 @@ def _member(obj: FsObject, dir_mtime: int) -> Member:
         xattrs=obj.xattrs,
     )
     if stat.S_ISDIR(mode):
-        return Member(type=tarfile.DIRTYPE, mtime=dir_mtime, **common)
+        return Member(type=DIRTYPE, mtime=dir_mtime, **common)
     mtime = dir_mtime if obj.fixed_mtime else int(st.st_mtime)
     if stat.S_ISREG(mode):
         return Member(
-            type=tarfile.REGTYPE, mtime=mtime, size=st.st_size, source=obj, content_hash=obj.content_hash or "",
+            type=REGTYPE, mtime=mtime, size=st.st_size, source=obj, content_hash=obj.content_hash or "",
             **common,
         )
     if stat.S_ISLNK(mode):
-        return Member(type=tarfile.SYMTYPE, mtime=mtime, linkname=obj.linkname or "", **common)
+        return Member(type=SYMTYPE, mtime=mtime, linkname=obj.linkname or "", **common)
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return Member(
-            type=tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE,
+            type=CHRTYPE if stat.S_ISCHR(mode) else BLKTYPE,
             mtime=mtime,
             devmajor=os.major(st.st_rdev),
             devminor=os.minor(st.st_rdev),
             **common,
         )
     if stat.S_ISFIFO(mode):
-        return Member(type=tarfile.FIFOTYPE, mtime=mtime, **common)
+        return Member(type=FIFOTYPE, mtime=mtime, **common)
     raise RootfsError(f"/{obj.path}: cannot store file type {stat.S_IFMT(mode):o} in a layer")
 
 
@@ -180,19 +188,19 @@ def layer_members(
             parent = parent.rpartition("/")[0]
     members: list[Member] = []
     if with_root:
-        members.append(Member(name=".", type=tarfile.DIRTYPE, mode=0o755, uid=0, gid=0, mtime=dir_mtime))
+        members.append(Member(name=".", type=DIRTYPE, mode=0o755, uid=0, gid=0, mtime=dir_mtime))
     first_of_inode: dict[tuple[int, int], str] = {}
     for path in sorted(chosen, key=_sort_key):
         obj = chosen[path]
         m = _member(obj, dir_mtime)
-        if m.type == tarfile.REGTYPE and obj.st.st_nlink > 1:
+        if m.type == REGTYPE and obj.st.st_nlink > 1:
             ino = (obj.st.st_dev, obj.st.st_ino)
             first = first_of_inode.get(ino)
             if first is None:
                 first_of_inode[ino] = path
             else:
                 m = Member(
-                    name=m.name, type=tarfile.LNKTYPE, mode=m.mode, uid=m.uid, gid=m.gid,
+                    name=m.name, type=LNKTYPE, mode=m.mode, uid=m.uid, gid=m.gid,
                     mtime=m.mtime, linkname=first, xattrs=m.xattrs,
                 )
         members.append(m)
@@ -207,7 +215,7 @@ def content_key(members: Iterable[Member], hashes: Mapping[str, str] | None = No
     h = hashlib.sha256(f"pkglayer-tar-format-{TAR_FORMAT} {CONTENT_HASH}\n".encode())
     for m in members:
         data_hash = m.content_hash or hashes.get(m.name, "")
-        if m.type == tarfile.REGTYPE and not data_hash:
+        if m.type == REGTYPE and not data_hash:
             return None
         h.update(m.key_line(data_hash).encode())
     return "sha256:" + h.hexdigest()
@@ -289,7 +297,7 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
     with FileOpener(rootfs) as opener:
         for m in members:
             c.add_member(m, m.header())
-            if m.type == tarfile.REGTYPE and m.size:
+            if m.type == REGTYPE and m.size:
                 taken = _copy_file(opener, m, c, buf)
                 if taken is not None:
                     hashes[m.name] = taken
@@ -297,7 +305,7 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
                 pad = -m.size % _BLOCK
                 if pad:
                     c.write(b"\0" * pad)
-            elif m.type == tarfile.REGTYPE and not m.content_hash:
+            elif m.type == REGTYPE and not m.content_hash:
                 hashes[m.name] = _EMPTY_HASH
     # End of archive: two zero blocks, padded to a full record like tarfile and GNU tar.
     end = 2 * _BLOCK

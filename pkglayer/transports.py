@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import sys
-import tarfile
 from dataclasses import dataclass
 
 from .blobstore import BlobDir
@@ -233,6 +232,8 @@ def write_oci_archive(layout: str, tag: str, dest: ImageRef, source_date_epoch: 
     """A tar of the image's layout (oci-layout, index.json naming the image, its blobs),
     names sorted, owner root, times `source_date_epoch`: the same image gives the same
     archive. "-" writes it to standard output."""
+    import tarfile  # here: only archives need it, and every start would pay
+
     image = open_layout(layout, tag)
     name = dest.tag or tag
     blobs = BlobDir(layout)

@@ -183,6 +183,36 @@ def test_a_huge_blob_under_a_wanted_name_costs_a_build_nothing(tmp_path: Path) -
     assert BlobDir(str(tmp_path / "image")).verify(image.layers[0].digest, image.layers[0].size)
 
 
+def test_a_rebuild_reads_no_blob_its_records_vouch_for_and_reads_a_replaced_one(tmp_path: Path, capsys) -> None:
+    """The blobs an unchanged rebuild reuses are checked from the digest cache's records
+    (a stat each, without a worker thread); a blob file the records do not know, here a
+    copy put under the same name, is read through and hashed, and still reused."""
+    root = _tree(tmp_path / "root", "hello")
+    (root / "usr" / "bin" / "big").write_bytes(os.urandom(4 << 20))  # a blob that cannot compress
+    layers = tmp_path / "layers"
+    _build(str(root), "--layers", str(layers))
+    (layers / "output").rename(layers / "input")
+    time.sleep(2.5)  # older than the digest cache's racy window, so its checks are remembered
+    _build(str(root), "--layers", str(layers))  # the input blob is hashed once and remembered
+
+    def rebuild() -> tuple[dict, int]:
+        capsys.readouterr()
+        before = rchar()
+        assert main(["build", str(root), "--layers", str(layers), "--format", "none", "--json"]) == 0
+        return json.loads(capsys.readouterr().out), rchar() - before
+
+    result, read = rebuild()
+    assert result["written"] == 0 and result["reused"] == len(result["layers"])
+    assert read < 1 << 20, f"read {read} bytes: a vouched-for blob was read again"
+    blob = max((layers / "input" / "blobs" / "sha256").iterdir(), key=lambda p: p.stat().st_size)
+    copy = blob.with_name("copy")
+    copy.write_bytes(blob.read_bytes())
+    copy.replace(blob)
+    result, read = rebuild()
+    assert result["written"] == 0 and result["reused"] == len(result["layers"])
+    assert read >= 4 << 20, "the replaced blob was reused without being hashed"
+
+
 # ------------------------------------------------------------------ --verify-reused
 
 

@@ -227,9 +227,9 @@ def test_mount_points_are_listed_but_not_entered(tmp_path: Path) -> None:
 
 
 def test_glob_regex_of_no_pattern_matches_nothing() -> None:
-    assert scan.glob_regex([], 0).fullmatch("") is None
-    assert scan.glob_regex([], 0).fullmatch("anything") is None
-    both = scan.glob_regex(["a/*", "b"], 0)
+    assert scan.glob_regex([]).fullmatch("") is None
+    assert scan.glob_regex([]).fullmatch("anything") is None
+    both = scan.glob_regex(["a/*", "b"])
     assert [p for p in ("a/x", "b", "c", "a/x/y") if both.fullmatch(p)] == ["a/x", "b"]
 
 

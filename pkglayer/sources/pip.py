@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
 import fnmatch
 import hashlib
 import io
@@ -246,6 +245,8 @@ class PipSource(PackageSource):
     def _files(self, site: SiteDir, where: str, record: bytes) -> tuple[tuple[FileRecord, ...], int]:
         """FileRecords for RECORD's rows that stay in the environment, plus the
         directories below the site directory that hold them; and the recorded size."""
+        import csv  # here: an unchanged rebuild reads no database, and every start would pay
+
         files: dict[str, FileRecord] = {}
         size = 0
         text = record.decode("utf-8", "surrogateescape")

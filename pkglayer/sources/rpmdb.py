@@ -10,9 +10,7 @@ first and the header count compared with the row count.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -80,6 +78,8 @@ class RpmSource(PackageSource):
         return self._packages
 
     def _read(self) -> list[Package]:
+        import tempfile  # here: (with shutil) a start that reads no rpm database skips them
+
         found = _find(self.rootfs)
         if found is None:
             raise DatabaseError("no rpm database found")
@@ -110,6 +110,8 @@ class RpmSource(PackageSource):
     def _copy_db(self, dbdir: str, dbfile: str, dest: str) -> None:
         # Committed sqlite transactions may still sit in the WAL; the -shm is host state.
         # Berkeley DB: rpm iterates Packages without its index files (it just warns).
+        import shutil
+
         wal = f"{dbfile}-wal"
         names = [dbfile] + ([wal] if self.rootfs.is_file(f"{dbdir}/{wal}") else [])
         for name in names:
