@@ -9,8 +9,9 @@ import logging
 import os
 import shlex
 import sys
+import threading
 from dataclasses import replace
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import COMPRESSIONS, BuildSettings, load_settings
@@ -936,6 +937,20 @@ class _Stdout:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def run() -> NoReturn:
+    """The `pkglayer` command: main(), then an exit that skips tearing the interpreter
+    down when nothing else runs (unloading every module and its caches took ~10 ms of
+    each command, 4% of an unchanged rebuild). Output is flushed first; atexit handlers
+    are logging's, run here."""
+    code = main()
+    if threading.active_count() == 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

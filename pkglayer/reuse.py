@@ -70,6 +70,7 @@ class ReuseIndex:
         self.dir_mtime = dir_mtime
         self.with_root = with_root
         self.sources = (*prior.blob_sources, output)
+        self._looked_up: dict[str, LayerRecord] = {}  # by layer name: see cached()
         self.by_key: dict[str, LayerRecord] = {}
         self.by_packages: dict[tuple[str, ...], list[LayerRecord]] = {}
         for rec in prior.reusable:
@@ -86,9 +87,7 @@ class ReuseIndex:
         reads the others on worker threads."""
         if key is None:
             return None, None
-        if self.prior.cache is not None and not read:
-            raise MustRead  # the layer cache may copy a blob into the output
-        cached = self.cached(layer, key)
+        cached = self.cached(layer, key, read)
         if cached is not None:
             return cached, None
         exact = self.by_key.get(key)
@@ -108,15 +107,25 @@ class ReuseIndex:
         pristine = self._pristine(layer, read)
         return (Reuse(_renamed(pristine, layer)) if pristine else None), None
 
-    def cached(self, layer: PlannedLayer, key: str) -> Reuse | None:
-        """The cached layer of this key, made present in the output; None when not cached."""
+    def cached(self, layer: PlannedLayer, key: str, read: bool = True) -> Reuse | None:
+        """The cached layer of this key, made present in the output; None when not cached.
+        With `read` false, raises MustRead where that needs a blob read or copied."""
         cache = self.prior.cache
         if cache is None:
             return None
-        rec = cache.lookup(key, self.compression)
+        # A lookup made by a call that raised MustRead is the one the next call uses (it
+        # counts a hit or a miss).
+        name = layer.name
+        rec = self._looked_up.pop(name) if name in self._looked_up else cache.lookup(key, self.compression)
         if rec is None or rec.media_type != self.media_type:
             return None
-        if self.compression.startswith("zstd:chunked") and not rec.annotations:
+        out = self.output
+        present = out is cache.blobs or (out.has(rec.digest) and out.size(rec.digest) == rec.size)
+        chunked = self.compression.startswith("zstd:chunked") and not rec.annotations
+        if not read and (chunked or not present):
+            self._looked_up[name] = rec
+            raise MustRead
+        if chunked:
             # The cache records no annotations: read them back from the blob's footer.
             from .zstd_chunked import read_annotations  # here: anycrc and zstandard slow every start
 
@@ -127,8 +136,7 @@ class ReuseIndex:
                 log.warning("layer cache: blob %s: %s", rec.digest, e)
                 return None
             rec = replace(rec, annotations=tuple(sorted(notes.items())))
-        out = self.output
-        if out is not cache.blobs and not (out.has(rec.digest) and out.size(rec.digest) == rec.size):
+        if not present:
             try:
                 cache.export(rec.digest, out, rec.size)
             except (PkglayerError, OSError) as e:  # evicted meanwhile: write it instead

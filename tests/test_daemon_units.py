@@ -173,6 +173,32 @@ def test_cache_lookup_is_keyed_by_content_key_and_compression(tmp_path: Path) ->
     assert (s.entries, s.bytes, s.hits, s.misses) == (2, 150, 1, 2)
 
 
+def test_a_cached_layer_that_must_be_copied_is_left_to_a_worker_and_counted_once(tmp_path: Path) -> None:
+    """build() asks for every layer first without reading or copying a blob (read=False);
+    a cached blob the output lacks raises MustRead, and the worker's call that copies it
+    uses the same lookup: one hit, as before."""
+    from pkglayer.ownership import Ownership
+    from pkglayer.plan import PlannedLayer
+    from pkglayer.prior import Prior
+    from pkglayer.reuse import MustRead, ReuseIndex
+
+    cache = LayerCache(str(tmp_path / "cache"), 10**9)
+    rec = _put(cache, 1, b"a" * 100)
+    out = BlobDir(tmp_path / "out", create=True)
+    index = ReuseIndex(Prior(cache=cache), "gzip-6", rec.media_type, out, Ownership(None, None, {}, {}, {}), 0)
+    layer = PlannedLayer("pkg", ("pkg",), ("pkg",), ("pkg",), 100, 0.1)
+    with pytest.raises(MustRead):
+        index.find(layer, rec.content_key, read=False)
+    assert not out.has(rec.digest)
+    found, why_not = index.find(layer, rec.content_key)
+    assert found is not None and found.cached and why_not is None and out.verify(rec.digest, 100)
+    assert cache.stats().hits == 1
+    # Now in the output: answered without a worker.
+    found, _ = index.find(layer, rec.content_key, read=False)
+    assert found is not None and found.record.digest == rec.digest and cache.stats().hits == 2
+    cache.close()
+
+
 def test_cache_evicts_least_recently_used_to_its_bound(tmp_path: Path) -> None:
     cache = LayerCache(str(tmp_path / "cache"), 250)
     recs = [_put(cache, i, bytes([i]) * 100) for i in range(3)]

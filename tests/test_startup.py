@@ -65,3 +65,21 @@ def test_an_unchanged_rebuild_compiles_no_glob_and_writes_no_tar(tmp_path) -> No
     first = build()
     assert {"wcmatch._wcparse", "tarfile"} <= first  # the first build matched excludes and wrote a layer
     assert sorted(build() & {"wcmatch._wcparse", "bracex", "tarfile", "tempfile"}) == []
+
+
+def test_the_command_exits_with_mains_status_and_all_of_its_output(tmp_path) -> None:
+    """`pkglayer` (cli.run) skips the interpreter's teardown: what main() wrote still
+    reaches a pipe whole, and the exit status is main()'s."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for i in range(300):  # output larger than a pipe buffer's first write
+        (root / "etc" / f"file-{i:03}").write_text(str(i))
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pkglayer", *args], capture_output=True, text=True)
+
+    missing = command("build", str(tmp_path / "nothing"), "--layers", str(tmp_path / "layers"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    done = command("plan", str(root), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)  # complete: a cut-off document does not parse
