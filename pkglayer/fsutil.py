@@ -74,8 +74,12 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def write_file_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` so that readers see the old or the new file, never a mix,
-    also after a crash: temp file in the same directory, fsync, rename, fsync the directory."""
+    also after a crash: temp file in the same directory, fsync, rename, fsync the directory.
+    A file that already holds `data` with `mode` is left as it is (an unchanged rebuild's
+    history.json: two fsyncs spared)."""
     path = os.fspath(path)
+    if _holds(path, data, mode):
+        return
     directory = os.path.dirname(os.path.abspath(path))
     # A new random name, as tempfile.mkstemp makes (tempfile's imports cost every start).
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(8).hex()}.tmp")
@@ -91,6 +95,24 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o6
         unlink_quiet(tmp)
         raise
     fsync_dir(directory)
+
+
+def _holds(path: str, data: bytes, mode: int) -> bool:
+    """`path` is a regular file (not a symlink) of exactly `data`, with permissions `mode`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != mode or st.st_size != len(data):
+            return False
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(len(data) + 1) == data
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def unlink_quiet(path: str | os.PathLike[str]) -> None:
