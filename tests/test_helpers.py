@@ -1,5 +1,6 @@
 """The test helpers' own promises: on CI a skip is a failure that names what is missing,
-and tmpfs mounts left by a killed run are unmounted by the next one."""
+tmpfs mounts left by a killed run are unmounted by the next one, and a passed test's
+temporary directory is deleted when it ends."""
 
 from __future__ import annotations
 
@@ -59,6 +60,33 @@ def test_a_skip_fails_on_ci_and_names_the_tool(tmp_path: Path, ci: str | None) -
     else:
         assert proc.returncode == 0, out
         assert "1 passed, 3 skipped" in out and "pkglayer-no-such-tool" in out
+
+
+_TWO_OUTCOMES = textwrap.dedent(
+    """
+    def test_passes(tmp_path):
+        (tmp_path / "copied-root").write_bytes(b"x" * 4096)
+
+    def test_fails(tmp_path):
+        (tmp_path / "evidence").write_text("kept for the developer")
+        assert False
+    """
+)
+
+
+def test_a_passed_tests_tmp_path_is_deleted_and_a_failed_ones_kept(tmp_path: Path) -> None:
+    """The project's pytest settings (pyproject.toml) delete what a passed test wrote: the
+    suite copies whole roots into tmp_path, and keeping them all filled a CI disk."""
+    (tmp_path / "test_two_outcomes.py").write_text(_TWO_OUTCOMES)
+    base = tmp_path / "base"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(REPO / "pyproject.toml"),
+         "--rootdir", str(tmp_path), "--basetemp", str(base), str(tmp_path / "test_two_outcomes.py")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 1 and "1 failed, 1 passed" in proc.stdout, proc.stdout
+    assert sorted(p.name for p in base.iterdir() if not p.is_symlink()) == ["test_fails0"]
+    assert (base / "test_fails0" / "evidence").read_text() == "kept for the developer"
 
 
 def test_tmpfs_left_by_a_dead_process_is_unmounted(tmp_path: Path) -> None:
