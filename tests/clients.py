@@ -1,7 +1,7 @@
 """Real third-party OCI clients (umoci, skopeo, oci-image-tool, podman, a registry)
 driven against images written by pkglayer.
 
-The fixtures here (podman_store, session_podman_store, registry) are made available to
+The fixtures here (podman_store, shared_podman_store, registry) are made available to
 every test module by tests/conftest.py. Everything here needs root: umoci keeps
 ownership only when not rootless, and podman runs with the flags measured in
 /work/shared/notes/field-facts.md.
@@ -284,10 +284,11 @@ def podman_store(tmp_path: Path) -> Iterator[Path]:
         podman_cleanup(root)
 
 
-@pytest.fixture(scope="session")
-def session_podman_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Like podman_store, shared by a session so an image is pulled into vfs once."""
-    root = tmp_path_factory.mktemp("podman-session")
+@pytest.fixture(scope="module")
+def shared_podman_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Like podman_store, shared by the tests of a module so an image is pulled into vfs
+    once, and emptied after them (two images took 8.6 GB here)."""
+    root = tmp_path_factory.mktemp("podman-shared")
     try:
         yield root
     finally:

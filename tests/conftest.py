@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import rootfs_factory as factory
-from tests.clients import podman_store, registry, session_podman_store  # noqa: F401  (fixtures)
+from tests.clients import podman_store, registry, shared_podman_store  # noqa: F401  (fixtures)
 from tests.helpers import pytest_runtest_makereport, require_root, require_tools  # noqa: F401  (hook)
 
 _TOOLS = ("debootstrap", "chroot", "getcap", "alien", "rpm", "rpmbuild")

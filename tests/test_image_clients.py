@@ -95,8 +95,8 @@ def deb_zstd_image(tmp_path_factory: pytest.TempPathFactory, deb_rootfs: Path) -
 
 
 @pytest.fixture(scope="module")
-def pulled(session_podman_store: Path) -> dict[str, str]:
-    """Image IDs already pulled into the session's podman storage, by image ref."""
+def pulled(shared_podman_store: Path) -> dict[str, str]:
+    """Image IDs already pulled into the shared podman storage, by image ref."""
     return {}
 
 
@@ -218,34 +218,34 @@ def test_image_config(which: str, request: pytest.FixtureRequest) -> None:
 # ------------------------------------------------------------------ podman
 
 
-def test_podman_runs_deb_image(session_podman_store: Path, pulled: dict[str, str], deb_image: Image) -> None:
-    image_id = pull(session_podman_store, deb_image, pulled)
-    out = podman(session_podman_store, "run", "--rm", image_id, "/bin/sh", "-c", "echo hello from pkglayer; id -u")
+def test_podman_runs_deb_image(shared_podman_store: Path, pulled: dict[str, str], deb_image: Image) -> None:
+    image_id = pull(shared_podman_store, deb_image, pulled)
+    out = podman(shared_podman_store, "run", "--rm", image_id, "/bin/sh", "-c", "echo hello from pkglayer; id -u")
     assert out == "hello from pkglayer\n0\n"
 
 
 def test_podman_keeps_ping_capability(
-    session_podman_store: Path, pulled: dict[str, str], deb_image: Image
+    shared_podman_store: Path, pulled: dict[str, str], deb_image: Image
 ) -> None:
     want = os.getxattr(deb_image.rootfs / "usr/bin/ping", CAPABILITY_XATTR, follow_symlinks=False)
-    image_id = pull(session_podman_store, deb_image, pulled)
+    image_id = pull(shared_podman_store, deb_image, pulled)
     # Inside the container, with the image's own getcap (libcap2-bin, a dependency of iputils-ping) ...
-    out = podman(session_podman_store, "run", "--rm", image_id, "/usr/sbin/getcap", "/usr/bin/ping")
+    out = podman(shared_podman_store, "run", "--rm", image_id, "/usr/sbin/getcap", "/usr/bin/ping")
     assert "cap_net_raw" in out, out
     # ... and byte for byte in podman's storage.
-    assert mounted_capability(session_podman_store, image_id, "usr/bin/ping") == want
+    assert mounted_capability(shared_podman_store, image_id, "usr/bin/ping") == want
 
 
-def test_podman_runs_rpm_image(session_podman_store: Path, pulled: dict[str, str], rpm_image: Image) -> None:
+def test_podman_runs_rpm_image(shared_podman_store: Path, pulled: dict[str, str], rpm_image: Image) -> None:
     assert stat.S_ISREG((rpm_image.rootfs / "usr/bin/dash").stat().st_mode)
-    image_id = pull(session_podman_store, rpm_image, pulled)
+    image_id = pull(shared_podman_store, rpm_image, pulled)
     out = podman(
-        session_podman_store, "run", "--rm", image_id,
+        shared_podman_store, "run", "--rm", image_id,
         "/bin/sh", "-c", "echo hello from pkglayer; id -u; /usr/bin/pkglayer-ping",
     )
     assert out == "hello from pkglayer\n0\npkglayer-demo ping\n"
     want = os.getxattr(rpm_image.rootfs / "usr/bin/pkglayer-ping", CAPABILITY_XATTR, follow_symlinks=False)
-    assert mounted_capability(session_podman_store, image_id, "usr/bin/pkglayer-ping") == want
+    assert mounted_capability(shared_podman_store, image_id, "usr/bin/pkglayer-ping") == want
 
 
 def test_podman_runs_zstd_image(podman_store: Path, deb_zstd_image: Image) -> None:
