@@ -17,5 +17,5 @@ cd "$repo"
 tmp=${TMPDIR:-/tmp}
 free_gb=$(($(df --output=avail -k "$tmp" | tail -n 1) / 1048576))
 echo "test: ${free_gb} GB free in $tmp"
-((free_gb >= 15)) || echo "test: warning: the suite may need about 15 GB free in $tmp" >&2
+((free_gb >= 20)) || echo "test: warning: the suite may need about 20 GB free in $tmp" >&2
 exec "$venv/bin/python" -m pytest -q "$@"
