@@ -314,22 +314,45 @@ def _image_options(args: argparse.Namespace, source_runtime, bootc: bool, work, 
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from .memo import BuildMemo
+
+    settings = _settings_from_args(args)
+    memo = BuildMemo.for_build(args, settings)
+    if memo is not None:
+        answer = memo.answer()
+        if answer is not None:
+            # Nothing the last build read has changed: its answer holds (memo.py).
+            log.info("nothing changed since the last build of this command: answering from its memo %s", memo.path)
+            for warning in answer["warnings"]:
+                log.warning("%s", warning)
+            return _print_build(args, answer)
+        memo.forget()
+    return _build(args, settings, memo)
+
+
+def _build(args: argparse.Namespace, settings: BuildSettings, memo) -> int:
     from .build import build
     from .fsutil import Workspace
     from .inputs import is_ostree_tree, open_inputs
+    from .keptscan import DiskScans, LastKept
+    from .memo import location_stamps
     from .outputs import ImageContent, parse_outputs, write_outputs
     from .prior import resolve_prior
-    from .timings import summary
 
-    settings = _settings_from_args(args)
     reporter = _ProgressReporter(enabled=not (args.quiet or args.json))
     opts = _registry_options(args)
     limits = _limits(args)
+    scans = LastKept(DiskScans.for_settings(settings))
     try:
         with Workspace(args.tmpdir) as work:
             outputs = parse_outputs(args.output, args.layers, work)
             if args.json and any(d.is_stdout for d in outputs.destinations):
                 raise PkglayerError("--json and --output oci-archive:- both want standard output")
+            # The outputs' directories hold the prior: a memo needs them as this build found them.
+            locations = [os.path.abspath(d) for d in (outputs.layers_dir, outputs.layout and outputs.layout[0]) if d]
+            if outputs.destinations or outputs.staged:
+                memo = None
+            before = location_stamps(locations) if memo is not None else {}
             # A bad prior fails before a long unpack.
             prior = resolve_prior(outputs.prior_request(args.prior), work, opts, limits)
             inputs = open_inputs(args.rootfs, args.source, work, limits, reporter, opts)
@@ -343,49 +366,68 @@ def cmd_build(args: argparse.Namespace) -> int:
                 log.warning("bootc/ostree image: leaving out the contents of /sysroot")
                 settings = replace(settings, extra_excludes=(*settings.extra_excludes, "sysroot/**"),
                                    compare_mtimes=False)
+                memo = None
             options = _image_options(args, inputs.image.runtime if inputs.image else None, bootc, work, opts, limits)
             result = build(inputs.rootfs, settings, prior, outputs.new_blobs(), platform=inputs.platform,
-                           progress=reporter, replan=args.replan)
+                           progress=reporter, replan=args.replan, scans=scans)
             report = write_outputs(ImageContent.of_build(result, prior), outputs, options,
                                    settings.source_date_epoch, opts, limits)
     finally:
         reporter.close()
-    if args.json:
-        out = {**result.as_json(), **report.as_json(), "source": inputs.source.as_json() if inputs.source else None}
-        json.dump(out, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
+    answer = {
+        **result.as_json(), **report.as_json(), "source": inputs.source.as_json() if inputs.source else None,
+        "unchanged": False,
+    }
+    if memo is not None:
+        memo.record(answer, scans.last, locations, before)
     # With the image on standard output, the summary goes to standard error.
     say = sys.stderr if any(d.is_stdout for d in outputs.destinations) else sys.stdout
+    return _print_build(args, answer, say, outputs.staged, report.push)
+
+
+def _print_build(args: argparse.Namespace, answer: dict[str, Any], say=None, staged: bool = False,
+                 push=None) -> int:
+    """A build's answer: its JSON (--json), else a line per layer and a summary."""
+    from .timings import summary
+
+    if args.json:
+        json.dump(answer, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    say = say or sys.stdout
+    layers = answer["layers"]
     if not args.quiet:
-        for o in result.layers:
-            state = "reused " if o.reused else "written"
-            print(f"{state} {o.record.digest[7:19]} {_human(o.record.size):>10}  {o.record.name}", file=say)
-    total = sum(o.record.size for o in result.layers)
+        for layer in layers:
+            state = "reused " if layer["reused"] else "written"
+            print(f"{state} {layer['digest'][7:19]} {_human(layer['size']):>10}  {layer['name']}", file=say)
+    unchanged = " (nothing changed since the last build)" if answer["unchanged"] else ""
     print(
-        f"{len(result.layers)} layers ({result.written} written, {result.reused} reused), "
-        f"{_human(total)} compressed, {result.seconds:.1f} s", file=say,
+        f"{len(layers)} layers ({answer['written']} written, {answer['reused']} reused), "
+        f"{_human(sum(layer['size'] for layer in layers))} compressed, {answer['seconds']:.1f} s{unchanged}",
+        file=say,
     )
     if not args.quiet:
-        print(summary(result.timings.as_json(), report.seconds), file=say)
-    if inputs.source:
-        print(f"from {inputs.source.ref} ({inputs.source.layers} layers, {inputs.source.entries} entries)", file=say)
-    _print_outputs(report, outputs, say)
+        print(summary(answer["timings"], answer["outputSeconds"]), file=say)
+    source = answer["source"]
+    if source:
+        print(f"from {source['ref']} ({source['layers']} layers, {source['entries']} entries)", file=say)
+    _print_outputs(answer, staged, push, say)
     return 0
 
 
-def _print_outputs(report, outputs, say) -> None:
-    """Where the image went: the layout (unless a staged one), every other destination
-    (but standard output), the push figures, the /layers history."""
-    if report.image and not outputs.staged:
-        print(f"image {report.image_ref} manifest {report.image.manifest_digest}", file=say)
-    for dest in report.published:
+def _print_outputs(report: dict[str, Any], staged: bool, push, say) -> None:
+    """Where the image went (`report`: an OutputReport's JSON): the layout (unless a staged
+    one), every other destination (but standard output), the push figures, the /layers
+    history."""
+    if report["manifestDigest"] and not staged:
+        print(f"image {report['image']} manifest {report['manifestDigest']}", file=say)
+    for dest in report["published"]:
         if dest != "oci-archive:-":
             print(f"wrote {dest}", file=say)
-    if report.push:
-        _print_push(report.push, say)
-    if report.history_path:
-        print(f"history {report.history_path}", file=say)
+    if push:
+        _print_push(push, say)
+    if report["history"]:
+        print(f"history {report['history']}", file=say)
 
 
 def _plan_options(group) -> None:
@@ -641,7 +683,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         return 0
     say = sys.stderr if any(d.is_stdout for d in outputs.destinations) else sys.stdout
     print(f"{len(assembled.history.layers)} layers checked (digest, size, diff_id)", file=say)
-    _print_outputs(report, outputs, say)
+    _print_outputs(report.as_json(), outputs.staged, report.push, say)
     return 0
 
 
@@ -767,6 +809,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "stale ostree.* labels (automatic when the tree has sysroot/ostree/repo)")
     b.add_argument("--tmpdir", metavar="DIR", help=f"where to unpack --from images and stage other "
                    f"outputs (default $TMPDIR or {'/var/tmp'}); removed afterwards")
+    b.add_argument("--no-memo", action="store_true",
+                   help="build even when nothing it reads changed since the last build of the same command "
+                   "(by default such a build is answered from that one, with no layer read or written)")
     b.add_argument("--max-image-size", type=_size, metavar="SIZE",
                    help="refuse source images larger than this uncompressed (default 64Gi; "
                    "k/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024)")

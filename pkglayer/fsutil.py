@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Sequence
 
 from .errors import PkglayerError
@@ -113,6 +114,40 @@ def _holds(path: str, data: bytes, mode: int) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Write a cache file whole, readable by its owner only, into a directory made 0700
+    if missing: a temp file renamed over `path`. No fsync: a cache's reader checks what
+    it reads (a file torn by a crash is ignored)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.urandom(8).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quiet(tmp)
+        raise
+
+
+def evict_least_recent(directory: str, suffix: str, count: int, keep: str) -> None:
+    """Leave the `count` files ending in `suffix` written last in `directory` (`keep`
+    among them), and remove temp files a writer that died left over an hour ago."""
+    found = []
+    now = time.time()
+    for entry in os.scandir(directory):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if entry.name.endswith(".tmp") and now - st.st_mtime > 3600:
+            unlink_quiet(entry.path)
+        elif entry.name.endswith(suffix) and entry.path != keep:
+            found.append((st.st_mtime, entry.path))
+    for _, path in sorted(found, reverse=True)[count - 1 :]:
+        unlink_quiet(path)
 
 
 def unlink_quiet(path: str | os.PathLike[str]) -> None:

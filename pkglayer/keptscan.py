@@ -22,7 +22,6 @@ in memory and knows from a file-change watch which paths may have changed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 from . import __version__
 from .config import BuildSettings
 from .digests import CONTENT_HASH
+from .fsutil import evict_least_recent, write_private
 from .hashcache import HashCache
 from .ownership import HOME_UNOWNED, Databases, Ownership, claim_homes, read_databases
 from .plan import PlannedLayer
@@ -305,6 +305,22 @@ class NoScans:
         pass
 
 
+class LastKept:
+    """Keeps scans where `inner` does, and holds the last one kept (a build's, for its
+    memo: memo.py)."""
+
+    def __init__(self, inner: KeptScans):
+        self.inner = inner
+        self.last: KeptScan | None = None
+
+    def take(self, root: str, fingerprint: str) -> tuple[KeptScan | None, Collection[str] | None]:
+        return self.inner.take(root, fingerprint)
+
+    def keep(self, kept: KeptScan) -> None:
+        self.last = kept
+        self.inner.keep(kept)
+
+
 class DiskScans:
     """One file per root and settings in `directory` (mode 0700, the user's own), the
     MAX_KEPT_ROOTS used last. A file is a header, the sha256 of the rest, and the rest
@@ -352,37 +368,11 @@ class DiskScans:
             return
         path = self._path(kept.root, kept.fingerprint)
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             # No fsync: a file torn by a crash fails its checksum and is ignored.
-            tmp = f"{path}.{os.urandom(8).hex()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            self._evict(keep=path)
+            write_private(path, data)
+            evict_least_recent(self.directory, ".scan", MAX_KEPT_ROOTS, keep=path)
         except OSError as e:
             log.warning("could not keep the scan of %s in %s: %s", kept.root, self.directory, e.strerror)
-
-    def _evict(self, keep: str) -> None:
-        found = []
-        for entry in os.scandir(self.directory):
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if entry.name.endswith(".tmp") and time.time() - st.st_mtime > 3600:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)  # left by a writer that died
-            elif entry.name.endswith(".scan") and entry.path != keep:
-                found.append((st.st_mtime, entry.path))
-        for _, path in sorted(found, reverse=True)[MAX_KEPT_ROOTS - 1 :]:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
 
 
 # The field order of each record as stored (a changed dataclass changes these, and the
