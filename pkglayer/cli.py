@@ -16,7 +16,6 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import COMPRESSIONS, BuildSettings, load_settings
 from .errors import PkglayerError
-from .sources import source_formats
 
 log = logging.getLogger("pkglayer")
 
@@ -48,6 +47,22 @@ examples:
       --output containers-storage:localhost/app:layered --compression none
   pkglayer build ./rootfs --output oci-archive:- | podman load
 """
+
+
+class _SourceFormats:
+    """--format's choices, from the package sources when argparse first needs them (to
+    check a value, or for help): a build answered from its memo loads no source."""
+
+    def _names(self) -> list[str]:
+        from .sources import source_formats
+
+        return [*source_formats(), "none"]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._names())
 
 
 def _settings_from_args(args: argparse.Namespace) -> BuildSettings:
@@ -714,7 +729,7 @@ def _common(p: argparse.ArgumentParser, rootfs_optional: bool = False) -> None:
     )
     p.add_argument(
         "--format",
-        choices=[*source_formats(), "none"],
+        choices=_SourceFormats(),
         help="package database to read when the rootfs has several "
         "(default: detect; none: read no distro database; pip's records are read beside any)",
     )

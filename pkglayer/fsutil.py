@@ -9,12 +9,15 @@ limit allows (2,000 levels), far beyond Python's recursion limit.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
+import marshal
 import os
 import stat
 import time
 from collections.abc import Callable, Sequence
 
+from . import __version__
 from .errors import PkglayerError
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,28 @@ def write_private(path: str, data: bytes) -> None:
     except BaseException:
         unlink_quiet(tmp)
         raise
+
+
+def seal(magic: bytes, value: dict) -> bytes:
+    """A cache file's bytes: `magic`, the sha256 of the rest, then `value` in marshal
+    format (plain data only: loading it never runs code)."""
+    payload = marshal.dumps(value)
+    return magic + hashlib.sha256(payload).digest() + payload
+
+
+def unseal(magic: bytes, data: bytes, what: str, file_format: int) -> dict:
+    """What `seal` sealed, if it is whole and of this `file_format` and pkglayer version
+    (its "format" and "version" keys); ValueError otherwise."""
+    if not data.startswith(magic):
+        raise ValueError(f"not a {what}")
+    head = len(magic)
+    digest, payload = data[head : head + 32], data[head + 32 :]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError("checksum mismatch (a damaged file)")
+    value = marshal.loads(payload)
+    if value["format"] != file_format or value["version"] != __version__:
+        raise ValueError("written by another version")
+    return value
 
 
 def evict_least_recent(directory: str, suffix: str, count: int, keep: str) -> None:

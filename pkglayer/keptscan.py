@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from . import __version__
 from .config import BuildSettings
 from .digests import CONTENT_HASH
-from .fsutil import evict_least_recent, write_private
+from .fsutil import evict_least_recent, seal, unseal, write_private
 from .hashcache import HashCache
 from .ownership import HOME_UNOWNED, Databases, Ownership, claim_homes, read_databases
 from .plan import PlannedLayer
@@ -494,20 +494,11 @@ def encode(kept: KeptScan) -> bytes:
         },
         "layers": _shape(kept.layers),
     }
-    payload = marshal.dumps(data)
-    return _MAGIC + hashlib.sha256(payload).digest() + payload
+    return seal(_MAGIC, data)
 
 
 def decode(data: bytes) -> KeptScan:
-    if not data.startswith(_MAGIC):
-        raise ValueError("not a kept scan")
-    head = len(_MAGIC)
-    digest, payload = data[head : head + 32], data[head + 32 :]
-    if hashlib.sha256(payload).digest() != digest:
-        raise ValueError("checksum mismatch (a damaged file)")
-    d = marshal.loads(payload)
-    if d["format"] != KEPT_FORMAT or d["version"] != __version__:
-        raise ValueError("written by another version")
+    d = unseal(_MAGIC, data, "kept scan", KEPT_FORMAT)
     s = d["scan"]
     objects: dict[str, FsObject] = {}
     homes: dict[str, list[FsObject]] = {}

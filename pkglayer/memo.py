@@ -30,14 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import marshal
 import os
 import struct
 import time
 from typing import Any
 
 from . import __version__
-from .fsutil import evict_least_recent, write_private
+from .fsutil import evict_least_recent, seal, unseal, write_private
 from .rootfs import unchanged
 
 log = logging.getLogger(__name__)
@@ -136,7 +135,7 @@ class BuildMemo:
             log.warning("ignoring the build memo %s: %s", self.path, e.strerror)
             return None
         try:
-            memo = _decode(data)
+            memo = unseal(_MAGIC, data, "build memo", MEMO_FORMAT)
             if memo["key"] != self.key or memo["rootfs"] != self.rootfs:
                 return None
             paths = memo["paths"].split("\0") if memo["paths"] else []
@@ -212,11 +211,11 @@ class BuildMemo:
             "stamps_of": after,
             "answer": json.dumps(answer),
         }
-        payload = marshal.dumps(memo)
-        if len(payload) > MAX_MEMO_BYTES:
+        data = seal(_MAGIC, memo)
+        if len(data) > MAX_MEMO_BYTES:
             return
         try:
-            write_private(self.path, _MAGIC + hashlib.sha256(payload).digest() + payload)
+            write_private(self.path, data)
             evict_least_recent(self.directory, ".memo", MAX_MEMOS, keep=self.path)
         except OSError as e:
             log.warning("could not keep the build memo in %s: %s", self.directory, e.strerror)
@@ -229,16 +228,3 @@ class BuildMemo:
             pass
         except OSError as e:
             log.warning("could not remove the build memo %s: %s", self.path, e.strerror)
-
-
-def _decode(data: bytes) -> dict[str, Any]:
-    if not data.startswith(_MAGIC):
-        raise ValueError("not a build memo")
-    head = len(_MAGIC)
-    digest, payload = data[head : head + 32], data[head + 32 :]
-    if hashlib.sha256(payload).digest() != digest:
-        raise ValueError("checksum mismatch (a damaged file)")
-    memo = marshal.loads(payload)
-    if memo["format"] != MEMO_FORMAT or memo["version"] != __version__:
-        raise ValueError("written by another version")
-    return memo

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end demo on a real Debian rootfs, as root:
 #   set up -> debootstrap minbase bookworm (cached) -> scan -> build an OCI image
-#   -> build again (every layer reused) -> run a command in the image with podman.
+#   -> build again (every layer reused) -> and again (answered from the memo)
+#   -> run a command in the image with podman.
 # Everything it writes goes under $PKGLAYER_DEMO_DIR (default /var/tmp/pkglayer-demo),
 # except the rootfs, which is the test suite's cached minbase tree when
 # tests/rootfs_factory.py is there (under $PKGLAYER_TEST_CACHE).
@@ -75,6 +76,16 @@ print(f"{total} layers: {r['written']} written, {r['reused']} reused, {r['second
 print(f"image {r['image']} manifest {r['manifestDigest']}")
 if r["reused"] != total:
     sys.exit("demo: expected every layer to be reused on an unchanged rootfs")
+EOF
+
+step "third build: nothing changed since the second, which wrote nothing: answered from its memo"
+"${build[@]}" --json >"$demo/again.json"
+"$py" - "$demo/rebuild.json" "$demo/again.json" <<'EOF'
+import json, sys
+before, again = (json.load(open(path)) for path in sys.argv[1:])
+print(f"unchanged: {again['unchanged']}, {again['seconds']} s (the second build: {before['seconds']} s)")
+if not again["unchanged"] or again["manifestDigest"] != before["manifestDigest"]:
+    sys.exit("demo: expected the third build to be answered from the second's memo, with its image")
 EOF
 
 step "run the image with podman (vfs storage under $demo/podman, runc, no network)"
