@@ -730,7 +730,8 @@ def _common(p: argparse.ArgumentParser, rootfs_optional: bool = False) -> None:
     p.add_argument(
         "--format",
         choices=_SourceFormats(),
-        help="package database to read when the rootfs has several "
+        metavar="FORMAT",  # not the choices: argparse would list them while building the parser
+        help="package database to read (%(choices)s) when the rootfs has several "
         "(default: detect; none: read no distro database; pip's records are read beside any)",
     )
     p.add_argument(
