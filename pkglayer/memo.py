@@ -36,7 +36,8 @@ import time
 from typing import Any
 
 from . import __version__
-from .fsutil import evict_least_recent, seal, unseal, write_private
+from .errors import PkglayerError
+from .fsutil import evict_least_recent, read_regular, seal, unseal, write_private
 from .rootfs import unchanged
 
 log = logging.getLogger(__name__)
@@ -127,12 +128,11 @@ class BuildMemo:
         """The last build's answer (its --json), if nothing it read has changed since."""
         started = time.perf_counter()
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_MEMO_BYTES + 1)
-        except FileNotFoundError:
+            data = read_regular(self.path, MAX_MEMO_BYTES, "build memo", missing_ok=True)
+        except PkglayerError as e:
+            log.warning("ignoring %s", e)
             return None
-        except OSError as e:
-            log.warning("ignoring the build memo %s: %s", self.path, e.strerror)
+        if data is None:
             return None
         try:
             memo = unseal(_MAGIC, data, "build memo", MEMO_FORMAT)

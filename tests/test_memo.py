@@ -189,6 +189,12 @@ def test_a_damaged_memo_is_ignored(tmp_path: Path, cache: Path) -> None:
     assert not again["unchanged"] and _answer(again) == _answer(second)
     assert build_json(root, "--output", out)["unchanged"]  # a good memo was kept again
 
+    # A FIFO in its place (or a symlink) is refused without blocking or following it.
+    path.unlink()
+    os.mkfifo(path)
+    proc = pkglayer("build", root, "-q", "--json", "--output", out, timeout=120)
+    assert "is not a regular file" in proc.stderr and not json.loads(proc.stdout)["unchanged"]
+
 
 def test_no_memo_is_kept_of_objects_changed_within_the_racy_window(tmp_path: Path, cache: Path) -> None:
     """A change in the clock tick a scan reads an object in leaves its lstat as it was:
