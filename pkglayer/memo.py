@@ -74,9 +74,11 @@ def _code_stamps() -> list[tuple[str, tuple[int, ...]]]:
     return sorted(found)
 
 
-def location_stamps(directories: list[str]) -> dict[str, tuple[int, ...] | None]:
-    """The stamp of every entry below each directory (None: absent), not following links."""
-    stamps: dict[str, tuple[int, ...] | None] = {}
+def location_stamps(directories: list[str]) -> dict[str, tuple[Any, ...] | None]:
+    """The stamp of every entry below each directory (None: absent), not following links
+    below them. What cannot be looked at gets a stamp no other look equals: no memo
+    stands for it."""
+    stamps: dict[str, tuple[Any, ...] | None] = {}
     pending = list(directories)
     while pending:
         directory = pending.pop()
@@ -86,14 +88,23 @@ def location_stamps(directories: list[str]) -> dict[str, tuple[int, ...] | None]
         except (FileNotFoundError, NotADirectoryError):
             stamps.setdefault(directory, None)
             continue
+        except OSError as e:
+            stamps[directory] = _unlookable(e)
+            continue
         for entry in entries:
             try:
                 stamps[entry.path] = _stamp(entry.stat(follow_symlinks=False))
             except FileNotFoundError:
                 stamps[entry.path] = None
+            except OSError as e:
+                stamps[entry.path] = _unlookable(e)
             if entry.is_dir(follow_symlinks=False):
                 pending.append(entry.path)
     return stamps
+
+
+def _unlookable(e: OSError) -> tuple[Any, ...]:
+    return ("cannot look", e.errno, time.monotonic_ns(), os.urandom(8))
 
 
 class BuildMemo:
@@ -145,14 +156,17 @@ class BuildMemo:
         except Exception as e:  # noqa: BLE001 - any damage at all: build instead
             log.warning("ignoring the build memo %s: %s", self.path, str(e) or type(e).__name__)
             return None
-        if not self._tree_unchanged(memo["root"], paths, stamps):
-            return None
-        checked_tree = time.perf_counter()
-        if not unchanged(self.rootfs, memo["trace"]):
-            return None
-        checked_databases = time.perf_counter()
-        if location_stamps(memo["locations"]) != memo["stamps_of"]:
-            return None
+        try:
+            if not self._tree_unchanged(memo["root"], paths, stamps):
+                return None
+            checked_tree = time.perf_counter()
+            if not unchanged(self.rootfs, memo["trace"]):
+                return None
+            checked_databases = time.perf_counter()
+            if location_stamps(memo["locations"]) != memo["stamps_of"]:
+                return None
+        except OSError:
+            return None  # what cannot be looked at now is the build's to report
         done = time.perf_counter()
         answer = json.loads(memo["answer"])
         steps = dict.fromkeys(answer["timings"]["steps"], 0.0)
@@ -165,22 +179,22 @@ class BuildMemo:
         return answer
 
     def _tree_unchanged(self, root: tuple[int, ...], paths: list[str], stamps: bytes) -> bool:
+        if _stamp(os.stat(self.rootfs)) != tuple(root):
+            return False
+        top = self.rootfs + "/"
+        lstat = os.lstat
         try:
-            if _stamp(os.stat(self.rootfs)) != tuple(root):
-                return False
-            top = self.rootfs + "/"
-            lstat = os.lstat
             for path, was in zip(paths, _STAMP.iter_unpack(stamps)):
                 st = lstat(top + path)
                 # st[:7] then the two times: one tuple compare per object
                 if st[:7] != was[:7] or st.st_mtime_ns != was[7] or st.st_ctime_ns != was[8]:
                     return False
-        except OSError:
-            return False
+        except (FileNotFoundError, NotADirectoryError):
+            return False  # gone, or a directory above it replaced
         return True
 
     def record(self, answer: dict[str, Any], kept: Any, locations: list[str],
-               before: dict[str, tuple[int, ...] | None]) -> None:
+               before: dict[str, tuple[Any, ...] | None]) -> None:
         """Keep `answer` for this key when the build (its kept scan `kept`) wrote nothing
         and found the output directories as it left them (`before`: their stamps at its
         start)."""

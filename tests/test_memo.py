@@ -244,3 +244,11 @@ def test_the_key_follows_pkglayers_own_code(tmp_path: Path, monkeypatch, cache: 
     assert BuildMemo.for_build(args, settings).key == key
     monkeypatch.setenv("LC_ALL", "C.UTF-8")  # the rest of the environment is
     assert BuildMemo.for_build(args, settings).key != key
+
+
+def test_an_output_entry_that_cannot_be_looked_at_is_never_vouched_for(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    assert location_stamps([str(tmp_path / "out")]) == location_stamps([str(tmp_path / "out")])
+    assert location_stamps([str(tmp_path / "gone")]) == {str(tmp_path / "gone"): None}
+    unlookable = str(tmp_path / ("x" * 300))  # ENAMETOOLONG: neither there nor absent
+    assert location_stamps([unlookable]) != location_stamps([unlookable])
