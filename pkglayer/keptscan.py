@@ -37,7 +37,8 @@ from typing import Any, Protocol
 from . import __version__
 from .config import BuildSettings
 from .digests import CONTENT_HASH
-from .fsutil import evict_least_recent, seal, unseal, write_private
+from .errors import PkglayerError
+from .fsutil import evict_least_recent, read_regular, seal, unseal, write_private
 from .hashcache import HashCache
 from .ownership import HOME_UNOWNED, Databases, Ownership, claim_homes, read_databases
 from .plan import PlannedLayer
@@ -343,12 +344,11 @@ class DiskScans:
     def take(self, root: str, fingerprint: str) -> tuple[KeptScan | None, Collection[str] | None]:
         path = self._path(root, fingerprint)
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_KEPT_BYTES + 1)
-        except FileNotFoundError:
+            data = read_regular(path, MAX_KEPT_BYTES, "kept scan", missing_ok=True)
+        except PkglayerError as e:
+            log.warning("ignoring %s", e)
             return None, None
-        except OSError as e:
-            log.warning("ignoring the kept scan %s: %s", path, e.strerror)
+        if data is None:
             return None, None
         try:
             kept = decode(data)

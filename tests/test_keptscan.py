@@ -733,7 +733,12 @@ def test_a_kept_scan_that_cannot_be_read_is_ignored_with_a_warning(kept_tree, tm
     path.unlink()
     path.mkdir()
     assert scans.take(kept.root, kept.fingerprint) == (None, None)
-    assert caplog.messages == [f"ignoring the kept scan {path}: Is a directory"]
+    assert caplog.messages == [f"ignoring kept scan: {path} is not a regular file"]
+    caplog.clear()
+    path.rmdir()
+    os.mkfifo(path)  # read without blocking, and refused
+    assert scans.take(kept.root, kept.fingerprint) == (None, None)
+    assert caplog.messages == [f"ignoring kept scan: {path} is not a regular file"]
 
 
 def test_a_kept_scan_bigger_than_the_limit_is_neither_written_nor_read(
