@@ -811,7 +811,9 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build",
         help="write an OCI image and/or /layers blobs from a rootfs",
-        description="Write one layer per package (within --max-layers), reusing unchanged layers.",
+        description="Write one layer per package (within --max-layers), reusing unchanged layers.\n"
+        "A build that finds its tree, settings and outputs as the last build of the same command\n"
+        "left them, having written nothing, answers from that build's memo (--no-memo: build anyway).",
         epilog=_BUILD_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
