@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 from .digests import CONTENT_HASH
 from .errors import ConfigError
+from .globs import PathGlobs
 from .hashcache import HashCache
 from .rootfs import Rootfs
-from .scan import FsObject, Progress, Scan, glob_regex, walk
+from .scan import FsObject, Progress, Scan, walk
 from .sources import FileRecord, Package, PackageSource
 from .sources.pip import PipSource
 from .usercomponents import (
@@ -496,10 +497,10 @@ def claim_config_components(c: Claims) -> None:
             days = interval_days(spec.interval)
             assert days is not None  # checked when the configuration was read
             c.declared[spec.name].intervals.setdefault(days, spec.where)
-        matchers.append((spec.name, glob_regex(spec.paths, globstar=True)))
+        matchers.append((spec.name, PathGlobs(spec.paths, globstar=True)))
     assigned: dict[str, str] = {}  # directory -> the component it hands down
     for obj in c.objects.values():
-        own = next((name for name, rx in matchers if rx.fullmatch(obj.path)), None)
+        own = next((name for name, globs in matchers if globs.matches(obj.path)), None)
         effective = own or assigned.get(obj.path.rpartition("/")[0])
         if effective is None:
             continue

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import stat
 import time
 from collections import defaultdict
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from .digests import CONTENT_HASH, new_hasher
 from .errors import TreeChangedError
+from .globs import PathGlobs
 from .hashcache import HashCache
 from .rootfs import FileOpener, Rootfs
 from .timings import Timings, charge, working_for
@@ -108,34 +108,6 @@ def same_stamp(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_ctime_ns == b.st_ctime_ns and a.st_mtime_ns == b.st_mtime_ns and a[:7] == b[:7]
 
 
-def glob_regex(patterns: Iterable[str], globstar: bool = False) -> re.Pattern[str]:
-    """All patterns as one regex (wcmatch's glob, dot files matched by `*`; `**` with
-    `globstar`): one match per path instead of one per pattern."""
-    # Imported here: wcmatch is a sixth of the CLI's start-up, and an unchanged rebuild
-    # compiles no glob (see _GlobMatcher).
-    from wcmatch import glob
-
-    flags = glob.DOTGLOB | (glob.GLOBSTAR if globstar else 0)
-    included, _ = glob.translate(list(patterns), flags=flags)
-    return re.compile("|".join(f"(?:{p})" for p in included) or "(?!)")
-
-
-class _GlobMatcher:
-    """glob_regex, compiled when first matched against."""
-
-    __slots__ = ("_patterns", "_globstar", "_regex")
-
-    def __init__(self, patterns: Iterable[str], globstar: bool):
-        self._patterns = tuple(patterns)
-        self._globstar = globstar
-        self._regex: re.Pattern[str] | None = None
-
-    def fullmatch(self, path: str) -> re.Match[str] | None:
-        if self._regex is None:
-            self._regex = glob_regex(self._patterns, self._globstar)
-        return self._regex.fullmatch(path)
-
-
 def walk(
     rootfs: Rootfs,
     algos_for: Callable[[str, os.stat_result], tuple[str, ...]],
@@ -172,8 +144,8 @@ def walk(
     files: the kept scan took what it named for them.
     """
     started = time.time()
-    excluded_matcher = _GlobMatcher(excludes, globstar=True)
-    drop_matcher = _GlobMatcher(drop_xattrs, globstar=False)
+    excluded_matcher = PathGlobs(excludes, globstar=True)
+    drop_matcher = PathGlobs(drop_xattrs, globstar=False)
     excluded: list[str] = []
     skipped: list[tuple[str, str]] = []
     objects: dict[str, FsObject] = {}
@@ -231,7 +203,7 @@ def walk(
                 obj.linkname = rootfs.readlink(path)
             xattrs = rootfs.getxattrs(path)
             if xattrs:
-                obj.xattrs = tuple(sorted((k, v) for k, v in xattrs.items() if not drop_matcher.fullmatch(k)))
+                obj.xattrs = tuple(sorted((k, v) for k, v in xattrs.items() if not drop_matcher.matches(k)))
         if stat.S_ISREG(mode):
             if have:
                 digests[path] = have
@@ -314,7 +286,7 @@ def walk(
                         objects[path] = visit(path, st, old)
                         if is_dir(st.st_mode):
                             enter(path, st, old, subdirs)
-                    elif excluded_matcher.fullmatch(path):
+                    elif excluded_matcher.matches(path):
                         excluded.append(path)
                         excluded_names.append(name)
                     elif stat.S_ISSOCK(st.st_mode):

@@ -226,13 +226,6 @@ def test_mount_points_are_listed_but_not_entered(tmp_path: Path) -> None:
     assert "mnt/inside" in whole.objects and whole.skipped == []
 
 
-def test_glob_regex_of_no_pattern_matches_nothing() -> None:
-    assert scan.glob_regex([]).fullmatch("") is None
-    assert scan.glob_regex([]).fullmatch("anything") is None
-    both = scan.glob_regex(["a/*", "b"])
-    assert [p for p in ("a/x", "b", "c", "a/x/y") if both.fullmatch(p)] == ["a/x", "b"]
-
-
 def test_a_failed_hashing_run_drops_the_runs_still_queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file that fails while hashed stops the scan; runs of files not started yet are
     dropped, not hashed for nothing."""

@@ -52,6 +52,8 @@ def test_an_unchanged_rebuild_compiles_no_glob_and_writes_no_tar(tmp_path) -> No
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "motd").write_text("hello")
     (root / "etc" / ".hidden").write_text("dot file")
+    (root / "tmp").mkdir()
+    (root / "tmp" / "scratch").write_text("excluded")  # a path that the excludes' regex must judge
     layers = tmp_path / "layers"
     time.sleep(2.5)  # older than the kept scan's racy window: the rebuild trusts every lstat
 

@@ -1,0 +1,67 @@
+"""Glob patterns matched against rootfs-relative paths: excludes, dropped xattrs,
+components. wcmatch's glob syntax: `*` and `?` within a name, dot files included, `**`
+any number of directories (with `globstar`).
+
+All the patterns become one regex, so a path is matched once, not once per pattern. But
+Python's re runs a union that holds a `**/NAME` pattern in 10-15 µs a path (it tries
+every directory boundary), and the walk asks for every object of the tree: a sixth of a
+cold build's scan. So each pattern also gets a necessary condition that a C string method
+checks in well under a microsecond, and the regex runs only for paths that pass one:
+- a pattern that starts with a name: the path starts with its literal prefix;
+- one that starts with a wildcard: the path holds its longest literal run within a name.
+A pattern outside the plain syntax (brackets, backslashes, empty names) has no such
+condition: then every path goes to the regex. Paths are the walk's: no empty, `.` or
+`..` names (wcmatch reads `a//b` as `a/b`, a prefix test would not).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_WILDCARD = re.compile(r"[*?]")
+# Names of anything but what wcmatch reads otherwise ([...] classes, \ escapes); no
+# empty name (so no leading, trailing or doubled slash).
+_PLAIN = re.compile(r"[^/\[\]\\]+(?:/[^/\[\]\\]+)*")
+
+
+def _condition(pattern: str) -> tuple[str, str] | None:
+    """("prefix", P) or ("needle", N) as in the module docstring; None: no cheap condition."""
+    if not _PLAIN.fullmatch(pattern):
+        return None
+    first = _WILDCARD.search(pattern)
+    if first is None or first.start() > 0:
+        return "prefix", pattern[: first.start() if first else len(pattern)]
+    needle = max((run for name in pattern.split("/") for run in _WILDCARD.split(name)), key=len)
+    return ("needle", needle) if needle else None
+
+
+class PathGlobs:
+    """A set of glob patterns; `matches(path)` when any of them matches the whole path.
+    The regex is compiled (and wcmatch loaded) when a path first passes the cheap test."""
+
+    __slots__ = ("_patterns", "_globstar", "_regex", "_prefixes", "_needles", "_always")
+
+    def __init__(self, patterns: Iterable[str], globstar: bool = False):
+        self._patterns = tuple(patterns)
+        self._globstar = globstar
+        self._regex: re.Pattern[str] | None = None
+        conditions = [_condition(p) for p in self._patterns]
+        self._always = None in conditions
+        self._prefixes = tuple(value for kind, value in filter(None, conditions) if kind == "prefix")
+        self._needles = tuple(value for kind, value in filter(None, conditions) if kind == "needle")
+
+    def matches(self, path: str) -> bool:
+        if not (self._always or path.startswith(self._prefixes) or any(n in path for n in self._needles)):
+            return False
+        if self._regex is None:
+            self._regex = self.regex()
+        return self._regex.fullmatch(path) is not None
+
+    def regex(self) -> re.Pattern[str]:
+        """All the patterns as one regex (for a full match)."""
+        from wcmatch import glob  # here: a sixth of the CLI's start-up, and most commands match no glob
+
+        flags = glob.DOTGLOB | (glob.GLOBSTAR if self._globstar else 0)
+        included, _ = glob.translate(list(self._patterns), flags=flags)
+        return re.compile("|".join(f"(?:{p})" for p in included) or "(?!)")
