@@ -4,9 +4,10 @@ any number of directories (with `globstar`).
 
 All the patterns become one regex, so a path is matched once, not once per pattern. But
 Python's re runs a union that holds a `**/NAME` pattern in 10-15 µs a path (it tries
-every directory boundary), and the walk asks for every object of the tree: a sixth of a
-cold build's scan. So each pattern also gets a necessary condition that a C string method
-checks in well under a microsecond, and the regex runs only for paths that pass one:
+every directory boundary), and the walk asks for every object of the tree: with the
+default excludes, a third of the cold walk of an 11,000-object tree. So each pattern also
+gets a necessary condition that C string methods check in about a microsecond, and the
+regex runs only for paths that pass one:
 - a pattern that starts with a name: the path starts with its literal prefix;
 - one that starts with a wildcard: the path holds its longest literal run within a name.
 A pattern outside the plain syntax (brackets, backslashes, empty names) has no such
