@@ -11,8 +11,10 @@ import textwrap
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
+from debian.changelog import Changelog
+
 from pkglayer.rootfs import Rootfs
-from pkglayer.sources import open_source
+from pkglayer.sources import dpkg, open_source
 from pkglayer.sources.base import CHANGELOG_SPAN
 from tests.helpers import TOP_LAYERS, build_json, layout_manifest, pkglayer, pkglayer_json, promote_outputs
 from tests.rootfs_factory import RPM_DBPATH, build_rpm, copy_tree
@@ -45,6 +47,30 @@ def test_changelog_times_come_from_the_debian_changelogs(deb_rootfs: Path) -> No
     assert len(libc.changelog) >= len(recent) and len(libc.changelog) > 5
     # native packages keep theirs in changelog.gz
     assert packages["dpkg"].changelog and packages["apt"].changelog
+
+
+def test_entry_times_agree_with_python_debians_full_parse(deb_rootfs: Path) -> None:
+    """dpkg.py reads only the changelogs' trailer lines; python-debian parses every
+    line. Both find the same entries, in order, in every Debian changelog of a real tree;
+    where python-debian stops (at an old-format section: dpkg's own changelog has one),
+    the trailer lines go on with older entries only."""
+    compared = entries = longer = 0
+    for doc in sorted((deb_rootfs / "usr/share/doc").iterdir()):
+        debian = sorted(doc.glob("changelog.Debian*.gz"))  # binNMU entries: changelog.Debian.ARCH.gz
+        for path in debian or [doc / "changelog.gz"]:  # native packages: changelog.gz
+            if not path.is_file() or path.is_symlink():
+                continue
+            text = gzip.decompress(path.read_bytes())
+            blocks = Changelog(text.decode("utf-8", "replace"), strict=False)
+            expected = [int(parsedate_to_datetime(b.date).timestamp()) for b in blocks if b.date]
+            got = dpkg._entry_times(text, len(expected) + 1000)
+            assert got[: len(expected)] == expected, path
+            assert all(t < min(expected) for t in got[len(expected):]), path
+            assert dpkg._entry_times(text, 3) == expected[:3], path
+            compared += 1
+            entries += len(expected)
+            longer += len(got) > len(expected)
+    assert compared > 50 and entries > 1000 and longer >= 1
 
 
 def test_plan_groups_by_source_and_stays_in_budget(deb_rootfs: Path) -> None:

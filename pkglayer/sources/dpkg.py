@@ -50,6 +50,14 @@ _ORPHAN_AT_START = re.compile(rb"(?:[ \t]*\n)?(?=[ \t]+\S)")
 _PARAGRAPH_START = re.compile(rb"\n[ \t]*\n(?=\S)")
 _PARAGRAPH_AT_START = re.compile(rb"(?:[ \t]*\n)?(?=\S)")
 _MD5 = re.compile(r"[0-9a-f]{32}")
+# The line that ends each changelog entry (Debian Policy 4.4): " -- NAME <EMAIL>  DATE".
+# The planner needs only the dates: finding these lines takes half the time that
+# python-debian's Changelog took to parse every line of every entry (45 ms against 100
+# for the 140 changelogs of the large benchmark tree). A test checks both find the same
+# entries in a real tree; past an old-format section, where python-debian stops, these
+# go on with older entries, which the planner's window leaves out anyway. A literal
+# newline first, as above.
+_TRAILER = re.compile(rb"\n -- [^\n]*>  ?([^\n]+)")
 
 
 # The packages of the last read of each root (the last _MAX_ROOTS_KNOWN roots), by
@@ -85,17 +93,16 @@ def _recent_entry_times(packed: bytes) -> list[int]:
     return found
 
 
-def _entry_times(text: bytes, max_blocks: int) -> list[int]:
-    # Imported here (and deb822 below): a rebuild that finds the database unchanged
-    # never needs them.
-    from email.utils import parsedate_to_datetime
-
-    from debian.changelog import Changelog
+def _entry_times(text: bytes, max_entries: int) -> list[int]:
+    """The times of the first `max_entries` entries, from their trailer lines."""
+    from email.utils import parsedate_to_datetime  # here: a rebuild that finds the database unchanged never needs it
 
     times = []
-    for block in Changelog(text.decode("utf-8", "replace"), max_blocks=max_blocks, strict=False):
+    for n, found in enumerate(_TRAILER.finditer(b"\n" + text)):
+        if n == max_entries:
+            break
         try:
-            times.append(int(parsedate_to_datetime(block.date).timestamp()))
+            times.append(int(parsedate_to_datetime(found[1].decode("latin-1").strip()).timestamp()))
         except (TypeError, ValueError, OverflowError):
             continue
     return times
