@@ -847,7 +847,11 @@ def make_parser() -> argparse.ArgumentParser:
         help="layer compression (default gzip, the most compatible; none for outputs that go straight "
         "into local storage, which keeps layers uncompressed)"
     )
-    lay.add_argument("--level", type=int, metavar="N", help="compression level (default gzip 6, zstd 3)")
+    lay.add_argument(
+        "--level", type=int, metavar="N",
+        help=f"compression level of the layers written (default gzip {BuildSettings.gzip_level}, zstd "
+        f"{BuildSettings.zstd_level}); reused layers keep the level they were made with",
+    )
     lay.add_argument("--verify-reused", action="store_true",
                      help="read each reused blob through once and reuse it only if it holds the layer its "
                      "history says (for input/ or layouts from elsewhere; see docs/security.md)")

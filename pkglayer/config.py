@@ -86,7 +86,10 @@ def parse_size(value: object, where: str) -> int:
 @dataclass(frozen=True)
 class BuildSettings:
     compression: str = "gzip"
-    gzip_level: int = 6
+    # libdeflate's level 5 writes layers no larger than zlib's default (6) with about a
+    # fifth less CPU than its own level 6 (compress.py, docs/benchmark.md). Layers made
+    # at another level stay reusable (reuse.py), so changing it re-ships nothing.
+    gzip_level: int = 5
     zstd_level: int = 3
     # 64 (as ostree chunking and chunkah): every runtime accepts it, and images built
     # FROM this one keep ~60 layers of headroom below moby's failures around 122-125.
@@ -134,7 +137,9 @@ class BuildSettings:
 
     @property
     def compression_spec(self) -> str:
-        """Names compression and level: a blob is reused only for the same spec."""
+        """Names compression and level ("gzip-5"), as history records them. The level
+        decides how new blobs are written; a prior blob is reused whatever its level
+        (reuse.py)."""
         if self.compression == "none":
             return "none"
         return f"{self.compression}-{self.compression_level}"

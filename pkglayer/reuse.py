@@ -10,8 +10,12 @@ In this order:
    its packages that is the pristine form of it, read through and checked member by
    member (pristine.py).
 
-A prior blob is reusable only when it was made with the same compression spec and media
-type: the content key names the uncompressed tar, the spec the compressed bytes.
+A prior blob is reusable only when it was made with the same compression format and media
+type: the content key names the uncompressed tar, the format what a client must be able
+to read. Its level (or library) may differ from the build's: those only decide how new
+blobs are written, and rewriting an unchanged layer to change them would make every
+client download it again. The daemon's layer cache, which no client sees, is keyed by the
+whole spec.
 
 history.json (and a plan label) is trusted to pair a content key with a blob: a blob is
 checked against its digest and size, not against the key. With `verify` (--verify-reused)
@@ -29,6 +33,7 @@ import time
 from dataclasses import dataclass, replace
 
 from .blobstore import BlobDir
+from .compress import spec_format
 from .errors import PkglayerError
 from .hashcache import TreeRecords
 from .history import LayerRecord
@@ -73,8 +78,9 @@ class ReuseIndex:
         self._looked_up: dict[str, LayerRecord] = {}  # by layer name: see cached()
         self.by_key: dict[str, LayerRecord] = {}
         self.by_packages: dict[tuple[str, ...], list[LayerRecord]] = {}
+        fmt = spec_format(compression)
         for rec in prior.reusable:
-            if rec.compression == compression and rec.media_type == media_type:
+            if spec_format(rec.compression) == fmt and rec.media_type == media_type:
                 self.by_key.setdefault(rec.content_key, rec)
                 # An earlier image in the OCI layout may record names only: a one-package
                 # layer is named after its package.
