@@ -752,7 +752,7 @@ def scan_ownership(
     """Read the package databases (the distro's, then pip's), walk the tree and give
     every object its home.
 
-    Files are hashed while walking with what must be known before layers are written:
+    Files are hashed after the walk with what must be known before layers are written:
     the database's digest of each package file the database does not vouch for (to spot
     edits; `vouched_for`) and, when earlier layers may be reused (`hash_content`), the
     content hash that keys are made of (otherwise it is taken while writing)."""

@@ -5,8 +5,8 @@ Which digests a file needs is the caller's decision (`algos_for`, from its path 
 lstat): the package database's own algorithm for package files, so edits can be told
 apart from pristine files (unless the database's timestamps vouch for the file), and
 the content hash of layer keys when earlier layers may be reused. Hashing
-runs on worker threads while the walk goes on; a digest cache (hashcache.py) spares
-files unchanged since they were last hashed.
+runs on worker threads after the walk; a digest cache (hashcache.py) spares files
+unchanged since they were last hashed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import stat
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -427,10 +427,14 @@ def _hash_chunk(rootfs: Rootfs, chunk: list[tuple[FsObject, tuple[str, ...]]]) -
 
 
 class _Hasher:
-    """Hashes files on worker threads while the walk goes on finding more.
+    """Hashes the files the walk found, on worker threads, once the walk is done.
 
-    Files are handed over in runs of `_CHUNK` in walk order: neighbours share directories
-    (see FileOpener), and many small runs keep every worker busy to the end.
+    Not while it goes on: the walk is Python work that holds the GIL, and hashing
+    threads taking it back for every small file slowed both (a cold walk of the 537 MB
+    benchmark tree with every file hashed: 0.87-1.19 s concurrently, 0.53-0.61 s one
+    after the other; docs/benchmark.md, phase I). Files go to the workers in runs of
+    `_CHUNK` in walk order: neighbours share directories (see FileOpener), and many
+    small runs keep every worker busy to the end.
     """
 
     _CHUNK = 128
@@ -439,9 +443,8 @@ class _Hasher:
         self.rootfs = rootfs
         self.timings = timings
         self.cache = cache
-        self.pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+        self.jobs = max(1, jobs)
         self.pending: list[tuple[FsObject, tuple[str, ...]]] = []
-        self.running: list[tuple[list[tuple[FsObject, tuple[str, ...]]], Future[list[dict[str, str]]]]] = []
         self.digests_of: dict[str, dict[str, str]] = {}
         self.started = time.time()
 
@@ -451,33 +454,30 @@ class _Hasher:
             self.digests_of[obj.path] = cached
             return
         self.pending.append((obj, algos))
-        if len(self.pending) >= self._CHUNK:
-            self._submit()
-
-    def _submit(self) -> None:
-        chunk, self.pending = self.pending, []
-        self.running.append((chunk, self.pool.submit(self._hash, chunk)))
 
     def _hash(self, chunk: list[tuple[FsObject, tuple[str, ...]]]) -> list[dict[str, str]]:
         with working_for(self.timings), charge("hash"):
             return _hash_chunk(self.rootfs, chunk)
 
     def abandon(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending = []
 
     def results(self, progress: Progress | None = None) -> dict[str, dict[str, str]]:
-        if self.pending:
-            self._submit()
-        total = sum(len(chunk) for chunk, _ in self.running)
+        pending, self.pending = self.pending, []
+        if not pending:
+            return self.digests_of
+        chunks = [pending[i : i + self._CHUNK] for i in range(0, len(pending), self._CHUNK)]
         done = 0
-        try:
-            for chunk, fut in self.running:
-                for (obj, _), digests in zip(chunk, fut.result()):
-                    self.digests_of[obj.path] = digests
-                    self.cache.put(obj.st, digests, self.started)
-                done += len(chunk)
-                if progress:
-                    progress("hashing", done, total)
-        finally:
-            self.pool.shutdown(cancel_futures=True)
+        with ThreadPoolExecutor(max_workers=min(self.jobs, len(chunks))) as pool:
+            try:
+                for chunk, found in zip(chunks, pool.map(self._hash, chunks)):
+                    for (obj, _), digests in zip(chunk, found):
+                        self.digests_of[obj.path] = digests
+                        self.cache.put(obj.st, digests, self.started)
+                    done += len(chunk)
+                    if progress:
+                        progress("hashing", done, len(pending))
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
         return self.digests_of
