@@ -205,15 +205,16 @@ def machine() -> dict[str, str | int]:
     }
 
 
-def tool_versions(pkglayer: str, before: str | None) -> dict[str, str]:
-    def first_line(cmd: list[str]) -> str:
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        except FileNotFoundError:
-            return "missing"
-        text = (p.stdout or p.stderr).strip()
-        return text.splitlines()[0].strip("* ") if text else "?"
+def first_line(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return "missing"
+    text = (p.stdout or p.stderr).strip()
+    return text.splitlines()[0].strip("* ") if text else "?"
 
+
+def tool_versions(pkglayer: str, before: str | None) -> dict[str, str]:
     versions = {
         "pkglayer": first_line([pkglayer, "--version"]),
         "tar": first_line(["tar", "--version"]),
@@ -255,6 +256,12 @@ def main() -> int:
     before = args.before
     if before and not os.access(before, os.X_OK):
         sys.exit(f"bench: --before {before} is not executable")
+    # `pkglayer --version` names the directory the package was imported from (since
+    # phase I): a wrapper running `python -m pkglayer` imports it from the current
+    # directory first, whatever its PYTHONPATH, and would compare one code with itself.
+    said = first_line([before, "--version"]) if before else ""
+    if " from " in said and said == first_line([pkglayer, "--version"]):
+        sys.exit(f"bench: --before {before} runs the same code as {pkglayer}: {said}")
     ncpu = os.cpu_count() or 1
     own_work = args.workdir is None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pkglayer-bench-", dir="/var/tmp"))

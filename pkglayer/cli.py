@@ -805,7 +805,11 @@ def make_parser() -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"pkglayer {__version__}")
+    # Where the package was imported from, as pip does: which of several installs (or a
+    # checkout on sys.path) answers is otherwise hard to tell.
+    here = os.path.dirname(os.path.abspath(__file__))
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    parser.add_argument("--version", action="version", version=f"pkglayer {__version__} from {here} (python {py})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser(

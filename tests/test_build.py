@@ -652,3 +652,13 @@ def test_progress_is_logged_for_journals(deb_rootfs: Path, tmp_path: Path) -> No
     layer_lines = [line for line in lines if line.startswith("pkglayer: layers: ")]
     assert len(layer_lines) >= 5 and layer_lines[-1].split()[-1].split("/")[0] == layer_lines[-1].split("/")[-1]
     assert not any("\x1b" in line or "\r" in line for line in lines)  # plain lines, no terminal codes
+
+
+def test_version_names_where_the_package_runs_from() -> None:
+    # Several installs (a venv, a checkout on sys.path, `python -m` in a checkout) can
+    # answer to `pkglayer`: --version says which one did, as pip's does.
+    import pkglayer as package
+
+    said = pkglayer("--version").stdout.strip()
+    here = os.path.dirname(os.path.abspath(package.__file__))
+    assert said == f"pkglayer {package.__version__} from {here} (python {sys.version_info.major}.{sys.version_info.minor})"
