@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from time import thread_time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from .digests import CONTENT_HASH, new_hasher
 from .errors import RootfsError, TreeChangedError
 from .rootfs import FileOpener, Rootfs
 from .scan import FsObject
-from .timings import charge
+from .timings import charge, charged
 
 if TYPE_CHECKING:
     import tarfile
@@ -294,11 +295,12 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
     c = ChunkedEncoder(level, out) if compression == "zstd:chunked" else _Compressor(compression, level, out)
     buf = memoryview(bytearray(_FLUSH))  # reused for every read of this layer
     hashes: dict[str, str] = {}
+    spent = [0.0, 0.0]  # CPU s reading and hashing files, charged once for the layer
     with FileOpener(rootfs) as opener:
         for m in members:
             c.add_member(m, m.header())
             if m.type == REGTYPE and m.size:
-                taken = _copy_file(opener, m, c, buf)
+                taken = _copy_file(opener, m, c, buf, spent)
                 if taken is not None:
                     hashes[m.name] = taken
                 c.end_file()
@@ -312,14 +314,19 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
     total = c.offset + end
     c.write(b"\0" * (end + (-total % _RECORD)))
     annotations = c.finish()
+    charged("read", spent[0])
+    charged("hash", spent[1])
     return WrittenLayer("sha256:" + c.tar_hash.hexdigest(), c.tar_size, hashes, annotations)
 
 
 _EMPTY_HASH = new_hasher(CONTENT_HASH).hexdigest()
 
 
-def _copy_file(opener: FileOpener, m: Member, c: _Compressor | ChunkedEncoder, buf: memoryview) -> str | None:
-    """Copy one file's data into the layer; its content hash if it had none yet."""
+def _copy_file(
+    opener: FileOpener, m: Member, c: _Compressor | ChunkedEncoder, buf: memoryview, spent: list[float]
+) -> str | None:
+    """Copy one file's data into the layer; its content hash if it had none yet. Adds
+    the CPU time of reading and hashing to `spent` (read, hash)."""
     obj = m.source
     assert obj is not None
     try:
@@ -335,15 +342,17 @@ def _copy_file(opener: FileOpener, m: Member, c: _Compressor | ChunkedEncoder, b
             raise TreeChangedError(f"/{obj.path} changed during the build; nothing was written, rerun")
         remaining = m.size
         while remaining:
-            with charge("read"):
-                n = os.readv(fd, [buf[: min(len(buf), remaining)]])
+            started = thread_time()
+            n = os.readv(fd, [buf[: min(len(buf), remaining)]])
+            read = thread_time()
+            spent[0] += read - started
             if not n:
                 raise TreeChangedError(f"/{obj.path} shrank during the build; nothing was written, rerun")
             remaining -= n
             chunk = buf[:n]
             if hasher is not None:
-                with charge("hash"):
-                    hasher.update(chunk)
+                hasher.update(chunk)
+                spent[1] += thread_time() - read
             c.write_data(chunk)
     finally:
         os.close(fd)
