@@ -431,7 +431,7 @@ class _Hasher:
 
     Not while it goes on: the walk is Python work that holds the GIL, and hashing
     threads taking it back for every small file slowed both (a cold walk of the 537 MB
-    benchmark tree with every file hashed: 0.87-1.19 s concurrently, 0.53-0.61 s one
+    benchmark tree with every file hashed: 1.03-1.11 s concurrently, 0.67-0.76 s one
     after the other; docs/benchmark.md, phase I). Files go to the workers in runs of
     `_CHUNK` in walk order: neighbours share directories (see FileOpener), and many
     small runs keep every worker busy to the end.

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from time import thread_time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from time import thread_time
 from typing import TYPE_CHECKING
 
 from .compress import compressor

@@ -661,4 +661,5 @@ def test_version_names_where_the_package_runs_from() -> None:
 
     said = pkglayer("--version").stdout.strip()
     here = os.path.dirname(os.path.abspath(package.__file__))
-    assert said == f"pkglayer {package.__version__} from {here} (python {sys.version_info.major}.{sys.version_info.minor})"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert said == f"pkglayer {package.__version__} from {here} (python {python})"
