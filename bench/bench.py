@@ -575,6 +575,7 @@ def render_markdown(r: dict) -> str:
         for name, t in r.get("timings", {}).items()
     )
     tools = ", ".join(f"{v}" for v in r["tools"].values())
+    all_reused = "all" if c["all_reused"] else "NOT all"
     before_note = (
         f" Rows ending in “before” are full builds by another pkglayer, `{r['before']}`, in the same rounds."
         if r["before"]
@@ -642,7 +643,8 @@ of the worker threads' hashing, compressing, reading and writing):
 |---|{"---|" * (len(_STEP_NAMES) + len(_WORK_NAMES))}
 {timing_rows}
 
-- Layers: {c["layers"]}; reused on rebuild: {c["reused_on_rebuild"]} ({"all" if c["all_reused"] else "NOT all"}); reuse runs answered from the memo: {c.get("memo_answered", "n/a")}.
+- Layers: {c["layers"]}; reused on rebuild: {c["reused_on_rebuild"]} ({all_reused}); reuse runs answered from \
+the memo: {c.get("memo_answered", "n/a")}.
 - Manifest digests of the gzip builds: {", ".join(f"`{d}`" for d in c["gzip_manifest_digests"])}
   ({"identical" if c["deterministic"] else "DIFFERENT"}).
 

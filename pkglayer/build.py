@@ -35,7 +35,7 @@ from .reuse import MustRead, Reuse, ReuseIndex
 from .rootfs import Rootfs
 from .scan import Progress
 from .sources import open_source
-from .tarwriter import TAR_FORMAT, Member, content_key, layer_members, write_layer
+from .tarwriter import TAR_FORMAT, content_key, write_layer
 from .timings import Timings, working_for
 
 log = logging.getLogger(__name__)
@@ -166,19 +166,6 @@ def plan_rootfs(
     return ownership, components, plan
 
 
-def layer_contents(
-    planned: list[PlannedLayer], ownership: Ownership, dir_mtime: int, with_root: bool = False
-) -> tuple[dict[str, list[Member]], dict[str, str | None]]:
-    """Each layer's tar members, and its content key where every file's hash is known."""
-    members = {
-        layer.name: layer_members(
-            (o for h in layer.homes for o in ownership.homes[h]), ownership.objects, dir_mtime, with_root
-        )
-        for layer in planned
-    }
-    return members, {name: content_key(ms) for name, ms in members.items()}
-
-
 def build(
     rootfs_path: str,
     settings: BuildSettings,
@@ -223,7 +210,7 @@ def build(
         # its table of contents would otherwise leave their 0700 staging directory there.
         with_root = settings.compression == "zstd:chunked"
         with timings.step("keys"):
-            contents = LayerContents(now, plan.layers, settings.source_date_epoch, with_root)
+            contents = LayerContents(now, plan.layers, settings.source_date_epoch, with_root, prior.can_reuse)
         reuse = ReuseIndex(
             prior, settings.compression_spec, LAYER_MEDIA_TYPES[settings.compression], blobs, ownership,
             settings.source_date_epoch, with_root, verify=settings.verify_reused, records=records,

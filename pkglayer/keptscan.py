@@ -38,6 +38,7 @@ from . import __version__
 from .config import BuildSettings
 from .digests import CONTENT_HASH
 from .errors import PkglayerError
+from .forked import Forked, single_threaded
 from .fsutil import evict_least_recent, read_regular, seal, unseal, write_private
 from .hashcache import HashCache
 from .ownership import HOME_UNOWNED, Databases, Ownership, claim_homes, read_databases
@@ -131,24 +132,28 @@ def scan_kept(
     fp = fingerprint(settings)
     if kept is not None and (kept.fingerprint != fp or kept.root != rootfs.path):
         kept = None
-    with timings.step("database"):
-        if kept is not None and kept.trace is not None and unchanged(rootfs.path, kept.trace):
-            databases, trace = kept.databases, kept.trace
-        else:
-            databases, trace = _read_databases(rootfs.path, settings.package_format)
-    started = time.perf_counter()
+    if kept is None and settings.jobs > 1 and single_threaded():
+        databases, trace, scan = _read_beside_walk(rootfs, settings, hash_content, cache, progress, timings)
+    else:
+        with timings.step("database"):
+            if kept is not None and kept.trace is not None and unchanged(rootfs.path, kept.trace):
+                databases, trace = kept.databases, kept.trace
+            else:
+                databases, trace = _read_databases(rootfs.path, settings.package_format)
+        started = time.perf_counter()
+        same_databases = kept is not None and databases is kept.databases
+        recheck: Collection[str] | None = None
+        if kept is not None and check is not None and (kept.hash_content or not hash_content):
+            recheck = () if same_databases else _paths_of_changed_packages(rootfs, kept.databases, databases)
+        scan = walk(
+            rootfs, databases.algos_for(hash_content, settings.hash_package_files), settings.all_excludes,
+            settings.drop_xattrs, settings.one_file_system, settings.jobs, cache, progress,
+            kept.scan if kept else None, check, timings,
+            trusted_needs=((CONTENT_HASH,) if hash_content else ()) if same_databases else None,
+            recheck=recheck,
+        )
+        timings.steps["scan"] = time.perf_counter() - started - timings.steps.get("hash", 0.0)
     same_databases = kept is not None and databases is kept.databases
-    recheck: Collection[str] | None = None
-    if kept is not None and check is not None and (kept.hash_content or not hash_content):
-        recheck = () if same_databases else _paths_of_changed_packages(rootfs, kept.databases, databases)
-    scan = walk(
-        rootfs, databases.algos_for(hash_content, settings.hash_package_files), settings.all_excludes,
-        settings.drop_xattrs, settings.one_file_system, settings.jobs, cache, progress, kept.scan if kept else None,
-        check, timings,
-        trusted_needs=((CONTENT_HASH,) if hash_content else ()) if same_databases else None,
-        recheck=recheck,
-    )
-    timings.steps["scan"] = time.perf_counter() - started - timings.steps.get("hash", 0.0)
     with timings.step("ownership"):
         old = kept.scan if kept else None
         if (
@@ -188,6 +193,43 @@ def _paths_of_changed_packages(rootfs: Rootfs, old: Databases, new: Databases) -
     return {
         rootfs.resolve(rel, follow_final=False) for p in changed for rec in p.files if (rel := rec.path.lstrip("/"))
     }
+
+
+def _read_beside_walk(
+    rootfs: Rootfs, settings: BuildSettings, hash_content: bool, cache: HashCache | None,
+    progress: Progress | None, timings: Timings,
+) -> tuple[Databases, dict[str, Noted] | None, Scan]:
+    """A first scan: the databases read in a child process (forked.py) while this one
+    walks the tree, both holding the GIL for most of their work (each 0.3-0.4 s on the
+    benchmark trees). The files the databases say must be hashed are known, and hashed,
+    once both are done. Steps in `timings`: "database" is the time the walk did not hide
+    (starting the child, then waiting for it, or reading here if it failed)."""
+    started = time.perf_counter()
+    child = Forked(_read_databases, rootfs.path, settings.package_format)
+    forking = time.perf_counter() - started
+    timings.steps["database"] = timings.steps["scan"] = 0.0  # in this order, as without a child
+    read: list[tuple[Databases, dict[str, Noted] | None]] = []
+    waited = 0.0
+
+    def algos_later():
+        nonlocal waited
+        waiting = time.perf_counter()
+        found = child.result()
+        read.append(found if found is not None else _read_databases(rootfs.path, settings.package_format))
+        waited = time.perf_counter() - waiting
+        return read[0][0].algos_for(hash_content, settings.hash_package_files)
+
+    try:
+        scan = walk(
+            rootfs, None, settings.all_excludes, settings.drop_xattrs, settings.one_file_system, settings.jobs,
+            cache, progress, timings=timings, algos_later=algos_later,
+        )
+    finally:
+        child.cancel()
+    timings.steps["database"] = forking + waited
+    timings.steps["scan"] = time.perf_counter() - started - forking - waited - timings.steps.get("hash", 0.0)
+    databases, trace = read[0]
+    return databases, trace, scan
 
 
 def _read_databases(root: str, package_format: str | None) -> tuple[Databases, dict[str, Noted] | None]:
@@ -238,9 +280,12 @@ def _dirty_homes(old: Scan, old_homes: dict[str, str], scan: Scan) -> set[str] |
 class LayerContents:
     """Each planned layer's content key and members: kept ones while the layer holds the
     same homes and none of them changed, the others made (members only when asked for:
-    a reused layer needs its key alone)."""
+    a reused layer needs its key alone). Without `keys_first` (nothing could be reused)
+    the new layers' keys are None until written, and their members are made by the
+    thread that writes them, beside the compressing of other layers."""
 
-    def __init__(self, kept: KeptScan, planned: list[PlannedLayer], dir_mtime: int, with_root: bool = False):
+    def __init__(self, kept: KeptScan, planned: list[PlannedLayer], dir_mtime: int, with_root: bool = False,
+                 keys_first: bool = True):
         self.kept = kept
         self.dir_mtime = dir_mtime
         self.with_root = with_root
@@ -258,7 +303,7 @@ class LayerContents:
                 self.known[layer.name] = was
                 self.keys[layer.name] = was.key
             else:
-                self.keys[layer.name] = content_key(self.members(layer.name))
+                self.keys[layer.name] = content_key(self.members(layer.name)) if keys_first else None
 
     def members(self, name: str) -> list[Member]:
         found = self._members.get(name)

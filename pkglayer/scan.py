@@ -43,6 +43,8 @@ RACY_SECONDS = 2
 
 #: progress(phase, done, total): called as long work advances (scan, hashing, layers)
 Progress = Callable[[str, int, int], None]
+#: the digests a regular file needs, from its path and lstat (see `walk`)
+AlgosFor = Callable[[str, os.stat_result], tuple[str, ...]]
 
 
 @dataclass(slots=True)
@@ -110,7 +112,7 @@ def same_stamp(a: os.stat_result, b: os.stat_result) -> bool:
 
 def walk(
     rootfs: Rootfs,
-    algos_for: Callable[[str, os.stat_result], tuple[str, ...]],
+    algos_for: AlgosFor | None,
     excludes: Iterable[str],
     drop_xattrs: Iterable[str],
     one_file_system: bool = True,
@@ -122,6 +124,7 @@ def walk(
     timings: Timings | None = None,
     trusted_needs: tuple[str, ...] | None = None,
     recheck: Collection[str] | None = None,
+    algos_later: Callable[[], AlgosFor] | None = None,
 ) -> Scan:
     """Every object of the rootfs but the excluded ones; regular files hashed with the
     algorithms `algos_for(path, lstat)` names (distinct, sorted).
@@ -142,8 +145,14 @@ def walk(
     may, and every object is gone through). `trusted_needs`, when `algos_for` is what
     it was for the kept scan but for these algorithms, spares asking it about unchanged
     files: the kept scan took what it named for them.
+
+    With `algos_later` (no `kept`), `algos_for` is not asked during the walk: the walk
+    calls `algos_later()` at its end for it (the databases it comes from are being read
+    beside the walk).
     """
+    assert algos_later is None or kept is None
     started = time.time()
+    undecided: list[FsObject] | None = [] if algos_later is not None else None
     excluded_matcher = PathGlobs(excludes, globstar=True)
     drop_matcher = PathGlobs(drop_xattrs, globstar=False)
     excluded: list[str] = []
@@ -209,6 +218,9 @@ def walk(
                 digests[path] = have
             if obj is old and trusted_needs is None and dirty is not None and path not in recheck:
                 return obj  # the kept digests are still all it needs
+            if undecided is not None:
+                undecided.append(obj)
+                return obj
             algos = trusted_needs if obj is old and trusted_needs is not None else algos_for(path, st)
             if algos and not (have and all(a in have for a in algos)):
                 hasher.add(obj, algos)
@@ -351,6 +363,12 @@ def walk(
                     have = digests.get(path)
                     if needs and not (have and have.keys() >= set(needs)):
                         hasher.add(obj, needs)
+        if undecided is not None:
+            decide = algos_later()
+            for obj in undecided:
+                algos = decide(obj.path, obj.st)
+                if algos:
+                    hasher.add(obj, algos)
         if check is not None:
             # A new name for a file (a hard link) changes the other names' link count
             # without an event for them.

@@ -93,10 +93,8 @@ class Member:
             and 0 <= self.mtime < _MAX_NUM
         ):
             size = self.size if self.type == REGTYPE else 0
-            if self.type in (CHRTYPE, BLKTYPE):
-                dev = b"%07o\0%07o\0" % (self.devmajor, self.devminor)
-            else:
-                dev = _NO_DEV
+            is_dev = self.type in (CHRTYPE, BLKTYPE)
+            dev = b"%07o\0%07o\0" % (self.devmajor, self.devminor) if is_dev else _NO_DEV
             block = b"".join(
                 (
                     name.encode("ascii").ljust(100, b"\0"),

@@ -28,7 +28,8 @@ def tiny_root(path: Path) -> Path:
 
 def stored(ref: str) -> tuple[list[str], dict]:
     """The layer digests of the image in the store, and its config (skopeo reads the store)."""
-    return json.loads(run(["skopeo", "inspect", ref]))["Layers"], json.loads(run(["skopeo", "inspect", "--config", ref]))
+    layers = json.loads(run(["skopeo", "inspect", ref]))["Layers"]
+    return layers, json.loads(run(["skopeo", "inspect", "--config", ref]))
 
 
 def build(d, name: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import marshal
 import os
 import socket
@@ -19,6 +20,7 @@ import pytest
 from pkglayer import keptscan
 from pkglayer.config import BuildSettings
 from pkglayer.digests import CONTENT_HASH
+from pkglayer.errors import PkglayerError
 from pkglayer.keptscan import DiskScans, KeptLayer, KeptScan, LayerContents, fingerprint, scan_kept
 from pkglayer.ownership import HOME_UNOWNED
 from pkglayer.plan import PlannedLayer
@@ -815,3 +817,97 @@ def test_scans_are_kept_beside_the_digest_cache_unless_it_is_off(tmp_path: Path)
     assert isinstance(scans, DiskScans) and scans.directory == str(tmp_path / "c/scans")
     off = keptscan.DiskScans.for_settings(BuildSettings(hash_cache="").validated())
     assert isinstance(off, keptscan.NoScans) and off.take("/", "fp") == (None, None)
+
+
+def _facts_of_a_scan(kept: KeptScan) -> dict:
+    """_facts, without when the scan ran."""
+    facts = _facts(kept)
+    digests, excluded, skipped, _hashed_at, listings, root, _started = facts["scan"]
+    facts["scan"] = (digests, excluded, skipped, listings, root)
+    return facts
+
+
+def _reading_pids(monkeypatch, tmp_path: Path, fail_in_child: bool = False) -> Path:
+    """Makes every read of the databases note the pid that did it in a file (the child's
+    notes too); with `fail_in_child`, a read in another process than this one fails."""
+    notes = tmp_path / "pids"
+    parent = os.getpid()
+    read = keptscan._read_databases
+
+    def noted(root: str, package_format: str | None):
+        with open(notes, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if fail_in_child and os.getpid() != parent:
+            raise RuntimeError("the child fails")
+        return read(root, package_format)
+
+    monkeypatch.setattr(keptscan, "_read_databases", noted)
+    # This test process may run other tests' threads; the CLI, where it matters, does not.
+    monkeypatch.setattr(keptscan, "single_threaded", lambda: True)
+    return notes
+
+
+def test_a_first_scan_reads_the_databases_in_a_child_beside_the_walk(kept_tree, monkeypatch, tmp_path: Path) -> None:
+    root, settings = kept_tree
+    one_job = replace(settings, jobs=1)
+    _scan_kept(root, one_job, None)  # file reads set atimes once, before the two compared
+    here = _scan_kept(root, one_job, None)
+    notes = _reading_pids(monkeypatch, tmp_path)
+    timings = Timings()
+    beside = _scan_kept(root, replace(settings, jobs=2), None, timings=timings)
+    (pid,) = notes.read_text().split()
+    assert int(pid) != os.getpid()
+    assert _facts_of_a_scan(beside) == _facts_of_a_scan(here)
+    assert beside.scan.hashed == here.scan.hashed > 0  # the files the databases name were hashed after the walk
+    assert list(timings.steps)[:3] == ["database", "scan", "hash"]
+    # One job, or a kept scan to start from: no child.
+    notes.unlink()
+    _scan_kept(root, one_job, None)
+    _scan_kept(root, replace(settings, jobs=2), _aged_kept(here))
+    assert notes.read_text().split() == [str(os.getpid())]
+
+
+def test_when_the_child_fails_the_databases_are_read_here(kept_tree, monkeypatch, tmp_path: Path) -> None:
+    root, settings = kept_tree
+    expected = _facts_of_a_scan(_scan_kept(root, replace(settings, jobs=1), None))
+    notes = _reading_pids(monkeypatch, tmp_path, fail_in_child=True)
+    again = _scan_kept(root, replace(settings, jobs=2), None)
+    child, parent = notes.read_text().split()
+    assert int(child) != os.getpid() and int(parent) == os.getpid()
+    assert _facts_of_a_scan(again) == expected
+
+
+def test_beside_the_walk_a_database_error_and_warnings_are_as_without(
+    tmp_path: Path, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root, one, _ = _two_packages(tmp_path)
+    dpkg_install(root, one)
+    (root / SITE / "broken-1.0.dist-info").mkdir(parents=True)
+    (root / SITE / "broken-1.0.dist-info/INSTALLER").write_text("pip\n")
+    (root / SITE / "broken-1.0.dist-info/METADATA").write_text("Metadata-Version: 2.1\n")
+    notes = _reading_pids(monkeypatch, tmp_path)
+    scanned = _scan_kept(root, BuildSettings(jobs=2).validated(), None)
+    assert int(notes.read_text().split()[0]) != os.getpid()
+    assert any(k.startswith("one") for k in scanned.ownership.packages)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("broken-1.0.dist-info/METADATA: no valid Name and Version" in m for m in warned), warned
+
+    (root / "var/lib/dpkg/status").write_bytes(b"Package: one\nStatus: install ok installed\n\n\0garbage")
+    errors = []
+    for jobs in (1, 2):
+        with pytest.raises(PkglayerError) as e:
+            _scan_kept(root, BuildSettings(jobs=jobs).validated(), None)
+        errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1] and "status" in errors[0][1]
+
+
+def test_without_keys_first_members_are_made_when_asked(kept_tree) -> None:
+    root, settings = kept_tree
+    kept = _scan_kept(root, settings, None)
+    planned = _one_layer_a_home(kept)
+    first = LayerContents(kept, planned, 1234, with_root=True)
+    later = LayerContents(kept, planned, 1234, True, keys_first=False)
+    assert set(later.keys) == set(first.keys) and set(later.keys.values()) == {None}
+    assert later._members == {}  # nothing made before a writer asks
+    for layer in planned:
+        assert later.members(layer.name) == first.members(layer.name)

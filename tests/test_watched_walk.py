@@ -39,7 +39,8 @@ def _facts(kept: KeptScan) -> dict:
     scan = kept.scan
     return {
         "objects": [
-            (p, tuple(o.st)[:7], o.st.st_mtime_ns, o.st.st_ctime_ns, o.linkname, o.xattrs, o.content_hash, o.home, o.fixed_mtime)
+            (p, tuple(o.st)[:7], o.st.st_mtime_ns, o.st.st_ctime_ns, o.linkname, o.xattrs, o.content_hash, o.home,
+             o.fixed_mtime)
             for p, o in scan.objects.items()
         ],
         "listings": scan.listings, "spans": scan.spans, "excluded": scan.excluded, "skipped": scan.skipped,
