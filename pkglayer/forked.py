@@ -4,7 +4,8 @@ For work that holds the GIL, as reading a package database does: on a thread it 
 take turns with the walk of the tree, in a child it runs on another core beside it.
 Only from a process with a single thread: a child has only the thread that forked, and
 a lock another thread held at that moment would stay held in it for ever. So the CLI
-uses it and the daemon (threads: watches, workers) does not.
+uses it and the daemon (threads: watches, workers) does not; `single_threaded` also
+decides whether a build writes its layers in forked processes (build.py).
 
 The result comes back pickled through a pipe; so do the child's log records, handled
 here as if logged here. If anything goes wrong in the child (an error, a crash, a

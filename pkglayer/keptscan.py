@@ -291,6 +291,7 @@ class LayerContents:
         self.with_root = with_root
         self.planned = {layer.name: layer for layer in planned}
         self._members: dict[str, list[Member]] = {}
+        self._files: dict[str, int] = {}  # of layers written elsewhere (another process)
         self.keys: dict[str, str | None] = {}
         self.known: dict[str, KeptLayer] = {}
         dirty = kept.dirty_homes
@@ -317,7 +318,14 @@ class LayerContents:
 
     def files(self, name: str) -> int:
         known = self.known.get(name)
-        return known.files if known is not None else len(self.members(name))
+        if known is not None:
+            return known.files
+        written = self._files.get(name)
+        return written if written is not None else len(self.members(name))
+
+    def wrote(self, name: str, files: int) -> None:
+        """The layer was written with `files` members: not to be made again to count them."""
+        self._files[name] = files
 
     def remember(self, keys: Mapping[str, str | None]) -> None:
         """Keep each layer's key (`keys`: those known after writing) for the next build."""

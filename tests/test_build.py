@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from pkglayer import build as build_mod
 from pkglayer.blobstore import BlobDir
 from pkglayer.config import BuildSettings
-from pkglayer.errors import RootfsError
+from pkglayer.errors import PkglayerError, RootfsError, TreeChangedError
 from pkglayer.ownership import scan_ownership
 from pkglayer.rootfs import Rootfs
 from pkglayer.sources import open_source
@@ -103,16 +105,19 @@ def test_capability_xattr_kept(deb_rootfs: Path, tmp_path: Path) -> None:
 
 
 def _rebuild_counting_tars(monkeypatch, rootfs: Path, layers: Path) -> tuple[build_mod.BuildResult, list[str]]:
-    tarred: list[str] = []
+    # Noted in a file: layers may be written by forked processes.
+    notes = layers.parent / "tarred"
+    notes.write_text("")
     real = build_mod.write_layer
 
     def counting(rootfs_, members, *a, **kw):
-        tarred.append(members[-1].name if members else "")
+        with open(notes, "a") as f:
+            f.write((members[-1].name if members else "") + "\n")
         return real(rootfs_, members, *a, **kw)
 
     monkeypatch.setattr(build_mod, "write_layer", counting)
     result = build_into_layers(rootfs, BuildSettings(), layers)
-    return result, tarred
+    return result, notes.read_text().splitlines()
 
 
 @pytest.mark.parametrize("pair_name", ["deb_upgrade_pair", "rpm_upgrade_pair"])
@@ -663,3 +668,60 @@ def test_version_names_where_the_package_runs_from() -> None:
     here = os.path.dirname(os.path.abspath(package.__file__))
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     assert said == f"pkglayer {package.__version__} from {here} (python {python})"
+
+
+# -- layers written by forked processes ---------------------------------------------------
+
+
+def _noting_writers(monkeypatch, tmp_path: Path, in_child=None) -> Path:
+    """Every write_layer call notes its pid in a file; `in_child(pid)` runs first in a
+    process other than this one. The CLI is single-threaded; this test process may not
+    be, so it is taken to be."""
+    notes = tmp_path / "writer-pids"
+    parent = os.getpid()
+    real = build_mod.write_layer
+
+    def noting(*a, **kw):
+        with open(notes, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if in_child is not None and os.getpid() != parent:
+            in_child()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(build_mod, "write_layer", noting)
+    monkeypatch.setattr(build_mod, "single_threaded", lambda: True)
+    return notes
+
+
+def test_layers_written_by_processes_are_those_threads_write(deb_rootfs: Path, tmp_path: Path, monkeypatch) -> None:
+    on_threads = build_into_layers(deb_rootfs, BuildSettings(jobs=1), tmp_path / "threads")
+    notes = _noting_writers(monkeypatch, tmp_path)
+    in_processes = build_into_layers(deb_rootfs, BuildSettings(jobs=2), tmp_path / "processes")
+    pids = {int(p) for p in notes.read_text().split()}
+    assert len(notes.read_text().split()) == in_processes.written > 1 and os.getpid() not in pids
+    assert [(o.record, o.files, o.reused) for o in in_processes.layers] == [
+        (o.record, o.files, o.reused) for o in on_threads.layers
+    ]
+    # The processes' CPU time is charged to the build.
+    assert all(in_processes.timings.cpu.get(work, 0) > 0 for work in ("hash", "compress", "read", "write"))
+    # The kept scan counts the layers' files without making their members again.
+    again = build_into_layers(deb_rootfs, BuildSettings(jobs=2), tmp_path / "processes")
+    assert again.written == 0 and [o.files for o in again.layers] == [o.files for o in in_processes.layers]
+
+
+def test_a_writing_process_that_fails_fails_the_build_as_a_thread_would(
+    deb_rootfs: Path, tmp_path: Path, monkeypatch
+) -> None:
+    def changed() -> None:
+        raise TreeChangedError("/usr/bin/x changed during the build; nothing was written, rerun")
+
+    _noting_writers(monkeypatch, tmp_path, changed)
+    with pytest.raises(TreeChangedError, match=r"^/usr/bin/x changed during the build"):
+        build_into_layers(deb_rootfs, BuildSettings(jobs=2), tmp_path / "changed")
+
+    _noting_writers(monkeypatch, tmp_path, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    with pytest.raises(PkglayerError, match="a process writing layers died"):
+        build_into_layers(deb_rootfs, BuildSettings(jobs=2), tmp_path / "killed")
+    # Whatever was committed is whole: every blob is its digest.
+    for blob in (tmp_path / "killed/output/blobs/sha256").iterdir():
+        assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
