@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -345,8 +344,6 @@ def _write_in_processes(writer: _LayerWriter, order: list[PlannedLayer], jobs: i
     # Objects made before the fork stay out of the processes' garbage collections, which
     # would otherwise write to (and so copy) every page of them.
     gc.freeze()
-    sys.stdout.flush()  # or each process would write what was buffered once more
-    sys.stderr.flush()
     try:
         with ProcessPoolExecutor(
             min(jobs, len(order)), mp_context=multiprocessing.get_context("fork"),

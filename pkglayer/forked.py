@@ -20,7 +20,6 @@ import logging
 import os
 import pickle
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,8 +54,6 @@ class Forked:
 
     def __init__(self, fn: Callable[..., Any], *args: Any):
         read_end, write_end = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             self._child(read_end, write_end, fn, args)
