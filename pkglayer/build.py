@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -25,7 +26,7 @@ from .compress import implementation
 from .config import BuildSettings
 from .digests import CONTENT_HASH
 from .errors import PkglayerError
-from .forked import single_threaded
+from .forked import die_with_parent, single_threaded
 from .hashcache import HashCache, TreeRecords
 from .history import History, LayerRecord
 from .keptscan import DiskScans, KeptScans, LayerContents, fingerprint, scan_kept
@@ -347,7 +348,8 @@ def _write_in_processes(writer: _LayerWriter, order: list[PlannedLayer], jobs: i
     try:
         with ProcessPoolExecutor(
             min(jobs, len(order)), mp_context=multiprocessing.get_context("fork"),
-            initializer=_adopt, initargs=(writer, {layer.name: layer for layer in order}),  # inherited, not pickled
+            # Under fork the initializer's arguments are inherited, not pickled.
+            initializer=_adopt, initargs=(os.getpid(), writer, {layer.name: layer for layer in order}),
         ) as pool:
             futures = [pool.submit(_write_forked, layer.name) for layer in order]
             try:
@@ -366,7 +368,8 @@ def _write_in_processes(writer: _LayerWriter, order: list[PlannedLayer], jobs: i
         gc.unfreeze()
 
 
-def _adopt(writer: _LayerWriter, layers: dict[str, PlannedLayer]) -> None:
+def _adopt(parent: int, writer: _LayerWriter, layers: dict[str, PlannedLayer]) -> None:
+    die_with_parent(parent)
     _WRITING.update(writer=writer, layers=layers)
 
 

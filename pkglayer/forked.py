@@ -32,6 +32,21 @@ def single_threaded() -> bool:
         return False
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """In a forked child: be killed when the parent dies (Linux's PR_SET_PDEATHSIG), or
+    end now if it already has. A parent killed by SIGTERM or SIGKILL would otherwise
+    leave its children waiting for work that never comes."""
+    import ctypes  # here: only children need it
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 class _Collect(logging.Handler):
     """Keeps the child's records, made plain (message formatted, no arguments or
     traceback objects), so that they pickle."""
@@ -54,18 +69,20 @@ class Forked:
 
     def __init__(self, fn: Callable[..., Any], *args: Any):
         read_end, write_end = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            self._child(read_end, write_end, fn, args)
+            self._child(parent, read_end, write_end, fn, args)
         os.close(write_end)
         self.pid: int | None = pid
         self._read_end = read_end
 
     @staticmethod
-    def _child(read_end: int, write_end: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def _child(parent: int, read_end: int, write_end: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         # Never returns: os._exit runs no atexit handler and flushes no buffer of the parent's.
         code = 1
         try:
+            die_with_parent(parent)
             os.close(read_end)
             # Ctrl-C reaches the whole process group; the parent decides, and kills this child.
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -725,3 +726,44 @@ def test_a_writing_process_that_fails_fails_the_build_as_a_thread_would(
     # Whatever was committed is whole: every blob is its digest.
     for blob in (tmp_path / "killed/output/blobs/sha256").iterdir():
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name
+
+
+_KILLED_BUILD = """
+import os, sys, time
+from pkglayer import build as build_mod
+from pkglayer.config import BuildSettings
+from pkglayer.outputs import build_to
+
+def stuck(*args, **kwargs):
+    open(os.path.join(sys.argv[3], str(os.getpid())), "w").close()
+    time.sleep(120)
+
+build_mod.write_layer = stuck
+build_to(sys.argv[1], BuildSettings(jobs=2), layers_dir=sys.argv[2])
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+def test_writing_processes_end_with_a_killed_build(deb_rootfs: Path, tmp_path: Path) -> None:
+    marks = tmp_path / "writers"
+    marks.mkdir()
+    args = [str(deb_rootfs), str(tmp_path / "layers"), str(marks)]
+    build = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, *args])
+    deadline = time.monotonic() + 120
+    while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline and build.poll() is None:
+        time.sleep(0.05)
+    writers = [int(m.name) for m in marks.iterdir()]
+    assert len(writers) == 2 and build.pid not in writers
+    build.kill()  # as SIGTERM would, with no handler: no chance to stop them
+    build.wait()
+    deadline = time.monotonic() + 10
+    while not all(map(_gone, writers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(map(_gone, writers)), "a writing process outlived its build"
