@@ -52,7 +52,7 @@ from .timings import Timings
 log = logging.getLogger(__name__)
 
 # Bump when what is kept, or what the rules make of it, changes meaning.
-KEPT_FORMAT = 5
+KEPT_FORMAT = 6
 _MAGIC = b"pkglayer-kept-scan\n"
 # Disk store bounds: scans of this many roots (the least recently used go), each at most
 # this big (a tree of about a million objects).

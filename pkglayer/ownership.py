@@ -238,15 +238,23 @@ def vouched_for(pkg: Package, rec: FileRecord, st: os.stat_result, hash_package_
     to be edited) nor ghosts; never with `hash_package_files` (every file judged by its
     content, as debsums does).
 
-    Trust misplaced (an edit made before dpkg rewrote the package's list, as it does
-    when another package's Replaces: takes a path from it) costs update economy only,
-    never image content: the file's real bytes go into the package's layer, whose
+    In a copied tree (Package.files_copied: an extracted image, cp -a, an ostree
+    checkout) every ctime is the copy's, so the mtime alone must be earlier than the
+    record's. Strictly earlier: tools that set every mtime to one value (ostree's 0,
+    buildah --timestamp, a SOURCE_DATE_EPOCH clamp) leave edited files with the record's
+    own mtime, and those are read. An edit there whose mtime was set back before the
+    install is taken on trust.
+
+    Trust misplaced (that, or an edit made before dpkg rewrote the package's list, as
+    it does when another package's Replaces: takes a path from it) costs update economy
+    only, never image content: the file's real bytes go into the package's layer, whose
     content key then differs from a pristine install's."""
     settled = pkg.files_settled_ns
-    return (
-        settled is not None and not hash_package_files and not rec.config and not rec.ghost
-        and st.st_ctime_ns <= settled and st.st_mtime_ns <= settled
-    )
+    if settled is None or hash_package_files or rec.config or rec.ghost:
+        return False
+    if pkg.files_copied:
+        return st.st_mtime_ns < settled
+    return st.st_ctime_ns <= settled and st.st_mtime_ns <= settled
 
 
 def _is_modified(

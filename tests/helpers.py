@@ -171,11 +171,13 @@ def read_layer(layout: str | os.PathLike[str], digest: str) -> tarfile.TarFile:
 
 def deb_package(
     workdir: Path, name: str, version: str, files: dict[str, bytes], *, source: str | None = None,
-    changelog: Sequence[str] = (), conffiles: Sequence[str] = (),
+    changelog: Sequence[str] = (), conffiles: Sequence[str] = (), built: int | None = None,
 ) -> Path:
     """A real .deb built with dpkg-deb: FILES (path -> data), those among them that
     CONFFILES names (paths of FILES) as conffiles, and, when CHANGELOG lists RFC 2822
-    dates (newest first), usr/share/doc/NAME/changelog.Debian.gz with one entry per date."""
+    dates (newest first), usr/share/doc/NAME/changelog.Debian.gz with one entry per date.
+    BUILT (Unix time): the files' mtimes in the package, as a package built then
+    records them (dpkg-deb clamps to SOURCE_DATE_EPOCH); by default, now."""
     pkg = workdir / f"{name}-pkg"
     (pkg / "DEBIAN").mkdir(parents=True)
     control = f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
@@ -198,7 +200,8 @@ def deb_package(
         doc.mkdir(parents=True, exist_ok=True)
         (doc / "changelog.Debian.gz").write_bytes(gzip.compress(entries.encode(), mtime=0))
     deb = workdir / f"{name}_{version}_all.deb"
-    run(["dpkg-deb", "--root-owner-group", "--build", pkg, deb])
+    env = None if built is None else {**os.environ, "SOURCE_DATE_EPOCH": str(built)}
+    run(["dpkg-deb", "--root-owner-group", "--build", pkg, deb], env=env)
     shutil.rmtree(pkg)
     return deb
 

@@ -4,7 +4,8 @@ later than its package's var/lib/dpkg/info/PKG.list.
 
 The roots are real: packages built with dpkg-deb and installed by dpkg (fresh from dpkg,
 as a package manager leaves a tree), debootstrap's tree read in place, and copies of
-them (a copy gives every file a new ctime: nothing is vouched for there).
+them. A copy gives every file, the lists too, a new ctime: there a file's mtime alone
+must be earlier than its list's (Package.files_copied).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pkglayer.hashcache import HashCache
 from pkglayer.keptscan import KeptScan, fingerprint, scan_kept
 from pkglayer.rootfs import Rootfs
 from pkglayer.scan import RACY_SECONDS
-from tests.helpers import build_json, deb_package, dpkg_install, dpkg_root, pkglayer
+from pkglayer.sources.base import COPIED_AFTER_NS
+from tests.helpers import build_json, deb_package, dpkg_install, dpkg_root, pkglayer, read_layer
 from tests.rootfs_factory import copy_tree
 
 TOOL = {
@@ -144,15 +146,95 @@ def test_a_conffile_is_never_taken_on_trust(fresh: Path) -> None:
     assert kept.ownership.objects["usr/share/tool/more"].home == TOOL_KEY
 
 
-def test_a_copied_tree_is_read_whole_and_judged_as_before(fresh: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "copy"
-    copy_tree(fresh, copy)  # cp -a: every file gets a new ctime, the lists their old mtime
-    edit_in_place(copy / "usr/share/other/file", b"OTHER\n")
-    kept = scanned(copy)
-    assert md5_read(kept) == PACKAGE_FILES
+DAY = 24 * 3600
+
+
+@pytest.fixture
+def extracted(tmp_path: Path) -> Path:
+    """The tree of an image built an hour ago from packages built a day before, extracted
+    now: every ctime is the extraction's, mtimes are the image's."""
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    built = int(time.time()) - DAY
+    installed = dpkg_root(tmp_path / "installed")
+    dpkg_install(
+        installed,
+        deb_package(debs, "tool", "1.0", TOOL, conffiles=[CONFFILE], built=built),
+        deb_package(debs, "other", "1.0", OTHER, built=built),
+    )
+    root = tmp_path / "extracted"
+    copy_tree(installed, root)
+    for d, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            path = os.path.join(d, name)
+            st = os.lstat(path)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 3600 * 10**9), follow_symlinks=False)
+    time.sleep(CLOCK_TICK)
+    return root
+
+
+def test_a_copied_tree_is_judged_by_mtimes(extracted: Path) -> None:
+    kept = scanned(extracted)
+    assert all(p.files_copied for p in kept.databases.distro)
+    assert md5_read(kept) == {CONFFILE}
+    assert kept.ownership.modified == []
+    edit_in_place(extracted / "usr/share/other/file", b"OTHER\n")
+    kept = scanned(extracted)
+    assert md5_read(kept) == {"usr/share/other/file", CONFFILE}
     assert kept.ownership.modified == ["usr/share/other/file"]
-    # The tree it was copied from, as dpkg left it, needs the conffile alone.
-    assert md5_read(scanned(fresh)) == {CONFFILE}
+    hashing = scanned(extracted, hash_package_files=True)
+    assert md5_read(hashing) == PACKAGE_FILES
+    assert {p: o.home for p, o in kept.ownership.objects.items()} == {
+        p: o.home for p, o in hashing.ownership.objects.items()
+    }
+
+
+def test_a_copy_keeps_ctimes_as_evidence_only_while_close_to_the_list(fresh: Path) -> None:
+    """dpkg renames a list into place right after writing it; a list whose ctime is
+    later than its mtime by more than COPIED_AFTER_NS was copied."""
+    lst = fresh / "var/lib/dpkg/info/tool.list"
+    assert not scanned(fresh).databases.distro[-1].files_copied
+    for back, copied in ((COPIED_AFTER_NS // 2, False), (COPIED_AFTER_NS * 2, True)):
+        # utime sets the ctime to now, the mtime to `back` before it
+        os.utime(lst, ns=(time.time_ns() - back, time.time_ns() - back))
+        tool = next(p for p in scanned(fresh).databases.distro if p.name == "tool")
+        assert tool.files_copied is copied, back
+
+
+def test_in_a_copied_tree_an_edit_whose_mtime_is_set_back_is_taken_on_trust(
+    extracted: Path, tmp_path: Path,
+) -> None:
+    """The price of judging copies by mtime (ownership.vouched_for): an edit made with
+    the file's old mtime, before the copy, goes unseen. It costs update economy only:
+    the image has the edited bytes, in the package's layer."""
+    path = extracted / "usr/share/tool/data"
+    before = os.lstat(path)
+    edit_in_place(path, b"DATA")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    kept = scanned(extracted)
+    assert md5_read(kept) == {CONFFILE}
+    assert kept.ownership.modified == [] and kept.ownership.objects["usr/share/tool/data"].home == TOOL_KEY
+    built = build_json(extracted, "--output", f"oci:{tmp_path}/img:t", "--no-hash-cache")
+    [layer] = [x for x in built["layers"] if x["name"].startswith(TOOL_KEY)]
+    with read_layer(tmp_path / "img", layer["digest"]) as tar:
+        assert tar.extractfile("usr/share/tool/data").read() == path.read_bytes()
+    assert path.read_bytes().startswith(b"DATA")
+    # Read whole, as debsums would, it is modified.
+    assert scanned(extracted, hash_package_files=True).ownership.modified == ["usr/share/tool/data"]
+
+
+def test_mtimes_set_to_one_value_are_no_evidence(extracted: Path) -> None:
+    """buildah --timestamp, a SOURCE_DATE_EPOCH clamp or an ostree commit give the lists
+    and the files edited after them one mtime: only a file strictly older than its list
+    is taken on trust."""
+    edit_in_place(extracted / "usr/bin/tool", b"#!/bin/sh\necho TOOL\n")
+    one = time.time_ns() - DAY * 10**9
+    for d, dirs, files in os.walk(extracted):
+        for name in [*dirs, *files]:
+            os.utime(os.path.join(d, name), ns=(one, one), follow_symlinks=False)
+    kept = scanned(extracted)
+    assert md5_read(kept) == PACKAGE_FILES
+    assert kept.ownership.modified == ["usr/bin/tool"]
 
 
 def test_a_bootc_style_tree_with_every_mtime_zero_is_read_whole(fresh: Path) -> None:

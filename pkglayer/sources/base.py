@@ -34,6 +34,22 @@ class FileRecord:
     ghost: bool = False  # rpm %ghost: listed, but its content is not the package's
 
 
+# A record (dpkg's PKG.list, pip's RECORD) is taken as copied when its ctime is later
+# than its mtime by more than this: the package manager renames it into place right
+# after writing it; a copy, an image layer's extraction or an ostree checkout keeps
+# mtimes and sets every ctime anew.
+COPIED_AFTER_NS = 2 * 10**9
+
+
+def settled_times(stamp: tuple[int, ...] | None) -> tuple[int | None, bool]:
+    """Package.files_settled_ns and files_copied from the Rootfs.stamp of the record the
+    package manager writes after the package's files."""
+    if stamp is None:
+        return None, False
+    mtime_ns, ctime_ns = stamp[4], stamp[5]
+    return mtime_ns, ctime_ns - mtime_ns > COPIED_AFTER_NS
+
+
 # Enough for several years of a busy package; older entries do not affect a weekly rate.
 MAX_CHANGELOG_ENTRIES = 200
 # Readers may skip entries older than this before the package's newest one: the planner
@@ -56,6 +72,9 @@ class Package:
     # any later change of a file's content, mode, owner or links sets its ctime, which
     # user space cannot set back). None: the database gives no such evidence.
     files_settled_ns: int | None = None
+    # The record that dates the files was copied since the package manager wrote it
+    # (see settled_times): ctimes are the copy's, and only mtimes date the files.
+    files_copied: bool = False
     # Unix times of the package's changelog entries, newest first (at most
     # MAX_CHANGELOG_ENTRIES): the planner's evidence of how often it changes.
     changelog: tuple[int, ...] = field(default=(), repr=False)

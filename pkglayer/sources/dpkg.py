@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import DatabaseError, RootfsError
 from ..rootfs import Rootfs
-from .base import CHANGELOG_SPAN, MAX_CHANGELOG_ENTRIES, FileRecord, Package, PackageSource
+from .base import CHANGELOG_SPAN, MAX_CHANGELOG_ENTRIES, FileRecord, Package, PackageSource, settled_times
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class DpkgSource(PackageSource):
             pkg = known.get(key)
             if pkg is None:
                 listed = stamps[0] if names and names[0].endswith(".list") else None
-                pkg = self._package(para, info, diversions, listed[4] if listed is not None else None, own)
+                pkg = self._package(para, info, diversions, listed, own)
             if all(s is None or s[5] < racy_ns for s in (*stamps, *docs)):
                 remembered[key] = pkg
             pkgs.append(pkg)
@@ -224,14 +224,15 @@ class DpkgSource(PackageSource):
 
     def _package(
         self, para: dict[str, str], info: set[str], diversions: dict[str, tuple[str, str]],
-        list_mtime_ns: int | None,
+        list_stamp: tuple[int, ...] | None,
         records: tuple[str, ...] = (),
     ) -> Package:
-        """The package of a status paragraph. `list_mtime_ns`, the mtime of its .list,
-        vouches for its files (Package.files_settled_ns): dpkg writes the list after
-        renaming the unpacked files into place (conffiles come later, at configure time:
-        the ownership rules never take them on trust)."""
+        """The package of a status paragraph. `list_stamp`, the Rootfs.stamp of its
+        .list, vouches for its files (Package.files_settled_ns): dpkg writes the list
+        after renaming the unpacked files into place (conffiles come later, at configure
+        time: the ownership rules never take them on trust)."""
         name, arch = para["Package"], para["Architecture"]
+        settled_ns, copied = settled_times(list_stamp)
         epoch, sep, version = para["Version"].partition(":")
         if not sep:
             epoch, version = "", epoch
@@ -278,7 +279,8 @@ class DpkgSource(PackageSource):
             release=None,
             source=source,
             size=int(size) * 1024 if size.isdigit() else 0,
-            files_settled_ns=list_mtime_ns,
+            files_settled_ns=settled_ns,
+            files_copied=copied,
             changelog=self._changelog_times(name, arch),
             files=tuple(files),
             records=records,

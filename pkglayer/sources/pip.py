@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from ..errors import RootfsError
 from ..rootfs import Rootfs
-from .base import FileRecord, Package, PackageSource
+from .base import FileRecord, Package, PackageSource, settled_times
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,10 @@ class PipSource(PackageSource):
                             name=pkg.name, version=pkg.version, arch=pkg.arch, epoch=pkg.epoch,
                             source=pkg.source, size=first.size + pkg.size,
                             files=first.files + pkg.files,
-                            # the earlier of the two RECORDs vouches for the files of both
+                            # the earlier of the two RECORDs vouches for the files of both,
+                            # by mtimes alone only if both were copied
                             files_settled_ns=None if None in settled else min(settled),
+                            files_copied=first.files_copied and pkg.files_copied,
                         )
                     merged[pkg.key] = pkg
             self._packages = [merged[k] for k in sorted(merged)]
@@ -197,10 +199,10 @@ class PipSource(PackageSource):
         files, size = self._files(site, where, record)
         # pip, uv and installer write RECORD last, after the files and their bytecode:
         # its mtime vouches for files not changed since (ownership.vouched_for).
-        stamp = self.rootfs.stamp(f"{where}/RECORD")
+        settled_ns, copied = settled_times(self.rootfs.stamp(f"{where}/RECORD"))
         return Package(
             name=name, version=version, arch="", epoch=epoch, source=name, size=size, files=files,
-            files_settled_ns=stamp[4] if stamp is not None else None,
+            files_settled_ns=settled_ns, files_copied=copied,
         )
 
     def _read(self, relpath: str, limit: int) -> bytes | None:
