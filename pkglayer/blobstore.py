@@ -310,6 +310,29 @@ class BlobDir:
             if f"sha256:{name}" not in keep:
                 unlink_quiet(os.path.join(self.blobs, name))
 
+    def commit_held(self, tmp_path: str, digest: str, size: int) -> None:
+        """Publish a blob another process wrote and holds (BlobWriter.hold): fsync it
+        and rename it to its final name. The directory is not synced: the caller syncs
+        it once (fsync_dir(self.blobs)) before anything refers to the blobs."""
+        try:
+            fd = os.open(tmp_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                    raise PkglayerError(f"temp file {tmp_path} is not the blob {digest} its writer held")
+                os.fchmod(fd, _BLOB_MODE)
+                os.fsync(fd)
+                os.replace(tmp_path, self.path(digest))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            unlink_quiet(tmp_path)
+            err = _space_error(e, self.root)
+            raise err or PkglayerError(f"cannot write blob to {self.root}: {e.strerror or e}") from e
+        except BaseException:
+            unlink_quiet(tmp_path)
+            raise
+
     def remove_stale_temps(self) -> list[str]:
         """Remove temp files of writers that are gone (see the module docstring); return their names."""
         removed: list[str] = []
@@ -346,6 +369,11 @@ def _older_than(path: str, seconds: float) -> bool:
         return time.time() - os.lstat(path).st_mtime > seconds
     except FileNotFoundError:
         return False
+
+
+# Writers whose temp files another process commits (BlobWriter.hold): kept, so their
+# files stay open and locked until this process ends.
+_HELD: list[BlobWriter] = []
 
 
 class BlobWriter:
@@ -425,6 +453,22 @@ class BlobWriter:
             self._close()
             fsync_dir(self._dir.blobs)
         return digest, self.size
+
+    def hold(self) -> tuple[str, int]:
+        """Flush, and keep the temp file open and locked for another process to commit
+        (BlobDir.commit_held), while this one goes on with other work; return (digest,
+        size). The lock lasts as long as this process keeps the writer (`_HELD`): a
+        cleaner leaves the file alone until then."""
+        if self._done:
+            raise ValueError("BlobWriter already committed or aborted")
+        with charge("write"):
+            try:
+                self._file.flush()
+            except OSError as e:
+                self._fail(e)
+        self._done = True
+        _HELD.append(self)
+        return "sha256:" + self._hash.hexdigest(), self.size
 
     def abort(self) -> None:
         """Drop the temp file. Safe to call more than once."""

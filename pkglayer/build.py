@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from .config import BuildSettings
 from .digests import CONTENT_HASH
 from .errors import PkglayerError
 from .forked import die_with_parent, single_threaded
+from .fsutil import fsync_dir, unlink_quiet
 from .hashcache import HashCache, TreeRecords
 from .history import History, LayerRecord
 from .keptscan import DiskScans, KeptScans, LayerContents, fingerprint, scan_kept
@@ -336,7 +337,10 @@ def _write_in_processes(writer: _LayerWriter, order: list[PlannedLayer], jobs: i
     step 1.34-1.73 s in two processes, 1.56-1.99 s on two threads). Only from a
     single-threaded process (forked.py says why). Each process writes whole layers into
     the output as a thread would, and sends back the outcome, the content hashes it took
-    and the CPU time it charged."""
+    and the CPU time it charged. It holds each blob's temp file (BlobWriter.hold) for
+    this process to fsync and rename, and goes on with its next layer meanwhile: an
+    fsync waits 2-20 ms for the journal here (app tree: 0.23-0.27 s in all, plus 0.06-0.08 s
+    for the directory after each rename, which is now synced once, at the end)."""
     # Here: multiprocessing loads tempfile and shutil, which a rebuild never needs.
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -345,6 +349,7 @@ def _write_in_processes(writer: _LayerWriter, order: list[PlannedLayer], jobs: i
     # Objects made before the fork stay out of the processes' garbage collections, which
     # would otherwise write to (and so copy) every page of them.
     gc.freeze()
+    futures: list[Future] = []
     try:
         with ProcessPoolExecutor(
             min(jobs, len(order)), mp_context=multiprocessing.get_context("fork"),
@@ -354,30 +359,47 @@ def _write_in_processes(writer: _LayerWriter, order: list[PlannedLayer], jobs: i
             futures = [pool.submit(_write_forked, layer.name) for layer in order]
             try:
                 for fut in as_completed(futures):
-                    outcome, taken, cpu = fut.result()
+                    outcome, taken, cpu, held = fut.result()
+                    for tmp_path, digest, size in held:
+                        writer.output.commit_held(tmp_path, digest, size)
                     for work, seconds in cpu.items():
                         writer.timings.add_cpu(work, seconds)
                     yield outcome, taken
+                fsync_dir(writer.output.blobs)
             except BaseException:
                 for fut in futures:
                     fut.cancel()
                 raise
-    except BrokenProcessPool as e:
-        raise PkglayerError(f"a process writing layers died ({e}); the build stopped, rerun") from None
+    except BaseException as e:
+        # The pool has shut down, every layer begun is finished: remove the blobs written
+        # and not committed (a committed one's temp name is gone already).
+        for fut in futures:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                for tmp_path, _, _ in fut.result()[3]:
+                    unlink_quiet(tmp_path)
+        if isinstance(e, BrokenProcessPool):
+            raise PkglayerError(f"a process writing layers died ({e}); the build stopped, rerun") from None
+        raise
     finally:
         gc.unfreeze()
 
 
 def _adopt(parent: int, writer: _LayerWriter, layers: dict[str, PlannedLayer]) -> None:
     die_with_parent(parent)
+    writer.held = []
     _WRITING.update(writer=writer, layers=layers)
 
 
-def _write_forked(name: str) -> tuple[LayerOutcome, dict[str, str], dict[str, float]]:
+def _write_forked(
+    name: str,
+) -> tuple[LayerOutcome, dict[str, str], dict[str, float], list[tuple[str, str, int]]]:
     writer, layers = _WRITING["writer"], _WRITING["layers"]
     before = dict(writer.timings.cpu)
+    assert writer.held is not None
+    writer.held.clear()
     outcome, taken = writer.write(layers[name])
-    return outcome, dict(taken), {k: v - before.get(k, 0.0) for k, v in writer.timings.cpu.items()}
+    cpu = {k: v - before.get(k, 0.0) for k, v in writer.timings.cpu.items()}
+    return outcome, dict(taken), cpu, list(writer.held)
 
 
 class _LayerWriter:
@@ -394,6 +416,8 @@ class _LayerWriter:
         self.settings = settings
         self.cache = layer_cache
         self.timings = timings
+        # In a process of _write_in_processes: the blobs written and held, for the parent to commit.
+        self.held: list[tuple[str, str, int]] | None = None
 
     def write(self, layer: PlannedLayer) -> tuple[LayerOutcome, Mapping[str, str]]:
         key = self.keys[layer.name]
@@ -413,7 +437,11 @@ class _LayerWriter:
         members = self.contents.members(layer.name)
         with working_for(self.timings), self.output.writer() as w:
             written = write_layer(self.rootfs, members, settings.compression, settings.compression_level, w)
-            digest, size = w.commit()
+            if self.held is None:
+                digest, size = w.commit()
+            else:
+                digest, size = w.hold()
+                self.held.append((w.tmp_path, digest, size))
         key = self.keys[layer.name] or content_key(members, written.hashes)
         assert key is not None  # every file was hashed while writing
         record = LayerRecord(

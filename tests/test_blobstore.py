@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import os
 import resource
@@ -76,6 +77,48 @@ def test_writer_streams_and_commits(tmp_path) -> None:
         digest, size = w.commit()
     assert digest == sha256_digest(b"".join(chunks)) and size == 3_000_000
     assert bd.verify(digest) and tmp_names(bd) == []
+
+
+def test_a_held_blob_stays_locked_until_another_process_commits_it(tmp_path) -> None:
+    """What a build's writer processes do (build._write_in_processes): the writer holds
+    the finished temp file, the parent fsyncs and renames it."""
+    bd = BlobDir(tmp_path, create=True)
+    data = os.urandom(300_000)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the writer: holds the blob, says where, then waits to be killed
+        try:
+            with bd.writer() as w:
+                w.write(data)
+                digest, size = w.hold()
+            os.write(write_end, f"{w.tmp_path}\0{digest}\0{size}".encode())
+            del w  # as a writer process's layer ends: the blob stays held all the same
+            gc.collect()
+            signal.pause()
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    try:
+        held, digest, size = os.read(read_end, 4096).decode().split("\0")
+        assert digest == sha256_digest(data) and blob_names(bd) == []
+        BlobDir(tmp_path, create=True)  # another build's start cleans dead writers' temps: not this one
+        assert tmp_names(bd) == [Path(held).name]
+        bd.commit_held(held, digest, int(size))
+        assert bd.verify(digest) and tmp_names(bd) == []
+        assert stat.S_IMODE(os.stat(bd.path(digest)).st_mode) == 0o444
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_a_held_file_that_is_not_the_blob_is_not_published(tmp_path) -> None:
+    bd = BlobDir(tmp_path, create=True)
+    with bd.writer() as w:
+        w.write(b"abc")
+        digest, size = w.hold()
+    with pytest.raises(PkglayerError, match="not the blob"):
+        bd.commit_held(w.tmp_path, digest, size + 1)
+    assert blob_names(bd) == [] and tmp_names(bd) == []
 
 
 def test_writer_without_commit_leaves_nothing(tmp_path) -> None:
