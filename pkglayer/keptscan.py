@@ -41,11 +41,12 @@ from .errors import PkglayerError
 from .forked import Forked, single_threaded
 from .fsutil import evict_least_recent, read_regular, seal, unseal, write_private
 from .hashcache import HashCache
-from .ownership import HOME_UNOWNED, Databases, Ownership, claim_homes, read_databases
+from .ownership import HOME_UNOWNED, Databases, Ownership, claim_homes, read_databases, read_distro_database, with_pip
 from .plan import PlannedLayer
 from .rootfs import Noted, Rootfs, unchanged
 from .scan import RACY_SECONDS, FsObject, Listing, Progress, Scan, walk
 from .sources import FileRecord, Package, open_source
+from .sources.pip import PipSource
 from .tarwriter import Member, content_key, layer_members
 from .timings import Timings
 
@@ -205,19 +206,30 @@ def _read_beside_walk(
     once both are done. Steps in `timings`: "database" is the time the walk did not hide
     (starting the child, then waiting for it, or reading here if it failed)."""
     started = time.perf_counter()
-    child = Forked(_read_databases, rootfs.path, settings.package_format)
+    child = Forked(_read_databases, rootfs.path, settings.package_format, False)
     forking = time.perf_counter() - started
     timings.steps["database"] = timings.steps["scan"] = 0.0  # in this order, as without a child
     read: list[tuple[Databases, dict[str, Noted] | None]] = []
     waited = 0.0
 
     def algos_later():
+        # pip's records here, while the child reads the distro's (the longer part).
         nonlocal waited
         waiting = time.perf_counter()
-        found = child.result()
-        read.append(found if found is not None else _read_databases(rootfs.path, settings.package_format))
+        read_from = time.time()
+        with Rootfs(rootfs.path) as traced:
+            traced.trace = {}
+            pip_packages = PipSource(traced).packages()
+            found = child.result()
+            distro, distro_trace = (
+                found if found is not None else _read_databases(rootfs.path, settings.package_format, False)
+            )
+            databases = with_pip(traced, distro, pip_packages)
+            pip_trace = _unless_racy(traced.trace, read_from)
+        trace = None if distro_trace is None or pip_trace is None else {**distro_trace, **pip_trace}
+        read.append((databases, trace))
         waited = time.perf_counter() - waiting
-        return read[0][0].algos_for(hash_content, settings.hash_package_files)
+        return databases.algos_for(hash_content, settings.hash_package_files)
 
     try:
         scan = walk(
@@ -232,18 +244,26 @@ def _read_beside_walk(
     return databases, trace, scan
 
 
-def _read_databases(root: str, package_format: str | None) -> tuple[Databases, dict[str, Noted] | None]:
-    """The databases, read through a Rootfs that notes every path looked up; the notes
-    are kept unless something read changed within the racy window."""
+def _read_databases(
+    root: str, package_format: str | None, with_pip_records: bool = True,
+) -> tuple[Databases, dict[str, Noted] | None]:
+    """The databases (without pip's records: the distro's alone), read through a Rootfs
+    that notes every path looked up; the notes are kept unless something read changed
+    within the racy window."""
     started = time.time()
     with Rootfs(root) as traced:
         traced.trace = {}
-        databases = read_databases(traced, open_source(traced, package_format))
+        source = open_source(traced, package_format)
+        databases = read_databases(traced, source) if with_pip_records else read_distro_database(traced, source)
         trace = traced.trace
+    return databases, _unless_racy(trace, started)
+
+
+def _unless_racy(trace: dict[str, Noted], started: float) -> dict[str, Noted] | None:
     racy_ns = (started - RACY_SECONDS) * 1e9
     if any(n is not None and n[0] == "f" and n[6] >= racy_ns for n in trace.values()):
-        return databases, None
-    return databases, trace
+        return None
+    return trace
 
 
 def _dir_attributes(obj: FsObject) -> tuple[Any, ...]:

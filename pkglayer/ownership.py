@@ -17,7 +17,7 @@ import re
 import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .digests import CONTENT_HASH
 from .errors import ConfigError
@@ -700,23 +700,35 @@ class Databases:
 
 def read_databases(rootfs: Rootfs, source: PackageSource | None) -> Databases:
     """The distro's package database, then pip's records, mapped onto the tree's real paths."""
+    return with_pip(rootfs, read_distro_database(rootfs, source), PipSource(rootfs).packages())
+
+
+def read_distro_database(rootfs: Rootfs, source: PackageSource | None) -> Databases:
+    """The distro's package database alone (see with_pip)."""
     distro = source.packages() if source else []
     owners, shared = _owner_map(rootfs, distro)
-    pip_owners, pip, dropped = _pip_owner_map(rootfs, PipSource(rootfs).packages(), owners, shared)
     return Databases(
         source_format=source.format if source else None,
         architecture=source.architecture() if source else None,
         distro=distro,
-        pip=pip,
+        pip=[],
         owners=owners,
-        pip_owners=pip_owners,
+        pip_owners={},
         shared=shared,
-        dropped=dropped,
+        dropped=[],
         db_paths=[rootfs.resolve(p) for p in source.database_paths()] if source else [],
         # Not through a final symlink: a record is the object at its own path (and the
         # files themselves need no lookup: thousands of them, all in the database's directory).
         records={rootfs.resolve(path, follow_final=False): p.key for p in distro for path in p.records},
     )
+
+
+def with_pip(rootfs: Rootfs, distro: Databases, pip_packages: list[Package]) -> Databases:
+    """`distro` (read_distro_database) with pip's packages (PipSource.packages) mapped
+    where the distro lists nothing."""
+    shared = {path: list(keys) for path, keys in distro.shared.items()}
+    pip_owners, pip, dropped = _pip_owner_map(rootfs, pip_packages, distro.owners, shared)
+    return replace(distro, pip=pip, pip_owners=pip_owners, shared=shared, dropped=dropped)
 
 
 def claim_homes(

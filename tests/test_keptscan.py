@@ -834,12 +834,12 @@ def _reading_pids(monkeypatch, tmp_path: Path, fail_in_child: bool = False) -> P
     parent = os.getpid()
     read = keptscan._read_databases
 
-    def noted(root: str, package_format: str | None):
+    def noted(root: str, package_format: str | None, *rest: bool):
         with open(notes, "a") as f:
             f.write(f"{os.getpid()}\n")
         if fail_in_child and os.getpid() != parent:
             raise RuntimeError("the child fails")
-        return read(root, package_format)
+        return read(root, package_format, *rest)
 
     monkeypatch.setattr(keptscan, "_read_databases", noted)
     # This test process may run other tests' threads; the CLI, where it matters, does not.
