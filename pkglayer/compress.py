@@ -91,12 +91,6 @@ class Writer(Protocol):
     def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
 
 
-class Compressor(Protocol):
-    def write(self, data: bytes | bytearray | memoryview) -> None: ...
-
-    def finish(self) -> None: ...
-
-
 class _BufferPool:
     """Block buffers, kept across streams: allocating (and zeroing) a fresh one per layer
     cost more than 1% of a build, most layers being far smaller than a block."""
@@ -122,17 +116,54 @@ _POOL = _BufferPool()
 
 class Blocks:
     """Cuts the input at fixed offsets, every `block` bytes, and writes each block as
-    one self-contained unit (gzip member, zstd frame) made by `unit(block_bytes)`."""
+    one self-contained unit (gzip member, zstd frame) made by `unit(block_bytes)`;
+    `observe(block_bytes)`, when given, sees each block first (the tar writer hashes
+    the uncompressed stream there, one call a block).
 
-    def __init__(self, unit: Callable[[memoryview], bytes | bytearray], block: int, out: Writer):
+    Input comes by `write(data)`, or in place: `space()` is the free rest of the
+    current block, and `filled(n)` says its first n bytes were written. The tar writer
+    reads files straight into it, so file data is never copied in Python."""
+
+    def __init__(
+        self,
+        unit: Callable[[memoryview], bytes | bytearray | memoryview],
+        block: int,
+        out: Writer,
+        observe: Callable[[memoryview], object] | None = None,
+    ):
         self.unit = unit
         self.out = out
         self.block = block
+        self.observe = observe
         self.units = 0
+        self._emitted = 0  # input bytes in the units written
         self._buf: memoryview | None = None  # from _POOL while data is buffered
         self._fill = 0
 
+    @property
+    def size(self) -> int:
+        """Input bytes so far."""
+        return self._emitted + self._fill
+
+    def space(self) -> memoryview:
+        if self._buf is None:
+            self._buf = _POOL.take(self.block)
+        return self._buf[self._fill :]
+
+    def filled(self, n: int) -> None:
+        self._fill += n
+        if self._fill == self.block:
+            self._emit(self._buf)
+            self._fill = 0
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        fill = self._fill
+        end = fill + len(data)
+        if end < self.block and self._buf is not None and not isinstance(data, memoryview):
+            # Most writes (tar headers, padding): into the open block, which they leave open.
+            self._buf[fill:end] = data
+            self._fill = end
+            return
         view = memoryview(data).cast("B")
         block = self.block
         while view:
@@ -152,10 +183,13 @@ class Blocks:
                 self._fill = 0
 
     def _emit(self, data: memoryview) -> None:
+        if self.observe is not None:
+            self.observe(data)
         with charge("compress"):
             unit = self.unit(data)
         self.out.write(unit)
         self.units += 1
+        self._emitted += len(data)
 
     def finish(self) -> None:
         # An empty input still gets one (empty) unit: a blob is never zero bytes.
@@ -167,38 +201,52 @@ class Blocks:
             self._buf = None
 
 
-def gzip_members(level: int, out: Writer) -> Blocks:
-    return Blocks(lambda data: deflate.gzip_compress(data, level), GZIP_BLOCK, out)
+def gzip_members(level: int, out: Writer, observe: Callable[[memoryview], object] | None = None) -> Blocks:
+    return Blocks(lambda data: deflate.gzip_compress(data, level), GZIP_BLOCK, out, observe)
 
 
-def zstd_frames(level: int, out: Writer) -> Blocks:
+def zstd_frames(level: int, out: Writer, observe: Callable[[memoryview], object] | None = None) -> Blocks:
+    # compress() is libzstd's one-shot call: each frame independent of the ones before.
+    return Blocks(_zstd_compressor(level).compress, zstd_block(level), out, observe)
+
+
+_ZSTD = threading.local()
+
+
+def _zstd_compressor(level: int):
+    """This thread's compressor for `level`: a new one allocated (and the kernel zeroed)
+    its few MB of tables for every layer. Frames do not depend on what the compressor
+    made before."""
     import zstandard
 
-    # compress() is libzstd's one-shot call: each frame independent of the ones before.
-    c = zstandard.ZstdCompressor(level=level, threads=0)
-    return Blocks(c.compress, zstd_block(level), out)
+    made = getattr(_ZSTD, "by_level", None)
+    if made is None:
+        made = _ZSTD.by_level = {}
+    c = made.get(level)
+    if c is None:
+        c = made[level] = zstandard.ZstdCompressor(level=level, threads=0)
+    return c
 
 
-class Plain:
-    def __init__(self, out: Writer):
-        self.out = out
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out.write(data)
-
-    def finish(self) -> None:
-        pass
+# "none" goes through Blocks too, for its in-place input: the blocks are written as they are.
+PLAIN_BLOCK = 1 << 20
 
 
-def compressor(fmt: str, level: int, out: Writer) -> Compressor:
+def plain(out: Writer, observe: Callable[[memoryview], object] | None = None) -> Blocks:
+    return Blocks(lambda data: data, PLAIN_BLOCK, out, observe)
+
+
+def compressor(
+    fmt: str, level: int, out: Writer, observe: Callable[[memoryview], object] | None = None
+) -> Blocks:
     """A compressor of format `fmt` ("gzip", "zstd" or "none") at `level` (ignored for
-    "none"), writing to `out`."""
+    "none"), writing to `out`; `observe` sees the uncompressed input block by block."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown compression {fmt!r} (choose {', '.join(FORMATS)})")
     if fmt in LEVELS and level not in LEVELS[fmt]:
         raise ValueError(f"{fmt} level must be {LEVELS[fmt].start}..{LEVELS[fmt].stop - 1}, not {level}")
     if fmt == "gzip":
-        return gzip_members(level, out)
+        return gzip_members(level, out, observe)
     if fmt == "zstd":
-        return zstd_frames(level, out)
-    return Plain(out)
+        return zstd_frames(level, out, observe)
+    return plain(out, observe)

@@ -451,7 +451,7 @@ class DiskScans:
 # The field order of each record as stored (a changed dataclass changes these, and the
 # checks in decode refuse files of the other shape).
 _PKG_FIELDS = tuple(f.name for f in dataclasses.fields(Package) if f.name != "files")
-_REC_FIELDS = tuple(f.name for f in dataclasses.fields(FileRecord))
+_REC_FIELDS = FileRecord._fields
 
 
 # os.stat_result's fields in its own order (the sequence, then the float and nanosecond

@@ -14,6 +14,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 
 from .errors import RootfsError, TreeChangedError
 from .fsutil import open_dir_nofollow
@@ -36,6 +37,7 @@ class Entry:
 _UNSEEN = object()
 # Resolutions a Rootfs remembers (a package database names some ten thousand paths).
 _MAX_RESOLVED = 65536
+_NAME = attrgetter("name")
 
 
 def split(path: str) -> list[str]:
@@ -243,7 +245,7 @@ class Rootfs:
 
     def getxattrs(self, relpath: str) -> dict[str, bytes]:
         """Extended attributes of the object itself (not of a link target)."""
-        full = os.path.join(self.path, relpath)
+        full = f"{self.path}/{relpath}"  # not os.path.join: once per object of every walk
         try:
             names = os.listxattr(full, follow_symlinks=False)
         except OSError as e:
@@ -268,8 +270,8 @@ class Rootfs:
         taken as it is reached (or what `known(name, inode)` gives for it instead: an
         lstat known to hold); an entry that vanishes before then is not part of the tree."""
         try:
-            with os.scandir(os.path.join(self.path, relpath) if relpath else self.path) as it:
-                found = sorted(it, key=lambda e: e.name)
+            with os.scandir(f"{self.path}/{relpath}" if relpath else self.path) as it:
+                found = sorted(it, key=_NAME)
         except FileNotFoundError:
             raise TreeChangedError(f"/{relpath} disappeared while being read") from None
         except PermissionError as e:
@@ -391,16 +393,24 @@ class FileOpener:
             os.close(self._dirs.popitem(last=False)[1])
         return fd
 
-    def open_fd(self, relpath: str) -> tuple[int, os.stat_result]:
-        """Open a regular file whose path contains no symlink (a path from the walk);
-        returns the descriptor and its fstat."""
+    def _parent(self, relpath: str) -> tuple[int, str]:
         parent, _, name = relpath.rpartition("/")
         try:
-            dir_fd = self._dir(parent)
+            return self._dir(parent), name
         except OSError as e:
             _raise_if_swapped(e, relpath)
             raise
+
+    def open_fd(self, relpath: str) -> tuple[int, os.stat_result]:
+        """Open a regular file whose path contains no symlink (a path from the walk);
+        returns the descriptor and its fstat."""
+        dir_fd, name = self._parent(relpath)
         return _open_regular(name, dir_fd, relpath)
+
+    def readlink(self, relpath: str) -> str:
+        """The target of a symlink whose parents are no symlinks (a path from the walk)."""
+        dir_fd, name = self._parent(relpath)
+        return os.readlink(name, dir_fd=dir_fd)
 
 
 def _raise_if_swapped(e: OSError, relpath: str) -> None:

@@ -196,6 +196,7 @@ def walk(
     trusted_set = frozenset(trusted_needs) if trusted_needs is not None else None
 
     hasher = _Hasher(rootfs, cache or HashCache(None), jobs, timings)
+    links = FileOpener(rootfs)  # symlinks are read from their directory's descriptor, kept open
 
     def visit(path: str, st: os.stat_result, old: FsObject | None) -> FsObject:
         """The object at `path` as `st` finds it: the kept one while that still holds."""
@@ -209,7 +210,7 @@ def walk(
             changed.add(path)
             digests.pop(path, None)
             if stat.S_ISLNK(mode):
-                obj.linkname = rootfs.readlink(path)
+                obj.linkname = links.readlink(path)
             xattrs = rootfs.getxattrs(path)
             if xattrs:
                 obj.xattrs = tuple(sorted((k, v) for k, v in xattrs.items() if not drop_matcher.matches(k)))
@@ -381,6 +382,8 @@ def walk(
     except BaseException:
         hasher.abandon()
         raise
+    finally:
+        links.close()
     with timings.step("hash") if timings else contextlib.nullcontext():
         hashed = hasher.results(progress)
     for path, found in hashed.items():

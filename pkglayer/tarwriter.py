@@ -44,10 +44,14 @@ _USTAR_MAGIC_AND_NAMES = b"ustar\x0000" + b"\0" * 64  # empty uname and gname
 _NO_DEV = b"\0" * 16
 _PREFIX_AND_PAD = b"\0" * (155 + 12)
 _RECORD = 20 * _BLOCK
-_FLUSH = 1024 * 1024
+# What the fixed parts of a plain header add to its checksum: the checksum field itself
+# counts as eight spaces.
+_FIXED_SUM = 8 * ord(" ") + sum(_USTAR_MAGIC_AND_NAMES)
 
 
-@dataclass(frozen=True)
+# Not frozen: a frozen dataclass's __init__ cost three times as much, once per object of
+# the tree in every build. Members are values all the same: nothing changes one once made.
+@dataclass(slots=True)
 class Member:
     name: str
     type: bytes  # REGTYPE, DIRTYPE, SYMTYPE, LNKTYPE, CHRTYPE, BLKTYPE, FIFOTYPE
@@ -92,22 +96,30 @@ class Member:
             and self.size < _MAX_NUM
             and 0 <= self.mtime < _MAX_NUM
         ):
+            name_b = name.encode("ascii")
+            link_b = self.linkname.encode("ascii")
             size = self.size if self.type == REGTYPE else 0
-            is_dev = self.type in (CHRTYPE, BLKTYPE)
-            dev = b"%07o\0%07o\0" % (self.devmajor, self.devminor) if is_dev else _NO_DEV
-            block = b"".join(
+            numbers = b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (self.mode, self.uid, self.gid, size, self.mtime)
+            if self.type in (CHRTYPE, BLKTYPE):
+                dev = b"%07o\0%07o\0" % (self.devmajor, self.devminor)
+                checksum = sum(dev)
+            else:
+                dev, checksum = _NO_DEV, 0
+            # The checksum sums the block's bytes: those of its variable fields, plus the
+            # constant rest (summing the 512 bytes was half the cost of a header).
+            checksum += _FIXED_SUM + sum(name_b) + sum(numbers) + self.type[0] + sum(link_b)
+            return b"".join(
                 (
-                    name.encode("ascii").ljust(100, b"\0"),
-                    b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (self.mode, self.uid, self.gid, size, self.mtime),
-                    b"        ",
+                    name_b.ljust(100, b"\0"),
+                    numbers,
+                    b"%06o\0 " % checksum,
                     self.type,
-                    self.linkname.encode("ascii").ljust(100, b"\0"),
+                    link_b.ljust(100, b"\0"),
                     _USTAR_MAGIC_AND_NAMES,
                     dev,
                     _PREFIX_AND_PAD,
                 )
             )
-            return b"%s%06o\0 %s" % (block[:148], sum(block), block[156:])
         import tarfile
 
         return self.tarinfo().tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
@@ -139,33 +151,26 @@ def _sort_key(path: str) -> bytes:
 def _member(obj: FsObject, dir_mtime: int) -> Member:
     st = obj.st
     mode = st.st_mode
-    common = dict(
-        name=obj.path,
-        mode=stat.S_IMODE(mode),
-        uid=st.st_uid,
-        gid=st.st_gid,
-        xattrs=obj.xattrs,
-    )
+    perm = stat.S_IMODE(mode)
     if stat.S_ISDIR(mode):
-        return Member(type=DIRTYPE, mtime=dir_mtime, **common)
+        return Member(obj.path, DIRTYPE, perm, st.st_uid, st.st_gid, dir_mtime, xattrs=obj.xattrs)
     mtime = dir_mtime if obj.fixed_mtime else int(st.st_mtime)
     if stat.S_ISREG(mode):
         return Member(
-            type=REGTYPE, mtime=mtime, size=st.st_size, source=obj, content_hash=obj.content_hash or "",
-            **common,
+            obj.path, REGTYPE, perm, st.st_uid, st.st_gid, mtime, st.st_size,
+            xattrs=obj.xattrs, content_hash=obj.content_hash or "", source=obj,
         )
     if stat.S_ISLNK(mode):
-        return Member(type=SYMTYPE, mtime=mtime, linkname=obj.linkname or "", **common)
+        return Member(
+            obj.path, SYMTYPE, perm, st.st_uid, st.st_gid, mtime, linkname=obj.linkname or "", xattrs=obj.xattrs
+        )
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return Member(
-            type=CHRTYPE if stat.S_ISCHR(mode) else BLKTYPE,
-            mtime=mtime,
-            devmajor=os.major(st.st_rdev),
-            devminor=os.minor(st.st_rdev),
-            **common,
+            obj.path, CHRTYPE if stat.S_ISCHR(mode) else BLKTYPE, perm, st.st_uid, st.st_gid, mtime,
+            devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev), xattrs=obj.xattrs,
         )
     if stat.S_ISFIFO(mode):
-        return Member(type=FIFOTYPE, mtime=mtime, **common)
+        return Member(obj.path, FIFOTYPE, perm, st.st_uid, st.st_gid, mtime, xattrs=obj.xattrs)
     raise RootfsError(f"/{obj.path}: cannot store file type {stat.S_IFMT(mode):o} in a layer")
 
 
@@ -220,55 +225,38 @@ def content_key(members: Iterable[Member], hashes: Mapping[str, str] | None = No
     return "sha256:" + h.hexdigest()
 
 
-class _Compressor:
-    """Streams tar bytes into a compressor, hashing the tar (diff_id) on the way."""
+class _Stream:
+    """The tar stream into a compressor (compress.Blocks), hashing the tar (diff_id) one
+    block at a time as the compressor takes it. Driven like a ChunkedEncoder; a plain
+    stream needs no member boundaries."""
 
     def __init__(self, compression: str, level: int, out):
         self.tar_hash = hashlib.sha256()
-        self.tar_size = 0
-        self._c = compressor(compression, level, out)
-        self._buf = bytearray()
+        self._blocks = compressor(compression, level, out, observe=self._observe)
+        self.write = self._blocks.write
+        self.space = self._blocks.space
+        self.filled = self._blocks.filled
+
+    @property
+    def tar_size(self) -> int:
+        return self._blocks.size
 
     @property
     def offset(self) -> int:
-        return self.tar_size + len(self._buf)
+        return self._blocks.size
 
-    def write(self, data) -> None:
-        self._buf += data
-        if len(self._buf) >= _FLUSH:
-            self._flush()
-
-    def write_large(self, data) -> None:
-        self._flush()
-        self._push(data)
-
-    def _push(self, data) -> None:
+    def _observe(self, block: memoryview) -> None:
         with charge("hash"):
-            self.tar_hash.update(data)
-        self.tar_size += len(data)
-        self._c.write(data)
+            self.tar_hash.update(block)
 
-    def _flush(self) -> None:
-        if self._buf:
-            self._push(bytes(self._buf))
-            self._buf.clear()
-
-    # The tar writer drives this like a ChunkedEncoder; a plain stream needs no member boundaries.
     def add_member(self, m: Member, header: bytes) -> None:
-        self.write(header)
-
-    def write_data(self, chunk) -> None:
-        if len(chunk) >= 64 * 1024:
-            self.write_large(chunk)
-        else:
-            self.write(chunk)
+        self._blocks.write(header)
 
     def end_file(self) -> None:
         pass
 
     def finish(self) -> dict[str, str]:
-        self._flush()
-        self._c.finish()
+        self._blocks.finish()
         return {}
 
 
@@ -288,23 +276,27 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
     mtime, ctime): a file changed since then would make the content key lie, so the
     build stops instead.
     """
-    from .zstd_chunked import ChunkedEncoder  # here: anycrc and zstandard slow the start of every build
+    c: _Stream | ChunkedEncoder
+    if compression == "zstd:chunked":
+        # Here, and only for it: its imports (anycrc, ctypes) cost each writer process 9 ms.
+        from .zstd_chunked import ChunkedEncoder
 
-    c = ChunkedEncoder(level, out) if compression == "zstd:chunked" else _Compressor(compression, level, out)
-    buf = memoryview(bytearray(_FLUSH))  # reused for every read of this layer
+        c = ChunkedEncoder(level, out)
+    else:
+        c = _Stream(compression, level, out)
     hashes: dict[str, str] = {}
     spent = [0.0, 0.0]  # CPU s reading and hashing files, charged once for the layer
     with FileOpener(rootfs) as opener:
         for m in members:
             c.add_member(m, m.header())
             if m.type == REGTYPE and m.size:
-                taken = _copy_file(opener, m, c, buf, spent)
+                taken = _copy_file(opener, m, c, spent)
                 if taken is not None:
                     hashes[m.name] = taken
                 c.end_file()
                 pad = -m.size % _BLOCK
                 if pad:
-                    c.write(b"\0" * pad)
+                    c.write(_ZEROS[:pad])
             elif m.type == REGTYPE and not m.content_hash:
                 hashes[m.name] = _EMPTY_HASH
     # End of archive: two zero blocks, padded to a full record like tarfile and GNU tar.
@@ -318,13 +310,13 @@ def write_layer(rootfs: Rootfs, members: list[Member], compression: str, level: 
 
 
 _EMPTY_HASH = new_hasher(CONTENT_HASH).hexdigest()
+_ZEROS = bytes(_BLOCK)
 
 
-def _copy_file(
-    opener: FileOpener, m: Member, c: _Compressor | ChunkedEncoder, buf: memoryview, spent: list[float]
-) -> str | None:
-    """Copy one file's data into the layer; its content hash if it had none yet. Adds
-    the CPU time of reading and hashing to `spent` (read, hash)."""
+def _copy_file(opener: FileOpener, m: Member, c: _Stream | ChunkedEncoder, spent: list[float]) -> str | None:
+    """Copy one file's data into the layer, read straight into the stream's free space;
+    its content hash if it had none yet. Adds the CPU time of reading and hashing to
+    `spent` (read, hash)."""
     obj = m.source
     assert obj is not None
     try:
@@ -340,18 +332,18 @@ def _copy_file(
             raise TreeChangedError(f"/{obj.path} changed during the build; nothing was written, rerun")
         remaining = m.size
         while remaining:
+            space = c.space()
             started = thread_time()
-            n = os.readv(fd, [buf[: min(len(buf), remaining)]])
+            n = os.readv(fd, [space[:remaining]])
             read = thread_time()
             spent[0] += read - started
             if not n:
                 raise TreeChangedError(f"/{obj.path} shrank during the build; nothing was written, rerun")
             remaining -= n
-            chunk = buf[:n]
             if hasher is not None:
-                hasher.update(chunk)
+                hasher.update(space[:n])
                 spent[1] += thread_time() - read
-            c.write_data(chunk)
+            c.filled(n)
     finally:
         os.close(fd)
     return hasher.hexdigest() if hasher is not None else None

@@ -79,6 +79,8 @@ TOC_TYPE_CRFS = 1
 # containers-storage refuses a TOC larger than this (compressed or not) and then
 # downloads the whole layer: fail the build instead of writing a layer that cannot work.
 MAX_TOC = 50 << 20
+# Bytes of a file read at a time (space()).
+_SCRATCH = 1 << 20
 
 _TYPES = {
     tarfile.REGTYPE: "reg",
@@ -169,7 +171,8 @@ class ChunkedEncoder:
     """Writes one zstd:chunked layer to `out` from the tar stream, driven member by member:
 
         add_member(m, header)      each member's header block(s), in tar order
-        write_data(chunk) ...      a regular file's content (size > 0), then
+        write_data(chunk) ...      a regular file's content (size > 0), or in place:
+                                   space(), read into it, filled(n); then
         end_file()
         write(padding)             any other tar bytes: padding, end-of-archive blocks
         finish() -> annotations
@@ -196,6 +199,7 @@ class ChunkedEncoder:
         self._file_hash = hashlib.sha256()
         self._file_crc = 0
         self._file_start = 0
+        self._scratch: memoryview | None = None  # space() for file data, taken at the first file
 
     @property
     def offset(self) -> int:
@@ -234,6 +238,15 @@ class ChunkedEncoder:
         self._file_crc = _crc64.calc(chunk, self._file_crc)
         self._tar(chunk)
         self._compress(chunk)
+
+    def space(self) -> memoryview:
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_SCRATCH))
+        return self._scratch
+
+    def filled(self, n: int) -> None:
+        assert self._scratch is not None
+        self.write_data(self._scratch[:n])
 
     def end_file(self) -> None:
         entry = self._file

@@ -202,21 +202,19 @@ def test_spec_format_keeps_zstd_and_zstd_chunked_apart(spec: str, fmt: str) -> N
     assert compress.spec_format(spec) == fmt
 
 
-class _Before:
+class _Before(compress.Blocks):
     """What pkglayer wrote layers with before pkglayer.compress: zlib, one gzip member;
-    one streamed zstd frame."""
+    one streamed zstd frame (here fed a block at a time, as the tar writer feeds Blocks)."""
 
-    def __init__(self, fmt: str, level: int, out):
-        self.out = out
+    def __init__(self, fmt: str, level: int, out, observe=None):
         if fmt == "gzip":
             self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
         else:
             self._c = zstandard.ZstdCompressor(level=level, threads=0).compressobj()
-
-    def write(self, data) -> None:
-        self.out.write(self._c.compress(data))
+        super().__init__(self._c.compress, 1 << 20, out, observe)
 
     def finish(self) -> None:
+        super().finish()
         self.out.write(self._c.flush())
 
 

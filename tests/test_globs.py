@@ -70,7 +70,10 @@ def test_paths_no_default_exclude_can_match_never_reach_the_regex() -> None:
         assert not excludes.matches(path)
     assert not xattrs.matches("security.capability")
     assert excludes._regex is None and xattrs._regex is None  # never compiled
-    assert excludes.matches("var/cache/apt/archives/bash.deb")
+    # a literal path, or a literal directory's subtree: decided without the regex
+    assert excludes.matches("var/cache/apt/archives/bash.deb") and excludes.matches("var/cache/ldconfig/aux-cache")
+    assert not excludes.matches("var/cache/apt") and not excludes.matches("var/cache/ldconfig/aux-cache2")
+    assert excludes._regex is None
     assert excludes.matches("usr/lib/sysimage/rpm/rpmdb.sqlite-shm")
     assert excludes._regex is not None
 

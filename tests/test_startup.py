@@ -52,8 +52,10 @@ def test_an_unchanged_rebuild_compiles_no_glob_and_writes_no_tar(tmp_path) -> No
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "motd").write_text("hello")
     (root / "etc" / ".hidden").write_text("dot file")
-    (root / "tmp").mkdir()
-    (root / "tmp" / "scratch").write_text("excluded")  # a path that the excludes' regex must judge
+    (root / "etc" / "motd.\u00e9t\u00e9").write_text("a name only a PAX header holds: tarfile writes it")
+    (root / "var" / "lib" / "rpm").mkdir(parents=True)
+    # a path that the excludes' regex must judge (**/rpmdb.sqlite-shm); tmp/** takes no regex
+    (root / "var" / "lib" / "rpm" / "rpmdb.sqlite-shm").write_text("excluded")
     layers = tmp_path / "layers"
     time.sleep(2.5)  # older than the kept scan's racy window: the rebuild trusts every lstat
 

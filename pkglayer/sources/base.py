@@ -11,17 +11,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 from ..rootfs import Rootfs
 
 
-@dataclass(frozen=True)
-class FileRecord:
+class FileRecord(NamedTuple):
     """A path as the package database records it.
 
     `path` is absolute as the database says it ("/lib/x86_64-linux-gnu/libc.so.6"), after
     any database-level renaming such as dpkg diversions; resolving merged-/usr symlinks
     is the ownership stage's job. Fields the format does not record are None.
+
+    A named tuple rather than a frozen dataclass: a database lists tens of thousands, and
+    a first scan makes them in a child process and unpickles them here; a tuple is made
+    three times faster and unpickled twice as fast.
     """
 
     path: str
