@@ -224,8 +224,9 @@ def build(
         outcomes, rejected, hashes = reuse_or_write(
             rootfs, plan.layers, contents, reuse, blobs, settings, prior.cache, progress, timings
         )
-        for path, content_hash in hashes.items():
-            cache.put(ownership.objects[path].st, {CONTENT_HASH: content_hash}, write_started)
+        if cache.path:  # else it keeps nothing: a loop over every file spared
+            for path, content_hash in hashes.items():
+                cache.put(ownership.objects[path].st, {CONTENT_HASH: content_hash}, write_started)
         cache.save()
         records.save()
         now.took(hashes, CONTENT_HASH)

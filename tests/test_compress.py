@@ -38,8 +38,10 @@ def sample(deb_rootfs: Path) -> bytes:
     return blob
 
 
-def compressed(fmt: str, level: int, data: bytes, pieces: list[int] | None = None) -> bytes:
-    """data compressed in one stream, written in pieces of the given sizes (cycled)."""
+def compressed(fmt: str, level: int, data: bytes, pieces: list[int] | None = None, in_place: str = "") -> bytes:
+    """data compressed in one stream, written in pieces of the given sizes (cycled);
+    `in_place` "all" puts every piece into the compressor's space() (at most what it
+    offers), "mixed" every other piece, as the tar writer does with file data."""
     out = io.BytesIO()
     c = compressor(fmt, level, out)
     view = memoryview(data)
@@ -47,9 +49,16 @@ def compressed(fmt: str, level: int, data: bytes, pieces: list[int] | None = Non
     i = k = 0
     while i < len(view):
         n = sizes[k % len(sizes)]
-        c.write(view[i : i + n])
+        if in_place == "all" or (in_place == "mixed" and k % 2):
+            space = c.space()
+            n = min(n, len(space), len(view) - i)
+            space[:n] = view[i : i + n]
+            c.filled(n)
+        else:
+            c.write(view[i : i + n])
         i, k = i + n, k + 1
     c.finish()
+    assert c.size == len(data)
     return out.getvalue()
 
 
@@ -84,8 +93,20 @@ def test_round_trip_and_same_bytes_whatever_the_write_sizes(fmt: str, level: int
         [rnd.randint(1, 4096) for _ in range(50)],
     ]
     blobs = [compressed(fmt, level, sample, w) for w in ways]
+    # the same pieces put in place (the tar writer reads files into the block)
+    blobs += [compressed(fmt, level, sample, w, in_place) for w in ways[1:] for in_place in ("all", "mixed")]
     assert decompressed(fmt, blobs[0]) == sample
     assert all(b == blobs[0] for b in blobs[1:])
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "zstd"])
+def test_a_compressor_used_before_makes_the_same_bytes(fmt: str, sample: bytes) -> None:
+    # Each thread keeps its zstd compressor from layer to layer: what it compressed
+    # before must not change the next layer's bytes.
+    other = bytes(reversed(sample[: 3 << 20]))
+    fresh = compressed(fmt, 3, sample)
+    compressed(fmt, 3, other)
+    assert compressed(fmt, 3, sample) == fresh
 
 
 def test_gzip_members_cover_fixed_blocks(sample: bytes) -> None:

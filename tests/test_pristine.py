@@ -140,7 +140,7 @@ def test_the_edited_file_must_match_the_database_digest(installed: Path, edited:
     # the same prior accepted once the database's digest says its content is pristine
     obj, rec = wanted[CONF]
     md5 = hashlib.md5((other / CONF).read_bytes()).hexdigest()
-    assert is_pristine_layer(blobs, prior, expected, {CONF: (obj, replace(rec, digest=md5))})
+    assert is_pristine_layer(blobs, prior, expected, {CONF: (obj, rec._replace(digest=md5))})
 
 
 def _names(blobs: BlobDir, rec: LayerRecord) -> list[str]:

@@ -59,6 +59,12 @@ def test_no_follow_open_refuses_links(tree: Path) -> None:
             (tree / "usr/lib").symlink_to("/etc")
             with FileOpener(r) as fresh, pytest.raises(RootfsError, match="symlink"):
                 fresh.open_fd("usr/lib/libx.so")
+            # the walk reads symlinks the same way: through the directory, never through a link
+            (tree / "usr/lib.real/link").symlink_to("libx.so")
+            with FileOpener(r) as links:
+                assert links.readlink("usr/lib.real/link") == "libx.so"
+                with pytest.raises(RootfsError, match="^/usr/lib/link changed into a symlink while being read$"):
+                    links.readlink("usr/lib/link")
 
 
 def test_walk_does_not_enter_links(tree: Path) -> None:

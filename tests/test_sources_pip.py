@@ -219,6 +219,8 @@ def test_dist_info_symlinked_to_the_host_is_read_inside_the_root(
         (b"Metadata-Version: 2.1\nName: six\n", "no valid Name and Version"),
         (b"Metadata-Version: 2.1\nName: ../../etc\nVersion: 1.0\n", "no valid Name and Version"),
         (b"Metadata-Version: 2.1\nName: six\nVersion: 1.0 evil/..\n", "invalid version"),
+        (b"Metadata-Version: 2.1\nName: s\xc3\xafx\nVersion: 1.0\n", "no valid Name and Version"),  # not ASCII
+        (b"Metadata-Version: 2.1\nName: six\n  folded\nVersion: 1.0\n", "no valid Name and Version"),
     ],
 )
 def test_malformed_metadata(site_root: Path, caplog: pytest.LogCaptureFixture, metadata: bytes, message: str) -> None:
