@@ -14,7 +14,6 @@ from typing import Any
 
 from .errors import ConfigError
 from .fsutil import read_regular
-from .hashcache import default_path
 from .usercomponents import ComponentSpec, spec_from_table
 
 # "none": uncompressed layers, for outputs that go straight into local storage
@@ -126,7 +125,10 @@ class BuildSettings:
     @property
     def hash_cache_path(self) -> str | None:
         if self.hash_cache is None:
-            return default_path()
+            # Here, not in hashcache.py: every command reads the settings, and that
+            # module loads sqlite3.
+            base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            return os.path.join(base, "pkglayer", "file-digests.sqlite")
         return self.hash_cache or None
 
     @property

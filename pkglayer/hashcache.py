@@ -38,11 +38,6 @@ CREATE TABLE IF NOT EXISTS digests (
 Stamp = tuple[int, int, int, int]  # dev, size, mtime_ns, ctime_ns
 
 
-def default_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pkglayer", "file-digests.sqlite")
-
-
 class HashCache:
     def __init__(self, path: str | None):
         """path None: a cache that remembers nothing (--no-hash-cache)."""

@@ -25,7 +25,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
-from .history import NAME_RE
 
 if TYPE_CHECKING:
     from .scan import FsObject
@@ -85,6 +84,8 @@ def interval_weekly(days: int) -> float:
 
 def name_problem(name: str) -> str | None:
     """Why `name` cannot be a component name, or None."""
+    from .history import NAME_RE  # here: config imports this module at every start, history is 5 ms
+
     if len(name) > MAX_NAME:
         return f"longer than {MAX_NAME} characters"
     if not NAME_RE.fullmatch(name):

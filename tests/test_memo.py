@@ -124,6 +124,49 @@ def test_a_changed_tree_is_built_again(tmp_path: Path, cache: Path) -> None:
     assert "modified" in [layer["name"] for layer in after["layers"] if not layer["reused"]]
 
 
+def test_a_child_checks_part_of_the_tree_and_what_it_finds_counts(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    """From _SPLIT_FROM objects on, a forked child lstats the last part of the tree: an
+    edit there, or the child failing, means no answer."""
+    from pkglayer.fsutil import unseal
+
+    root = _tree(tmp_path)
+    _recorded(root, "--layers", str(tmp_path / "layers"))
+    [path] = _memos()
+    recorded = unseal(memo_module._MAGIC, path.read_bytes(), "build memo", memo_module.MEMO_FORMAT)
+    memo = BuildMemo(str(path.parent), recorded["key"], str(root), jobs=2)
+    monkeypatch.setattr(memo_module, "_SPLIT_FROM", 1)
+    children = []
+    real = memo_module.Forked
+
+    def forked(fn, *args):
+        children.append(args[1])  # the paths the child checks
+        return real(fn, *args)
+
+    monkeypatch.setattr(memo_module, "Forked", forked)
+    assert memo.answer() is not None
+    [theirs] = children
+    assert 0 < len(theirs) < len(recorded["paths"].split("\0"))  # the rest were checked here
+    # An edit of a file only the child looks at: same size and mtime, a new ctime.
+    edited = root / next(p for p in reversed(theirs) if (root / p).is_file() and not (root / p).is_symlink())
+    st = edited.stat()
+    edited.write_bytes(edited.read_bytes())
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert memo.answer() is None
+    assert len(children) == 2
+
+    # A child that fails (here: cannot look) is no answer either, and leaves no process.
+    root2 = _tree(tmp_path / "again")
+    _recorded(root2, "--layers", str(tmp_path / "layers2"))
+    [path] = [p for p in _memos() if p != Path(memo.path)]
+    recorded = unseal(memo_module._MAGIC, path.read_bytes(), "build memo", memo_module.MEMO_FORMAT)
+    memo = BuildMemo(str(path.parent), recorded["key"], str(root2), jobs=2)
+    failing = []
+    monkeypatch.setattr(memo_module, "Forked", lambda fn, *args: failing.append(real(os._exit, 3)) or failing[0])
+    assert memo.answer() is None
+    [child] = failing
+    assert child.pid is None  # reaped
+
+
 def test_changed_outputs_settings_or_environment_are_built_again(tmp_path: Path, cache: Path) -> None:
     root = _tree(tmp_path)
     image = tmp_path / "image"
