@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections import namedtuple
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
 
 from .errors import ConfigError
 from .fsutil import read_regular
-from .usercomponents import ComponentSpec, spec_from_table
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing takes ~3 ms to load: annotations only
+    from typing import Any
+
+    from .usercomponents import ComponentSpec
 
 # "none": uncompressed layers, for outputs that go straight into local storage
 # (containers-storage keeps layers uncompressed: compressing would be undone at once);
@@ -82,41 +86,53 @@ def parse_size(value: object, where: str) -> int:
     )
 
 
-@dataclass(frozen=True)
-class BuildSettings:
-    compression: str = "gzip"
+# The fields of BuildSettings, each with its default. A named tuple, not a dataclass:
+# every command reads its settings before anything else, and loading dataclasses (with
+# inspect) took ~8 ms of an unchanged rebuild's 0.12 s.
+_SETTINGS = (
+    ("compression", "gzip"),
     # libdeflate's level 5 writes layers no larger than zlib's default (6) with about a
     # fifth less CPU than its own level 6 (compress.py, docs/benchmark.md). Layers made
     # at another level stay reusable (reuse.py), so changing it re-ships nothing.
-    gzip_level: int = 5
-    zstd_level: int = 3
+    ("gzip_level", 5),
+    ("zstd_level", 3),
     # 64 (as ostree chunking and chunkah): every runtime accepts it, and images built
     # FROM this one keep ~60 layers of headroom below moby's failures around 122-125.
-    max_layers: int = 64
+    ("max_layers", 64),
     # builds over which moving components to a fresh plan must pay for itself
-    replan_horizon: int = 26
-    excludes: tuple[str, ...] = DEFAULT_EXCLUDES
-    extra_excludes: tuple[str, ...] = ()
-    drop_xattrs: tuple[str, ...] = DEFAULT_DROP_XATTRS
+    ("replan_horizon", 26),
+    ("excludes", DEFAULT_EXCLUDES),
+    ("extra_excludes", ()),
+    ("drop_xattrs", DEFAULT_DROP_XATTRS),
     # mtime given to every directory entry and to image timestamps (SOURCE_DATE_EPOCH)
-    source_date_epoch: int = 0
-    one_file_system: bool = True
+    ("source_date_epoch", 0),
+    ("one_file_system", True),
     # Whether a package file whose mtime differs from the database's counts as modified.
     # Off for ostree checkouts (bootc images), where every mtime is 0.
-    compare_mtimes: bool = True
+    ("compare_mtimes", True),
     # Read and hash every package file to tell edits, even those the package database's
     # timestamps vouch for (dpkg: ownership.vouched_for), as debsums does.
-    hash_package_files: bool = False
+    ("hash_package_files", False),
     # package database format to read; None detects it ("rpm", "dpkg", "none")
-    package_format: str | None = None
+    ("package_format", None),
     # file-digest cache (see hashcache.py): None = the per-user default, "" = none
-    hash_cache: str | None = None
-    # [[component]] tables and --component: paths users group into components
-    components: tuple[ComponentSpec, ...] = ()
-    big_file_size: int = DEFAULT_BIG_FILE_SIZE
+    ("hash_cache", None),
+    # [[component]] tables and --component (usercomponents.ComponentSpec): paths users
+    # group into components
+    ("components", ()),
+    ("big_file_size", DEFAULT_BIG_FILE_SIZE),
     # read reused blobs through once and check the layer they hold (docs/security.md)
-    verify_reused: bool = False
-    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    ("verify_reused", False),
+    ("jobs", os.cpu_count() or 1),
+)
+
+
+class BuildSettings(namedtuple("BuildSettings", [name for name, _ in _SETTINGS],
+                               defaults=[default for _, default in _SETTINGS])):
+    """What a build does: defaults, then the configuration file, then the command line.
+    Immutable: `settings._replace(name=value)` is a changed copy."""
+
+    __slots__ = ()
 
     @property
     def all_excludes(self) -> tuple[str, ...]:
@@ -252,13 +268,14 @@ def load_settings(path: str | None = None, base: BuildSettings | None = None) ->
             value = tuple(value)
         changes[key.replace("-", "_")] = value
     changes["components"] = settings.components + components_from(data.get("component", []), "component", path)
-    names = {f.name for f in fields(BuildSettings)}
-    assert set(changes) <= names
-    return replace(settings, **changes)
+    assert set(changes) <= set(BuildSettings._fields)
+    return settings._replace(**changes)
 
 
 def components_from(tables: object, key: str, source: str | None = None) -> tuple[ComponentSpec, ...]:
     """The `[[component]]` array of tables at `key` of the file `source`."""
+    from .usercomponents import spec_from_table  # here: it loads dataclasses, which a start does without
+
     if not isinstance(tables, list):
         raise ConfigError(f"{source + ': ' if source else ''}{key} must be an array of tables ([[{key}]])")
     return tuple(spec_from_table(t, f"{key}[{i}]", source) for i, t in enumerate(tables))

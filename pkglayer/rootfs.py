@@ -13,25 +13,12 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from operator import attrgetter
 
 from .errors import RootfsError, TreeChangedError
 from .fsutil import open_dir_nofollow
 
 _MAX_SYMLINKS = 40  # same limit as the kernel's path walk
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One filesystem object found by the walk."""
-
-    path: str
-    st: os.stat_result
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.st.st_mode)
 
 
 _UNSEEN = object()
@@ -284,31 +271,6 @@ class Rootfs:
                 except FileNotFoundError:
                     continue
             yield de.name, st
-
-    def walk(
-        self,
-        prune: Callable[[str, bool], bool] | None = None,
-        one_file_system: bool = True,
-    ) -> Iterator[Entry]:
-        """Every object below the root, parents before children, never following a symlink.
-
-        prune(path, is_dir) returning True drops the entry (and, for a directory, what is
-        below it). With one_file_system, directories on another device (a mounted /proc,
-        say) are yielded but not entered.
-        """
-        stack = [""]
-        while stack:
-            d = stack.pop()
-            subdirs = []
-            for name, st in self.entries(d):
-                path = f"{d}/{name}" if d else name
-                isdir = stat.S_ISDIR(st.st_mode)
-                if prune is not None and prune(path, isdir):
-                    continue
-                yield Entry(path, st)
-                if isdir and not (one_file_system and st.st_dev != self.dev):
-                    subdirs.append(path)
-            stack.extend(reversed(subdirs))
 
 
 # What a traced lookup found at a path: None (nothing there), ("d", dev, ino) for a

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,7 +84,7 @@ def test_rebuild_reads_no_file_and_an_in_place_edit_is_still_seen(
         return real(rootfs, chunk)
 
     monkeypatch.setattr(scan, "_hash_chunk", counting)
-    settings = replace(BuildSettings(), hash_cache=str(tmp_path / "cache.sqlite"))
+    settings = BuildSettings(hash_cache=str(tmp_path / "cache.sqlite"))
     layers = str(tmp_path / "layers")
     first = build_into_layers(old_tree, settings, layers)
     assert first.written == 1

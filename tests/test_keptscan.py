@@ -496,9 +496,9 @@ def test_the_first_scan_reports_its_hashing(kept_tree) -> None:
 
 def test_a_scan_kept_under_other_settings_or_of_another_root_is_not_used(kept_tree) -> None:
     root, settings = kept_tree
-    assert _scan_kept(root, replace(settings, package_format="none"), None).databases.distro == []
+    assert _scan_kept(root, settings._replace(package_format="none"), None).databases.distro == []
     kept = _aged_kept(_kept_scan(root, settings))
-    other = replace(settings, drop_xattrs=(*settings.drop_xattrs, "user.other"))
+    other = settings._replace(drop_xattrs=(*settings.drop_xattrs, "user.other"))
     assert fingerprint(other) != fingerprint(settings)
     for again in (_scan_kept(root, other, kept), _scan_kept(root, settings, replace(kept, root="/elsewhere"))):
         assert again.scan.changed is None and again.databases is not kept.databases
@@ -849,12 +849,12 @@ def _reading_pids(monkeypatch, tmp_path: Path, fail_in_child: bool = False) -> P
 
 def test_a_first_scan_reads_the_databases_in_a_child_beside_the_walk(kept_tree, monkeypatch, tmp_path: Path) -> None:
     root, settings = kept_tree
-    one_job = replace(settings, jobs=1)
+    one_job = settings._replace(jobs=1)
     _scan_kept(root, one_job, None)  # file reads set atimes once, before the two compared
     here = _scan_kept(root, one_job, None)
     notes = _reading_pids(monkeypatch, tmp_path)
     timings = Timings()
-    beside = _scan_kept(root, replace(settings, jobs=2), None, timings=timings)
+    beside = _scan_kept(root, settings._replace(jobs=2), None, timings=timings)
     (pid,) = notes.read_text().split()
     assert int(pid) != os.getpid()
     assert _facts_of_a_scan(beside) == _facts_of_a_scan(here)
@@ -863,15 +863,15 @@ def test_a_first_scan_reads_the_databases_in_a_child_beside_the_walk(kept_tree, 
     # One job, or a kept scan to start from: no child.
     notes.unlink()
     _scan_kept(root, one_job, None)
-    _scan_kept(root, replace(settings, jobs=2), _aged_kept(here))
+    _scan_kept(root, settings._replace(jobs=2), _aged_kept(here))
     assert notes.read_text().split() == [str(os.getpid())]
 
 
 def test_when_the_child_fails_the_databases_are_read_here(kept_tree, monkeypatch, tmp_path: Path) -> None:
     root, settings = kept_tree
-    expected = _facts_of_a_scan(_scan_kept(root, replace(settings, jobs=1), None))
+    expected = _facts_of_a_scan(_scan_kept(root, settings._replace(jobs=1), None))
     notes = _reading_pids(monkeypatch, tmp_path, fail_in_child=True)
-    again = _scan_kept(root, replace(settings, jobs=2), None)
+    again = _scan_kept(root, settings._replace(jobs=2), None)
     child, parent = notes.read_text().split()
     assert int(child) != os.getpid() and int(parent) == os.getpid()
     assert _facts_of_a_scan(again) == expected

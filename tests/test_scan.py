@@ -31,6 +31,7 @@ def test_every_object_once_with_its_stat_link_target_and_xattrs(tmp_path: Path) 
     (root / "a").write_bytes(b"a")
     (root / "b/c/deep").write_bytes(b"deep")
     (root / "b/link").symlink_to("../a")
+    (root / "d").symlink_to("b")  # a link to a directory is an object, never a way in
     os.mkfifo(root / "fifo")
     os.setxattr(root / "a", "user.keep", b"1")
     os.setxattr(root / "a", "user.drop", b"2")
@@ -39,12 +40,12 @@ def test_every_object_once_with_its_stat_link_target_and_xattrs(tmp_path: Path) 
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(root / "b/sock"))
         found = walk(root, drop_xattrs=("user.drop",))
-    assert set(found.objects) == {"a", "b", "b/c", "b/c/deep", "b/link", "fifo"}
+    assert set(found.objects) == {"a", "b", "b/c", "b/c/deep", "b/link", "d", "fifo"}
     assert_parents_first(list(found.objects))
     for path, obj in found.objects.items():
         assert obj.path == path and obj.home == "unowned"
         assert obj.st.st_ino == os.lstat(root / path).st_ino
-    assert found.objects["b/link"].linkname == "../a"
+    assert found.objects["b/link"].linkname == "../a" and found.objects["d"].linkname == "b"
     assert found.objects["a"].linkname is None
     assert found.objects["a"].xattrs == (("user.also.kept", b"3"), ("user.keep", b"1"))
     assert found.objects["b"].xattrs == () and found.objects["b/c"].xattrs == ()

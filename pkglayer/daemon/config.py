@@ -161,7 +161,7 @@ def _parse(data: dict[str, Any], path: str, defaults: BuildSettings) -> DaemonCo
     for i, entry in enumerate(raw_roots):
         if not isinstance(entry, dict):
             raise ConfigError(f"root[{i}]: must be a table")
-        root = _parse_root(entry, f"root[{i}]", replace(defaults, jobs=jobs, hash_cache=""))
+        root = _parse_root(entry, f"root[{i}]", defaults._replace(jobs=jobs, hash_cache=""))
         for other in roots:
             if other.name == root.name:
                 raise ConfigError(f"root[{i}].name: {root.name!r} is already the name of another root")
@@ -169,7 +169,7 @@ def _parse(data: dict[str, Any], path: str, defaults: BuildSettings) -> DaemonCo
                 raise ConfigError(f"root[{i}].path: {root.path} is already watched as root {other.name!r}")
         roots.append(root)
     hash_cache = os.path.join(state_dir, "file-digests.sqlite")
-    roots = [replace(r, settings=replace(r.settings, hash_cache=hash_cache)) for r in roots]
+    roots = [replace(r, settings=r.settings._replace(hash_cache=hash_cache)) for r in roots]
     return DaemonConfig(
         socket=socket,
         socket_group=group,
@@ -254,7 +254,7 @@ def _parse_root(entry: dict[str, Any], where: str, defaults: BuildSettings) -> R
         raise ConfigError(f"{where}.debounce: must be a positive number of seconds (at most 3600), not {debounce}")
     auto_build = t.take("auto-build", bool, "true or false", True)
     t.done()
-    settings = replace(defaults, **changes)
+    settings = defaults._replace(**changes)
     try:
         settings.validated()
     except ConfigError as e:
