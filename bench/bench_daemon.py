@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pkglayer.config import BuildSettings  # noqa: E402
 from tests import rootfs_factory as factory  # noqa: E402
 from tests.daemon_harness import DaemonProcess, wait_until  # noqa: E402
 
@@ -165,8 +166,8 @@ def main() -> int:
         say(f"- machine: {os.cpu_count()} CPUs, {platform.machine()}; load average (1/5/15 min) before the "
             f"cold build {load_cold}, before each transaction {', '.join(r['load'] for r in rounds)}, "
             f"at the end {load()} (other work shares the 2 cores)")
-        say(f"- three roots, each a copy of `{big}` ({len(res['layers'])} layers, gzip-6), debounce "
-            f"{DEBOUNCE:.1f} s")
+        say(f"- three roots, each a copy of `{big}` ({len(res['layers'])} layers, "
+            f"{BuildSettings().compression_spec}), debounce {DEBOUNCE:.1f} s")
         say(f"- daemon start to all three roots prebuilt: {initial:.1f} s; cache {cache['entries']} layers, "
             f"{cache['bytes'] / 1e6:.1f} MB")
         say()

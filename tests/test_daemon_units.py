@@ -292,3 +292,25 @@ def test_bind_refuses_to_replace_a_file_that_is_not_a_socket(tmp_path: Path) -> 
         assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     finally:
         sock.close()
+
+
+def test_the_cyclic_gc_pauses_until_the_last_of_overlapping_builds_ends() -> None:
+    """Builds of two roots may overlap: collections stay off until the last one ends,
+    and come back on even when a build fails."""
+    import gc
+
+    from pkglayer.daemon.service import CollectionsPaused
+
+    paused = CollectionsPaused()
+    was = gc.isenabled()  # cli.main() in this process turns it off
+    gc.enable()
+    try:
+        with paused:
+            assert not gc.isenabled()
+            with pytest.raises(PkglayerError), paused:
+                raise PkglayerError("the second build failed")
+            assert not gc.isenabled()  # the first still runs
+        assert gc.isenabled()
+    finally:
+        if not was:
+            gc.disable()

@@ -300,6 +300,7 @@ class Daemon:
         self._reload_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkglayer-reload")
         self.work: dict[int, Work] = {}
         self._slots = asyncio.Semaphore(config.parallel_builds)
+        self._no_collections = CollectionsPaused()
         self.watcher: Watcher | None = None
         self.api = None
 
@@ -775,8 +776,9 @@ class Daemon:
 
             started = time.monotonic()
             try:
-                result, report = await self._run(f"{job.kind} {job.id} of root {cfg.name}", cfg.name, run,
-                                                 reports=True)
+                with self._no_collections:
+                    result, report = await self._run(f"{job.kind} {job.id} of root {cfg.name}", cfg.name, run,
+                                                     reports=True)
             except Cancelled:
                 log.info("root %s: %s %s abandoned: the daemon is stopping", cfg.name, job.kind, job.id)
                 self._finish(job, "cancelled", error="the daemon stopped during the build")
@@ -843,6 +845,25 @@ def _limit_malloc_arenas() -> None:
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_ARENA_MAX, 2)
+
+
+class CollectionsPaused:
+    """Held while builds run: the cyclic GC is off until the last one ends. A build
+    makes tens of thousands of objects and frees them at its end; the collections they
+    trigger find nothing (a tenth of a prebuild's time), and release_free_memory
+    collects after every build anyway."""
+
+    def __init__(self) -> None:
+        self._holders = 0
+
+    def __enter__(self) -> None:
+        self._holders += 1
+        gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        self._holders -= 1
+        if not self._holders:
+            gc.enable()
 
 
 def release_free_memory() -> None:
