@@ -411,8 +411,8 @@ def _print_build(args: argparse.Namespace, answer: dict[str, Any], say=None, sta
     from .timings import summary
 
     if args.json:
-        json.dump(answer, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        # One write: json.dump would write each of thousands of pieces on its own.
+        sys.stdout.write(json.dumps(answer, indent=2) + "\n")
         return 0
     say = say or sys.stdout
     layers = answer["layers"]

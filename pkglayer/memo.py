@@ -10,7 +10,7 @@ is and write nothing again: its answer is that build's. Unchanged means:
 - every object of the tree has the lstat the last build's scan trusted (the kept scan's
   rule, scan.same_stamp, outside its racy window), and so has the root;
 - every path the package databases were read from finds what it found
-  (rootfs.unchanged);
+  (rootfs.unchanged; those that are objects of the tree, by their stamps);
 - every entry below the output directories has the stamp it had when that build ended;
 - the command line, the resolved settings, the environment, the working directory and
   the stamps of pkglayer's modules are the same (one key).
@@ -170,34 +170,36 @@ class BuildMemo:
             if _stamp(os.stat(self.rootfs)) != tuple(memo["root"]):
                 return None
             if self.jobs > 1 and len(paths) >= _SPLIT_FROM and single_threaded():
-                # The last part of the tree to a forked child, the rest (and the
-                # databases' paths, and the outputs) here, and only then its answer.
-                cut = len(paths) * 2 // 5
+                # The second half of the tree to a forked child, the first half (and the
+                # outputs) here, and only then its answer.
+                cut = len(paths) // 2
                 child = Forked(_stamps_unchanged, self.rootfs, paths[cut:], stamps[cut * _STAMP.size :])
                 paths, stamps = paths[:cut], stamps[: cut * _STAMP.size]
             if not _stamps_unchanged(self.rootfs, paths, stamps):
                 return None
-            checked_tree = time.perf_counter()
-            if not unchanged(self.rootfs, memo["trace"]):
-                return None
-            checked_databases = time.perf_counter()
             if location_stamps(memo["locations"]) != memo["stamps_of"]:
                 return None
             if child is not None and not child.result():
                 return None  # changed, or the child failed (then the build looks for itself)
+            checked_tree = time.perf_counter()
+            # Last: every directory above a path of the trace has been found unchanged
+            # by now (the tree's objects, or the trace's earlier paths), so none is
+            # looked up through a directory that became a link.
+            if not unchanged(self.rootfs, memo["trace"]):
+                return None
+            checked_databases = time.perf_counter()
         except OSError:
             return None  # what cannot be looked at now is the build's to report
         finally:
             if child is not None:
                 child.cancel()
-        done = time.perf_counter()
         answer = json.loads(memo["answer"])
         steps = dict.fromkeys(answer["timings"]["steps"], 0.0)
-        steps["scan"] = round(checked_tree - started, 3)
+        steps["scan"] = round(checked_tree - started, 3)  # with the outputs' stamps
         steps["database"] = round(checked_databases - checked_tree, 3)
         answer["timings"] = {"steps": steps, "cpu": dict.fromkeys(answer["timings"]["cpu"], 0.0)}
-        answer["outputSeconds"] = round(done - checked_databases, 3)
-        answer["seconds"] = round(done - started, 3)
+        answer["outputSeconds"] = 0.0
+        answer["seconds"] = round(checked_databases - started, 3)
         answer["unchanged"] = True
         return answer
 
@@ -228,7 +230,9 @@ class BuildMemo:
             "root": _stamp(scan.root),
             "paths": "\0".join(scan.objects),
             "stamps": b"".join(_STAMP.pack(*_stamp(o.st)) for o in objects),
-            "trace": kept.trace,
+            # What the databases were read from, less the tree's own objects: their
+            # stamps (a superset of what the trace notes) are checked anyway.
+            "trace": {path: found for path, found in kept.trace.items() if path not in scan.objects},
             "locations": locations,
             "stamps_of": after,
             "answer": json.dumps(answer),

@@ -124,6 +124,32 @@ def test_a_changed_tree_is_built_again(tmp_path: Path, cache: Path) -> None:
     assert "modified" in [layer["name"] for layer in after["layers"] if not layer["reused"]]
 
 
+def test_the_databases_paths_are_checked_once(tmp_path: Path, cache: Path) -> None:
+    """The memo's trace leaves out the tree's own objects (their stamps are checked
+    anyway, and say more), and keeps what the tree does not hold: the databases looked
+    for and not found. An edit of a database file is then told by its stamp."""
+    from pkglayer.fsutil import unseal
+
+    root = _tree(tmp_path)
+    layers = tmp_path / "layers"
+    _recorded(root, "--layers", str(layers))
+    [path] = _memos()
+    recorded = unseal(memo_module._MAGIC, path.read_bytes(), "build memo", memo_module.MEMO_FORMAT)
+    objects = set(recorded["paths"].split("\0"))
+    assert "var/lib/dpkg/status" in objects and "var/lib/dpkg/info/one.list" in objects
+    trace = recorded["trace"]
+    assert trace and not set(trace) & objects
+    assert trace.get("var/lib/rpm") is None and "var/lib/rpm" in trace  # looked for, absent
+    assert build_json(root, "--layers", str(layers))["unchanged"]
+
+    # dpkg's file list of a package rewritten in place: same size and mtime, a new ctime.
+    listed = root / "var/lib/dpkg/info/one.list"
+    st = listed.stat()
+    listed.write_bytes(listed.read_bytes())
+    os.utime(listed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not build_json(root, "--layers", str(layers))["unchanged"]
+
+
 def test_a_child_checks_part_of_the_tree_and_what_it_finds_counts(tmp_path: Path, cache: Path, monkeypatch) -> None:
     """From _SPLIT_FROM objects on, a forked child lstats the last part of the tree: an
     edit there, or the child failing, means no answer."""
