@@ -68,11 +68,14 @@ class _Collect(logging.Handler):
 
 
 class Forked:
-    """`fn(*args)` started in a child process; `result()` waits for it."""
+    """`fn(*args)` started in a child process; `result()` waits for it.
 
-    def __init__(self, fn: Callable[..., Any], *args: Any):
+    A `brief` child, whose work ends by itself in moments, is not tied to the parent's
+    life (die_with_parent): loading ctypes for it took a tenth of the memo's answer."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, brief: bool = False):
         read_end, write_end = os.pipe()
-        parent = os.getpid()
+        parent = None if brief else os.getpid()
         pid = os.fork()
         if pid == 0:
             self._child(parent, read_end, write_end, fn, args)
@@ -81,11 +84,13 @@ class Forked:
         self._read_end = read_end
 
     @staticmethod
-    def _child(parent: int, read_end: int, write_end: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def _child(parent: int | None, read_end: int, write_end: int, fn: Callable[..., Any],
+               args: tuple[Any, ...]) -> None:
         # Never returns: os._exit runs no atexit handler and flushes no buffer of the parent's.
         code = 1
         try:
-            die_with_parent(parent)
+            if parent is not None:
+                die_with_parent(parent)
             os.close(read_end)
             # Ctrl-C reaches the whole process group; the parent decides, and kills this child.
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -173,7 +173,7 @@ class BuildMemo:
                 # The second half of the tree to a forked child, the first half (and the
                 # outputs) here, and only then its answer.
                 cut = len(paths) // 2
-                child = Forked(_stamps_unchanged, self.rootfs, paths[cut:], stamps[cut * _STAMP.size :])
+                child = Forked(_stamps_unchanged, self.rootfs, paths[cut:], stamps[cut * _STAMP.size :], brief=True)
                 paths, stamps = paths[:cut], stamps[: cut * _STAMP.size]
             if not _stamps_unchanged(self.rootfs, paths, stamps):
                 return None

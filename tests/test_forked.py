@@ -76,3 +76,15 @@ def test_single_threaded_counts_every_thread() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False", "True"]
     assert isinstance(single_threaded(), bool)
+
+
+def test_a_brief_child_is_not_tied_to_the_parents_life() -> None:
+    """Tying a child to its parent (prctl through ctypes) costs a few ms of the child's
+    start: a brief one, whose work ends by itself, skips it; others do not."""
+    code = (
+        "import sys; from pkglayer.forked import Forked\n"
+        "loaded = lambda: 'ctypes' in sys.modules\n"
+        "print(Forked(loaded, brief=True).result(), Forked(loaded).result())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

@@ -164,9 +164,9 @@ def test_a_child_checks_part_of_the_tree_and_what_it_finds_counts(tmp_path: Path
     children = []
     real = memo_module.Forked
 
-    def forked(fn, *args):
+    def forked(fn, *args, **kwargs):
         children.append(args[1])  # the paths the child checks
-        return real(fn, *args)
+        return real(fn, *args, **kwargs)
 
     monkeypatch.setattr(memo_module, "Forked", forked)
     assert memo.answer() is not None
@@ -187,7 +187,8 @@ def test_a_child_checks_part_of_the_tree_and_what_it_finds_counts(tmp_path: Path
     recorded = unseal(memo_module._MAGIC, path.read_bytes(), "build memo", memo_module.MEMO_FORMAT)
     memo = BuildMemo(str(path.parent), recorded["key"], str(root2), jobs=2)
     failing = []
-    monkeypatch.setattr(memo_module, "Forked", lambda fn, *args: failing.append(real(os._exit, 3)) or failing[0])
+    monkeypatch.setattr(memo_module, "Forked",
+                        lambda fn, *args, **kwargs: failing.append(real(os._exit, 3)) or failing[0])
     assert memo.answer() is None
     [child] = failing
     assert child.pid is None  # reaped
