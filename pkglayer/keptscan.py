@@ -43,7 +43,7 @@ from .fsutil import evict_least_recent, read_regular, seal, unseal, write_privat
 from .hashcache import HashCache
 from .ownership import HOME_UNOWNED, Databases, Ownership, claim_homes, read_databases, read_distro_database, with_pip
 from .plan import PlannedLayer
-from .rootfs import Noted, Rootfs, unchanged
+from .rootfs import Noted, Rootfs, noted, unchanged
 from .scan import RACY_SECONDS, FsObject, Listing, Progress, Scan, walk
 from .sources import FileRecord, Package, open_source
 from .sources.pip import PipSource
@@ -96,6 +96,11 @@ class KeptScan:
     # store need not write it again)
     fresh: bool = True
     hash_content: bool = False  # whether the scan took every regular file's content hash
+    # Something the trace notes changed within the racy window before it was read (dpkg
+    # wrote it a second ago): a change in the same clock tick after the read would
+    # leave its note as it is, so only a watch that saw nothing change on the trace's
+    # paths vouches for it (the daemon's), never lstats (a disk store keeps no such trace).
+    trace_racy: bool = False
 
     def took(self, hashes: Mapping[str, str], content_hash: str) -> None:
         """Content hashes taken while writing layers (of files as this scan saw them)."""
@@ -134,13 +139,27 @@ def scan_kept(
     if kept is not None and (kept.fingerprint != fp or kept.root != rootfs.path):
         kept = None
     if kept is None and settings.jobs > 1 and single_threaded():
-        databases, trace, scan = _read_beside_walk(rootfs, settings, hash_content, cache, progress, timings)
+        databases, trace, racy, scan = _read_beside_walk(rootfs, settings, hash_content, cache, progress, timings)
     else:
         with timings.step("database"):
-            if kept is not None and kept.trace is not None and unchanged(rootfs.path, kept.trace):
-                databases, trace = kept.databases, kept.trace
+            known = holding = None
+            if kept is not None and kept.trace is not None and check is not None:
+                # Only the paths the watch saw change can find something else; the
+                # others' notes hold, and answer the lookups of a new read.
+                changed = {p: n for p, n in kept.trace.items() if p in check}
+                same = not changed or (not kept.trace_racy and unchanged(rootfs.path, changed))
+                if not same:
+                    known, alike = _known_notes(rootfs.path, kept.trace, changed, check)
+                    holding = kept.trace if alike else None
             else:
-                databases, trace = _read_databases(rootfs.path, settings.package_format)
+                same = kept is not None and kept.trace is not None and not kept.trace_racy and unchanged(
+                    rootfs.path, kept.trace)
+            if same:
+                databases, trace, racy = kept.databases, kept.trace, kept.trace_racy
+            else:
+                databases, trace, racy = _read_databases(
+                    rootfs.path, settings.package_format, known=known, holding=holding
+                )
         started = time.perf_counter()
         same_databases = kept is not None and databases is kept.databases
         recheck: Collection[str] | None = None
@@ -166,7 +185,8 @@ def scan_kept(
             dirty: set[str] | None = set()
             fresh = trace is not kept.trace or scan.hashed > 0
         else:
-            old_homes = {p: o.home for p, o in old.objects.items()} if old is not None else None
+            # The homes of the kept objects this scan took over, before the rules judge again.
+            homes_before = [o.home for o in scan.objects.values()] if old is not None else None
             for obj in scan.objects.values():
                 obj.home = HOME_UNOWNED
                 obj.fixed_mtime = False
@@ -174,11 +194,14 @@ def scan_kept(
                 scan, databases, settings.compare_mtimes, hash_package_files=settings.hash_package_files,
                 components=settings.components, big_file_size=settings.big_file_size,
             )
-            dirty = _dirty_homes(old, old_homes, scan) if old is not None and old_homes is not None else None
+            dirty = _dirty_homes(old, homes_before, scan) if old is not None and homes_before is not None else None
+            if dirty is not None and kept is not None:
+                # A home with the same objects, each as it was, has the same size.
+                ownership.sizes.update((h, n) for h, n in kept.ownership.sizes.items() if h not in dirty)
             fresh = True
     return KeptScan(
         fp, rootfs.path, scan, databases, trace, ownership, dict(kept.layers) if kept else {}, dirty, fresh,
-        hash_content,
+        hash_content, racy,
     )
 
 
@@ -199,7 +222,7 @@ def _paths_of_changed_packages(rootfs: Rootfs, old: Databases, new: Databases) -
 def _read_beside_walk(
     rootfs: Rootfs, settings: BuildSettings, hash_content: bool, cache: HashCache | None,
     progress: Progress | None, timings: Timings,
-) -> tuple[Databases, dict[str, Noted] | None, Scan]:
+) -> tuple[Databases, dict[str, Noted], bool, Scan]:
     """A first scan: the databases read in a child process (forked.py) while this one
     walks the tree, both holding the GIL for most of their work (each 0.3-0.4 s on the
     benchmark trees). The files the databases say must be hashed are known, and hashed,
@@ -209,7 +232,7 @@ def _read_beside_walk(
     child = Forked(_read_databases, rootfs.path, settings.package_format, False)
     forking = time.perf_counter() - started
     timings.steps["database"] = timings.steps["scan"] = 0.0  # in this order, as without a child
-    read: list[tuple[Databases, dict[str, Noted] | None]] = []
+    read: list[tuple[Databases, dict[str, Noted], bool]] = []
     waited = 0.0
 
     def algos_later():
@@ -221,13 +244,11 @@ def _read_beside_walk(
             traced.trace = {}
             pip_packages = PipSource(traced).packages()
             found = child.result()
-            distro, distro_trace = (
+            distro, distro_trace, distro_racy = (
                 found if found is not None else _read_databases(rootfs.path, settings.package_format, False)
             )
             databases = with_pip(traced, distro, pip_packages)
-            pip_trace = _unless_racy(traced.trace, read_from)
-        trace = None if distro_trace is None or pip_trace is None else {**distro_trace, **pip_trace}
-        read.append((databases, trace))
+        read.append((databases, {**distro_trace, **traced.trace}, distro_racy or _racy(traced.trace, read_from)))
         waited = time.perf_counter() - waiting
         return databases.algos_for(hash_content, settings.hash_package_files)
 
@@ -240,30 +261,78 @@ def _read_beside_walk(
         child.cancel()
     timings.steps["database"] = forking + waited
     timings.steps["scan"] = time.perf_counter() - started - forking - waited - timings.steps.get("hash", 0.0)
-    databases, trace = read[0]
-    return databases, trace, scan
+    databases, trace, racy = read[0]
+    return databases, trace, racy, scan
 
 
 def _read_databases(
-    root: str, package_format: str | None, with_pip_records: bool = True,
-) -> tuple[Databases, dict[str, Noted] | None]:
+    root: str, package_format: str | None, with_pip_records: bool = True, known: Mapping[str, Noted] | None = None,
+    holding: dict[str, Noted] | None = None,
+) -> tuple[Databases, dict[str, Noted], bool]:
     """The databases (without pip's records: the distro's alone), read through a Rootfs
-    that notes every path looked up; the notes are kept unless something read changed
-    within the racy window."""
+    that notes every path looked up, and whether something read changed within the racy
+    window (KeptScan.trace_racy). `known`: notes known to hold still (Rootfs.known);
+    with `holding` (Rootfs.holding), they are all of that read's and begin the trace: its
+    resolutions are taken as they are, their lookups not made again."""
     started = time.time()
     with Rootfs(root) as traced:
-        traced.trace = {}
+        traced.trace = dict(known) if holding is not None and known is not None else {}
+        traced.known = known
+        traced.holding = holding
         source = open_source(traced, package_format)
         databases = read_databases(traced, source) if with_pip_records else read_distro_database(traced, source)
         trace = traced.trace
-    return databases, _unless_racy(trace, started)
+    return databases, trace, _racy(trace, started)
 
 
-def _unless_racy(trace: dict[str, Noted], started: float) -> dict[str, Noted] | None:
+def _known_notes(
+    root: str, trace: dict[str, Noted], changed: dict[str, Noted], check: Collection[str]
+) -> tuple[dict[str, Noted] | None, bool]:
+    """What each path of `trace` finds now, knowing that only the paths in `check` may
+    find something else (the watch's): the notes of those among them (`changed`) taken
+    again. None when a directory of `trace` is gone or another one now, unless every
+    path of `trace` found below it is in `check` (one moved away takes its entries along
+    unseen). And whether every resolution of the read that noted `trace` still holds:
+    no symlink among the changed paths, before or now (changed or not, it may point
+    elsewhere), and none in `check` below a path that was not there then (what was
+    absent then was taken as written, without a lookup of what is below it)."""
+    again: dict[str, Noted] = {}
+    replaced: list[str] = []
+    appeared: list[str] = []
+    alike = True
+    is_dir, is_link = stat.S_ISDIR, stat.S_ISLNK
+    for path, was in changed.items():
+        try:
+            st = os.lstat(os.path.join(root, path))
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        again[path] = noted(st, listed=was is not None and was[0] == "f")
+        if was is not None and (was[0] == "d" or is_dir(was[3])) and (
+            st is None or not is_dir(st.st_mode) or (st.st_dev, st.st_ino) != (was[1], was[2])
+        ):
+            replaced.append(f"{path}/")
+        if (st is not None and is_link(st.st_mode)) or (was is not None and was[0] == "f" and is_link(was[3])):
+            alike = False
+        elif was is None and st is not None:
+            appeared.append(f"{path}/")
+    if replaced and any(n is not None and p.startswith(tuple(replaced)) and p not in changed for p, n in trace.items()):
+        return None, False  # (what was not there below it is not there now either)
+    if alike and appeared:
+        below = tuple(appeared)
+        for path in check:
+            if path.startswith(below):
+                try:
+                    if is_link(os.lstat(os.path.join(root, path)).st_mode):
+                        alike = False
+                        break
+                except OSError:
+                    continue
+    return {p: again.get(p, n) for p, n in trace.items()}, alike
+
+
+def _racy(trace: dict[str, Noted], started: float) -> bool:
     racy_ns = (started - RACY_SECONDS) * 1e9
-    if any(n is not None and n[0] == "f" and n[6] >= racy_ns for n in trace.values()):
-        return None
-    return trace
+    return any(n is not None and n[0] == "f" and n[6] >= racy_ns for n in trace.values())
 
 
 def _dir_attributes(obj: FsObject) -> tuple[Any, ...]:
@@ -272,27 +341,29 @@ def _dir_attributes(obj: FsObject) -> tuple[Any, ...]:
     return (st.st_mode, st.st_uid, st.st_gid, obj.xattrs)
 
 
-def _dirty_homes(old: Scan, old_homes: dict[str, str], scan: Scan) -> set[str] | None:
+def _dirty_homes(old: Scan, homes_before: list[str], scan: Scan) -> set[str] | None:
     """The homes whose layers may differ from the kept scan's: those of every object
     changed, added or removed, and both homes of an object that moved; None (all) when a
-    directory's attributes changed, as every layer below it repeats them."""
+    directory's attributes changed, as every layer below it repeats them.
+    `homes_before`: the home of each of the scan's objects before the rules ran (a kept
+    object's is the one the kept scan gave it; an object changed or added is a new one,
+    and the kept scan's own object for its path still has its home)."""
     dirty: set[str] = set()
-    for path in (scan.changed or set()) | scan.removed:
-        was = old_homes.get(path)
-        if was is not None:
-            dirty.add(was)
+    changed = scan.changed or set()
+    for path in changed | scan.removed:
+        before = old.objects.get(path)
+        if before is not None:
+            dirty.add(before.home)
         obj = scan.objects.get(path)
         if obj is None:
             continue
         dirty.add(obj.home)
-        before = old.objects.get(path)
         if before is not None and stat.S_ISDIR(obj.st.st_mode) and (
             not stat.S_ISDIR(before.st.st_mode) or _dir_attributes(before) != _dir_attributes(obj)
         ):
             return None
-    for path, obj in scan.objects.items():
-        was = old_homes.get(path)
-        if was is not None and was != obj.home:
+    for obj, was in zip(scan.objects.values(), homes_before):
+        if was != obj.home and obj.path not in changed:
             dirty.update((was, obj.home))
     return dirty
 
@@ -553,7 +624,7 @@ def encode(kept: KeptScan) -> bytes:
             "db_paths": db.db_paths,
             "records": db.records,
         },
-        "trace": kept.trace,
+        "trace": None if kept.trace_racy else kept.trace,
         "ownership": {
             "made": [_package(p) for p in own.packages.values() if id(p) not in pkg_index],
             "modified": own.modified,

@@ -211,7 +211,8 @@ class BuildMemo:
         from .scan import RACY_SECONDS
 
         scan = kept.scan if kept is not None else None
-        if answer["written"] or scan is None or kept.trace is None or scan.root is None or kept.root != self.rootfs:
+        if (answer["written"] or scan is None or kept.trace is None or kept.trace_racy or scan.root is None
+                or kept.root != self.rootfs):
             return
         after = location_stamps(locations)
         if after != before:

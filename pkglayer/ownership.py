@@ -71,12 +71,17 @@ class Ownership:
     intervals: dict[str, tuple[int, str]] = field(default_factory=dict)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (pip package key, why)
     warnings: list[str] = field(default_factory=list)
+    # home -> home_bytes, as asked (a kept scan's, for the homes that did not change)
+    sizes: dict[str, int] = field(default_factory=dict)
 
     def origin(self, key: str) -> str:
         return self.origins.get(key, self.source_format or "")
 
     def home_bytes(self, home: str) -> int:
-        return sum(o.st.st_size for o in self.homes.get(home, ()) if stat.S_ISREG(o.st.st_mode))
+        size = self.sizes.get(home)
+        if size is None:
+            size = self.sizes[home] = sum(o.st.st_size for o in self.homes.get(home, ()) if stat.S_ISREG(o.st.st_mode))
+        return size
 
     @property
     def unowned(self) -> list[str]:
@@ -93,6 +98,7 @@ class _RealPaths:
     resolutions they were made with (see _owner_map)."""
 
     parents: dict[str, str]  # listed directory -> its real path
+    trace: dict | None  # that of the Rootfs read through (see Rootfs.holding)
     # id(package) -> (the package, the listed directories its paths are in, the real
     # path of each of its records, None for a record of the root itself)
     packages: dict[int, tuple[Package, tuple[str, ...], tuple[str | None, ...]]]
@@ -115,13 +121,15 @@ def _owner_map(
     by several packages goes to the first by (name, arch): stable across upgrades.
 
     Every listed directory is resolved on every read (a symlink may have changed, and
-    the rootfs notes what it looked up); a package read before whose directories all
-    resolve as they did then keeps the real paths made then, unbuilt.
+    the rootfs notes what it looked up), unless the rootfs vouches that every
+    resolution of the last read still holds (Rootfs.holding); a package read before
+    whose directories all resolve as they did then keeps the real paths made then, unbuilt.
     """
     known = _REAL_PATHS.pop(rootfs.path, None)
     known_parents = known.parents if known is not None else {}
     known_packages = known.packages if known is not None else {}
-    parents: dict[str, str] = {}
+    holds = known is not None and known.trace is not None and known.trace is rootfs.holding
+    parents: dict[str, str] = dict(known_parents) if holds else {}
 
     def real_dir(head: str) -> str:
         # A listed directory's resolution, looked up once per read by name (thousands
@@ -137,7 +145,7 @@ def _owner_map(
     reals_of: dict[int, tuple[str | None, ...]] = {}
     for pkg in packages:
         entry = known_packages.get(id(pkg))
-        if entry is not None and entry[0] is pkg and all(real_dir(h) == known_parents[h] for h in entry[1]):
+        if entry is not None and entry[0] is pkg and (holds or all(real_dir(h) == known_parents[h] for h in entry[1])):
             remembered[id(pkg)] = entry
             reals_of[id(pkg)] = entry[2]
             continue
@@ -145,7 +153,7 @@ def _owner_map(
         if heads is not None:
             remembered[id(pkg)] = (pkg, heads, reals)
         reals_of[id(pkg)] = reals
-    _REAL_PATHS[rootfs.path] = _RealPaths(parents, remembered)
+    _REAL_PATHS[rootfs.path] = _RealPaths(parents, rootfs.trace, remembered)
     while len(_REAL_PATHS) > _MAX_ROOTS_KNOWN:
         del _REAL_PATHS[next(iter(_REAL_PATHS))]
 
@@ -377,7 +385,7 @@ def claim_pip_files(c: Claims) -> None:
 
 
 def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> int:
-    """Returns how many files were judged without their content (vouched_for)."""
+    """Returns how many files were judged now without their content (vouched_for)."""
     vouched_files = 0
     digests, no_digests = c.digests, {}
     is_reg = stat.S_ISREG
@@ -388,13 +396,14 @@ def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> i
         if owner is None:
             continue
         pkg, rec = owner
+        if obj.unmodified_as is rec:
+            obj.home = pkg.key  # judged so before, and neither has changed since (a kept scan's)
+            continue
         if rec.ghost:
             continue  # a %ghost file's content is the system's, not the package's
         vouched = is_reg(obj.st.st_mode) and vouched_for(pkg, rec, obj.st, c.hash_package_files)
         vouched_files += vouched
-        if obj.unmodified_as is not rec and _is_modified(
-            obj, rec, digests.get(obj.path, no_digests), c.compare_mtimes, vouched
-        ):
+        if _is_modified(obj, rec, digests.get(obj.path, no_digests), c.compare_mtimes, vouched):
             obj.home = HOME_MODIFIED
             c.modified.append(obj.path)
             c.modified_by_package[pkg.key].append((obj, rec))
@@ -431,10 +440,11 @@ def claim_bytecode(c: Claims) -> None:
             obj.home = src.home
             obj.fixed_mtime = True
             claimed_dirs[cache_dir].add(src.home)
-    for obj in objects.values():  # anything else in those directories also counts
-        parent = obj.path.rpartition("/")[0]
-        if parent in claimed_dirs:
-            claimed_dirs[parent].add(obj.home)
+    for obj in objects.values() if claimed_dirs else ():  # anything else in those directories also counts
+        if "__pycache__/" in obj.path:  # (the substring first: once per object of the tree)
+            parent = obj.path.rpartition("/")[0]
+            if parent in claimed_dirs:
+                claimed_dirs[parent].add(obj.home)
     for path, homes in claimed_dirs.items():
         d = objects.get(path)
         if d is not None and d.home == HOME_UNOWNED and len(homes) == 1 and HOME_UNOWNED not in homes:
@@ -447,6 +457,8 @@ def claim_xattr_components(c: Claims) -> None:
     object the component claims, or on a directory tagged for it, is the component's
     (not one on a package's file: tags take nothing from packages). An unusable tag is
     warned about and ignored (what is below it inherits from further up)."""
+    if not any(obj.xattrs and _tag(obj, XATTR_COMPONENT) is not None for obj in c.objects.values()):
+        return  # nothing is tagged (as most trees): nothing to claim, no interval to take
     tagged: dict[str, str] = {}  # directory -> the component it hands down
     for obj in c.objects.values():  # walk order: parents first
         own = _tag(obj, XATTR_COMPONENT) if obj.xattrs else None

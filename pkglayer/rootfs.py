@@ -12,7 +12,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from operator import attrgetter
 
 from .errors import RootfsError, TreeChangedError
@@ -53,6 +53,12 @@ class Rootfs:
         # With a dict here, every path looked up is noted with what was found (see
         # `noted`): what was read from the tree, to tell later whether it is unchanged.
         self.trace: dict[str, Noted] | None = None
+        # Notes known to hold still (an earlier trace, less what a watch saw change
+        # since: the daemon's): a lookup found there needs no system call.
+        self.known: Mapping[str, Noted] | None = None
+        # The trace of an earlier read every resolution of which resolves the same now
+        # (the daemon's, after checking what changed): what was made of them may be kept.
+        self.holding: dict[str, Noted] | None = None
 
     def stat(self) -> os.stat_result:
         """The root directory's own lstat."""
@@ -61,6 +67,27 @@ class Rootfs:
     def _note(self, path: str, st: os.stat_result | None, listed: bool = False) -> None:
         if self.trace is not None and (listed or path not in self.trace):
             self.trace[path] = noted(st, listed)
+
+    def _known(self, path: str) -> Noted | object:
+        """The note `known` holds for `path` (noted again in the trace), else _UNSEEN."""
+        was = self.known.get(path, _UNSEEN) if self.known is not None else _UNSEEN
+        if was is not _UNSEEN and self.trace is not None and (path not in self.trace or (
+                was is not None and was[0] == "f")):
+            self.trace[path] = was
+        return was
+
+    def _mode(self, path: str) -> int | None:
+        """The mode of what is at `path` (no link followed), noted; None if nothing."""
+        was = self._known(path)
+        if was is not _UNSEEN:
+            return None if was is None else stat.S_IFDIR if was[0] == "d" else was[3]
+        try:
+            st = os.lstat(os.path.join(self.path, path))
+        except (FileNotFoundError, NotADirectoryError):
+            self._note(path, None)
+            return None
+        self._note(path, st)
+        return st.st_mode
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -121,22 +148,14 @@ class Rootfs:
                     done.pop()
                 continue
             candidate = "/".join([*done, name])
-            try:
-                st = os.lstat(os.path.join(self.path, candidate))
-            except FileNotFoundError:
-                self._note(candidate, None)
-                # Nothing there: the rest of the path cannot contain links either.
-                done.append(name)
-                done.extend(c for c in todo)
-                todo = []
-                return "/".join(_normalise(done))
-            except NotADirectoryError:
-                self._note(candidate, None)
+            mode = self._mode(candidate)
+            if mode is None:
+                # Nothing there (or not a directory above): the rest of the path cannot
+                # contain links either.
                 done.append(name)
                 done.extend(todo)
                 return "/".join(_normalise(done))
-            self._note(candidate, st)
-            if stat.S_ISLNK(st.st_mode):
+            if stat.S_ISLNK(mode):
                 links += 1
                 if links > _MAX_SYMLINKS:
                     raise RootfsError(f"too many levels of symbolic links in /{'/'.join(comps)}")
@@ -185,12 +204,20 @@ class Rootfs:
 
     def _found(self, relpath: str) -> Noted:
         """What is at `relpath`, symlinks resolved, as `noted` puts it ("f" for a
-        directory too). Traced, the lookup that resolved it is that answer already."""
+        directory too). Traced, the lookup that resolved it is that answer already: a
+        path noted is one with no symlink above it (what a lookup is made of)."""
+        if self.trace is not None:
+            was = self.trace.get(relpath, _UNSEEN)
+            if was is None or (was is not _UNSEEN and was[0] == "f" and not stat.S_ISLNK(was[3])):
+                return was
         real = self.resolve(relpath)
         if self.trace is not None:
             was = self.trace.get(real, _UNSEEN)
             if was is None or (was is not _UNSEEN and was[0] == "f"):
                 return was
+        was = self._known(real)
+        if was is None or (was is not _UNSEEN and was[0] == "f"):
+            return was
         try:
             return noted(os.lstat(os.path.join(self.path, real)), listed=True)
         except OSError:

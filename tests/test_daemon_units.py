@@ -314,3 +314,49 @@ def test_the_cyclic_gc_pauses_until_the_last_of_overlapping_builds_ends() -> Non
     finally:
         if not was:
             gc.disable()
+
+
+def test_memory_release_collects_what_builds_made_each_time_and_all_of_it_every_nth() -> None:
+    """A cycle made since the last release goes at the next one; one among what an
+    earlier release froze goes only at the every-nth full collection."""
+    import gc
+    import weakref
+
+    from pkglayer.daemon.service import MemoryRelease
+
+    class Node:
+        pass
+
+    def cycle() -> weakref.ref:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    release = MemoryRelease(full_every=3)
+    was = gc.isenabled()
+    gc.disable()  # no collection but the release's own
+    gc.unfreeze()
+    try:
+        young = cycle()
+        release()  # 1
+        assert young() is None
+        old = Node()
+        old.self = old
+        frozen = weakref.ref(old)
+        release()  # 2: `old` survives, frozen
+        del old
+        release()  # 3: a full one
+        assert frozen() is None
+        old = Node()
+        old.self = old
+        frozen = weakref.ref(old)
+        release()  # 4
+        del old
+        release()  # 5: frozen garbage stays until the next full one
+        assert frozen() is not None
+        release()  # 6
+        assert frozen() is None
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()

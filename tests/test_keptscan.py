@@ -21,7 +21,7 @@ from pkglayer import keptscan
 from pkglayer.config import BuildSettings
 from pkglayer.digests import CONTENT_HASH
 from pkglayer.errors import PkglayerError
-from pkglayer.keptscan import DiskScans, KeptLayer, KeptScan, LayerContents, fingerprint, scan_kept
+from pkglayer.keptscan import DiskScans, KeptLayer, KeptScan, LayerContents, decode, encode, fingerprint, scan_kept
 from pkglayer.ownership import HOME_UNOWNED
 from pkglayer.plan import PlannedLayer
 from pkglayer.rootfs import Rootfs
@@ -297,8 +297,38 @@ def test_a_database_written_within_the_racy_window_is_read_again(tmp_path: Path)
     settings = BuildSettings().validated()
     time.sleep(RACY_SECONDS / 2)
     first = _scan_kept(root, settings, None)
-    assert first.trace is None  # its files changed less than RACY_SECONDS ago
+    assert first.trace_racy  # its files changed less than RACY_SECONDS ago
     assert _scan_kept(root, settings, first).databases is not first.databases
+    assert encode(first) and decode(encode(first)).trace is None  # kept on disk, it is no trace at all
+
+
+def test_a_racy_trace_holds_while_a_watch_sees_none_of_its_paths_change(tmp_path: Path, monkeypatch) -> None:
+    """The daemon's watch names every path changed since the kept scan: a trace read
+    within the racy window holds while none of its paths is named, and a path named
+    means the databases are read again even where its lstat looks the same (a change
+    in the same clock tick as the read)."""
+    root, one, _ = _two_packages(tmp_path)
+    dpkg_install(root, one)
+    settings = BuildSettings().validated()
+    first = _scan_kept(root, settings, None)
+    assert first.trace_racy
+    judged: list[dict] = []
+    real = keptscan.unchanged
+    monkeypatch.setattr(keptscan, "unchanged", lambda root, trace: judged.append(trace) or real(root, trace))
+    held = _scan_kept(root, settings, first, check=set())
+    assert held.databases is first.databases and held.trace_racy
+    assert judged == []  # nothing named: nothing of the trace is looked at
+    status = "var/lib/dpkg/status"
+    assert status in first.trace
+    again = _scan_kept(root, settings, held, check={status})  # named, its lstat the same
+    assert again.databases is not first.databases
+    assert judged == [], "a racy note is never judged by an lstat"
+    # Not racy any more: a named path is judged by its lstat, and only it.
+    time.sleep(RACY_SECONDS + 0.1)
+    settled = _scan_kept(root, settings, None)
+    assert not settled.trace_racy
+    assert _scan_kept(root, settings, settled, check={status}).databases is settled.databases
+    assert judged == [{status: settled.trace[status]}]
 
 
 def test_package_file_edit_without_a_transaction_is_noticed(tmp_path: Path) -> None:
@@ -567,6 +597,7 @@ def test_the_homes_of_what_changed_are_dirty_and_a_directory_change_dirties_all(
     (root / "srv/big").write_bytes(b"b" * 8192)
     settings = BuildSettings(big_file_size=4096).validated()
     kept = _aged_kept(_scan_kept(root, settings, None))
+    _sizes_hold(kept)
     big_home = kept.ownership.objects["srv/big"].home
     one_home = kept.ownership.objects["usr/share/one/file"].home
     two_home = kept.ownership.objects["usr/share/two/file"].home
@@ -575,6 +606,8 @@ def test_the_homes_of_what_changed_are_dirty_and_a_directory_change_dirties_all(
     (root / "srv/b").write_bytes(b"b")  # added, into an unowned directory
     after = _scan_kept(root, settings, kept)
     assert after.scan.changed == {"srv", "srv/b"} and after.dirty_homes == {HOME_UNOWNED}
+    assert after.ownership.sizes == {h: n for h, n in kept.ownership.sizes.items() if h != HOME_UNOWNED}
+    _sizes_hold(after)
     assert after.fresh is True and after.layers == kept.layers
 
     with open(root / "usr/share/two/file", "ab") as f:  # a package file edited: it moves home
@@ -582,10 +615,12 @@ def test_the_homes_of_what_changed_are_dirty_and_a_directory_change_dirties_all(
     again = _scan_kept(root, settings, _aged_kept(after))
     moved_to = again.ownership.objects["usr/share/two/file"].home
     assert moved_to != two_home and again.dirty_homes == {two_home, moved_to}
+    _sizes_hold(again)
 
     (root / "srv/big").unlink()  # removed: its home (and its directory's)
     gone = _scan_kept(root, settings, _aged_kept(again))
     assert gone.scan.removed == {"srv/big"} and gone.dirty_homes == {HOME_UNOWNED, big_home}
+    _sizes_hold(gone)
 
     os.chmod(root / "srv", 0o700)  # a directory's attributes: every layer below it repeats them
     assert _scan_kept(root, settings, _aged_kept(gone)).dirty_homes is None
@@ -593,6 +628,16 @@ def test_the_homes_of_what_changed_are_dirty_and_a_directory_change_dirties_all(
     (root / "srv/b").mkdir()  # a file became a directory
     later = _aged_kept(_scan_kept(root, settings, _aged_kept(gone)))
     assert later.dirty_homes is None
+
+
+def _sizes_hold(kept: KeptScan) -> None:
+    """Each home's size (those kept from the scan before, for the homes that did not
+    change, and those made now) is what its objects add up to; all of them asked for,
+    for the next scan to keep."""
+    own = kept.ownership
+    for home, objects in own.homes.items():
+        assert own.home_bytes(home) == sum(o.st.st_size for o in objects if stat.S_ISREG(o.st.st_mode)), home
+    assert set(own.sizes) == set(own.homes)
 
 
 # ------------------------------------------------------------------ layer keys
@@ -834,12 +879,12 @@ def _reading_pids(monkeypatch, tmp_path: Path, fail_in_child: bool = False) -> P
     parent = os.getpid()
     read = keptscan._read_databases
 
-    def noted(root: str, package_format: str | None, *rest: bool):
+    def noted(root: str, package_format: str | None, *rest: bool, **known):
         with open(notes, "a") as f:
             f.write(f"{os.getpid()}\n")
         if fail_in_child and os.getpid() != parent:
             raise RuntimeError("the child fails")
-        return read(root, package_format, *rest)
+        return read(root, package_format, *rest, **known)
 
     monkeypatch.setattr(keptscan, "_read_databases", noted)
     # This test process may run other tests' threads; the CLI, where it matters, does not.

@@ -321,6 +321,47 @@ def test_stamp_identifies_a_files_content_through_links(tree: Path) -> None:
         assert r.stat().st_ino == os.stat(tree).st_ino
 
 
+def test_a_traced_stamp_of_a_symlink_is_its_targets(tree: Path) -> None:
+    """A traced rootfs answers a stamp from the note of the path when it is no
+    symlink; a symlink's own note is not its target's."""
+    (tree / "usr/lib/libx.so.1").symlink_to("libx.so")
+    st = os.lstat(tree / "usr/lib/libx.so")
+    target = (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with Rootfs(tree) as r:
+        r.trace = {}
+        assert r.resolve("usr/lib/libx.so.1") == "usr/lib/libx.so"  # notes the link, then its target
+        assert r.trace["usr/lib/libx.so.1"][0] == "f"
+        assert r.stamp("usr/lib/libx.so.1") == r.stamp("lib/libx.so.1") == r.stamp("usr/lib/libx.so") == target
+
+
+def test_known_notes_answer_lookups_and_are_noted_again(tree: Path, monkeypatch) -> None:
+    """Notes known to hold (an earlier trace, less what the daemon's watch saw change)
+    answer lookups without a system call, and go into the new trace as they are."""
+    with Rootfs(tree) as r:
+        r.trace = {}
+        r.read_bytes("lib/libx.so")
+        r.resolve("etc/none")
+        earlier = dict(r.trace)
+    lstats: list[str] = []
+    real = os.lstat
+
+    def counted(path, *args, **kwargs):
+        lstats.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", counted)
+    (tree / "etc/none").write_text("")  # the watch would name it: not among the known notes
+    with Rootfs(tree) as r:
+        r.trace = {}
+        r.known = {p: n for p, n in earlier.items() if p != "etc/none"}
+        assert r.resolve("lib/libx.so") == "usr/lib/libx.so"
+        assert r.stamp("lib/libx.so") == earlier["usr/lib/libx.so"][1:]
+        assert r.exists("etc/none")
+        assert lstats == [f"{r.path}/etc/none"]
+        again = {p: n for p, n in earlier.items() if p != "etc/none"}
+        assert r.trace == {**again, "etc/none": noted(real(tree / "etc/none"))}
+
+
 def test_resolutions_are_remembered_per_rootfs(tree: Path) -> None:
     with Rootfs(tree) as r:
         assert r.resolve("lib/libx.so") == "usr/lib/libx.so"
