@@ -148,6 +148,11 @@ def scan_kept(
                 # others' notes hold, and answer the lookups of a new read.
                 changed = {p: n for p, n in kept.trace.items() if p in check}
                 same = not changed or (not kept.trace_racy and unchanged(rootfs.path, changed))
+                if same and kept.trace_racy and time.time() > kept.scan.started + RACY_SECONDS:
+                    # Settled since: read again (from the notes), so that the readers keep
+                    # what they would not while it was racy (dpkg._PACKAGES), and the trace
+                    # holds for lstats too.
+                    same = False
                 if not same:
                     known, alike = _known_notes(rootfs.path, kept.trace, changed, check)
                     holding = kept.trace if alike else None

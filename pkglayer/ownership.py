@@ -324,6 +324,7 @@ class Claims:
     specs: Sequence[ComponentSpec] = ()
     big_file_size: int | None = None
     reserved: frozenset[str] = frozenset()  # names user components cannot take
+    linked: Sequence[str] | None = None  # Scan.linked_paths (None: look through the objects)
     modified: list[str] = field(default_factory=list)
     modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = field(
         default_factory=lambda: defaultdict(list)
@@ -565,7 +566,10 @@ def keep_hardlinks_together(c: Claims) -> None:
     """A hard-link set split over layers breaks podman's overlay driver; move a split set
     to the highest of its homes (special homes above packages)."""
     sets: dict[tuple[int, int], list[FsObject]] = defaultdict(list)
-    for obj in c.objects.values():
+    objects = c.objects
+    linked = c.linked if c.linked is not None else objects
+    for path in linked:
+        obj = objects[path]
         if stat.S_ISREG(obj.st.st_mode) and obj.st.st_nlink > 1:
             sets[(obj.st.st_dev, obj.st.st_ino)].append(obj)
     for members in sets.values():
@@ -760,6 +764,7 @@ def claim_homes(
         scan.objects, scan.digests, databases.owners, databases.db_paths, scan.excluded,
         compare_mtimes=compare_mtimes, hash_package_files=hash_package_files, pip_owners=databases.pip_owners,
         specs=components, big_file_size=big_file_size, reserved=reserved, records=databases.records,
+        linked=scan.linked_paths(),
     )
     origins = {p.key: PipSource.format for p in databases.pip}
     return assign_homes(scan, claims, packages, origins, databases.shared, databases)

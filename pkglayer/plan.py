@@ -102,22 +102,28 @@ def _merge_down(groups: list[_Group], target: int) -> list[_Group]:
         return groups
     live: dict[int, _Group] = dict(enumerate(sorted(groups, key=lambda g: g.key)))
     next_id = len(live)
+    # Each group's factors of _merge_cost, (size * q, 1 - q, key): the same products in
+    # the same order, so the same costs to the bit (a few thousand pairs a plan).
+    factors = {i: (g.size * g.q, 1.0 - g.q, g.key) for i, g in live.items()}
 
     def entry(ia: int, ib: int) -> tuple[float, str, str, int, int]:
-        a, b = live[ia], live[ib]
-        if b.key < a.key:
-            ia, ib, a, b = ib, ia, b, a
-        return (_merge_cost(a, b), a.key, b.key, ia, ib)
+        (sa, pa, ka), (sb, pb, kb) = factors[ia], factors[ib]
+        if kb < ka:
+            return (sb * pa + sa * pb, kb, ka, ib, ia)
+        return (sa * pb + sb * pa, ka, kb, ia, ib)
 
-    ids = sorted(live)
-    heap = [entry(a, b) for i, a in enumerate(ids) for b in ids[i + 1 :]]
+    items = [(i, *factors[i]) for i in sorted(live)]  # by key
+    heap = [
+        (sa * pb + sb * pa, ka, kb, ia, ib)
+        for n, (ia, sa, pa, ka) in enumerate(items) for ib, sb, pb, kb in items[n + 1 :]
+    ]
     heapq.heapify(heap)
     while len(live) > target:
         *_, ia, ib = heapq.heappop(heap)
         if ia not in live or ib not in live:
             continue
-        merged = _Group(live.pop(ia).members + live.pop(ib).members)
-        live[next_id] = merged
+        merged = live[next_id] = _Group(live.pop(ia).members + live.pop(ib).members)
+        factors[next_id] = (merged.size * merged.q, 1.0 - merged.q, merged.key)
         for other in list(live):
             if other != next_id:
                 heapq.heappush(heap, entry(next_id, other))

@@ -99,6 +99,19 @@ class Scan:
     # from disk).
     spans: dict[str, tuple[int, int]] | None = None
     taken_whole: int = 0  # objects in subtrees taken whole from the kept scan
+    # The paths of the objects other than directories with more than one link, in no
+    # particular order (None: not known yet; see `linked_paths`).
+    linked: list[str] | None = None
+
+    def linked_paths(self) -> list[str]:
+        """`linked`, made from the objects if not known (a walk given the paths that
+        changed makes it from the kept scan's: hard links are looked for in every
+        scan, and few objects have them)."""
+        if self.linked is None:
+            self.linked = [
+                p for p, o in self.objects.items() if o.st.st_nlink > 1 and not stat.S_ISDIR(o.st.st_mode)
+            ]
+        return self.linked
 
 
 def same_stamp(a: os.stat_result, b: os.stat_result) -> bool:
@@ -399,9 +412,15 @@ def walk(
     else:
         for path, found in digests.items():
             objects[path].content_hash = found.get(CONTENT_HASH)
+    linked = None
+    if dirty is not None:
+        kept_objects = kept.objects
+        linked = [p for p in kept.linked_paths() if objects.get(p) is kept_objects[p]] + [
+            p for p in changed if (o := objects[p]).st.st_nlink > 1 and not stat.S_ISDIR(o.st.st_mode)
+        ]
     return Scan(
         objects, digests, sorted(excluded), sorted(skipped), hasher.started, listings, root_st, started,
-        changed if kept is not None else None, removed, len(hashed), spans, taken_whole,
+        changed if kept is not None else None, removed, len(hashed), spans, taken_whole, linked,
     )
 
 
@@ -410,9 +429,10 @@ def _links_to_check(kept: Scan, check: Collection[str]) -> set[str]:
     when one of them changed (a write through one name is reported for that name only),
     and files linked from outside the tree (no event at all)."""
     names: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for obj in kept.objects.values():
-        if obj.st.st_nlink > 1 and not stat.S_ISDIR(obj.st.st_mode):
-            names[(obj.st.st_dev, obj.st.st_ino)].append(obj.path)
+    objects = kept.objects
+    for path in kept.linked_paths():
+        st = objects[path].st
+        names[(st.st_dev, st.st_ino)].append(path)
     out: set[str] = set()
     for paths in names.values():
         if len(paths) < kept.objects[paths[0]].st.st_nlink or any(p in check for p in paths):

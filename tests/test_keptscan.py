@@ -325,8 +325,9 @@ def test_a_racy_trace_holds_while_a_watch_sees_none_of_its_paths_change(tmp_path
     assert judged == [], "a racy note is never judged by an lstat"
     # Not racy any more: a named path is judged by its lstat, and only it.
     time.sleep(RACY_SECONDS + 0.1)
-    settled = _scan_kept(root, settings, None)
-    assert not settled.trace_racy
+    settled = _scan_kept(root, settings, again, check=set())  # nothing named, but settled: read again
+    assert settled.databases is not again.databases and not settled.trace_racy
+    assert judged == []
     assert _scan_kept(root, settings, settled, check={status}).databases is settled.databases
     assert judged == [{status: settled.trace[status]}]
 

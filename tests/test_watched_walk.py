@@ -46,6 +46,7 @@ def _facts(kept: KeptScan) -> dict:
         "listings": scan.listings, "spans": scan.spans, "excluded": scan.excluded, "skipped": scan.skipped,
         "homes": {h: [o.path for o in objs] for h, objs in kept.ownership.homes.items()},
         "modified": kept.ownership.modified,
+        "linked": sorted(scan.linked_paths()),
     }
 
 
@@ -97,6 +98,9 @@ def test_edits_of_every_kind_match_a_walk_of_the_whole_tree(tmp_path: Path) -> N
     (root / "opt/keep/deep/h").write_bytes(b"h")
     (root / "opt/links/one").write_bytes(b"linked")
     os.link(root / "opt/links/one", root / "srv/x/other-name")
+    (root / "opt/links/two").write_bytes(b"linked later")
+    (root / "opt/links/three").write_bytes(b"linked, then not")
+    os.link(root / "opt/links/three", root / "opt/links/three-too")
     (root / "tmp").mkdir()
     (root / "tmp/excluded").write_bytes(b"e")
     sock = socket.socket(socket.AF_UNIX)
@@ -118,6 +122,8 @@ def test_edits_of_every_kind_match_a_walk_of_the_whole_tree(tmp_path: Path) -> N
             with open(root / "srv/x/other-name", "ab") as f:  # through one name of two
                 f.write(b" and more")
             os.chmod(root / "opt/keep", 0o700)  # a directory's attributes
+            os.link(root / "opt/links/two", root / "srv/new/two")  # a new name: both have links now
+            os.unlink(root / "opt/links/three-too")  # a name gone: the other has none now
             os.setxattr(root / "opt/keep/deep/h", "user.component", b"tagged")
             after = _scan(root, kept, watch.take())
             assert _facts(after) == _facts(_scan(root, None))
