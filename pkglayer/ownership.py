@@ -18,6 +18,7 @@ import stat
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 
 from .digests import CONTENT_HASH
 from .errors import ConfigError
@@ -325,6 +326,7 @@ class Claims:
     big_file_size: int | None = None
     reserved: frozenset[str] = frozenset()  # names user components cannot take
     linked: Sequence[str] | None = None  # Scan.linked_paths (None: look through the objects)
+    spans: Mapping[str, tuple[int, int]] | None = None  # Scan.spans (None: not known)
     modified: list[str] = field(default_factory=list)
     modified_by_package: dict[str, list[tuple[FsObject, FileRecord]]] = field(
         default_factory=lambda: defaultdict(list)
@@ -346,8 +348,22 @@ Rule = Callable[[Claims], None]
 
 def claim_database(c: Claims) -> None:
     """The package database's own files and directories."""
+    objects = c.objects
+    if c.spans is not None:
+        # Each directory's contents are a range of the objects (Scan.spans).
+        values: list[FsObject] | None = None
+        for path in c.db_paths:
+            obj = objects.get(path)
+            if obj is not None:
+                obj.home = HOME_PKGDB
+            span = c.spans.get(path)
+            if span is not None:
+                values = values if values is not None else list(objects.values())
+                for obj in values[span[0] : span[1]]:
+                    obj.home = HOME_PKGDB
+        return
     exact, below = frozenset(c.db_paths), tuple(f"{d}/" for d in c.db_paths)
-    for obj in c.objects.values():
+    for obj in objects.values():
         if obj.path in exact or obj.path.startswith(below):
             obj.home = HOME_PKGDB
 
@@ -390,7 +406,7 @@ def _claim_listed(c: Claims, owners: dict[str, tuple[Package, FileRecord]]) -> i
     vouched_files = 0
     digests, no_digests = c.digests, {}
     is_reg = stat.S_ISREG
-    for obj in c.objects.values():
+    for obj in c.objects.values() if owners else ():
         if obj.home != HOME_UNOWNED:
             continue
         owner = owners.get(obj.path)
@@ -428,7 +444,9 @@ def claim_bytecode(c: Claims) -> None:
     install of the same package (a new builder stage) would make a new layer."""
     objects = c.objects
     claimed_dirs: dict[str, set[str]] = defaultdict(set)
-    for obj in objects.values():
+    # Bytecode, and what else is in a __pycache__ directory: a few of the tree's objects.
+    cached = [obj for obj in objects.values() if "__pycache__/" in obj.path]
+    for obj in cached:
         if obj.home != HOME_UNOWNED or not stat.S_ISREG(obj.st.st_mode):
             continue
         m = _BYTECODE_RE.fullmatch(obj.path)
@@ -441,11 +459,10 @@ def claim_bytecode(c: Claims) -> None:
             obj.home = src.home
             obj.fixed_mtime = True
             claimed_dirs[cache_dir].add(src.home)
-    for obj in objects.values() if claimed_dirs else ():  # anything else in those directories also counts
-        if "__pycache__/" in obj.path:  # (the substring first: once per object of the tree)
-            parent = obj.path.rpartition("/")[0]
-            if parent in claimed_dirs:
-                claimed_dirs[parent].add(obj.home)
+    for obj in cached if claimed_dirs else ():  # anything else in those directories also counts
+        parent = obj.path.rpartition("/")[0]
+        if parent in claimed_dirs:
+            claimed_dirs[parent].add(obj.home)
     for path, homes in claimed_dirs.items():
         d = objects.get(path)
         if d is not None and d.home == HOME_UNOWNED and len(homes) == 1 and HOME_UNOWNED not in homes:
@@ -458,7 +475,7 @@ def claim_xattr_components(c: Claims) -> None:
     object the component claims, or on a directory tagged for it, is the component's
     (not one on a package's file: tags take nothing from packages). An unusable tag is
     warned about and ignored (what is below it inherits from further up)."""
-    if not any(obj.xattrs and _tag(obj, XATTR_COMPONENT) is not None for obj in c.objects.values()):
+    if not any(_tag(obj, XATTR_COMPONENT) is not None for obj in filter(_XATTRS, c.objects.values())):
         return  # nothing is tagged (as most trees): nothing to claim, no interval to take
     tagged: dict[str, str] = {}  # directory -> the component it hands down
     for obj in c.objects.values():  # walk order: parents first
@@ -481,6 +498,9 @@ def claim_xattr_components(c: Claims) -> None:
                 c.warn(f"/{obj.path}: {XATTR_INTERVAL} {shown(interval)} is not an interval; ignored")
             else:
                 c.declared[effective].intervals.setdefault(days, f"{XATTR_INTERVAL} on /{obj.path}")
+
+
+_XATTRS = attrgetter("xattrs")
 
 
 def _tag(obj: FsObject, name: str) -> bytes | None:
@@ -610,8 +630,9 @@ def find_missing(c: Claims) -> None:
     """Files a package lists that are not in the tree (and not excluded): reported only."""
     objects, excluded, below = c.objects, frozenset(c.excluded), tuple(f"{e}/" for e in c.excluded)
     for owners in (c.owners, c.pip_owners):
-        for real, (pkg, rec) in owners.items():
-            if real not in objects and not rec.ghost and real not in excluded and not real.startswith(below):
+        for real in owners.keys() - objects.keys():  # (a set difference: tens of thousands of paths)
+            pkg, rec = owners[real]
+            if not rec.ghost and real not in excluded and not real.startswith(below):
                 c.missing[pkg.key].append(real)
 
 
@@ -764,7 +785,7 @@ def claim_homes(
         scan.objects, scan.digests, databases.owners, databases.db_paths, scan.excluded,
         compare_mtimes=compare_mtimes, hash_package_files=hash_package_files, pip_owners=databases.pip_owners,
         specs=components, big_file_size=big_file_size, reserved=reserved, records=databases.records,
-        linked=scan.linked_paths(),
+        linked=scan.linked_paths(), spans=scan.spans,
     )
     origins = {p.key: PipSource.format for p in databases.pip}
     return assign_homes(scan, claims, packages, origins, databases.shared, databases)

@@ -15,6 +15,7 @@ import contextlib
 import os
 import stat
 import time
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -196,6 +197,11 @@ def walk(
                         break
                     dirty.add(p)
             old_paths = list(old_objects)
+            old_values = list(old_objects.values())
+            # The kept directories by where their contents start, to find those within a
+            # subtree taken whole without going through its paths.
+            by_start = sorted((s, d) for d, (s, _) in old_spans.items())
+            starts_at = [s for s, _ in by_start]
             digests.update(old_digests)  # those of objects gone are dropped at the end
             old_mounts = [s for s in kept.skipped if s[1] == _MOUNT_POINT]
     copied: set[str] = set()  # the directories taken whole
@@ -256,16 +262,20 @@ def walk(
         nonlocal taken_whole
         a, b = old_spans[d]
         shift = len(objects) - a
-        chunk = old_paths[a:b]
-        objects.update(zip(chunk, map(old_objects.__getitem__, chunk)))
-        taken_whole += len(chunk)
-        for sub in [d, *(p for p in chunk if p in old_spans)]:
+        objects.update(zip(old_paths[a:b], old_values[a:b]))
+        taken_whole += b - a
+        below = f"{d}/"
+        for i in range(bisect_left(starts_at, a), bisect_right(starts_at, b)):
+            sub = by_start[i][1]
+            if sub != d and not sub.startswith(below):
+                continue  # an empty sibling's contents start where d's do
             s_a, s_b = old_spans[sub]
             spans[sub] = (s_a + shift, s_b + shift)
             listing = listings[sub] = old_listings[sub]
-            prefix = f"{sub}/" if sub else ""
-            excluded.extend(prefix + n for n in listing.excluded)
-            skipped.extend((prefix + n, _SOCKET) for n in listing.sockets)
+            if listing.excluded or listing.sockets:
+                prefix = f"{sub}/" if sub else ""
+                excluded.extend(prefix + n for n in listing.excluded)
+                skipped.extend((prefix + n, _SOCKET) for n in listing.sockets)
             copied.add(sub)
 
     root_st = rootfs.stat()
